@@ -1,0 +1,61 @@
+# p2p-local. Two commands on a fresh machine:  `make chat` (the app)  and  `make test`.
+# Every target creates .venv and installs what it needs once (stamp files make re-runs fast).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APP    := $(VENV)/.stamp-app
+DEV    := $(VENV)/.stamp-dev
+ARGS   ?=
+
+.PHONY: chat test prepare bench data train export eval lint fmt clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+# The app: llama-cpp-python builds from source (~5 min on 2 cores, pip caches the wheel).
+$(APP): setup.cfg | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+# Training and tests. torch goes first and pinned: a CPU build of torch 2.13.0 lies on these
+# machines' disk, while an unpinned torch (pulled in by transformers/peft) fetches a multi-GB CUDA
+# build. Once 2.13.0 is installed, the `torch>=2.3` of the train extra installs nothing more.
+$(DEV): setup.cfg $(APP)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[train,dev]'
+	touch $@
+
+prepare: $(APP)
+	$(BIN)/p2p models prepare
+
+# The main job: the terminal chat, with the demo profile when the user has none.
+chat: $(APP)
+	$(BIN)/p2p models prepare
+	$(BIN)/p2p chat $(ARGS)
+
+test: $(DEV)
+	$(BIN)/p2p models prepare
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(APP)
+	$(BIN)/p2p models prepare
+	$(BIN)/p2p bench all --json-out reports/bench.json
+
+data: $(APP)
+	$(BIN)/p2p data prepare
+
+train: $(DEV) data
+	$(BIN)/python -m trainer.train $(ARGS)
+
+export: $(DEV)
+	$(BIN)/python -m trainer.export $(ARGS)
+
+eval: $(APP) data
+	$(BIN)/p2p eval $(ARGS)
+
+lint: $(DEV)
+	$(BIN)/ruff check p2p_local trainer tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

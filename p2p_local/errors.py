@@ -1,0 +1,56 @@
+"""One exception family, so the CLI can print a clear message and exit with a meaningful code.
+
+Every error carries a `hint`: what the user should do next.
+"""
+
+from __future__ import annotations
+
+
+class P2PError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        return f"{msg}\n  hint: {self.hint}" if self.hint else msg
+
+
+class ModelError(P2PError):
+    """A base model file is missing, corrupt, or not the one expected."""
+
+    exit_code = 3
+
+
+class AdapterError(P2PError):
+    """A LoRA adapter file is corrupt or does not fit the loaded base model."""
+
+    exit_code = 4
+
+
+class BundleError(P2PError):
+    """A hypernetwork bundle is missing, corrupt, or made for another base model / encoder."""
+
+    exit_code = 5
+
+
+class DataError(P2PError):
+    """Malformed user data (imports, dataset files)."""
+
+    exit_code = 6
+
+
+class StoreError(P2PError):
+    """The profile store cannot do what was asked (unknown profile, ...)."""
+
+    exit_code = 7
+
+
+class EngineError(P2PError):
+    """llama.cpp failed (load, decode)."""
+
+    exit_code = 8

@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests use the real components: the prepared GGUF base, real data in ../shared/data.
+
+Every test runs with its own P2P_HOME (tmp dir) unless it asks for the prepared models, which live
+in the session's real data dir (prepared once by `make test` via `p2p models prepare`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Where `p2p models prepare` put the models before the tests started (honours P2P_HOME).
+_REAL_HOME = os.environ.get("P2P_HOME")
+
+
+@pytest.fixture
+def p2p_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private, empty data dir for one test; prepared models are reachable via P2P_MODELS."""
+    from p2p_local import paths
+
+    real_models = paths.models_dir()  # resolve before switching homes
+    home = tmp_path / "p2p-home"
+    monkeypatch.setenv("P2P_HOME", str(home))
+    monkeypatch.setenv("P2P_MODELS", str(real_models))
+    return home
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    from p2p_local.paths import shared_data_dir
+
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.fail(f"../shared/data not found at {d}: the real data must sit beside the checkout")
+    return d
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> Path:
+    """The prepared default base model (real GGUF). Prepares it if needed."""
+    from p2p_local.models import DEFAULT_BASE, prepare_base
+
+    return prepare_base(DEFAULT_BASE)
+
+
+@pytest.fixture(scope="session")
+def engine(base_model_path: Path):
+    """One loaded llama.cpp engine for the session (loading is ~0.5 s but memory adds up)."""
+    from p2p_local.engine import Engine
+
+    eng = Engine(base_model_path, n_ctx=1024)
+    yield eng
+    eng.close()
