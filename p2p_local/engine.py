@@ -1,0 +1,244 @@
+"""The llama.cpp engine: one quantized base loaded once, LoRA adapters attached and switched per request.
+
+Why the low-level adapter API: llama-cpp-python's `Llama(lora_path=...)` fixes one adapter per instance
+and does not raise on a bad one (the first eval segfaults). Here adapters are validated in Python
+(`adapter.validate_adapter`), then loaded with `llama_adapter_lora_init` and attached with a scale via
+`llama_set_adapters_lora`; every switch resets llama-cpp-python's prompt cache, which would otherwise
+reuse a prefix computed under another adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from p2p_local.adapter import BaseInfo, LoraAdapter, validate_adapter
+from p2p_local.errors import EngineError
+
+# llama.cpp logs through one global callback: keep its lines (for error messages), print none.
+_LOG: deque[str] = deque(maxlen=200)
+_LOG_ERROR = 3
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace")
+    _LOG.append(f"{'E' if level == _LOG_ERROR else ' '} {line.rstrip()}")
+    if os.environ.get("P2P_LLAMA_LOG"):
+        print(line, end="", flush=True)
+
+
+def _quiet_llama() -> None:
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def recent_llama_errors(n: int = 8) -> str:
+    errors = [line[2:] for line in _LOG if line.startswith("E")]
+    return "\n".join(errors[-n:]) or "(llama.cpp logged no error)"
+
+
+def default_threads() -> int:
+    """All cores: llama-cpp-python's own default is cpu_count()//2, i.e. 1 thread on a 2-core laptop."""
+    return max(1, os.cpu_count() or 1)
+
+
+def default_gpu_layers() -> int:
+    """Offload every layer when llama.cpp was built with Metal/CUDA/Vulkan; `P2P_GPU_LAYERS` overrides."""
+    env = os.environ.get("P2P_GPU_LAYERS")
+    if env is not None:
+        return int(env)
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter loaded into llama.cpp. Free it with `Engine.free_adapter` (or `Engine.close`)."""
+
+    path: Path
+    ptr: object
+    info: LoraAdapter
+
+
+class Engine:
+    """A loaded GGUF base model. Thread-safe: one request at a time (a lock guards llama.cpp state)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        sha256: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise EngineError(f"model file not found: {self.model_path}", hint="run `p2p models prepare`")
+        if sha256 is None:
+            from p2p_local.models import known_models
+
+            sha256 = next((s.sha256 for s in known_models().values() if s.filename == self.model_path.name), "")
+        # Read shapes first: a file gguf cannot parse must never reach llama.cpp.
+        try:
+            self.base = BaseInfo.from_gguf(self.model_path, sha256)
+        except Exception as e:
+            raise EngineError(f"{self.model_path} is not a loadable GGUF model: {e}",
+                              hint="delete it and run `p2p models prepare`") from e
+        self.n_threads = n_threads or default_threads()
+        self.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        self._lock = threading.RLock()
+        self._adapters: list[Adapter] = []
+        self.active: tuple[Adapter | None, float] = (None, 0.0)
+        _quiet_llama()
+        try:
+            with _silence_stderr():
+                self.llm = llama_cpp.Llama(
+                    str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                    n_gpu_layers=self.n_gpu_layers, seed=seed, verbose=False,
+                )
+        except Exception as e:
+            raise EngineError(f"llama.cpp could not load {self.model_path.name}: {recent_llama_errors()}",
+                              hint="the file may be corrupt or of an architecture this llama.cpp lacks") from e
+        _quiet_llama()  # Llama() installs its own callback
+        self.n_ctx = n_ctx
+        self.n_vocab = self.llm.n_vocab()
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def load_adapter(self, path: str | Path, *, check_base_hash: bool = True) -> Adapter:
+        """Validate an adapter against this base in Python, then load it into llama.cpp."""
+        path = Path(path)
+        info = validate_adapter(path, self.base, check_base_hash=check_base_hash)
+        with self._lock:
+            ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+            if not ptr:  # a NULL pointer is falsy but not None
+                raise EngineError(f"llama.cpp refused adapter {path}: {recent_llama_errors()}")
+            adapter = Adapter(path=path, ptr=ptr, info=info)
+            self._adapters.append(adapter)
+        return adapter
+
+    def use(self, adapter: Adapter | None, scale: float = 1.0) -> None:
+        """Attach `adapter` at `scale` (None or scale 0 detaches). Resets the prompt cache."""
+        with self._lock:
+            if adapter is None or scale == 0.0:
+                llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+                self.active = (None, 0.0)
+            else:
+                ptrs = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.ptr)
+                scales = (ctypes.c_float * 1)(float(scale))
+                rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, ptrs, 1, scales)
+                if rc != 0:
+                    raise EngineError(f"llama.cpp could not attach {adapter.path.name} (code {rc})")
+                self.active = (adapter, float(scale))
+            self.llm.reset()
+
+    def free_adapter(self, adapter: Adapter) -> None:
+        with self._lock:
+            if self.active[0] is adapter:
+                self.use(None)
+            if adapter in self._adapters:
+                self._adapters.remove(adapter)
+                llama_cpp.llama_adapter_lora_free(adapter.ptr)
+
+    # --- text ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Stream text pieces. temperature 0 = greedy. Closing the iterator cancels generation."""
+        with self._lock:
+            n_prompt = len(self.tokenize(prompt))
+            max_tokens = max(1, min(max_tokens, self.n_ctx - n_prompt - 1))
+            if n_prompt >= self.n_ctx - 1:
+                raise EngineError(f"prompt of {n_prompt} tokens does not fit the context ({self.n_ctx})",
+                                  hint="shorten the input or the profile shown in the prompt")
+            try:
+                stream = self.llm.create_completion(
+                    prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stop=list(stop) or None, stream=True, seed=seed,
+                )
+                for chunk in stream:
+                    text = chunk["choices"][0]["text"]
+                    if text:
+                        yield text
+            except (RuntimeError, ValueError) as e:
+                raise EngineError(f"generation failed: {e}: {recent_llama_errors()}") from e
+
+    def complete(self, prompt: str, **kw) -> str:
+        return "".join(self.generate(prompt, **kw))
+
+    def last_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
+        """Logits (float32 [n_vocab]) at the prompt's last position, under the attached adapter."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise EngineError(f"prompt of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
+        with self._lock:
+            self.llm.reset()  # no prefix reuse: logits must come from exactly this setup
+            self.llm.eval(tokens)
+            ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+
+    def label_logprobs(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
+        """Log-probabilities over `labels` (renormalised among them), each label's first token.
+
+        For rating/label tasks whose labels are single tokens ("1".."5"): the model's distribution
+        over the answer set, from which expected value, median and cross-entropy follow.
+        """
+        ids = [self.tokenize(label, add_bos=False)[0] for label in labels]
+        logits = self.last_logits(prompt)[ids].astype(np.float64)
+        logits -= logits.max()
+        return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+
+    # --- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            for adapter in list(self._adapters):
+                self.free_adapter(adapter)
+            if getattr(self, "llm", None) is not None:
+                self.llm.close()
+                self.llm = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _silence_stderr() -> Iterator[None]:
+    """llama.cpp prints some warnings straight to fd 2 (e.g. 'cannot use buft CPU_REPACK'): hide them."""
+    if os.environ.get("P2P_LLAMA_LOG"):
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

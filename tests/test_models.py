@@ -1,0 +1,58 @@
+"""Model registry: prepare is idempotent, wrong bytes are refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from p2p_local import models
+from p2p_local.cli import main
+from p2p_local.errors import ModelError
+
+
+def test_prepare_places_and_verifies_the_default(base_model_path: Path) -> None:
+    assert base_model_path.stat().st_size == models.DEFAULT_BASE.size
+    assert models.read_arch(base_model_path) == "gemma3"
+    assert models.prepare_base(models.DEFAULT_BASE) == base_model_path  # second call: cached check
+
+
+def test_wrong_hash_size_and_arch_are_refused(base_model_path: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("P2P_MODELS", str(tmp_path))
+    copy = tmp_path / models.DEFAULT_BASE.filename
+    shutil.copyfile(base_model_path, copy)
+    with open(copy, "r+b") as f:  # flip bytes inside the weights: same size, other hash
+        f.seek(200_000_000)
+        f.write(b"\xff" * 64)
+    with pytest.raises(ModelError, match="sha256") as e:
+        models.verify(copy, models.DEFAULT_BASE)
+    assert "p2p models prepare" in str(e.value)
+    with pytest.raises(ModelError, match="bytes, expected"):
+        models.verify(copy, replace(models.DEFAULT_BASE, size=123))
+    copy.unlink()
+    shutil.copyfile(base_model_path, copy)
+    with pytest.raises(ModelError, match="is a 'gemma3' model, expected 'llama'"):
+        models.verify(copy, replace(models.DEFAULT_BASE, arch="llama"))
+    with pytest.raises(ModelError, match="not prepared"):
+        models.verify(tmp_path / "missing.gguf", models.DEFAULT_BASE)
+
+
+def test_truncated_model_is_reported_not_crashed(base_model_path: Path, tmp_path: Path) -> None:
+    trunc = tmp_path / "t.gguf"
+    with open(base_model_path, "rb") as f:
+        trunc.write_bytes(f.read(4096))
+    with pytest.raises(ModelError, match="not a readable GGUF"):
+        models.read_arch(trunc)
+
+
+def test_models_cli_list_add_and_prepare(base_model_path: Path, p2p_home: Path, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("P2P_MODELS", str(tmp_path / "m"))
+    assert main(["models", "list", "--json"]) == 0
+    assert '"not prepared"' in capsys.readouterr().out
+    assert main(["models", "add", str(base_model_path), "--name", "my-gemma"]) == 0
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "my-gemma" in out and "ready" in out
+    assert main(["models", "prepare", "nonexistent"]) == models.ModelError.exit_code
