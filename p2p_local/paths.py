@@ -17,7 +17,9 @@ def data_dir() -> Path:
     """The root of everything p2p-local writes (profiles, adapters, prepared models)."""
     env = os.environ.get("P2P_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)  # profiles are private: only the user reads them
     return root
 
 

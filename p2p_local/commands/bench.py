@@ -1,0 +1,43 @@
+"""`p2p bench SUITE`: speed and memory figures, JSON plus a readable table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from p2p_local.bench import SUITES
+
+    p = sub.add_parser("bench", help="measure speed and memory (JSON + table)",
+                       epilog="examples:\n  p2p bench runtime --json\n  p2p bench personalize --json\n"
+                              "  p2p bench all --json-out reports/bench.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=[*SUITES, "all"])
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--json-out", type=Path, help="also write the JSON (and a .md table beside it)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from p2p_local.bench import SUITES, machine, table
+
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    results: dict = {}
+    for name in names:
+        print(f"bench {name} ...", file=sys.stderr, flush=True)
+        results[name] = SUITES[name]()
+    results["machine"] = {**machine(), "command": "p2p bench " + args.suite,
+                          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps(results, indent=2)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+        args.json_out.with_suffix(".md").write_text(
+            f"# Benchmarks\n\n`{results['machine']['command']}` on {results['machine']['platform']}, "
+            f"{results['machine']['cpus']} CPUs, {results['machine']['date']}\n\n{table(results)}\n")
+    print(text if args.json else table(results))
+    return 0

@@ -1,0 +1,325 @@
+"""`p2p profile ...`: create, fill, inspect, edit, export and forget the private profiles.
+
+Everything is stored in the SQLite file under the data dir (`p2p_local.store`). `--json` prints
+machine-readable output for scripts. Errors exit with their family's code (StoreError 7, DataError 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from p2p_local.errors import DataError, StoreError
+from p2p_local.importers import FORMATS, import_file, parse_time
+from p2p_local.store import Item, Store
+
+EPILOG = """examples:
+  p2p profile create alice --task movielens-rating
+  p2p profile import alice ratings.csv --user 42          # MovieLens (movies.csv beside it)
+  p2p profile import bob history.jsonl                    # {"user_id", "items": [{"input", "output", "time"}]}
+  p2p profile add alice --input "Heat (1995) | Genres: Action|Crime" --output 5
+  p2p profile show alice --items 20
+  p2p profile edit alice 17 --output 4
+  p2p profile export alice -o alice.json
+  p2p profile forget alice --yes                          # items, history, adapters, chats: all gone
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="create, import, inspect, edit, export and forget profiles",
+        description="Your private profiles: the history a personalized adapter is made from.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="profile_command", metavar="ACTION")
+    parser.set_defaults(func=lambda args: _usage(parser))
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def add(name: str, func, help: str, epilog: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[as_json],
+                           epilog="example:\n  " + epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("create", cmd_create, "create an empty profile", "p2p profile create alice --task movielens-rating")
+    p.add_argument("name")
+    p.add_argument("--task", help="default task of its items (e.g. movielens-rating)")
+
+    add("list", cmd_list, "list profiles with their item counts", "p2p profile list --json")
+
+    p = add("show", cmd_show, "show a profile and its most recent items", "p2p profile show alice --items 20")
+    p.add_argument("name")
+    p.add_argument("--items", type=int, default=10, metavar="N", help="how many recent items (default 10)")
+    p.add_argument("--task", help="only items of this task")
+
+    p = add("add", cmd_add, "add one item", 'p2p profile add alice --input "Heat (1995) | Genres: Action" --output 5')
+    p.add_argument("name")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--task", help="default: the profile's task")
+    p.add_argument("--time", help="unix seconds or ISO 8601 (default: now)")
+    p.add_argument("--meta", help="a JSON object of extra fields")
+
+    p = add("import", cmd_import, "import items from a file (one transaction: all or nothing)",
+            "p2p profile import alice ../shared/data/movielens-latest-small/ratings.csv --user 1")
+    p.add_argument("name")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", choices=FORMATS, default="auto")
+    p.add_argument("--movies", type=Path, help="MovieLens movies.csv (default: beside the ratings file)")
+    p.add_argument("--user", help="which user of a multi-user file")
+    p.add_argument("--task", help="task for items that name none (default: the file's, else the profile's)")
+    p.add_argument("--create", action="store_true", help="create the profile if it does not exist")
+
+    p = add("edit", cmd_edit, "change an item (the old version stays in its history)",
+            "p2p profile edit alice 17 --output 4")
+    p.add_argument("name")
+    p.add_argument("item_id", type=int)
+    p.add_argument("--input")
+    p.add_argument("--output")
+    p.add_argument("--task")
+    p.add_argument("--time", help="unix seconds or ISO 8601")
+
+    p = add("delete", cmd_delete, "delete an item", "p2p profile delete alice 17")
+    p.add_argument("name")
+    p.add_argument("item_id", type=int)
+
+    p = add("history", cmd_history, "an item's change history", "p2p profile history alice 17")
+    p.add_argument("name")
+    p.add_argument("item_id", type=int)
+
+    p = add("forget", cmd_forget, "delete a profile and everything made from it",
+            "p2p profile forget alice --yes")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask (required when stdin is not a terminal)")
+
+    p = add("export", cmd_export, "write the profile in the generic per-user JSON format",
+            "p2p profile export alice -o alice.json")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout); created mode 0600")
+
+
+# --- handlers ------------------------------------------------------------------------------------
+def cmd_create(args: argparse.Namespace) -> int:
+    with Store() as s:
+        prof = s.create_profile(args.name, task=args.task)
+    if args.json:
+        return _print_json(asdict(prof))
+    print(f"created profile {prof.name!r}" + (f" (task {prof.task})" if prof.task else ""))
+    print(f"next: p2p profile import {prof.name} FILE   or   p2p profile add {prof.name} --input ... --output ...")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Store() as s:
+        profiles = s.list_profiles()
+    if args.json:
+        return _print_json([asdict(p) for p in profiles])
+    if not profiles:
+        print("no profiles yet: p2p profile create NAME")
+        return 0
+    rows = [("NAME", "TASK", "ITEMS", "ADAPTER", "UPDATED")]
+    rows += [(p.name, p.task or "-", str(p.n_items), "stale" if p.adapter_stale else "ok", _date(p.updated, True))
+             for p in profiles]
+    _print_table(rows)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with Store() as s:
+        prof = s.get_profile(args.name)
+        tasks = s.task_counts(args.name)
+        adapters = s.adapters(args.name)
+        n_conv = len(s.conversations(args.name))
+        items = s.items(args.name, task=args.task, limit=max(args.items, 0))
+    if args.json:
+        return _print_json({"profile": asdict(prof), "tasks": tasks, "adapters": [asdict(a) for a in adapters],
+                            "conversations": n_conv, "items": [asdict(i) for i in items]})
+    adapter = "none yet" if not adapters else ("stale (items changed since)" if prof.adapter_stale else "up to date")
+    print(f"profile {prof.name}")
+    print(f"  task:          {prof.task or '-'}")
+    print(f"  items:         {prof.n_items}" + (f"  ({', '.join(f'{t}: {n}' for t, n in tasks.items())})" if tasks else ""))
+    print(f"  adapter:       {adapter}")
+    print(f"  conversations: {n_conv}")
+    print(f"  created:       {_date(prof.created, True)}   updated: {_date(prof.updated, True)}")
+    if items:
+        print(f"\nmost recent {len(items)} item(s), oldest first:")
+        _print_table([("ID", "TIME", "TASK", "INPUT", "OUTPUT")] + [_item_row(i) for i in items])
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    meta = _json_object(args.meta, "--meta") if args.meta else None
+    with Store() as s:
+        item = s.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
+    if args.json:
+        return _print_json(asdict(item))
+    print(f"added item {item.id} to {args.name!r} (task {item.task})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with Store() as s:
+        if args.create and not s.profile_exists(args.name):
+            s.create_profile(args.name, task=args.task)
+        elif not s.profile_exists(args.name):
+            try:
+                s.get_profile(args.name)
+            except StoreError as e:  # keep its did-you-mean, offer --create
+                raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
+        result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
+                             task=args.task)
+    if args.json:
+        return _print_json(asdict(result))
+    where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
+    print(f"imported {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}) in "
+          f"{result.parse_seconds + result.write_seconds:.2f} s")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in ("input", "output", "task") if getattr(args, k) is not None}
+    if args.time is not None:
+        fields["time"] = _time_arg(args.time)
+    if not fields:
+        print("error: nothing to change: pass --input, --output, --task or --time", file=sys.stderr)
+        return 2
+    with Store() as s:
+        _item_of(s, args.name, args.item_id)
+        item = s.edit_item(args.item_id, **fields)
+    if args.json:
+        return _print_json(asdict(item))
+    print(f"edited item {item.id} of {args.name!r} (see: p2p profile history {args.name} {item.id})")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with Store() as s:
+        _item_of(s, args.name, args.item_id)
+        s.delete_item(args.item_id)
+    if args.json:
+        return _print_json({"deleted": args.item_id})
+    print(f"deleted item {args.item_id} of {args.name!r}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with Store() as s:
+        history = s.item_history(args.item_id, profile=args.name)
+        if not history:
+            raise StoreError(f"profile {args.name!r} has no item {args.item_id}",
+                             hint=f"see ids with: p2p profile show {args.name}")
+    if args.json:
+        return _print_json([asdict(h) for h in history])
+    for h in history:
+        state = h.new if h.new is not None else h.old
+        print(f"{_date(h.at, True)}  {h.action:6}  {_short(state['input'], 50)} -> {_short(state['output'], 30)}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    with Store() as s:
+        prof = s.get_profile(args.name)
+        if not args.yes and not confirm_forget(prof.name, prof.n_items):
+            print("not forgotten", file=sys.stderr)
+            return 1
+        report = s.forget_profile(prof.name)
+    if args.json:
+        return _print_json(asdict(report))
+    print(f"forgot {prof.name!r}: {report.items} items, {report.adapters} adapters ({report.files_removed} files), "
+          f"{report.conversations} conversations")
+    return 0
+
+
+def confirm_forget(name: str, n_items: int) -> bool:
+    """Ask on a terminal; refuse outright when stdin is not one (scripts must say --yes)."""
+    if not sys.stdin or not sys.stdin.isatty():
+        raise StoreError(f"refusing to forget {name!r} without confirmation (stdin is not a terminal)",
+                         hint=f"p2p profile forget {name} --yes")
+    print(f"This deletes profile {name!r}, its {n_items} items, their history, adapters and conversations.")
+    print("Type the profile name to confirm: ", end="", flush=True)
+    return sys.stdin.readline().strip() == name
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with Store() as s:
+        data = s.export_profile(args.name)
+    text = json.dumps(data, ensure_ascii=False) + "\n"  # one line: a valid .json and .jsonl file
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(text)
+        return 0
+    # Private data: the file is created 0600, whatever the umask.
+    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    msg = {"profile": args.name, "path": str(args.output), "items": len(data["items"])}
+    if args.json:
+        return _print_json(msg)
+    print(f"wrote {len(data['items'])} items of {args.name!r} to {args.output}", file=sys.stderr)
+    return 0
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _item_of(s: Store, name: str, item_id: int) -> Item:
+    prof = s.get_profile(name)
+    try:
+        item = s.get_item(item_id)
+    except StoreError:
+        item = None
+    if item is None or item.profile_id != prof.id:
+        raise StoreError(f"profile {name!r} has no item {item_id}", hint=f"see ids with: p2p profile show {name}")
+    return item
+
+
+def _time_arg(value: str | None) -> float | None:
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise DataError(f"--time: {e}") from None
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{what}: must be a JSON object like '{{\"source\": \"notes\"}}'")
+    return obj
+
+
+def _print_json(obj: Any) -> int:
+    print(json.dumps(obj, ensure_ascii=False, default=str))
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _item_row(i: Item) -> tuple[str, ...]:
+    return (str(i.id), _date(i.time) if i.time is not None else "-", i.task, _short(i.input, 60), _short(i.output, 30))
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _date(t: float, with_time: bool = False) -> str:
+    return time.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d", time.localtime(t))

@@ -1,0 +1,39 @@
+"""The private profile store (SQLite): profiles, items and their history, adapter cache, conversations.
+
+    from p2p_local.store import Store
+    with Store() as s:                       # p2p_local.paths.store_path(), created 0600 on first use
+        s.create_profile("alice", task="movielens-rating")
+        s.add_item("alice", None, "Heat (1995) | Genres: Action|Crime", "5")
+"""
+
+from p2p_local.store.db import (
+    AdapterRecord,
+    Conversation,
+    ForgetReport,
+    HistoryEntry,
+    Item,
+    Message,
+    NewItem,
+    Profile,
+    Store,
+)
+
+__all__ = [
+    "AdapterRecord",
+    "Conversation",
+    "ForgetReport",
+    "HistoryEntry",
+    "Item",
+    "Message",
+    "NewItem",
+    "Profile",
+    "Store",
+    "bench_store",
+]
+
+
+def bench_store(n: int = 100_000) -> dict:
+    """Insert/query timings of an n-item profile in a throwaway store (see store/bench.py)."""
+    from p2p_local.store.bench import bench_store as _bench
+
+    return _bench(n)

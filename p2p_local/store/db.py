@@ -1,0 +1,684 @@
+"""The private profile store: one SQLite file under the data dir (mode 0600, WAL, foreign keys on).
+
+It holds profiles, their items with a per-item change history, the cache of generated adapters, and
+the chat's conversations. Profiles are addressed by name. Every write is one transaction, so a
+process killed mid-import leaves either the whole import or none of it. Any change to a profile's
+items marks its adapter stale. `secure_delete` is on, so forgotten data is overwritten in the file,
+not just unlinked from the b-tree.
+
+One Store per thread (sqlite3 connections are not shared across threads).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time as _time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2p_local import paths
+from p2p_local.errors import StoreError
+from p2p_local.store.migrations import migrate
+
+# Profile names appear in commands and file listings: letters/digits first, no spaces or slashes.
+_NAME = re.compile(r"^\w[\w.@+-]{0,63}$")
+ITEM_FIELDS = ("task", "time", "input", "output", "meta")
+ROLES = ("system", "user", "assistant")
+
+
+# --- records -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    id: int
+    name: str
+    task: str | None  # default task for new items
+    created: float
+    updated: float
+    adapter_stale: bool
+    n_items: int
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to add (what importers produce). `task=None` means the profile's default task."""
+
+    input: str
+    output: str
+    time: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    profile_id: int
+    task: str
+    time: float | None
+    input: str
+    output: str
+    meta: dict[str, Any]
+    created: float
+    updated: float
+
+    def record(self) -> dict[str, Any]:
+        """The item in the generic per-user format."""
+        return {"input": self.input, "output": self.output, "time": self.time, "meta": self.meta}
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    id: int
+    item_id: int
+    action: str  # add | edit | delete
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+    at: float
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    fingerprint: str
+    bundle_hash: str
+    path: Path
+    created: float
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    items: int
+    history: int
+    adapters: int
+    files_removed: int
+    conversations: int
+    messages: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    profile: str | None  # None: a chat with the base model only
+    title: str
+    created: float
+    n_messages: int
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    meta: dict[str, Any]
+    created: float
+
+
+# --- the store -----------------------------------------------------------------------------------
+class Store:
+    """`with Store() as s: s.create_profile("alice", task="movielens-rating")`."""
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path is not None else paths.store_path()
+        self.conn = _connect(self.path)
+        try:
+            migrate(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+        self.has_fts = bool(
+            self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'").fetchone()
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"the profile store is busy: {e}", hint="another p2p process is writing; retry") from e
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # --- profiles --------------------------------------------------------------------------------
+    def create_profile(self, name: str, task: str | None = None) -> Profile:
+        name = check_name(name)
+        task = _check_task(task) if task is not None else None
+        now = _time.time()
+        try:
+            with self._write() as c:
+                c.execute(
+                    "INSERT INTO profiles (name, task, created, updated) VALUES (?, ?, ?, ?)", (name, task, now, now)
+                )
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"profile {name!r} already exists", hint="pick another name (see `p2p profile list`)") from e
+        return self.get_profile(name)
+
+    def list_profiles(self) -> list[Profile]:
+        rows = self.conn.execute(
+            "SELECT p.*, (SELECT COUNT(*) FROM items WHERE profile_id = p.id) AS n_items FROM profiles p ORDER BY name"
+        ).fetchall()
+        return [_profile(r) for r in rows]
+
+    def get_profile(self, name: str) -> Profile:
+        """The profile with its item count; StoreError (with a did-you-mean hint) if unknown."""
+        pid = self._pid(name)
+        row = self.conn.execute(
+            "SELECT p.*, (SELECT COUNT(*) FROM items WHERE profile_id = p.id) AS n_items FROM profiles p WHERE id = ?",
+            (pid,),
+        ).fetchone()
+        return _profile(row)
+
+    def _pid(self, name: str) -> int:
+        """A profile's id (cheap: no item count); the unknown-profile error lives here."""
+        row = self.conn.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = [r[0] for r in self.conn.execute("SELECT name FROM profiles ORDER BY name")]
+            close = difflib.get_close_matches(str(name), known, n=1)
+            if close:
+                hint = f"did you mean {close[0]!r}?"
+            elif known:
+                hint = f"known profiles: {', '.join(known[:10])}"
+            else:
+                hint = f"create it: p2p profile create {name}"
+            raise StoreError(f"no profile named {name!r}", hint=hint)
+        return row[0]
+
+    def profile_exists(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
+
+    def set_profile_task(self, name: str, task: str | None) -> Profile:
+        """Set (or clear, with None) the default task of new items."""
+        pid = self._pid(name)
+        task = _check_task(task) if task is not None else None
+        with self._write() as c:
+            c.execute("UPDATE profiles SET task = ?, updated = ? WHERE id = ?", (task, _time.time(), pid))
+        return self.get_profile(name)
+
+    def mark_stale(self, name: str, stale: bool = True) -> None:
+        """Flag (or clear) "the cached adapter no longer reflects this profile"."""
+        pid = self._pid(name)
+        with self._write() as c:
+            c.execute("UPDATE profiles SET adapter_stale = ? WHERE id = ?", (int(stale), pid))
+
+    def count_items(self, profile: str, task: str | None = None) -> int:
+        pid = self._pid(profile)
+        if task is None:
+            return self.conn.execute("SELECT COUNT(*) FROM items WHERE profile_id = ?", (pid,)).fetchone()[0]
+        sql = "SELECT COUNT(*) FROM items WHERE profile_id = ? AND task = ?"
+        return self.conn.execute(sql, (pid, task)).fetchone()[0]
+
+    def task_counts(self, profile: str) -> dict[str, int]:
+        """{task: number of items}, most items first."""
+        rows = self.conn.execute(
+            "SELECT task, COUNT(*) FROM items WHERE profile_id = ? GROUP BY task ORDER BY COUNT(*) DESC, task",
+            (self._pid(profile),),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # --- items -----------------------------------------------------------------------------------
+    def add_item(
+        self,
+        profile: str,
+        task: str | None,
+        input: str,
+        output: str,
+        time: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Item:
+        """Add one item. `task=None`: the profile's default task; `time=None`: now."""
+        when = _time.time() if time is None else time
+        first_id, _ = self._insert(profile, [NewItem(input, output, when, meta or {}, task)])
+        return self.get_item(first_id)
+
+    def add_items(self, profile: str, items: Iterable[NewItem], task: str | None = None) -> int:
+        """Add many items in ONE transaction (all or nothing); returns how many were added.
+
+        `task` is the default for items without one (else the profile's). `items` is consumed lazily,
+        so a generator over a big file is never held twice in memory.
+        """
+        return self._insert(profile, items, task)[1]
+
+    def _insert(self, profile: str, items: Iterable[NewItem], task: str | None = None) -> tuple[int, int]:
+        """Insert items in one transaction; returns (id of the first new item, how many)."""
+        pid = self._pid(profile)
+        profile_task = self.conn.execute("SELECT task FROM profiles WHERE id = ?", (pid,)).fetchone()[0]
+        default_task = _check_task(task) if task is not None else profile_task
+        now = _time.time()
+
+        def rows() -> Iterator[tuple]:
+            for n, it in enumerate(items, 1):
+                t = it.task if it.task is not None else default_task
+                if t is None:
+                    raise StoreError(
+                        f"item {n} has no task and profile {profile!r} has no default task",
+                        hint=f"pass --task, or create the profile with one: p2p profile create {profile} --task T",
+                    )
+                yield (pid, _check_task(t), _check_time(it.time), _check_text("input", it.input),
+                       _check_text("output", it.output), _dump_meta(it.meta), now, now)
+
+        with self._write() as c:
+            # Item ids are AUTOINCREMENT (never reused, so a deleted item's history stays its own):
+            # everything above the last id handed out is ours, as we hold the write lock.
+            last_id = c.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'items'").fetchone()[0]
+            cur = c.executemany(
+                "INSERT INTO items (profile_id, task, time, input, output, meta, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows(),
+            )
+            n = max(cur.rowcount, 0)
+            # One statement writes the 'add' history of every new row.
+            c.execute(
+                "INSERT INTO item_history (item_id, profile_id, action, old, new, at)"
+                f" SELECT id, profile_id, 'add', NULL, {_SNAPSHOT_SQL}, ? FROM items"
+                " WHERE profile_id = ? AND id > ?",
+                (now, pid, last_id),
+            )
+            if n:
+                c.execute("UPDATE profiles SET adapter_stale = 1, updated = ? WHERE id = ?", (now, pid))
+        first_id = last_id + 1
+        return first_id, n
+
+    def get_item(self, item_id: int) -> Item:
+        row = self.conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no item with id {item_id}", hint="see ids with: p2p profile show NAME --items 20")
+        return _item(row)
+
+    def edit_item(self, item_id: int, **fields: Any) -> Item:
+        """Change some of task/time/input/output/meta; records the old and new item in the history."""
+        unknown = set(fields) - set(ITEM_FIELDS)
+        if unknown:
+            raise StoreError(f"cannot edit {sorted(unknown)}", hint=f"editable fields: {', '.join(ITEM_FIELDS)}")
+        old = self.get_item(item_id)
+        checks = {"task": _check_task, "time": _check_time, "meta": lambda m: m,
+                  "input": lambda s: _check_text("input", s), "output": lambda s: _check_text("output", s)}
+        new = {k: checks[k](v) for k, v in fields.items()}
+        before = _snapshot(old)
+        after = {**before, **new}
+        if after == before:
+            return old
+        now = _time.time()
+        with self._write() as c:
+            c.execute(
+                "UPDATE items SET task = ?, time = ?, input = ?, output = ?, meta = ?, updated = ? WHERE id = ?",
+                (after["task"], after["time"], after["input"], after["output"], _dump_meta(after["meta"]), now, item_id),
+            )
+            self._history(c, old, "edit", before, after, now)
+        return self.get_item(item_id)
+
+    def delete_item(self, item_id: int) -> None:
+        old = self.get_item(item_id)
+        now = _time.time()
+        with self._write() as c:
+            c.execute("DELETE FROM items WHERE id = ?", (item_id,))
+            self._history(c, old, "delete", _snapshot(old), None, now)
+
+    def items(self, profile: str, task: str | None = None, limit: int | None = None) -> list[Item]:
+        """The profile's items in time order (unknown times first); `limit`: only the most recent ones."""
+        where, args = "profile_id = ?", [self._pid(profile)]
+        if task is not None:
+            where, args = where + " AND task = ?", args + [task]
+        if limit is None:
+            rows = self.conn.execute(f"SELECT * FROM items WHERE {where} ORDER BY time, id", args).fetchall()
+        else:
+            # Newest `limit` through the index, then back to time order.
+            rows = self.conn.execute(
+                f"SELECT * FROM items WHERE {where} ORDER BY time DESC, id DESC LIMIT ?", args + [max(limit, 0)]
+            ).fetchall()[::-1]
+        return [_item(r) for r in rows]
+
+    def item_history(self, item_id: int, profile: str | None = None) -> list[HistoryEntry]:
+        """Every add/edit/delete of an item, oldest first (also after it was deleted)."""
+        sql, args = "SELECT * FROM item_history WHERE item_id = ?", [item_id]
+        if profile is not None:
+            sql, args = sql + " AND profile_id = ?", args + [self._pid(profile)]
+        rows = self.conn.execute(sql + " ORDER BY id", args)
+        return [
+            HistoryEntry(r["id"], r["item_id"], r["action"], _load(r["old"]), _load(r["new"]), r["at"]) for r in rows
+        ]
+
+    def _history(self, c: sqlite3.Connection, item: Item, action: str, old: dict | None, new: dict | None,
+                 now: float) -> None:
+        c.execute(
+            "INSERT INTO item_history (item_id, profile_id, action, old, new, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (item.id, item.profile_id, action, _dump(old), _dump(new), now),
+        )
+        c.execute("UPDATE profiles SET adapter_stale = 1, updated = ? WHERE id = ?", (now, item.profile_id))
+
+    # --- export / forget -------------------------------------------------------------------------
+    def export_profile(self, name: str) -> dict[str, Any]:
+        """The profile in the generic per-user format (JSON-able), plus its default task.
+
+        Items of another task than the profile's carry it in `meta["task"]` (the format has no
+        per-item task field); the importers read it back from there.
+        """
+        p = self.get_profile(name)
+        counts = self.task_counts(name)
+        task = p.task or (next(iter(counts)) if counts else None)
+        out = []
+        for it in self.items(name):
+            rec = it.record()
+            if it.task != task:
+                rec["meta"] = {**it.meta, "task": it.task}
+            out.append(rec)
+        return {"user_id": p.name, "task": task, "items": out}
+
+    def forget_profile(self, name: str) -> ForgetReport:
+        """Remove the profile and everything derived from it: items, history, adapters (rows AND
+        files), conversations and their messages. Freed pages are zeroed (secure_delete) and the
+        WAL is checkpointed, so the text does not linger in the database files."""
+        p = self.get_profile(name)
+        files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
+        counts = {}
+        with self._write() as c:
+            conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
+            for key, sql in (
+                ("messages", f"DELETE FROM messages WHERE conversation_id IN ({conv_ids})"),
+                ("conversations", "DELETE FROM conversations WHERE profile_id = :p"),
+                ("history", "DELETE FROM item_history WHERE profile_id = :p"),
+                ("items", "DELETE FROM items WHERE profile_id = :p"),
+                ("adapters", "DELETE FROM adapters WHERE profile_id = :p"),
+            ):
+                counts[key] = c.execute(sql, {"p": p.id}).rowcount
+            c.execute("DELETE FROM profiles WHERE id = ?", (p.id,))
+        removed = sum(_remove_private(f) for f in files)
+        if self.has_fts and counts["messages"]:
+            self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return ForgetReport(counts["items"], counts["history"], counts["adapters"], removed,
+                            counts["conversations"], counts["messages"])
+
+    # --- adapter cache ---------------------------------------------------------------------------
+    def adapter_dir(self, profile: str, create: bool = True) -> Path:
+        """Where this profile's adapter files belong (by id: a re-created name starts clean).
+        `forget_profile` removes this whole directory."""
+        d = paths.adapters_dir() / f"profile-{self._pid(profile)}"
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def cached_adapter(self, profile: str, fingerprint: str, bundle_hash: str) -> Path | None:
+        """The adapter made from this exact profile state and bundle, if its file still exists."""
+        row = self.conn.execute(
+            "SELECT id, path FROM adapters WHERE profile_id = ? AND fingerprint = ? AND bundle_hash = ?",
+            (self._pid(profile), fingerprint, bundle_hash),
+        ).fetchone()
+        if row is None:
+            return None
+        path = Path(row["path"])
+        if not path.is_file():
+            with self._write() as c:  # the file was removed behind our back: drop the stale row
+                c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
+            return None
+        return path
+
+    def record_adapter(self, profile: str, fingerprint: str, bundle_hash: str, path: Path | str) -> None:
+        """Remember an adapter made for the profile's current state (clears the stale flag)."""
+        pid = self._pid(profile)
+        now = _time.time()
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO adapters (profile_id, fingerprint, bundle_hash, path, created) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (profile_id, fingerprint, bundle_hash) DO UPDATE SET path = excluded.path,"
+                " created = excluded.created",
+                (pid, fingerprint, bundle_hash, str(Path(path).resolve()), now),
+            )
+            c.execute("UPDATE profiles SET adapter_stale = 0 WHERE id = ?", (pid,))
+
+    def adapters(self, profile: str) -> list[AdapterRecord]:
+        """Cached adapters of a profile, newest first."""
+        pid = self._pid(profile)
+        rows = self.conn.execute("SELECT * FROM adapters WHERE profile_id = ? ORDER BY created DESC, id DESC", (pid,))
+        return [AdapterRecord(r["fingerprint"], r["bundle_hash"], Path(r["path"]), r["created"]) for r in rows]
+
+    def prune_adapters(self, profile: str, keep: int = 3) -> int:
+        """Delete all but the `keep` newest cached adapters (rows and files); returns how many went."""
+        old = self.adapters(profile)[keep:]
+        pid = self._pid(profile)
+        with self._write() as c:
+            for a in old:
+                c.execute("DELETE FROM adapters WHERE profile_id = ? AND path = ?", (pid, str(a.path)))
+        for a in old:
+            _remove_private(a.path)
+        return len(old)
+
+    # --- conversations ---------------------------------------------------------------------------
+    def new_conversation(self, profile: str | None = None, title: str = "") -> int:
+        pid = self._pid(profile) if profile is not None else None
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO conversations (profile_id, title, created) VALUES (?, ?, ?)", (pid, title, _time.time())
+            )
+        return int(cur.lastrowid)
+
+    def set_conversation_title(self, conversation_id: int, title: str) -> None:
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            c.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def add_message(self, conversation_id: int, role: str, content: str, meta: dict[str, Any] | None = None) -> int:
+        """Append a message. `meta` e.g. {"mode": "personalized", "adapter": "...", "scale": 1.0}."""
+        if role not in ROLES:
+            raise StoreError(f"unknown message role {role!r}", hint=f"one of {', '.join(ROLES)}")
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO messages (conversation_id, role, content, meta, created) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, role, content, _dump_meta(meta or {}), _time.time()),
+            )
+        return int(cur.lastrowid)
+
+    def conversations(self, profile: str | None = None) -> list[Conversation]:
+        """Conversations, newest first: all of them, or only those of `profile`."""
+        sql = (
+            "SELECT c.*, p.name AS profile_name,"
+            " (SELECT COUNT(*) FROM messages WHERE conversation_id = c.id) AS n_messages"
+            " FROM conversations c LEFT JOIN profiles p ON p.id = c.profile_id"
+        )
+        if profile is None:
+            rows = self.conn.execute(sql + " ORDER BY c.id DESC")
+        else:
+            rows = self.conn.execute(sql + " WHERE c.profile_id = ? ORDER BY c.id DESC", (self._pid(profile),))
+        return [_conversation(r) for r in rows]
+
+    def get_conversation(self, conversation_id: int) -> Conversation:
+        return _conversation(self._conversation_row(conversation_id))
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        self._conversation_row(conversation_id)
+        rows = self.conn.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [_message(r) for r in rows]
+
+    def search_messages(self, query: str, profile: str | None = None, limit: int = 50) -> list[Message]:
+        """Messages containing every word of `query` (FTS5 ranking where available, else LIKE)."""
+        words = re.findall(r"\w+", query)
+        if not words:
+            return []
+        args: list[Any] = []
+        if self.has_fts:
+            sql = ("SELECT m.* FROM messages_fts f JOIN messages m ON m.id = f.rowid"
+                   " JOIN conversations c ON c.id = m.conversation_id WHERE messages_fts MATCH ?")
+            args.append(" ".join('"' + w + '"' for w in words))  # quoted: user text is never FTS syntax
+        else:
+            sql = "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE 1"
+            for w in words:
+                sql += " AND m.content LIKE ? ESCAPE '\\'"
+                args.append("%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if profile is not None:
+            sql += " AND c.profile_id = ?"
+            args.append(self._pid(profile))
+        sql += (" ORDER BY f.rank" if self.has_fts else " ORDER BY m.id DESC") + " LIMIT ?"
+        args.append(limit)
+        return [_message(r) for r in self.conn.execute(sql, args)]
+
+    def export_conversation_markdown(self, conversation_id: int) -> str:
+        conv = _conversation(self._conversation_row(conversation_id))
+        title = conv.title or f"Conversation {conv.id}"
+        who = f"profile **{conv.profile}**" if conv.profile else "base model (no profile)"
+        lines = [f"# {title}", "", f"_{who} · started {_iso(conv.created)}_", ""]
+        for m in self.messages(conversation_id):
+            head = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
+            details = [str(m.meta[k]) if k == "mode" else f"{k} {m.meta[k]}"
+                       for k in ("mode", "scale") if m.meta.get(k) is not None]
+            lines += [f"**{head}**" + (f" ({', '.join(details)})" if details else "") + ":", "", m.content, ""]
+        return "\n".join(lines)
+
+    def _conversation_row(self, conversation_id: int) -> sqlite3.Row:
+        row = self.conn.execute(
+            "SELECT c.*, p.name AS profile_name,"
+            " (SELECT COUNT(*) FROM messages WHERE conversation_id = c.id) AS n_messages"
+            " FROM conversations c LEFT JOIN profiles p ON p.id = c.profile_id WHERE c.id = ?",
+            (conversation_id,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        return row
+
+
+# --- helpers -------------------------------------------------------------------------------------
+# The JSON snapshot of an item, as SQL (bulk 'add' history) and as Python (edits): same keys.
+_SNAPSHOT_SQL = "json_object('task', task, 'time', time, 'input', input, 'output', output, 'meta', json(meta))"
+
+
+def _snapshot(item: Item) -> dict[str, Any]:
+    return {"task": item.task, "time": item.time, "input": item.input, "output": item.output, "meta": item.meta}
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file 0600 before SQLite does (it would use the umask); the -wal and -shm files
+        # SQLite creates later copy the database file's permissions.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot create the profile store {path}: {e.strerror}",
+                         hint="set P2P_HOME to a writable directory") from e
+    try:
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)  # we manage transactions
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a killed process loses no commit
+        conn.execute("PRAGMA secure_delete = ON")  # forgotten text is overwritten, not left in free pages
+        # After a big import the WAL is checkpointed (autocheckpoint) and, on the next write, cut back
+        # to this size instead of keeping a copy of the whole import on disk.
+        conn.execute("PRAGMA journal_size_limit = 16777216")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(
+            f"cannot open the profile store {path}: {e}",
+            hint="if the file is damaged, move it aside (your profiles are in it) and run the command again",
+        ) from e
+    return conn
+
+
+def _remove_private(path: Path) -> int:
+    """Delete an adapter file or directory, but only inside our data dir; returns files removed."""
+    try:
+        path.resolve().relative_to(paths.data_dir().resolve())
+    except ValueError:
+        return 0  # never delete a user's file that merely sits elsewhere
+    if path.is_dir():
+        n = sum(1 for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        return n
+    if path.is_file():
+        path.unlink(missing_ok=True)
+        return 1
+    return 0
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StoreError(
+            f"invalid profile name {name!r}",
+            hint="use 1-64 letters, digits or . _ @ + - (starting with a letter or digit), e.g. alice",
+        )
+    return name
+
+
+def _check_task(task: Any) -> str:
+    if not isinstance(task, str) or not task.strip():
+        raise StoreError(f"invalid task {task!r}", hint="a task is a non-empty name, e.g. movielens-rating")
+    return task.strip()
+
+
+def _check_time(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float) or t != t:
+        raise StoreError(f"invalid item time {t!r}", hint="times are unix seconds (a number) or empty")
+    return float(t)
+
+
+def _check_text(what: str, s: Any) -> str:
+    if not isinstance(s, str) or not s.strip():
+        raise StoreError(f"item {what} must be a non-empty string, got {s!r}")
+    return s
+
+
+def _dump_meta(meta: Any) -> str:
+    if not isinstance(meta, dict):
+        raise StoreError(f"item meta must be a JSON object, got {type(meta).__name__}")
+    try:
+        return json.dumps(meta, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"item meta is not JSON-serializable: {e}") from e
+
+
+def _dump(obj: dict | None) -> str | None:
+    return None if obj is None else json.dumps(obj, ensure_ascii=False)
+
+
+def _load(text: str | None) -> dict | None:
+    return None if text is None else json.loads(text)
+
+
+def _iso(t: float) -> str:
+    return _time.strftime("%Y-%m-%d %H:%M", _time.localtime(t))
+
+
+def _profile(r: sqlite3.Row) -> Profile:
+    return Profile(r["id"], r["name"], r["task"], r["created"], r["updated"], bool(r["adapter_stale"]), r["n_items"])
+
+
+def _item(r: sqlite3.Row) -> Item:
+    meta = r["meta"]
+    return Item(r["id"], r["profile_id"], r["task"], r["time"], r["input"], r["output"],
+                json.loads(meta) if meta != "{}" else {}, r["created"], r["updated"])
+
+
+def _conversation(r: sqlite3.Row) -> Conversation:
+    return Conversation(r["id"], r["profile_name"], r["title"], r["created"], r["n_messages"])
+
+
+def _message(r: sqlite3.Row) -> Message:
+    return Message(r["id"], r["conversation_id"], r["role"], r["content"], json.loads(r["meta"]), r["created"])
