@@ -1,0 +1,356 @@
+"""Raw data in ../shared/data -> the generic per-user format (`format.py`). Deterministic.
+
+Every converter returns `Converted(users, stats)`. Bad input never crashes a conversion: malformed
+rows, missing user ids, bad ratings, non-UTF-8 bytes, duplicates and too-short histories are skipped
+(or repaired) and counted in `stats`. Only an unusable file (missing, or lacking a required column)
+raises `DataError`. Decisions (truncation, ordering, filtering) are documented in docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from p2p_local.data.format import Item, User, time_ordered
+from p2p_local.errors import DataError
+from p2p_local.paths import shared_data_dir
+
+# Deliberate caps (characters): training cost on a laptop CPU grows with prompt length.
+MAX_TITLE_CHARS = 120
+MAX_COMMENT_CHARS = 400
+MAX_EMAIL_CHARS = 500
+MAX_SUBJECT_CHARS = 120
+MAX_BODY_CHARS = 300
+MAX_FILES = 4
+MIN_USER_ITEMS = 2  # one item gives no (history, query) sample
+MIN_COMMITS = 8  # commit authors with fewer commits are dropped (too little to personalize on)
+
+
+@dataclass
+class Converted:
+    users: list[User]
+    stats: Counter = field(default_factory=Counter)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _read_text(path: Path, stats: Counter) -> str:
+    """File -> str. Invalid UTF-8 bytes become U+FFFD and the affected lines are counted."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}", hint="the real data must sit at ../shared/data")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        bad = 0
+        for line in raw.split(b"\n"):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad += 1
+        stats["lines_non_utf8"] += bad
+        return raw.decode("utf-8-sig", errors="replace")
+
+
+def _csv_rows(path: Path, required: tuple[str, ...], stats: Counter) -> Iterator[tuple[int, dict[str, str]]]:
+    """(row number, row) for well-formed rows; rows with the wrong field count are counted and skipped."""
+    text = _read_text(path, stats).replace("\x00", "")  # NUL bytes make the csv module raise
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except (StopIteration, csv.Error):
+        raise DataError(f"{path}: empty or unreadable CSV header") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {header}",
+            hint="the converter expects the file exactly as it is in ../shared/data",
+        )
+    rowno = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            stats["rows_skipped_malformed"] += 1
+            continue
+        rowno += 1
+        stats["rows_read"] += 1
+        if not row or all(not c.strip() for c in row):
+            stats["rows_skipped_blank"] += 1
+            continue
+        if len(row) != len(header):
+            stats["rows_skipped_malformed"] += 1
+            continue
+        yield rowno, dict(zip(header, row, strict=True))
+
+
+def _clean(text: str) -> str:
+    """Normalise line ends and whitespace; keep line structure (it is part of a user's style)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ").replace("\x00", "")
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def truncate(text: str, max_chars: int, stats: Counter | None = None) -> str:
+    """Cut at a word boundary before `max_chars` and mark the cut with an ellipsis."""
+    if len(text) <= max_chars:
+        return text
+    if stats is not None:
+        stats["texts_truncated"] += 1
+    cut = text[: max_chars - 1]
+    space = cut.rfind(" ")
+    if space > max_chars // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def _user_id(raw: str) -> str:
+    """'12', '12.0' -> '12' (pandas wrote some ids as floats); '' stays ''."""
+    s = raw.strip()
+    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s
+
+
+def _to_rating(raw: str, lo: int = 1, hi: int = 5) -> int | None:
+    """A 1..5 rating; half stars round up (0.5 -> 1, 3.5 -> 4). None if unparseable or out of range."""
+    try:
+        x = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(x) or x <= lo - 1 or x > hi:
+        return None
+    return min(hi, max(lo, math.ceil(x)))
+
+
+def _finish(by_user: dict[str, list[Item]], stats: Counter, min_items: int = MIN_USER_ITEMS) -> list[User]:
+    """Order each user's items in time, count ties, drop too-short histories, order users by id."""
+    users = []
+    for uid, items in by_user.items():
+        items = time_ordered(items)
+        times = [it.time for it in items if it.time is not None]
+        stats["items_duplicate_time"] += sum(1 for a, b in zip(times, times[1:], strict=False) if a == b)
+        if not items:
+            stats["users_dropped_empty"] += 1
+        elif len(items) == 1 and min_items > 1:
+            stats["users_dropped_one_item"] += 1
+        elif len(items) < min_items:
+            stats["users_dropped_few_items"] += 1
+        else:
+            users.append(User(uid, items))
+    users.sort(key=lambda u: (0, int(u.user_id), "") if u.user_id.isdigit() else (1, 0, u.user_id))
+    stats["users"] = len(users)
+    stats["items"] = sum(len(u.items) for u in users)
+    return users
+
+
+# ---------------------------------------------------------------- MovieLens
+
+
+def convert_movielens(src: Path) -> Converted:
+    """Ratings -> rating task. Input "Title (Year) | Genres: A|B", output "1".."5", time = timestamp."""
+    stats: Counter = Counter()
+    d = src / "movielens-latest-small"
+    movies: dict[str, tuple[str, list[str]]] = {}
+    for _, row in _csv_rows(d / "movies.csv", ("movieId", "title", "genres"), Counter()):
+        genres = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
+        movies[row["movieId"].strip()] = (truncate(_clean(row["title"]), MAX_TITLE_CHARS), genres)
+    by_user: dict[str, list[Item]] = {}
+    seen: set[tuple[str, str]] = set()
+    has_time = None
+    for _, row in _csv_rows(d / "ratings.csv", ("userId", "movieId", "rating"), stats):
+        if has_time is None:
+            has_time = "timestamp" in row
+            if not has_time:
+                stats["column_missing_timestamp"] = 1  # items then keep file order
+        uid, mid = _user_id(row["userId"]), row["movieId"].strip()
+        if not uid:
+            stats["rows_skipped_missing_user"] += 1
+            continue
+        rating = _to_rating(row["rating"])
+        if rating is None:
+            stats["rows_skipped_bad_rating"] += 1
+            continue
+        if mid not in movies:
+            stats["rows_skipped_unknown_movie"] += 1
+            continue
+        t = None
+        if has_time:
+            try:
+                t = float(row["timestamp"])
+            except ValueError:
+                stats["rows_skipped_bad_time"] += 1
+                continue
+        if (uid, mid) in seen:
+            stats["rows_skipped_duplicate"] += 1
+            continue
+        seen.add((uid, mid))
+        title, genres = movies[mid]
+        text = f"{title} | Genres: {'|'.join(genres) if genres else 'unknown'}"
+        item_id = int(mid) if mid.isdigit() else mid
+        by_user.setdefault(uid, []).append(Item(text, str(rating), t, {"genres": genres, "item_id": item_id}))
+    return Converted(_finish(by_user, stats), stats)
+
+
+# ---------------------------------------------------------------- POPQUORN
+
+
+def convert_offensiveness(src: Path) -> Converted:
+    """Annotator's 1-5 offensiveness score of a Reddit comment. No timestamps: items keep file order."""
+    stats: Counter = Counter()
+    by_user: dict[str, list[Item]] = {}
+    seen: set[tuple[str, str]] = set()
+    path = src / "popquorn" / "offensiveness.csv"
+    for _, row in _csv_rows(path, ("instance_id", "user_id", "text", "offensiveness"), stats):
+        uid = _user_id(row["user_id"])
+        if not uid:
+            stats["rows_skipped_missing_user"] += 1
+            continue
+        score = _to_rating(row["offensiveness"])
+        if score is None:
+            stats["rows_skipped_bad_rating"] += 1
+            continue
+        text = _clean(row["text"])
+        if not text:
+            stats["rows_skipped_empty_text"] += 1
+            continue
+        iid = row["instance_id"].strip()
+        if (uid, iid) in seen:
+            stats["rows_skipped_duplicate"] += 1
+            continue
+        seen.add((uid, iid))
+        meta = {"item_id": int(iid) if iid.isdigit() else iid}
+        by_user.setdefault(uid, []).append(
+            Item(truncate(text, MAX_COMMENT_CHARS, stats), str(score), None, meta)
+        )
+    return Converted(_finish(by_user, stats), stats)
+
+
+def convert_email_rewrite(src: Path) -> Converted:
+    """Original (informal) email -> the annotator's revised email. No timestamps: file order."""
+    stats: Counter = Counter()
+    by_user: dict[str, list[Item]] = {}
+    seen: set[tuple[str, str]] = set()
+    path = src / "popquorn" / "email_rewriting.csv"
+    for _, row in _csv_rows(path, ("instance_id", "user_id", "original email", "revised email"), stats):
+        uid = _user_id(row["user_id"])
+        if not uid:
+            stats["rows_skipped_missing_user"] += 1
+            continue
+        original, revised = _clean(row["original email"]), _clean(row["revised email"])
+        if not original or not revised:
+            stats["rows_skipped_empty_text"] += 1
+            continue
+        iid = row["instance_id"].strip()
+        if (uid, iid) in seen:
+            stats["rows_skipped_duplicate"] += 1
+            continue
+        seen.add((uid, iid))
+        meta = {"item_id": int(iid) if iid.isdigit() else iid}
+        item = Item(
+            truncate(original, MAX_EMAIL_CHARS, stats), truncate(revised, MAX_EMAIL_CHARS, stats), None, meta
+        )
+        by_user.setdefault(uid, []).append(item)
+    return Converted(_finish(by_user, stats), stats)
+
+
+# ---------------------------------------------------------------- commits
+
+
+_PR_SUFFIX = re.compile(r"(?:\s*\(#\d+\))+\s*$")  # "(#123)", also stacked "(#123) (#130)"
+
+
+def commit_input(body: str, files: list[str], stats: Counter | None = None) -> str:
+    """Compact commit description: changed files first (never cut), then the body (truncated).
+
+    An empty body gives the files line alone: half of pytest's commits have no body, and the files
+    still say what the commit touched.
+    """
+    shown = ", ".join(files[:MAX_FILES])
+    if len(files) > MAX_FILES:
+        shown += f" (+{len(files) - MAX_FILES} more)"
+    head = f"files: {shown}" if files else "files: none"
+    body = truncate(body, MAX_BODY_CHARS, stats) if body else ""
+    return f"{head}\n{body}" if body else head
+
+
+def convert_commits(src: Path) -> Converted:
+    """pytest commits: output = subject line, input = changed files + body. Authors with >= MIN_COMMITS."""
+    stats: Counter = Counter()
+    path = src / "commits" / "pytest.jsonl"
+    text = _read_text(path, stats)
+    by_user: dict[str, list[Item]] = {}
+    seen: set[str] = set()
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        stats["rows_read"] += 1
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            stats["rows_skipped_malformed"] += 1
+            continue
+        if not isinstance(rec, dict):
+            stats["rows_skipped_malformed"] += 1
+            continue
+        uid, subject, date = rec.get("author_id"), rec.get("subject"), rec.get("date")
+        body, files = rec.get("body") or "", rec.get("files") or []
+        if not isinstance(uid, str) or not uid.strip():
+            stats["rows_skipped_missing_user"] += 1
+            continue
+        if not isinstance(subject, str) or not isinstance(body, str) or not isinstance(files, list):
+            stats["rows_skipped_malformed"] += 1
+            continue
+        try:
+            t = datetime.fromisoformat(str(date)).timestamp()
+        except ValueError:
+            stats["rows_skipped_bad_time"] += 1
+            continue
+        sha = str(rec.get("commit") or "")
+        if sha and sha in seen:
+            stats["rows_skipped_duplicate"] += 1
+            continue
+        seen.add(sha)
+        subject = _clean(subject).split("\n")[0]
+        if _PR_SUFFIX.search(subject):
+            subject = _PR_SUFFIX.sub("", subject)
+            stats["subjects_pr_suffix_removed"] += 1  # "(#1234)" is added by GitHub, not by the author
+        if not subject:
+            stats["rows_skipped_empty_text"] += 1
+            continue
+        if not body.strip():
+            stats["commits_empty_body"] += 1
+        files = [str(f) for f in files if isinstance(f, str) and f]
+        inp = commit_input(_clean(body), files, stats)
+        out = truncate(subject, MAX_SUBJECT_CHARS, stats)
+        meta = {"item_id": sha[:12], "n_files": len(files)}
+        by_user.setdefault(uid.strip(), []).append(Item(inp, out, t, meta))
+    few = [u for u, items in by_user.items() if MIN_USER_ITEMS <= len(items) < MIN_COMMITS]
+    stats["users_dropped_few_commits"] = len(few)
+    for u in few:
+        del by_user[u]
+    return Converted(_finish(by_user, stats), stats)
+
+
+CONVERTERS: dict[str, Callable[[Path], Converted]] = {
+    "movielens-rating": convert_movielens,
+    "popquorn-offensiveness": convert_offensiveness,
+    "popquorn-email-rewrite": convert_email_rewrite,
+    "pytest-commit-subject": convert_commits,
+}
+
+
+def convert(task: str, src: Path | None = None) -> Converted:
+    """Run the converter of a built-in task over the shared data (or `src`)."""
+    if task not in CONVERTERS:
+        raise DataError(f"no converter for task {task!r}", hint=f"known: {', '.join(CONVERTERS)}")
+    return CONVERTERS[task](Path(src) if src is not None else shared_data_dir())

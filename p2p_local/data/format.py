@@ -1,0 +1,211 @@
+"""The generic per-user format every task is converted into, and the task card that describes a task.
+
+Users file (JSONL, one user per line, items in time order):
+    {"user_id": "42", "items": [{"input": "...", "output": "...", "time": 964982703.0, "meta": {...}}]}
+
+Task card (JSON): what the model is asked (`template` with `{input}`), what kind of answer
+(`rating` | `label` | `generation`), the allowed labels, the metrics and a one-sentence description
+used in the profile wrapper. See docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from p2p_local.errors import DataError
+
+KINDS = ("rating", "label", "generation")
+
+
+@dataclass
+class Item:
+    """One record of a user's history: what they saw (`input`) and what they did (`output`)."""
+
+    input: str
+    output: str
+    time: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": self.input, "output": self.output, "time": self.time, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Item:
+        if not isinstance(d, dict):
+            raise ValueError(f"an item must be an object, got {type(d).__name__}")
+        for key in ("input", "output"):
+            if not isinstance(d.get(key), str):
+                raise ValueError(f"item field {key!r} must be a string")
+        t = d.get("time")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float)):
+            raise ValueError("item field 'time' must be a number or null")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("item field 'meta' must be an object")
+        return cls(d["input"], d["output"], None if t is None else float(t), meta)
+
+
+@dataclass
+class User:
+    """A user and their items, oldest first."""
+
+    user_id: str
+    items: list[Item]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "items": [it.to_dict() for it in self.items]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> User:
+        if not isinstance(d, dict):
+            raise ValueError(f"a user must be an object, got {type(d).__name__}")
+        uid = d.get("user_id")
+        if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
+            raise ValueError("'user_id' must be a non-empty string")
+        items = d.get("items")
+        if not isinstance(items, list):
+            raise ValueError("'items' must be a list")
+        parsed = []
+        for i, it in enumerate(items):
+            try:
+                parsed.append(Item.from_dict(it))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        return cls(str(uid), time_ordered(parsed))
+
+
+def time_ordered(items: list[Item]) -> list[Item]:
+    """Oldest first. Stable: ties keep their given order; if any item lacks a time, keep the given order."""
+    if any(it.time is None for it in items):
+        return list(items)
+    return sorted(items, key=lambda it: it.time)
+
+
+@dataclass
+class TaskCard:
+    """What a task asks and how it is scored."""
+
+    name: str
+    kind: str  # rating | label | generation
+    template: str  # contains "{input}"; for rating/label the label is appended directly
+    description: str  # one sentence, used in the profile wrapper
+    labels: list[str] = field(default_factory=list)
+    value_range: tuple[float, float] | None = None
+    metrics: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DataError(f"task card {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if "{input}" not in self.template:
+            raise DataError(f"task card {self.name!r}: template must contain '{{input}}'")
+        try:
+            self.template.format(input="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(
+                f"task card {self.name!r}: template is not a valid format string ({e})",
+                hint="write literal braces as '{{' and '}}'",
+            ) from None
+        if self.kind != "generation" and not self.labels:
+            raise DataError(f"task card {self.name!r}: a {self.kind} task needs 'labels'")
+        if self.value_range is not None:
+            self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
+        self.labels = [str(x) for x in self.labels]
+        self.metrics = list(self.metrics)
+
+    def prompt(self, text: str) -> str:
+        """The model prompt for one input; a rating/label answer is appended directly after it."""
+        return self.template.format(input=text)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value_range"] = list(self.value_range) if self.value_range is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskCard:
+        known = {"name", "kind", "template", "description", "labels", "value_range", "metrics"}
+        missing = {"name", "kind", "template", "description"} - set(d)
+        if missing:
+            raise DataError(f"task card lacks fields: {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskCard:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"task card not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"task card {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise DataError(f"task card {path} must be a JSON object")
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(
+            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+
+def builtin_cards() -> list[str]:
+    """Names of the task cards shipped with the package."""
+    root = resources.files("p2p_local.data") / "cards"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def builtin_card(name: str) -> TaskCard:
+    """A shipped task card by name (`movielens-rating`, ...)."""
+    res = resources.files("p2p_local.data") / "cards" / f"{name}.json"
+    if not res.is_file():
+        raise DataError(f"unknown task {name!r}", hint=f"known tasks: {', '.join(builtin_cards())}")
+    return TaskCard.from_dict(json.loads(res.read_text(encoding="utf-8")))
+
+
+def iter_users_jsonl(path: str | Path) -> Iterator[User]:
+    """Users one by one; a malformed line raises DataError naming the file and line number."""
+    path = Path(path)
+    try:
+        fh = path.open("rb")  # bytes: decode line by line so a bad byte is reported at its own line
+    except FileNotFoundError:
+        raise DataError(f"users file not found: {path}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text", hint="re-save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                user = User.from_dict(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}", hint="see docs/DATA.md for the format") from None
+            yield user
+
+
+def read_users_jsonl(path: str | Path) -> list[User]:
+    return list(iter_users_jsonl(path))
+
+
+def write_users_jsonl(path: str | Path, users: Iterable[User]) -> int:
+    """Write users (atomically: a temp file renamed into place). Returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for u in users:
+            fh.write(json.dumps(u.to_dict(), ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

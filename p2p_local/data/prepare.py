@@ -1,0 +1,162 @@
+"""Build and load the prepared task sets: cache_dir()/data/<task>/{train,val,test,ood}.jsonl + card.json + stats.json.
+
+`prepare_task` converts the raw data, splits it by user and writes the set; `load_task` reads it back
+(building it first when it is missing or was built by an older version of this code). stats.json is
+written last, so a set without it is incomplete and gets rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2p_local import paths
+from p2p_local.data.converters import CONVERTERS, convert
+from p2p_local.data.format import TaskCard, User, builtin_card, read_users_jsonl, write_users_jsonl
+from p2p_local.data.splits import EVAL_LAST_N, Embed, SplitConfig, count_samples, split_users
+from p2p_local.errors import DataError, P2PError
+
+DATA_VERSION = 1  # bump when conversion or splitting changes: cached sets are rebuilt
+TASKS: tuple[str, ...] = tuple(CONVERTERS)
+SPLITS = ("train", "val", "test", "ood")
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TaskData:
+    card: TaskCard
+    train: list[User]
+    val: list[User]
+    test: list[User]
+    ood: list[User]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[User]:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}", hint=f"one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def task_dir(task: str) -> Path:
+    return paths.cache_dir() / "data" / task
+
+
+def default_embedder(log: Log = _stderr) -> tuple[Embed | None, str]:
+    """The MiniLM profile encoder's `embed`, or (None, reason) when it is not available."""
+    try:
+        from p2p_local.encoder import Encoder
+
+        enc = Encoder.load()
+    except (ImportError, P2PError, OSError) as e:
+        reason = str(e).splitlines()[0]
+        log(f"  profile encoder not available ({reason}); clustering on profile features instead")
+        return None, reason
+
+    def embed(texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), 64):  # batches, with progress: ~1k profiles take a while on 2 cores
+            out.append(enc.embed(texts[i : i + 64]))
+            log(f"  embedded {min(i + 64, len(texts))}/{len(texts)} profiles")
+        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+    return embed, "minilm"
+
+
+def _split_stats(users: list[User], name: str) -> dict[str, int]:
+    last_n = None if name == "train" else EVAL_LAST_N
+    return {
+        "users": len(users),
+        "items": sum(len(u.items) for u in users),
+        "samples": sum(count_samples(u, last_n=last_n) for u in users),
+    }
+
+
+def prepare_task(
+    task: str,
+    seed: int = 0,
+    src: Path | None = None,
+    embed: Embed | None | str = "auto",
+    log: Log = _stderr,
+    embed_name: str = "custom",
+) -> dict[str, Any]:
+    """Convert, split and write one task set. Returns its stats (also written to stats.json).
+
+    `embed="auto"` uses the MiniLM encoder when prepared, else profile features (recorded in stats);
+    `embed_name` names a given `embed` in the stats.
+    """
+    t0 = time.perf_counter()
+    card = builtin_card(task)
+    log(f"[{task}] converting")
+    conv = convert(task, src)
+    log(f"[{task}] {len(conv.users)} users, {sum(len(u.items) for u in conv.users)} items")
+    encoder = embed_name
+    if embed == "auto":
+        embed, encoder = default_embedder(log)
+    log(f"[{task}] splitting by user (OOD clusters on {'embeddings' if embed else 'features'})")
+    sp = split_users(conv.users, card, SplitConfig(seed=seed), embed=embed)
+    out = task_dir(task)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").unlink(missing_ok=True)  # incomplete until written again below
+    for name in SPLITS:
+        write_users_jsonl(out / f"{name}.jsonl", getattr(sp, name))
+    card.save(out / "card.json")
+    stats = {
+        "version": DATA_VERSION,
+        "task": task,
+        "seed": seed,
+        "encoder": encoder if embed else None,  # None: clustered on profile features
+        "encoder_unavailable": None if embed else (encoder or "not requested"),
+        "conversion": dict(sorted(conv.stats.items())),
+        "splits": {name: _split_stats(getattr(sp, name), name) for name in SPLITS},
+        "eval_last_n": EVAL_LAST_N,
+        "split_info": sp.info,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "stats.json")
+    s = stats["splits"]
+    log(
+        f"[{task}] train {s['train']['users']} / val {s['val']['users']} / test {s['test']['users']} / "
+        f"ood {s['ood']['users']} users, {stats['seconds']} s -> {out}"
+    )
+    return stats
+
+
+def read_stats(task: str) -> dict[str, Any] | None:
+    """The stats of a prepared set, or None if it is missing, incomplete or from an older version."""
+    p = task_dir(task) / "stats.json"
+    try:
+        stats = json.loads(p.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if stats.get("version") != DATA_VERSION:
+        return None
+    return stats
+
+
+def load_task(task: str, build: bool = True, log: Log = _stderr) -> TaskData:
+    """A prepared task set (card + user splits), building it first when missing or stale."""
+    stats = read_stats(task)
+    if stats is None:
+        if not build:
+            raise DataError(
+                f"task set {task!r} is not prepared", hint=f"run `p2p data prepare --tasks {task}`"
+            )
+        stats = prepare_task(task, log=log)
+    d = task_dir(task)
+    card = TaskCard.load(d / "card.json")
+    splits = {name: read_users_jsonl(d / f"{name}.jsonl") for name in SPLITS}
+    return TaskData(card=card, stats=stats, **splits)
