@@ -13,6 +13,7 @@ Format (what llama.cpp's `llama_adapter_lora_init` accepts):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -67,6 +68,29 @@ class BaseInfo:
 
     @classmethod
     def from_gguf(cls, path: str | Path, sha256: str) -> BaseInfo:
+        """Read arch, layer count and weight shapes. Cached beside the model file, keyed by (size, mtime):
+        gguf's reader parses the 262k-entry vocabulary in Python, seconds on every engine start."""
+        path = Path(path)
+        st = path.stat()
+        cache = path.with_name(path.name + ".baseinfo.json")
+        key = [st.st_size, st.st_mtime_ns]
+        try:
+            c = json.loads(cache.read_text())
+            if c["key"] == key:
+                return cls(arch=c["arch"], sha256=sha256, n_layers=c["n_layers"],
+                           shapes={k: tuple(v) for k, v in c["shapes"].items()})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        info = cls._read(path, sha256)
+        try:
+            cache.write_text(json.dumps({"key": key, "arch": info.arch, "n_layers": info.n_layers,
+                                         "shapes": info.shapes}))
+        except OSError:
+            pass  # read-only location: just slower next time
+        return info
+
+    @classmethod
+    def _read(cls, path: Path, sha256: str) -> BaseInfo:
         try:
             reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:  # truncated / not a GGUF

@@ -7,6 +7,7 @@ bundle, one encoder, the store, and a small cache of adapters already loaded int
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 from p2p_local.adapter import BaseInfo, write_adapter
 from p2p_local.bundle import Bundle
 from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards
+from p2p_local.data.metrics import decode_distribution
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
 from p2p_local.errors import DataError, StoreError
@@ -75,10 +77,22 @@ def to_data_items(items: list) -> list[Item]:
 
 
 class Session:
-    """The app's working set: engine + bundle + encoder + store. One request at a time."""
+    """The app's working set: engine + bundle + encoder + store.
+
+    Thread-safe, so the chat can personalize and stream from worker threads: each thread gets its own
+    SQLite connection to the same store (WAL allows that), and one lock serialises the engine's users.
+    """
+
+    threadsafe = True
 
     def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store) -> None:
-        self.engine, self.bundle, self.encoder, self.store = engine, bundle, encoder, store
+        self.engine, self.bundle, self.encoder = engine, bundle, encoder
+        self._store_path = store.path
+        self._local = threading.local()
+        self._local.store = store
+        self._stores = [store]
+        self.lock = threading.RLock()
+        self.last_result: PersonalizeResult | None = None  # what the last personalized answer used
         self.personalizer = Personalizer(bundle, encoder, engine.base)
         self._loaded: OrderedDict[Path, Adapter] = OrderedDict()
         self._cards = {name: builtin_card(name) for name in builtin_cards()}
@@ -93,6 +107,15 @@ class Session:
         except BaseException:
             engine.close()
             raise
+
+    @property
+    def store(self) -> Store:
+        """This thread's connection to the profile store."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store(self._store_path)
+            self._stores.append(store)
+        return store
 
     # --- what there is -----------------------------------------------------------------------------
     def task_cards(self) -> dict[str, TaskCard]:
@@ -132,6 +155,11 @@ class Session:
         `query` makes the profile query-aware (BM25 retrieval, query-conditional features), as the
         method does; the adapter cache is keyed by the profile fingerprint, so a repeat is free.
         """
+        with self.lock:
+            return self._personalize(profile, task, query, force, scale)
+
+    def _personalize(self, profile: str, task: str | None, query: str | None, force: bool,
+                     scale: float) -> PersonalizeResult:
         t0 = time.perf_counter()
         task = task or self.default_task(profile)
         prof = self.profile_text(profile, task, query)
@@ -182,17 +210,43 @@ class Session:
             return {"max_tokens": 4, "stop": ["\n"]}
         return {"max_tokens": 96, "stop": ["\n\n"]}
 
+    def label_distribution(self, text: str, task: str) -> dict[str, float]:
+        """The model's probabilities over the task's labels (under whatever adapter is attached)."""
+        card = self.card(task)
+        probs = np.exp(self.engine.label_logprobs(card.prompt(text), card.labels))
+        return dict(zip(card.labels, probs.tolist(), strict=True))
+
+    def choose_label(self, text: str, task: str) -> str:
+        """Rating/label answers are read off the distribution over the labels, never free text: the median
+        for ratings (the MAE-optimal choice, as in evaluation), the most likely label otherwise."""
+        card = self.card(task)
+        dist = self.label_distribution(text, task)
+        how = "median" if card.kind == "rating" else "argmax"
+        return decode_distribution(card, np.array([list(dist.values())]), how)[0]
+
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
                scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
                transcript: list[tuple[str, str]] | None = None) -> Iterator[str]:
-        """Stream an answer. With a profile and `personalized`, its adapter is attached at `scale`."""
+        """Stream an answer. With a profile and `personalized`, its adapter is attached at `scale`.
+
+        The session lock is held until the stream is exhausted or closed (closing cancels).
+        """
+        with self.lock:
+            yield from self._answer(text, profile, task, personalized, scale, temperature, max_tokens, transcript)
+
+    def _answer(self, text: str, profile: str | None, task: str | None, personalized: bool, scale: float,
+                temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
         task = task or (self.default_task(profile) if profile else FREE_CHAT)
+        self.last_result = None
         if profile and personalized and scale > 0:
             card_task = task if task != FREE_CHAT else self.default_task(profile)
             query = text if task != FREE_CHAT else None
-            self.personalize(profile, card_task, query=query, scale=scale)
+            self.last_result = self._personalize(profile, card_task, query, False, scale)
         else:
             self.engine.use(None)
+        if task != FREE_CHAT and self.card(task).kind in ("rating", "label"):
+            yield self.choose_label(text, task)
+            return
         kw = self.decoding(task)
         if max_tokens:
             kw["max_tokens"] = max_tokens
@@ -201,7 +255,11 @@ class Session:
     def close(self) -> None:
         self._loaded.clear()
         self.engine.close()
-        self.store.close()
+        for store in self._stores:
+            try:
+                store.close()
+            except Exception:  # a worker thread's connection cannot be closed from here; GC does it
+                pass
 
     def __enter__(self) -> Session:
         return self

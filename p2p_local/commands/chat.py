@@ -1,0 +1,63 @@
+"""`p2p chat [--profile NAME] [--task T] [--demo]`: the terminal chat.
+
+With no profile in the store, the demo profile (one real MovieLens user) is imported and opened,
+personalized, so a first run shows what the adapter does within a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from p2p_local.errors import StoreError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="the terminal chat: personalized answers, side by side with the base model",
+        description="Chat with the local model, personalized by an adapter made from a profile. "
+        "Keys are shown at the bottom of the screen; ctrl+p lists every command.",
+    )
+    p.add_argument("--profile", help="profile to chat as (default: the one used last)")
+    p.add_argument("--task", help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
+    p.add_argument("--demo", action="store_true", help="open the demo profile (imported on first use)")
+    p.add_argument("--base", action="store_true", help="start with personalization off")
+    p.add_argument("--compare", action="store_true", help="start in the side-by-side view")
+    p.add_argument("--new", action="store_true", help="start a new conversation instead of resuming the last")
+    p.set_defaults(func=run)
+
+
+def pick_profile(store, requested: str | None, demo: bool) -> str | None:
+    """The profile to open: the requested one, the demo (imported if needed), or the one used last."""
+    from p2p_local.demo import import_demo
+
+    if requested is not None:
+        return store.get_profile(requested).name  # raises StoreError with a "did you mean" hint
+    if demo or not store.list_profiles():
+        return import_demo(store)
+    recent = store.conversations()
+    if recent and recent[0].profile is not None:
+        return recent[0].profile
+    return max(store.list_profiles(), key=lambda p: p.updated).name
+
+
+def run(args: argparse.Namespace) -> int:
+    from p2p_local.personalize import Session
+    from p2p_local.tui import ChatApp
+
+    print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
+    session = Session.open()
+    try:
+        profile = pick_profile(session.store, args.profile, args.demo)
+        cards = session.task_cards()
+        if args.task is not None and args.task not in cards and args.task not in ("free", "free chat"):
+            raise StoreError(f"unknown task {args.task!r}", hint=f"known tasks: {', '.join(sorted(cards))}")
+        app = ChatApp(session, profile=profile, task=args.task, personalized=not args.base,
+                      compare=args.compare, resume=not args.new)
+        app.run()
+    finally:
+        close = getattr(session, "close", None)
+        if close is not None:
+            close()
+    return 0

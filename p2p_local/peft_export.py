@@ -1,0 +1,173 @@
+"""The same LoRA adapter as a Hugging Face PEFT folder (`adapter_config.json` + `adapter_model.safetensors`).
+
+Also home of the name mapping between GGUF tensors (`blk.3.attn_q.weight`) and transformers modules
+(`model.layers.3.self_attn.q_proj`), used by the exporter here and by the PyTorch trainer.
+
+Why the scales agree: PEFT multiplies B @ A by `lora_alpha / r`, llama.cpp by `alpha / r` (at user
+scale 1.0), so writing `lora_alpha = alpha` gives the same W + (alpha / r) B @ A on both sides.
+PEFT stores A as `lora_A.weight` (r, n_in) and B as `lora_B.weight` (n_out, r): the same orientation as
+our GGUF adapters, so the arrays are written as they are. numpy only (no torch, see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+
+from p2p_local.adapter import LoraAdapter, read_adapter
+from p2p_local.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT saves LoRA weights under the PeftModel's path to the module with the adapter name dropped:
+# PeftModel.base_model (LoraModel) .model (Gemma3ForCausalLM) .model.layers... (checked in tests).
+PEFT_KEY_PREFIX = "base_model.model."
+
+# The Linear modules of one decoder layer in transformers' Gemma 3 (the Llama-family layout), relative
+# to the layer. Which GGUF tensor each one is comes from gguf's tensor-name map (the table llama.cpp's
+# own HF -> GGUF converter uses), not from a table of ours.
+HF_LAYER = "model.layers.{bid}"
+HF_LAYER_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+_GGUF_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+
+
+@functools.cache
+def arch_enum(arch: str) -> gguf.MODEL_ARCH:
+    """gguf's enum for an architecture name ("gemma3" -> MODEL_ARCH.GEMMA3)."""
+    by_name = {name: enum for enum, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        raise AdapterError(f"gguf does not know the architecture {arch!r}")
+    return by_name[arch]
+
+
+@functools.cache
+def gguf_to_hf_modules(arch: str = "gemma3") -> dict[str, str]:
+    """GGUF module short name -> transformers module path inside a layer, e.g. "attn_q" -> "self_attn.q_proj"."""
+    name_map = gguf.get_tensor_name_map(arch_enum(arch), 1)
+    out: dict[str, str] = {}
+    for leaf in HF_LAYER_LINEARS:
+        mapped = name_map.get_name(f"{HF_LAYER.format(bid=0)}.{leaf}")  # e.g. "blk.0.attn_q"
+        if mapped is None or not mapped.startswith("blk.0."):
+            raise AdapterError(f"gguf's name map has no {arch} tensor for {leaf}")
+        out[mapped.removeprefix("blk.0.")] = leaf
+    return out
+
+
+def hf_module_name(layer: int, module: str, arch: str = "gemma3") -> str:
+    """transformers module path for a GGUF module of one layer: (3, "attn_q") -> "model.layers.3.self_attn.q_proj"."""
+    modules = gguf_to_hf_modules(arch)
+    if module not in modules:
+        raise AdapterError(f"no transformers module for GGUF module {module!r}", hint=f"known: {sorted(modules)}")
+    return f"{HF_LAYER.format(bid=layer)}.{modules[module]}"
+
+
+def split_tensor_name(name: str) -> tuple[int, str]:
+    """ "blk.3.attn_q.weight" -> (3, "attn_q")."""
+    m = _GGUF_TENSOR.match(name)
+    if not m:
+        raise AdapterError(f"{name!r} is not a per-layer GGUF weight name (blk.N.module.weight)")
+    return int(m.group(1)), m.group(2)
+
+
+def gguf_to_hf_name(tensor_name: str, arch: str = "gemma3") -> str:
+    """ "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj" (the module owning that weight)."""
+    layer, module = split_tensor_name(tensor_name)
+    return hf_module_name(layer, module, arch)
+
+
+def peft_config(adapter: LoraAdapter, base_model_name: str) -> dict[str, object]:
+    """adapter_config.json for `adapter`: LoRA, r, lora_alpha = alpha, targets as short HF names."""
+    layers_of: dict[str, set[int]] = {}  # short HF name ("q_proj") -> layers it is adapted on
+    for name in adapter.tensors:
+        layer, _ = split_tensor_name(name)
+        layers_of.setdefault(gguf_to_hf_name(name, adapter.arch).rsplit(".", 1)[-1], set()).add(layer)
+    layer_sets = {frozenset(s) for s in layers_of.values()}
+    if len(layer_sets) == 1:
+        # One layer set for every module: short names plus the layer list (PEFT adds LoRA nowhere else).
+        target_modules: list[str] | str = sorted(layers_of)
+        layers_to_transform: list[int] | None = sorted(next(iter(layer_sets)))
+    else:
+        # Modules on different layers: PEFT takes a string target as a full-match regex over module names.
+        names = sorted(gguf_to_hf_name(n, adapter.arch) for n in adapter.tensors)
+        target_modules = "|".join(re.escape(n) for n in names)
+        layers_to_transform = None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": adapter.rank,
+        "lora_alpha": float(adapter.alpha),
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "layers_to_transform": layers_to_transform,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def peft_state_dict(adapter: LoraAdapter, dtype: str = "f32") -> dict[str, np.ndarray]:
+    """{"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight": A (r, n_in), ...lora_B: B (n_out, r)}."""
+    np_dtype = {"f32": np.float32, "f16": np.float16}[dtype]
+    out = {}
+    for name, (a, b) in adapter.tensors.items():
+        module = PEFT_KEY_PREFIX + gguf_to_hf_name(name, adapter.arch)
+        out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np_dtype)
+        out[f"{module}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np_dtype)
+    return out
+
+
+def export_peft(
+    adapter: LoraAdapter | str | Path,
+    out_dir: str | Path,
+    base_model_name: str = "google/gemma-3-270m",
+    *,
+    dtype: str = "f32",
+) -> Path:
+    """Write `adapter` (in memory, or a GGUF adapter file) as a PEFT folder at `out_dir`, atomically.
+
+    The folder is built beside `out_dir` and renamed into place, so readers never see half of one;
+    an existing `out_dir` is replaced.
+    """
+    if not isinstance(adapter, LoraAdapter):
+        adapter = read_adapter(adapter)
+    if dtype not in ("f32", "f16"):
+        raise AdapterError(f"unsupported PEFT dtype {dtype!r}", hint="use f32 or f16")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = peft_config(adapter, base_model_name)
+    tensors = peft_state_dict(adapter, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # PEFT/transformers expect "pt"
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # put the previous export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir

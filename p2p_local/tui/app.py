@@ -1,0 +1,98 @@
+"""The terminal chat app. Heavy objects come in from outside (a `Session`), so tests can pass a fake.
+
+    from p2p_local.personalize import Session
+    from p2p_local.tui import ChatApp
+    ChatApp(Session.open(), profile="demo", task="movielens-rating").run()
+
+The session is what the chat needs from the rest of p2p-local:
+  .store                                   the profile store (used on the UI thread only)
+  .task_cards() -> {name: TaskCard}
+  .personalize(profile, task) -> PersonalizeResult(adapter_path, timings_ms, cached, neutral)
+  .answer(text, *, profile, task, personalized, scale, transcript) -> Iterator[str]  (close() cancels;
+        task "chat" = free chat, with `transcript` = earlier (role, text) turns)
+  .profile_text(profile, task) -> Profile(.summary, .text, .features)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen
+
+T = TypeVar("T")
+
+
+class ChatApp(App[None]):
+    """p2p chat: a local model, personalized by a LoRA adapter made from your profile."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "p2p chat"
+    BINDINGS = [Binding("ctrl+q", "quit", "quit", priority=True)]
+
+    def __init__(
+        self,
+        session: Any,  # see the module docstring; `task=None`: the profile's task, "free chat": none
+        *,
+        store: Any = None,
+        profile: str | None = None,
+        task: str | None = None,
+        personalized: bool = True,
+        scale: float = 1.0,
+        compare: bool = False,
+        resume: bool = True,
+    ) -> None:
+        super().__init__()
+        self.session = session
+        self.store = store if store is not None else session.store
+        self.cards = dict(session.task_cards())
+        self.session_lock = threading.Lock()  # one engine: personalize and answer never run at once
+        if task is None and profile is not None:  # the profile's default task
+            default = self.store.get_profile(profile).task
+            task = default if default in self.cards else None
+        elif task in (FREE_CHAT, "free"):
+            task = None
+        self._start = dict(profile=profile, task=task, personalized=personalized, scale=scale,
+                           compare=compare, resume=resume)
+
+    def session_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a session method from a worker thread.
+
+        The session's Store is a sqlite3 connection, which belongs to the thread that opened it (here:
+        the UI thread). So unless the session says it is `threadsafe`, the call runs on the UI thread
+        and the worker waits for it. `answer()` returns quickly (personalize + attach, then a
+        generator); the generator, which holds llama.cpp for the whole reply, is iterated in the worker.
+        """
+        if getattr(self.session, "threadsafe", False):
+            return fn(*args, **kwargs)
+        return self.call_from_thread(fn, *args, **kwargs)
+
+    def get_default_screen(self) -> Screen:
+        return ChatScreen(**self._start)
+
+    @property
+    def chat(self) -> ChatScreen:
+        """The chat screen (always at the bottom of the screen stack)."""
+        return self.screen_stack[0]  # type: ignore[return-value]
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The chat's actions in the command palette (ctrl+p) too, for those who forget keys."""
+        yield from super().get_system_commands(screen)
+        chat = self.chat
+        if isinstance(chat, ChatScreen) and screen is chat:
+            for title, about, action in (
+                ("Task", "Pick the task (its prompt template) or free chat", chat.action_pick_task),
+                ("Switch profile", "Chat as another profile", chat.action_pick_profile),
+                ("Profile panel", "Items, summary and the exact encoder text", chat.action_open_profile),
+                ("Personalization on/off", "Answer with or without the adapter", chat.action_toggle_personal),
+                ("Side by side", "Base model and personalized answers next to each other", chat.action_toggle_compare),
+                ("New conversation", "Start over (the old one stays in the history)", chat.action_new_conversation),
+                ("Search conversations", "Full-text search over all messages", chat.action_search),
+                ("Export conversation", "Save it as Markdown in the data dir", chat.action_export),
+            ):
+                yield SystemCommand(title, about, action)

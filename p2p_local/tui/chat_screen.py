@@ -1,0 +1,549 @@
+"""The main chat screen: messages, the input, and every key that steers personalization.
+
+Replies stream from a thread worker (llama.cpp blocks): pieces are collected in the thread and handed
+to the UI at most every FLUSH_S seconds, so typing stays responsive whatever the token rate.
+Esc cancels: the worker notices between pieces and closes the generator, which stops llama.cpp.
+Store writes happen on the UI thread, and session calls go through `ChatApp.session_call` (a sqlite3
+connection belongs to the thread that opened it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+from textual.worker import Worker, get_current_worker
+
+from p2p_local import paths
+from p2p_local.errors import P2PError
+from p2p_local.tui.history_screen import HistoryScreen
+from p2p_local.tui.picker_screen import PickerScreen
+from p2p_local.tui.profile_screen import ProfileScreen
+from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
+
+FLUSH_S = 0.05  # hand streamed text to the UI at most this often
+SCALE_STEP, SCALE_MAX = 0.25, 2.0
+FREE_CHAT = "free chat"  # shown in the UI; the session's own name for it is SESSION_FREE_CHAT
+SESSION_FREE_CHAT = "chat"
+# The session stops free chat at the next turn; the same stops here keep a half-typed "\nUser:" off screen.
+CHAT_STOPS = ("\nUser:", "\n\n\n")
+LABEL_STOPS = ("\n",)
+
+
+@dataclass
+class Job:
+    """One reply to stream into one message view."""
+
+    view: MessageView
+    conversation_id: int
+    text: str
+    profile: str | None
+    task: str  # a task card name, or SESSION_FREE_CHAT
+    personalized: bool
+    scale: float
+    transcript: list[tuple[str, str]] | None  # free chat: earlier (role, text) turns
+    stops: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """What may be shown of `text` so far: cut at the first stop string (-> True), and hold back a
+    tail that could still become one (so a half-arrived "\\nUse" never flashes on screen)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold], False
+
+
+def reply_title(meta: dict[str, Any]) -> str:
+    mode = meta.get("mode", "base")
+    title = f"personalized ×{meta.get('scale', 1.0):.2f}" if mode == "personalized" else "base model"
+    if meta.get("profile") and mode == "personalized":
+        title += f" · {meta['profile']}"
+    if meta.get("seconds") is not None:
+        title += f" · {meta['seconds']:.1f} s"
+    if meta.get("stopped"):
+        title += " · stopped"
+    if meta.get("error"):
+        title += " · error"
+    return title
+
+
+class ChatScreen(Screen):
+    """Chat with the base model, personalized by the current profile's adapter."""
+
+    BINDINGS = [
+        Binding("escape", "stop", "stop"),
+        Binding("ctrl+t", "pick_task", "task"),
+        Binding("ctrl+r", "pick_profile", "switch"),
+        Binding("ctrl+o", "open_profile", "profile"),
+        Binding("ctrl+g", "toggle_personal", "personal"),
+        Binding("ctrl+up,alt+up", "scale(1)", "scale", key_display="^↑↓"),
+        Binding("ctrl+down,alt+down", "scale(-1)", "scale-", show=False),
+        Binding("ctrl+b", "toggle_compare", "compare"),
+        Binding("ctrl+f", "search", "search"),
+        # Shown in the welcome note and the command palette (ctrl+p): the footer is full.
+        Binding("ctrl+n", "new_conversation", "new", show=False),
+        Binding("ctrl+s", "export", "export", show=False),
+        Binding("ctrl+l", "copy_last", "copy", show=False),
+    ]
+
+    def __init__(
+        self,
+        *,
+        profile: str | None,
+        task: str | None,
+        personalized: bool = True,
+        scale: float = 1.0,
+        compare: bool = False,
+        resume: bool = True,
+    ) -> None:
+        super().__init__()
+        self.profile = profile
+        self.task_name = task  # a task card name; None: free chat
+        self.personalized = personalized
+        self.scale = scale
+        self.compare = compare
+        self.resume = resume
+        self.conversation_id: int | None = None
+        self.busy = False
+        self.adapter_note = ""
+        self._app: Any = None  # the app, for worker threads (no active-app context there)
+
+    # --- layout -----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="◆")
+        yield StatusBar(id="status")
+        yield VerticalScroll(id="messages")
+        yield ChatInput(id="input")
+        yield Footer(compact=True)
+
+    @property
+    def store(self):
+        return self.app.store
+
+    @property
+    def card(self):
+        return self.app.cards.get(self.task_name) if self.task_name else None
+
+    @property
+    def messages(self) -> VerticalScroll:
+        return self.query_one("#messages", VerticalScroll)
+
+    async def on_mount(self) -> None:
+        self._app = self.app
+        self.messages.anchor()  # follow new text until the user scrolls up
+        last = self.store.conversations(self.profile) if self.profile else []
+        if self.resume and last:
+            await self.load_conversation(last[0].id)
+        else:
+            await self.show_welcome()
+        self.refresh_status()
+        self.query_one(ChatInput).focus()
+        self.prepare_adapter()
+
+    def refresh_status(self) -> None:
+        self.query_one(StatusBar).show(
+            profile=self.profile, task=self.task_name, personalized=self.personalized, scale=self.scale,
+            compare=self.compare, adapter=self.adapter_note,
+        )
+        card = self.card
+        inp = self.query_one(ChatInput)
+        if card is None:
+            inp.placeholder = "Say something (free chat)   ⏎ send · ^j newline"
+        else:
+            example = "Zodiac (2007) | Genres: Crime|Drama|Thriller" if card.name == "movielens-rating" else ""
+            inp.placeholder = f"{card.name}: {example or card.description}   ⏎ send · ^j newline"
+        self.app.sub_title = f"{self.profile or 'no profile'} · {self.task_name or FREE_CHAT}"
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Greyed out in the footer when they cannot apply.
+        if action == "stop":
+            return True if self.busy else None
+        if action in ("toggle_personal", "scale", "toggle_compare", "open_profile") and self.profile is None:
+            return None
+        return True
+
+    def set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.set_class(busy, "-busy")
+        self.refresh_bindings()
+
+    # --- conversations ----------------------------------------------------------------------------
+    async def clear_messages(self) -> None:
+        await self.messages.remove_children()
+
+    async def show_welcome(self) -> None:
+        await self.clear_messages()
+        await self.messages.mount(MessageView("system", self.welcome_text(), title="p2p chat"))
+
+    def welcome_text(self) -> str:
+        from p2p_local.demo import DEMO_PROFILE, DEMO_QUESTIONS
+
+        lines = []
+        if self.profile:
+            n = self.store.get_profile(self.profile).n_items
+            lines.append(f"Profile **{self.profile}**: {n} items of history, turned into a LoRA adapter on this device.")
+        else:
+            lines.append("No profile: answers come from the base model.")
+        card = self.card
+        if card is not None:
+            lines.append(f"Task **{card.name}**: {card.description}")
+        else:
+            lines.append("Free chat: the default model is a small *base* model, so tasks (`ctrl+t`) work best.")
+        if self.profile == DEMO_PROFILE and self.task_name == "movielens-rating":
+            lines.append("Try: `" + "`  or  `".join(DEMO_QUESTIONS) + "`")
+        lines.append("`ctrl+b` compares base vs personalized side by side; `ctrl+↑/↓` sets the adapter strength.")
+        lines.append("`ctrl+n` new conversation · `ctrl+f` search · `ctrl+s` export as Markdown · `ctrl+l` copy the "
+                     "last reply (or Tab to a message and press `c`) · `ctrl+p` every command.")
+        return "\n\n".join(lines)
+
+    async def load_conversation(self, conversation_id: int) -> None:
+        """Show a stored conversation (its profile becomes the current one)."""
+        conv = next((c for c in self.store.conversations() if c.id == conversation_id), None)
+        if conv is None:
+            return
+        if conv.profile != self.profile:
+            self.profile = conv.profile
+            self.prepare_adapter()
+        self.conversation_id = conversation_id
+        await self.clear_messages()
+        views: list = []
+        pair: list[MessageView] = []  # side by side: personalized, then base, answering one question
+
+        def flush_pair() -> None:
+            if len(pair) == 2:
+                views.append(ComparePair(base=pair[1], personal=pair[0]))
+            else:
+                views.extend(pair)
+            pair.clear()
+
+        asked = None  # the task of the question being answered
+        for m in self.store.messages(conversation_id):
+            if m.role == "user":
+                asked = m.meta.get("task")
+            kind = (self.app.cards.get(m.meta.get("task", asked)) or _NoCard).kind
+            if m.role == "assistant" and m.meta.get("compare"):
+                if m.meta.get("mode") == "personalized":
+                    flush_pair()
+                pair.append(MessageView("assistant", m.content, title=reply_title(m.meta), kind=kind))
+                if len(pair) == 2:
+                    flush_pair()
+                continue
+            flush_pair()
+            if m.role == "user":
+                title = "you" + (f" · {m.meta['task']}" if m.meta.get("task") else "")
+                views.append(MessageView("user", m.content, title=title))
+            else:
+                title = reply_title(m.meta) if m.role == "assistant" else ""
+                views.append(MessageView(m.role, m.content, title=title, kind=kind))
+        flush_pair()
+        if views:
+            await self.messages.mount_all(views)
+        else:
+            await self.show_welcome()
+        self.messages.scroll_end(animate=False)
+        self.refresh_status()
+
+    def ensure_conversation(self, first_text: str) -> int:
+        if self.conversation_id is None:
+            title = " ".join(first_text.split())[:60]
+            self.conversation_id = self.store.new_conversation(self.profile, title)
+        return self.conversation_id
+
+    def free_chat_turns(self) -> list[tuple[str, str]]:
+        """Earlier free-chat turns of this conversation as (role, text), for the session's transcript."""
+        if self.conversation_id is None:
+            return []
+        turns: list[tuple[str, str]] = []
+        question = None
+        for m in self.store.messages(self.conversation_id):
+            if m.role == "user":
+                question = None if m.meta.get("task") else m.content
+            elif m.role == "assistant" and question is not None and m.content:
+                if m.meta.get("compare") and m.meta.get("mode") == "base":
+                    continue  # side by side: the chat continues from the personalized reply
+                turns += [("user", question), ("assistant", m.content)]
+                question = None
+        return turns
+
+    # --- sending ----------------------------------------------------------------------------------
+    @on(ChatInput.Submitted)
+    async def on_submit(self, event: ChatInput.Submitted) -> None:
+        event.stop()
+        if self.busy:
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        self.query_one(ChatInput).clear()
+        await self.send(event.text)
+
+    async def send(self, text: str) -> None:
+        """Store the user's message, add the reply view(s) and start streaming."""
+        card = self.card
+        kind = card.kind if card else None
+        transcript = None if card else self.free_chat_turns()
+        stops = LABEL_STOPS if kind in ("rating", "label") else (() if card else CHAT_STOPS)
+        conv = self.ensure_conversation(text)
+        if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
+            await self.clear_messages()  # the welcome note goes once the chat starts
+        self.store.add_message(conv, "user", text, {"task": self.task_name})
+        title = "you" + (f" · {self.task_name}" if self.task_name else "")
+        await self.messages.mount(MessageView("user", text, title=title))
+
+        def job(view: MessageView, personalized: bool) -> Job:
+            meta = {"mode": "personalized" if personalized else "base", "task": self.task_name,
+                    "profile": self.profile, "scale": self.scale if personalized else None}
+            return Job(view, conv, text, self.profile, self.task_name or SESSION_FREE_CHAT, personalized, self.scale,
+                       transcript, stops, meta)
+
+        if self.compare and self.profile is not None:
+            base = MessageView("assistant", title="base model …", kind=kind)
+            personal = MessageView("assistant", title=f"personalized ×{self.scale:.2f} …", kind=kind)
+            await self.messages.mount(ComparePair(base, personal))
+            jobs = [job(personal, True), job(base, False)]
+            for j in jobs:
+                j.meta["compare"] = True
+        else:
+            personalized = self.personalized and self.profile is not None
+            view = MessageView("assistant", title=(f"personalized ×{self.scale:.2f} …" if personalized else "base model …"),
+                               kind=kind)
+            await self.messages.mount(view)
+            jobs = [job(view, personalized)]
+        self.messages.scroll_end(animate=False)
+        self.set_busy(True)
+        self.stream_replies(jobs)
+
+    @work(thread=True, exclusive=True, group="reply", exit_on_error=False)
+    def stream_replies(self, jobs: list[Job]) -> None:
+        worker = get_current_worker()
+        try:
+            for j in jobs:
+                if worker.is_cancelled:
+                    self._call(self.finish_job, j, "", True, None, 0.0)
+                    continue
+                self._stream_one(j, worker)
+        finally:
+            self._call(self.set_busy, False)
+
+    def _stream_one(self, j: Job, worker: Worker) -> None:
+        """Stream one reply (runs in the worker thread, holding the session for its whole length)."""
+        app, text, shown, stopped, error = self._app, "", "", False, None
+        t0 = time.monotonic()
+        last = t0 - FLUSH_S  # the first piece shows at once; later ones are batched
+        with app.session_lock:
+            pieces = None
+            try:
+                # answer() personalizes and attaches (store + engine) and returns the token generator;
+                # the generator itself (llama.cpp only) runs here, in the worker.
+                pieces = app.session_call(app.session.answer, j.text, profile=j.profile, task=j.task,
+                                          personalized=j.personalized, scale=j.scale, transcript=j.transcript)
+                for piece in pieces:
+                    text += piece
+                    visible, hit_stop = visible_text(text, j.stops)
+                    stopped = worker.is_cancelled
+                    if hit_stop or stopped:
+                        text = visible
+                        break
+                    now = time.monotonic()
+                    if now - last >= FLUSH_S and len(visible) > len(shown):
+                        self._call(j.view.append_text, visible[len(shown):])
+                        shown, last = visible, now
+                else:
+                    text = visible_text(text, j.stops)[0]
+            except P2PError as e:
+                error = str(e)
+            except Exception as e:  # keep the chat alive; show what went wrong in the message
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                if pieces is not None and hasattr(pieces, "close"):
+                    pieces.close()  # closing the generator stops llama.cpp mid-reply
+        self._call(self.finish_job, j, text.strip(), stopped, error, time.monotonic() - t0)
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        """From a worker thread: run `fn` on the UI thread and wait for it (a no-op once the app is closing)."""
+        try:
+            self._app.call_from_thread(fn, *args, **kwargs)
+        except RuntimeError:
+            pass
+
+    async def finish_job(self, j: Job, text: str, stopped: bool, error: str | None, seconds: float) -> None:
+        meta = {**j.meta, "seconds": round(seconds, 2)}
+        if stopped:
+            meta["stopped"] = True
+        if error:
+            meta["error"] = error
+            self.notify(error, title="answer failed", severity="error", timeout=8)
+        self.store.add_message(j.conversation_id, "assistant", text, meta)
+        if j.view.is_attached:  # not when the user moved to another conversation meanwhile
+            shown = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
+            await j.view.finish(shown, title=reply_title(meta), stopped=stopped)
+
+    def action_stop(self) -> None:
+        if self.busy:
+            self.workers.cancel_group(self, "reply")
+            self.notify("stopped", timeout=1.5)
+
+    # --- personalization --------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="adapter", exit_on_error=False)
+    def prepare_adapter(self) -> None:
+        """Make (or fetch from the cache) the adapter for the current profile and task, off the UI thread."""
+        profile, task = self.profile, self.task_name
+        if profile is None or not self.personalized and not self.compare:
+            self._call(self.set_adapter_note, "")
+            return
+        self._call(self.set_adapter_note, "making adapter …")
+        worker = get_current_worker()
+        try:
+            with self._app.session_lock:
+                if worker.is_cancelled:  # a newer request (another profile or task) replaced this one
+                    return
+                result = self._app.session_call(self._app.session.personalize, profile, task)
+        except P2PError as e:
+            self._call(self.set_adapter_note, "no adapter")
+            self._call(self.notify, str(e), title="personalization failed", severity="error", timeout=10)
+            return
+        except Exception as e:
+            self._call(self.set_adapter_note, "no adapter")
+            self._call(self.notify, f"{type(e).__name__}: {e}", title="personalization failed", severity="error")
+            return
+        if (profile, task) == (self.profile, self.task_name):
+            self._call(self.set_adapter_note, adapter_note(result))
+
+    def set_adapter_note(self, note: str) -> None:
+        self.adapter_note = note
+        self.refresh_status()
+
+    def action_toggle_personal(self) -> None:
+        self.personalized = not self.personalized
+        self.notify("personalized answers" if self.personalized else "base model answers", timeout=2)
+        self.refresh_status()
+        if self.personalized:
+            self.prepare_adapter()
+
+    def action_scale(self, direction: int) -> None:
+        self.scale = min(SCALE_MAX, max(0.0, round(self.scale + direction * SCALE_STEP, 2)))
+        self.refresh_status()
+
+    def action_toggle_compare(self) -> None:
+        self.compare = not self.compare
+        self.refresh_status()
+        if self.compare:
+            self.prepare_adapter()
+
+    def action_pick_task(self) -> None:
+        options = [(FREE_CHAT, "plain transcript, no task template")]
+        options += [(name, card.description) for name, card in sorted(self.app.cards.items())]
+
+        def picked(choice: str | None) -> None:
+            if choice is None:
+                return
+            self.task_name = None if choice == FREE_CHAT else choice
+            self.refresh_status()
+            self.prepare_adapter()
+
+        self.app.push_screen(PickerScreen("Task", options, current=self.task_name or FREE_CHAT), picked)
+
+    def action_pick_profile(self) -> None:
+        options = [(p.name, f"{p.n_items} items · {p.task or 'no default task'}") for p in self.store.list_profiles()]
+        options.append(("(none)", "base model only, no profile"))
+
+        async def picked(choice: str | None) -> None:
+            if choice is None or choice == (self.profile or "(none)"):
+                return
+            await self.switch_profile(None if choice == "(none)" else choice)
+
+        self.app.push_screen(PickerScreen("Profile", options, current=self.profile or "(none)"), picked)
+
+    async def switch_profile(self, name: str | None) -> None:
+        self.profile = name
+        if name is not None:
+            default_task = self.store.get_profile(name).task
+            if default_task in self.app.cards:
+                self.task_name = default_task
+        self.conversation_id = None
+        last = self.store.conversations(name) if name else []
+        if last:
+            await self.load_conversation(last[0].id)
+        else:
+            await self.show_welcome()
+        self.refresh_status()
+        self.prepare_adapter()
+
+    def action_open_profile(self) -> None:
+        if self.profile is None:
+            return
+
+        def closed(changed: bool | None) -> None:
+            if changed:
+                self.prepare_adapter()  # the history changed: a new adapter
+
+        self.app.push_screen(ProfileScreen(self.profile, self.task_name), closed)
+
+    # --- conversations: new, search, export, copy -------------------------------------------------
+    async def action_new_conversation(self) -> None:
+        if self.busy:
+            self.action_stop()
+        self.conversation_id = None
+        await self.show_welcome()
+
+    def action_search(self) -> None:
+        async def picked(conversation_id: int | None) -> None:
+            if conversation_id is not None:
+                await self.load_conversation(conversation_id)
+
+        self.app.push_screen(HistoryScreen(), picked)
+
+    def action_export(self) -> Path | None:
+        if self.conversation_id is None:
+            self.notify("Nothing to export yet.", severity="warning")
+            return None
+        path = export_conversation(self.store, self.conversation_id)
+        self.notify(str(path), title="conversation exported", timeout=6)
+        return path
+
+    def action_copy_last(self) -> None:
+        replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.text]
+        if not replies:
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        self.app.copy_to_clipboard(replies[-1].text)
+        self.notify("last reply copied to the clipboard", timeout=2)
+
+
+class _NoCard:
+    kind = None
+
+
+def adapter_note(result) -> str:
+    """'adapter made in 264 ms' / 'adapter cached' (+ caveats) for the status line."""
+    timings = getattr(result, "timings_ms", None) or {}
+    total = timings.get("total_ms", sum(timings.values()))
+    note = "adapter cached" if getattr(result, "cached", False) else f"adapter made in {total:.0f} ms"
+    if getattr(result, "empty", False):
+        note += " · empty profile"
+    if getattr(result, "neutral", False):
+        note += " · untrained bundle: no effect"
+    return note
+
+
+def export_conversation(store, conversation_id: int) -> Path:
+    """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
+    out = paths.data_dir() / "exports"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"conversation-{conversation_id}.md"
+    path.write_text(store.export_conversation_markdown(conversation_id), encoding="utf-8")
+    return path

@@ -1,0 +1,194 @@
+"""The profile panel: the items behind the adapter, the summary, and the exact text the encoder sees.
+
+Add an item (type its input and output, Enter) or forget one (select it, Delete). Every change makes
+the cached adapter stale; closing the panel makes a new one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Static, TabbedContent, TabPane, TextArea
+
+from p2p_local.errors import P2PError
+
+MAX_ROWS = 500  # newest items shown; the store handles 100k-item profiles, a table should not
+
+
+def _cell(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+class ProfileScreen(Screen[bool]):
+    """View, add and forget a profile's items; see its summary and encoder text. Dismisses with `changed`."""
+
+    BINDINGS = [
+        Binding("escape", "close", "back"),
+        Binding("delete,d", "forget", "forget item"),
+        Binding("a", "add", "add item"),
+        Binding("p", "personalize", "make adapter"),
+    ]
+
+    def __init__(self, profile: str, task: str | None) -> None:
+        super().__init__()
+        self.profile = profile
+        self.task_name = task
+        self.changed = False
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="◆")
+        yield Static(id="profile-head")
+        with TabbedContent(initial="items"):
+            with TabPane("Items", id="items"):
+                yield DataTable(id="item-table", cursor_type="row", zebra_stripes=True)
+                with Horizontal(id="add-row"):
+                    yield Input(placeholder="input, e.g. Heat (1995) | Genres: Action|Crime|Thriller", id="new-input")
+                    yield Input(placeholder="output, e.g. 5", id="new-output")
+                    yield Button("add", id="add-button", variant="primary")
+            with TabPane("Summary", id="summary"):
+                with VerticalScroll():
+                    yield Static(id="summary-head")
+                    yield Static(id="summary-text", markup=False)
+                    yield Static(id="features-text")
+            with TabPane("Encoder text", id="encoder"):
+                yield Static("[dim]Exactly what the profile encoder embeds for this task; nothing else about you is "
+                             "used. In the chat, each question retrieves its own relevant past items.[/dim]")
+                yield TextArea(id="encoder-text", read_only=True, soft_wrap=True)
+        yield Footer(compact=True)
+
+    @property
+    def store(self):
+        return self.app.store
+
+    @property
+    def item_task(self) -> str | None:
+        """New items get the chat's task, else the profile's default task."""
+        return self.task_name if self.task_name in self.app.cards else self.store.get_profile(self.profile).task
+
+    def on_mount(self) -> None:
+        table = self.query_one("#item-table", DataTable)
+        table.add_columns("id", "when", "task", "input", "output")
+        self.refresh_all()
+        table.focus()
+
+    def refresh_all(self) -> None:
+        self.refresh_items()
+        self.refresh_profile_text()
+
+    def refresh_items(self) -> None:
+        p = self.store.get_profile(self.profile)
+        stale = "stale (changes since the last adapter)" if p.adapter_stale else "up to date"
+        shown = min(p.n_items, MAX_ROWS)
+        self.query_one("#profile-head", Static).update(
+            f"[b]{p.name}[/b] · {p.n_items} items{f' (newest {shown} shown)' if shown < p.n_items else ''}"
+            f" · default task {p.task or '—'} · adapter {stale}"
+        )
+        table = self.query_one("#item-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for it in reversed(self.store.items(self.profile, limit=MAX_ROWS)):  # newest first
+            when = time.strftime("%Y-%m-%d", time.localtime(it.time)) if it.time else "—"
+            table.add_row(str(it.id), when, it.task, _cell(it.input, 60), _cell(it.output, 30), key=str(it.id))
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
+
+    def refresh_profile_text(self) -> None:
+        task = self.item_task
+        if task is None or task not in self.app.cards:
+            self.query_one("#summary-head", Static).update("No task: pick one with ctrl+t in the chat.")
+            return
+        try:
+            prof = self.app.session.profile_text(self.profile, task)
+        except P2PError as e:
+            self.query_one("#summary-head", Static).update(Content(str(e)).stylize("bold red"))
+            return
+        self.query_one("#summary-head", Static).update(f"[b]Summary[/b] for {task}, computed on this device:")
+        self.query_one("#summary-text", Static).update(prof.summary)
+        self.query_one("#features-text", Static).update(features_text(prof.features))
+        self.query_one("#encoder-text", TextArea).load_text(prof.text)
+
+    # --- actions ----------------------------------------------------------------------------------
+    def action_close(self) -> None:
+        self.dismiss(self.changed)
+
+    def action_add(self) -> None:
+        self.query_one(TabbedContent).active = "items"
+        self.query_one("#new-input", Input).focus()
+
+    @on(Input.Submitted, "#new-input")
+    def next_field(self) -> None:
+        self.query_one("#new-output", Input).focus()
+
+    @on(Input.Submitted, "#new-output")
+    @on(Button.Pressed, "#add-button")
+    def add_item(self) -> None:
+        inp, out = self.query_one("#new-input", Input), self.query_one("#new-output", Input)
+        text, answer = inp.value.strip(), out.value.strip()
+        task = self.item_task
+        if not text or not answer:
+            self.notify("An item needs an input and an output.", severity="warning")
+            return
+        card = self.app.cards.get(task)
+        if card is not None and card.kind != "generation" and answer not in card.labels:
+            self.notify(f"{task} answers are one of {', '.join(card.labels)}", severity="warning")
+            return
+        try:
+            item = self.store.add_item(self.profile, task, text, answer)
+        except P2PError as e:
+            self.notify(str(e), severity="error")
+            return
+        inp.value, out.value = "", ""
+        self.changed = True
+        self.refresh_all()
+        self.query_one("#item-table", DataTable).move_cursor(row=0)
+        self.notify(f"added item #{item.id}", timeout=2)
+        inp.focus()
+
+    def action_forget(self) -> None:
+        table = self.query_one("#item-table", DataTable)
+        if not table.row_count:
+            return
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        self.store.delete_item(int(key))
+        self.changed = True
+        self.refresh_all()
+        self.notify(f"forgot item #{key}", timeout=2)
+
+    def action_personalize(self) -> None:
+        self.notify("making the adapter …", timeout=2)
+        self.make_adapter(self.app, self.item_task)
+
+    @work(thread=True, exclusive=True, group="adapter", exit_on_error=False)
+    def make_adapter(self, app, task: str | None) -> None:
+        try:
+            with app.session_lock:
+                result = app.session_call(app.session.personalize, self.profile, task)
+        except Exception as e:
+            app.call_from_thread(self.notify, str(e), title="personalization failed", severity="error")
+            return
+        app.call_from_thread(self.adapter_made, result)
+
+    def adapter_made(self, result) -> None:
+        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in (result.timings_ms or {}).items())
+        how = "from the cache" if result.cached else parts
+        self.notify(f"{result.adapter_path}\n{how}", title="adapter ready", timeout=8)
+        self.refresh_items()
+
+
+def features_text(features) -> str:
+    """The numeric profile features (the hypernetwork's second input), the non-zero ones by name."""
+    try:
+        from p2p_local.profile import FEATURE_NAMES
+    except ImportError:  # pragma: no cover - profile.py is part of the package
+        FEATURE_NAMES = ()
+    values = [float(x) for x in features]
+    names = FEATURE_NAMES if len(FEATURE_NAMES) == len(values) else [f"f{i}" for i in range(len(values))]
+    rows = [f"  {n:<22} {v:+.3f}" for n, v in zip(names, values, strict=True) if v != 0.0]
+    return "\n[b]Numeric features[/b] (the hypernetwork's second input; zeros hidden)\n\n" + "\n".join(rows)

@@ -1,0 +1,160 @@
+"""Small widgets of the chat: the multi-line input, one message, a base-vs-personalized pair, the status line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Markdown, Static, TextArea
+
+# Keys that insert a newline instead of sending. Most terminals send the same byte for Enter and
+# Shift+Enter; ctrl+j (a raw line feed) works everywhere, shift/alt+enter where the terminal tells them apart.
+NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+
+
+class ChatInput(TextArea):
+    """Multi-line input: Enter sends, ctrl+j (or shift+enter) starts a new line."""
+
+    BINDINGS = [
+        Binding("enter", "submit", "send", key_display="⏎"),
+        Binding("ctrl+j", "newline", "newline", key_display="^j", show=False),
+    ]
+
+    @dataclass
+    class Submitted(Message):
+        text: str
+
+    def __init__(self, **kw) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kw)
+
+    async def _on_key(self, event: events.Key) -> None:
+        # TextArea inserts "\n" for Enter in its own key handler, before any binding: intercept here.
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.action_submit()
+        elif event.key in NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
+
+    def action_submit(self) -> None:
+        text = self.text.strip()
+        if text:
+            self.post_message(self.Submitted(text))
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+
+def stars(label: str, top: int = 5) -> str:
+    """'4' -> '★★★★☆' (empty string when the label is not a whole number in 1..top)."""
+    try:
+        n = int(label.strip())
+    except ValueError:
+        return ""
+    return "★" * n + "☆" * (top - n) if 1 <= n <= top else ""
+
+
+class MessageView(Vertical, can_focus=True):
+    """One message: a title line and a Markdown body that can grow while a reply streams in.
+
+    Focus it (Tab, or click) and press `c` to copy its text.
+    """
+
+    BINDINGS = [Binding("c", "copy", "copy message")]
+
+    def __init__(self, role: str, text: str = "", *, title: str = "", kind: str | None = None, **kw) -> None:
+        super().__init__(classes=f"message {role}", **kw)
+        self.role = role
+        self.text = text
+        self.kind = kind  # task kind of the reply (rating answers are shown with stars)
+        self._title = title or {"user": "you", "assistant": "assistant", "system": "note"}.get(role, role)
+
+    def compose(self) -> ComposeResult:
+        yield Static(self._title, classes="title")
+        if self.role == "user":
+            # The user's text is shown as typed, never interpreted as Markdown.
+            yield Static(self.text, classes="body", markup=False)
+        else:
+            yield Markdown(self._shown(self.text), classes="body")
+
+    def _shown(self, text: str) -> str:
+        if self.kind == "rating" and text.strip() and stars(text):
+            return f"**{text.strip()}**  {stars(text)}"
+        return text
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(".body", Markdown)
+
+    def set_title(self, title: str) -> None:
+        self._title = title
+        self.query_one(".title", Static).update(title)
+
+    async def append_text(self, delta: str) -> None:
+        """Append streamed text (called from the reply worker, at most every ~50 ms)."""
+        if not delta:
+            return
+        self.text += delta
+        self.add_class("streaming")
+        await self.body.append(delta)
+
+    async def finish(self, text: str, *, title: str | None = None, stopped: bool = False) -> None:
+        """Show the final text (re-rendered once, with the rating shown as stars)."""
+        self.text = text
+        self.remove_class("streaming")
+        self.set_class(stopped, "stopped")
+        if title is not None:
+            self.set_title(title)
+        await self.body.update(self._shown(text) if text else "_(no answer)_")
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.text)
+        self.app.notify("message copied to the clipboard", timeout=2)
+
+
+class ComparePair(Horizontal):
+    """The same question answered twice, side by side: base model | personalized."""
+
+    def __init__(self, base: MessageView, personal: MessageView) -> None:
+        super().__init__(classes="pair")
+        self.base = base
+        self.personal = personal
+
+    def compose(self) -> ComposeResult:
+        yield self.base
+        yield self.personal
+
+
+class StatusBar(Static):
+    """One line under the header: profile, task, personalization, scale, adapter state."""
+
+    def show(
+        self,
+        *,
+        profile: str | None,
+        task: str | None,
+        personalized: bool,
+        scale: float,
+        compare: bool,
+        adapter: str = "",
+    ) -> None:
+        parts = [f"[b]profile[/b] {profile or '—'}", f"[b]task[/b] {task or 'free chat'}"]
+        if profile is None:
+            parts.append("[dim]base model only[/dim]")
+        elif personalized:
+            parts.append(f"[b $success]personalized[/] ×{scale:.2f}")
+        else:
+            parts.append("[b $warning]base model[/]")
+        if compare:
+            parts.append("[b $accent]side by side[/]")
+        if adapter:
+            parts.append(f"[dim]{adapter}[/dim]")
+        self.update("  ·  ".join(parts))

@@ -1,0 +1,515 @@
+"""The terminal chat, driven headless with Textual's Pilot.
+
+The app gets its heavy objects from a session; here a small fake with the same surface as
+`p2p_local.personalize.Session` (a real Store in a tmp data dir, the real task cards and the real
+profile builder; only the model is replaced by scripted replies). The same flows run on the real
+session and model in tests/test_tui_real.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, OptionList, TextArea
+
+from p2p_local import paths
+from p2p_local.data.format import Item as FormatItem
+from p2p_local.data.format import builtin_card, builtin_cards
+from p2p_local.demo import DEMO_PROFILE, import_demo
+from p2p_local.profile import build_profile
+from p2p_local.store import Store
+from p2p_local.tui import ChatApp
+from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen, visible_text
+from p2p_local.tui.history_screen import HistoryScreen, snippet
+from p2p_local.tui.picker_screen import PickerScreen
+from p2p_local.tui.profile_screen import ProfileScreen
+from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, stars
+
+SIZE = (120, 40)
+WAIT_S = 20.0  # generous bound for a condition that should become true (not a timing assertion)
+
+
+@dataclass
+class FakeResult:
+    adapter_path: Path
+    timings_ms: dict
+    cached: bool = False
+    neutral: bool = False
+    empty: bool = False
+
+
+@dataclass
+class FakeSession:
+    """Scripted replies; records every call. `gate` (if set) pauses a reply halfway until released."""
+
+    store: Store
+    replies: dict = field(default_factory=lambda: {True: "4", False: "3"})
+    free_reply: str = "Hello there, I am a small model.\nUser: this part is cut"
+    endless: bool = False
+    gate: threading.Event | None = None
+    calls: list = field(default_factory=list)
+    personalized_profiles: list = field(default_factory=list)
+    closed: int = 0
+
+    def task_cards(self):
+        return {n: builtin_card(n) for n in builtin_cards()}
+
+    def personalize(self, profile, task=FREE_CHAT):
+        self.personalized_profiles.append((profile, task))
+        return FakeResult(paths.adapters_dir() / f"{profile}.gguf",
+                          {"encode_ms": 12.0, "hypernet_ms": 3.0, "write_ms": 2.0, "total_ms": 17.0})
+
+    def profile_text(self, profile, task):
+        card = builtin_card(task)
+        hist = [FormatItem(it.input, it.output, it.time, it.meta) for it in self.store.items(profile, task=task)]
+        return build_profile(card, hist)
+
+    def answer(self, text, *, profile=None, task=None, personalized=True, scale=1.0, transcript=None):
+        assert threading.current_thread() is threading.main_thread()  # the store's thread (see ChatApp.session_call)
+        self.calls.append(dict(text=text, profile=profile, task=task, personalized=personalized, scale=scale,
+                               transcript=transcript))
+        reply = self.free_reply if task == "chat" else self.replies[personalized] + ("!" * 20)
+
+        def pieces():
+            try:
+                if self.endless:
+                    while True:
+                        time.sleep(0.005)
+                        yield "more "
+                chunks = [reply[i : i + 2] for i in range(0, len(reply), 2)]
+                half = len(chunks) // 2
+                for i, c in enumerate(chunks):
+                    if i == half and self.gate is not None:
+                        self.gate.wait(WAIT_S)
+                    yield c
+            finally:
+                self.closed += 1
+
+        return pieces()
+
+
+@pytest.fixture
+def store(p2p_home):
+    s = Store()
+    import_demo(s)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake(store):
+    # Rating replies are cut at the first newline, so "4!!!..." streams as is and stays "4!!!...".
+    return FakeSession(store)
+
+
+async def until(pilot, cond, what: str) -> None:
+    """Let the app run until `cond()` holds (fails after WAIT_S: the flow is stuck, not slow)."""
+    end = time.monotonic() + WAIT_S
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await pilot.pause(0.02)
+
+
+def chat(app) -> ChatScreen:
+    return app.chat
+
+
+async def send(pilot, text: str) -> None:
+    screen = chat(pilot.app)
+    screen.query_one(ChatInput).load_text(text)
+    await pilot.press("enter")
+    await until(pilot, lambda: not screen.busy and not screen.query(".streaming"), "the reply to finish")
+    await pilot.pause()
+
+
+def replies(app) -> list[MessageView]:
+    return [v for v in chat(app).query(MessageView) if v.role == "assistant"]
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+def test_visible_text_cuts_at_stops_and_holds_back_partial_stops():
+    assert visible_text("Hi there\nUser: more", ("\nUser:",)) == ("Hi there", True)
+    assert visible_text("Hi there\nUs", ("\nUser:",)) == ("Hi there", False)  # may become a stop
+    assert visible_text("Hi there\n", ("\nUser:", "\n\n\n")) == ("Hi there", False)
+    assert visible_text("4", ("\n",)) == ("4", False)
+    assert visible_text("4\nMovie", ("\n",)) == ("4", True)
+    assert visible_text("plain", ()) == ("plain", False)
+
+
+def test_stars_and_snippet():
+    assert stars("4") == "★★★★☆"
+    assert stars("x") == "" and stars("7") == ""
+    s = snippet("a " * 100 + "needle in the haystack " + "b " * 100, "needle")
+    assert "needle" in s and s.startswith("…")
+
+
+def test_pick_profile_imports_the_demo_into_an_empty_store(p2p_home):
+    from p2p_local.commands.chat import pick_profile
+
+    with Store() as s:
+        assert pick_profile(s, None, demo=False) == DEMO_PROFILE
+        assert s.get_profile(DEMO_PROFILE).n_items == 119
+        assert s.get_profile(DEMO_PROFILE).task == "movielens-rating"
+        s.create_profile("alice", task="popquorn-offensiveness")
+        conv = s.new_conversation("alice", "hi")
+        s.add_message(conv, "user", "hi")
+        assert pick_profile(s, None, demo=False) == "alice"  # the one used last
+        assert pick_profile(s, None, demo=True) == DEMO_PROFILE
+        with pytest.raises(Exception, match="no profile named"):
+            pick_profile(s, "bob", demo=False)
+
+
+def test_chat_command_is_registered():
+    from p2p_local.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--profile", "demo", "--task", "movielens-rating", "--compare"])
+    assert args.profile == "demo" and args.task == "movielens-rating" and args.compare and callable(args.func)
+
+
+# --- the app ---------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_send_streams_a_reply_and_stores_it(fake, store):
+    fake.gate = threading.Event()
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        assert screen.task_name == "movielens-rating"  # the profile's default task
+        await until(pilot, lambda: fake.personalized_profiles, "the adapter to be prepared")
+        assert fake.personalized_profiles[0] == (DEMO_PROFILE, "movielens-rating")
+        screen.query_one(ChatInput).load_text("Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        await pilot.press("enter")
+        # Halfway through, the reply is already on screen while the model still "generates".
+        await until(pilot, lambda: replies(app) and replies(app)[-1].text, "the first streamed text")
+        view = replies(app)[-1]
+        assert screen.busy and view.has_class("streaming")
+        assert 0 < len(view.text) < len("4" + "!" * 20)
+        assert screen.query_one(ChatInput).text == ""  # the input was cleared on send
+        fake.gate.set()
+        await until(pilot, lambda: not screen.busy, "the reply to finish")
+        await pilot.pause()
+        assert view.text == "4" + "!" * 20
+        assert not view.has_class("streaming")
+        call = fake.calls[-1]
+        assert call["text"] == "Zodiac (2007) | Genres: Crime|Drama|Thriller"
+        assert call["task"] == "movielens-rating" and call["personalized"] and call["scale"] == 1.0
+        msgs = store.messages(screen.conversation_id)
+        assert [m.role for m in msgs] == ["user", "assistant"]
+        assert msgs[1].content == view.text
+        assert msgs[1].meta["mode"] == "personalized" and msgs[1].meta["scale"] == 1.0
+        assert msgs[0].meta["task"] == "movielens-rating"
+
+
+@pytest.mark.asyncio
+async def test_enter_sends_but_ctrl_j_adds_a_line(fake):
+    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    async with app.run_test(size=SIZE) as pilot:
+        inp = chat(app).query_one(ChatInput)
+        await pilot.press("h", "i", "ctrl+j", "y", "o")
+        assert inp.text == "hi\nyo"
+        assert not fake.calls
+        await pilot.press("enter")
+        await until(pilot, lambda: fake.calls and not chat(app).busy, "the reply")
+        assert fake.calls[0]["text"] == "hi\nyo" and fake.calls[0]["task"] == "chat"
+
+
+@pytest.mark.asyncio
+async def test_escape_cancels_the_reply(fake, store):
+    fake.endless = True
+    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        screen.query_one(ChatInput).load_text("tell me a long story")
+        await pilot.press("enter")
+        await until(pilot, lambda: replies(app) and replies(app)[-1].text, "streamed text")
+        assert screen.busy
+        await pilot.press("escape")
+        await until(pilot, lambda: not screen.busy, "the reply to stop")
+        await pilot.pause()
+        assert fake.closed == 1  # the generator was closed: llama.cpp stops there
+        view = replies(app)[-1]
+        assert view.has_class("stopped") and "stopped" in str(view.query_one(".title").render())
+        msgs = store.messages(screen.conversation_id)
+        assert msgs[-1].role == "assistant" and msgs[-1].meta["stopped"] is True
+        assert msgs[-1].content.startswith("more")
+        # The chat goes on after a cancel.
+        fake.endless = False
+        await send(pilot, "and now?")
+        assert replies(app)[-1].text == "Hello there, I am a small model."
+
+
+@pytest.mark.asyncio
+async def test_free_chat_passes_the_transcript_and_cuts_at_the_next_turn(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hi")
+        assert fake.calls[-1]["task"] == "chat" and fake.calls[-1]["transcript"] == []
+        assert replies(app)[-1].text == "Hello there, I am a small model."  # cut at "\nUser:"
+        await send(pilot, "who are you?")
+        assert fake.calls[-1]["text"] == "who are you?"
+        assert fake.calls[-1]["transcript"] == [("user", "hi"), ("assistant", "Hello there, I am a small model.")]
+        # Task turns are not part of the free-chat transcript.
+        await pilot.press("ctrl+t")
+        options = pilot.app.screen.query_one(OptionList)
+        options.highlighted = [options.get_option_at_index(i).id for i in range(options.option_count)].index(
+            "movielens-rating")
+        await pilot.press("enter")
+        await send(pilot, "Heat (1995) | Genres: Action")
+        assert fake.calls[-1]["task"] == "movielens-rating" and fake.calls[-1]["transcript"] is None
+        await pilot.press("ctrl+t")
+        pilot.app.screen.query_one(OptionList).highlighted = 0
+        await pilot.press("enter")
+        await send(pilot, "and?")
+        assert [r for r, _ in fake.calls[-1]["transcript"]] == ["user", "assistant"] * 2
+
+
+@pytest.mark.asyncio
+async def test_personalization_toggle_and_scale_keys(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await pilot.press("ctrl+g")
+        assert screen.personalized is False
+        await send(pilot, "Frozen (2013) | Genres: Animation")
+        assert fake.calls[-1]["personalized"] is False
+        assert replies(app)[-1].text.startswith("3")
+        assert store.messages(screen.conversation_id)[-1].meta["mode"] == "base"
+        await pilot.press("ctrl+g", "ctrl+up", "ctrl+up")
+        assert screen.personalized and screen.scale == 1.5
+        await pilot.press(*["ctrl+up"] * 5)
+        assert screen.scale == 2.0  # clamped
+        await pilot.press(*["ctrl+down"] * 9)
+        assert screen.scale == 0.0  # clamped
+        await pilot.press("ctrl+up")
+        await send(pilot, "Heat (1995) | Genres: Action|Crime")
+        assert fake.calls[-1]["personalized"] is True and fake.calls[-1]["scale"] == 0.25
+        assert "×0.25" in str(screen.query_one("#status").render())
+
+
+@pytest.mark.asyncio
+async def test_side_by_side_view(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await pilot.press("ctrl+b")
+        assert screen.compare
+        await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        pair = screen.query_one(ComparePair)
+        assert pair.personal.text.startswith("4") and pair.base.text.startswith("3")
+        assert [c["personalized"] for c in fake.calls] == [True, False]
+        msgs = store.messages(screen.conversation_id)
+        assert [(m.role, m.meta.get("mode")) for m in msgs] == [
+            ("user", None), ("assistant", "personalized"), ("assistant", "base")]
+        assert all(m.meta.get("compare") for m in msgs[1:])
+        # A resumed conversation shows the pair again.
+        await screen.load_conversation(screen.conversation_id)
+        await pilot.pause()
+        pair = screen.query_one(ComparePair)
+        assert pair.personal.text.startswith("4") and pair.base.text.startswith("3")
+
+
+@pytest.mark.asyncio
+async def test_task_picker(fake):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await pilot.press("ctrl+t")
+        assert isinstance(app.screen, PickerScreen)
+        options = app.screen.query_one(OptionList)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert ids[0] == "free chat" and "popquorn-email-rewrite" in ids
+        options.highlighted = ids.index("popquorn-email-rewrite")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ChatScreen) and screen.task_name == "popquorn-email-rewrite"
+        await until(pilot, lambda: (DEMO_PROFILE, "popquorn-email-rewrite") in fake.personalized_profiles,
+                    "an adapter for the new task")
+        await pilot.press("ctrl+t", "escape")
+        assert screen.task_name == "popquorn-email-rewrite"
+
+
+@pytest.mark.asyncio
+async def test_switch_profile(fake, store):
+    store.create_profile("alice", task="popquorn-offensiveness")
+    store.add_item("alice", None, "you are all idiots", "4")
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        demo_conv = screen.conversation_id
+        await pilot.press("ctrl+r")
+        picker = app.screen
+        assert isinstance(picker, PickerScreen)
+        options = picker.query_one(OptionList)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert ids == ["alice", DEMO_PROFILE, "(none)"]
+        options.highlighted = 0
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.profile == "alice", "the switch")
+        assert screen.task_name == "popquorn-offensiveness"  # alice's default task
+        assert screen.conversation_id is None and not replies(app)  # alice has no conversation yet
+        await until(pilot, lambda: ("alice", "popquorn-offensiveness") in fake.personalized_profiles, "adapter")
+        await send(pilot, "what a lovely day")
+        assert fake.calls[-1]["profile"] == "alice"
+        assert store.conversations("alice")[0].id == screen.conversation_id
+        # Back to demo: its last conversation comes back.
+        await screen.switch_profile(DEMO_PROFILE)
+        await pilot.pause()
+        assert screen.conversation_id == demo_conv and replies(app)[-1].text.startswith("4")
+        # No profile: base model only, personalization keys are off.
+        await screen.switch_profile(None)
+        await send(pilot, "Heat (1995) | Genres: Action")
+        assert fake.calls[-1]["personalized"] is False and fake.calls[-1]["profile"] is None
+
+
+@pytest.mark.asyncio
+async def test_profile_panel_add_and_forget_an_item(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: fake.personalized_profiles, "first adapter")
+        n_adapters = len(fake.personalized_profiles)
+        await pilot.press("ctrl+o")
+        panel = app.screen
+        assert isinstance(panel, ProfileScreen)
+        table = panel.query_one("#item-table", DataTable)
+        assert table.row_count == 119
+        encoder_text = panel.query_one("#encoder-text", TextArea).text
+        assert encoder_text == fake.profile_text(DEMO_PROFILE, "movielens-rating").text  # exactly the encoder's
+        summary = fake.profile_text(DEMO_PROFILE, "movielens-rating").summary
+        assert summary and str(panel.query_one("#summary-text").render()).startswith(summary.split("\n")[0])
+
+        await pilot.press("a")
+        assert panel.focused is panel.query_one("#new-input", Input)
+        await pilot.press(*"Heat (1995) | Genres: Action|Crime|Thriller", "enter")
+        await pilot.press("9", "enter")  # not a 1-5 rating: refused
+        assert store.get_profile(DEMO_PROFILE).n_items == 119
+        panel.query_one("#new-output", Input).value = ""
+        await pilot.press("5", "enter")
+        await pilot.pause()
+        assert store.get_profile(DEMO_PROFILE).n_items == 120
+        newest = store.items(DEMO_PROFILE, limit=1)[0]
+        assert (newest.input, newest.output) == ("Heat (1995) | Genres: Action|Crime|Thriller", "5")
+        assert table.row_count == 120
+        assert panel.query_one("#encoder-text", TextArea).text == fake.profile_text(DEMO_PROFILE, "movielens-rating").text
+
+        table.focus()
+        table.move_cursor(row=0)  # newest first: the item just added
+        await pilot.press("delete")
+        await pilot.pause()
+        assert store.get_profile(DEMO_PROFILE).n_items == 119
+        assert newest.id not in {it.id for it in store.items(DEMO_PROFILE)}
+        assert table.row_count == 119
+
+        await pilot.press("escape")
+        assert isinstance(app.screen, ChatScreen)
+        # The history changed, so a new adapter is made.
+        await until(pilot, lambda: len(fake.personalized_profiles) > n_adapters, "a new adapter")
+
+
+@pytest.mark.asyncio
+async def test_search_export_copy_and_resume(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        first = screen.conversation_id
+        await pilot.press("ctrl+n")
+        assert screen.conversation_id is None and not replies(app)
+        await send(pilot, "Frozen (2013) | Genres: Animation")
+        second = screen.conversation_id
+        assert second != first
+
+        # Copy the last reply, and a focused message with `c`.
+        await pilot.press("ctrl+l")
+        assert app.clipboard == replies(app)[-1].text
+        user_msg = [v for v in screen.query(MessageView) if v.role == "user"][-1]
+        user_msg.focus()
+        await pilot.press("c")
+        assert app.clipboard == "Frozen (2013) | Genres: Animation"
+        screen.query_one(ChatInput).focus()
+
+        # Search finds the first conversation; choosing the hit opens it.
+        await pilot.press("ctrl+f")
+        history = app.screen
+        assert isinstance(history, HistoryScreen)
+        results = history.query_one("#results", OptionList)
+        assert results.option_count == 2  # empty query: both conversations
+        await pilot.press(*"zodiac")
+        await pilot.pause()
+        assert results.option_count == 1
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: screen.conversation_id == first, "the first conversation to open")
+        assert isinstance(app.screen, ChatScreen)
+        assert [v.text for v in screen.query(MessageView) if v.role == "user"] == [
+            "Zodiac (2007) | Genres: Crime|Drama|Thriller"]
+
+        await pilot.press("ctrl+s")
+        out = paths.data_dir() / "exports" / f"conversation-{first}.md"
+        text = out.read_text(encoding="utf-8")
+        assert "Zodiac (2007)" in text and "personalized" in text
+
+    # A new app resumes the last conversation of the profile.
+    app2 = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app2.run_test(size=SIZE) as pilot:
+        assert chat(app2).conversation_id == second
+        assert [v.text for v in chat(app2).query(MessageView) if v.role == "user"] == [
+            "Frozen (2013) | Genres: Animation"]
+    app3 = ChatApp(fake, profile=DEMO_PROFILE, resume=False)
+    async with app3.run_test(size=SIZE) as pilot:
+        assert chat(app3).conversation_id is None
+
+
+@pytest.mark.asyncio
+async def test_a_failing_answer_is_shown_not_fatal(fake, store):
+    from p2p_local.errors import EngineError
+
+    def broken(*a, **kw):
+        raise EngineError("prompt does not fit the context", hint="shorten it")
+
+    fake.answer = broken
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Zodiac (2007) | Genres: Crime")
+        view = replies(app)[-1]
+        assert "does not fit" in view.text and "error" in str(view.query_one(".title").render())
+        assert app.is_running
+
+
+@pytest.mark.asyncio
+async def test_new_conversation_while_streaming_keeps_the_reply_in_its_own_conversation(fake, store):
+    fake.endless = True
+    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        screen.query_one(ChatInput).load_text("a long one please")
+        await pilot.press("enter")
+        await until(pilot, lambda: replies(app) and replies(app)[-1].text, "streamed text")
+        old = screen.conversation_id
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not screen.busy, "the reply to stop")
+        assert screen.conversation_id is None and not replies(app)
+        msgs = store.messages(old)
+        assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].meta["stopped"] is True
+
+
+@pytest.mark.asyncio
+async def test_resumed_side_by_side_survives_a_missing_half(fake, store):
+    conv = store.new_conversation(DEMO_PROFILE, "pairs")
+    store.add_message(conv, "user", "q1", {"task": "movielens-rating"})
+    store.add_message(conv, "assistant", "4", {"mode": "personalized", "compare": True, "scale": 1.0})
+    store.add_message(conv, "user", "q2", {"task": "movielens-rating"})
+    store.add_message(conv, "assistant", "5", {"mode": "personalized", "compare": True, "scale": 1.0})
+    store.add_message(conv, "assistant", "2", {"mode": "base", "compare": True})
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE):
+        screen = chat(app)
+        assert screen.conversation_id == conv
+        shown = [type(w).__name__ for w in screen.messages.children]
+        assert shown == ["MessageView", "MessageView", "MessageView", "ComparePair"]
+        pair = screen.query_one(ComparePair)
+        assert (pair.personal.text, pair.base.text) == ("5", "2")
+        assert "★★★★★" in str(pair.personal.body.source)

