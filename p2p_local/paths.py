@@ -25,12 +25,7 @@ def data_dir() -> Path:
 
 def models_dir() -> Path:
     """Prepared base models and the profile encoder (`P2P_MODELS` overrides: share one copy)."""
-    env = os.environ.get("P2P_MODELS")
-    if env:
-        p = Path(env).expanduser()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return _sub("models")
+    return _sub("models", env="P2P_MODELS")
 
 
 def adapters_dir() -> Path:
@@ -39,13 +34,8 @@ def adapters_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Derived, re-creatable files (converted datasets, de-quantized weights)."""
-    env = os.environ.get("P2P_CACHE")
-    if env:
-        p = Path(env).expanduser()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return _sub("cache")
+    """Derived, re-creatable files (converted datasets, de-quantized weights); `P2P_CACHE` overrides."""
+    return _sub("cache", env="P2P_CACHE")
 
 
 def store_path() -> Path:
@@ -64,7 +54,8 @@ def shared_data_dir() -> Path:
     return Path(env) if env else repo_root().parent / "shared" / "data"
 
 
-def _sub(name: str) -> Path:
-    p = data_dir() / name
+def _sub(name: str, env: str | None = None) -> Path:
+    override = os.environ.get(env) if env else None
+    p = Path(override).expanduser() if override else data_dir() / name
     p.mkdir(parents=True, exist_ok=True)
     return p
