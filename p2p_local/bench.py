@@ -210,12 +210,21 @@ def bench_encoder() -> dict:
     return {**run(), "targets": {"median_ms": "<= 50"}}
 
 
+def bench_cost() -> dict:
+    """P2P's whole per-user path vs OPPU's per-user training, side by side (needs the train extra)."""
+    from p2p_local.eval.cost import measure_cost
+
+    return measure_cost("movielens-rating", users=3)
+
+
 SUITES: dict[str, Callable[[], dict]] = {
     "runtime": bench_runtime,
     "personalize": bench_personalize,
     "encoder": bench_encoder,
     "app": bench_app,
+    "cost": bench_cost,  # minutes (OPPU trains per user): not part of `all`
 }
+ALL = ("runtime", "personalize", "encoder", "app")
 
 
 def table(results: dict[str, dict]) -> str:

@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2p_local.bench import SUITES, machine, table
+    from p2p_local.bench import ALL, SUITES, machine, table
 
-    names = list(SUITES) if args.suite == "all" else [args.suite]
+    names = list(ALL) if args.suite == "all" else [args.suite]
     results: dict = {}
     for name in names:
         print(f"bench {name} ...", file=sys.stderr, flush=True)

@@ -1,0 +1,715 @@
+"""Every method the evaluation compares, one small class each, all behind one interface.
+
+A method answers `Query`s (one held-out item of a test user + only that user's strictly earlier
+items) with a record of raw predictions: log-probabilities over the task's labels (rating / label
+tasks) or greedy text (generation). Scores are computed later (stats.py), so records stay valid
+when metrics change.
+
+Lifecycle, driven by the runner: `prepare(ctx)` once (raise `Skip` when an input is missing: the
+report says why, nothing is faked), then per user `start_user` -> `predict` per query -> `end_user`.
+
+LLM methods: Base, RAG, PAG, AllHistory (prompt-side), MTLoRA, OPPU (trained adapters), P2P and its
+controls P2PShuffled (another user's history) and P2PRandom (a random profile vector).
+Classic references (no LLM): GlobalMean, UserMean, UserItemBias, LogReg.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2p_local.data.format import Item, TaskCard, User
+from p2p_local.errors import BundleError, P2PError
+
+
+class Skip(Exception):
+    """A method (or one user of it) cannot run here; the message says why and what would fix it."""
+
+
+# --- queries and the shared context ---------------------------------------------------------------
+@dataclass
+class Query:
+    user_id: str
+    index: int  # position among this user's queries
+    history: list[Item]  # strictly earlier items only
+    item: Item  # the held-out item: input is shown, output is the target
+    profile: Any = None  # built once, shared by every method (ctx.profile)
+
+
+@dataclass
+class MethodOptions:
+    n_ctx: int = 2048
+    seed: int = 0
+    bundle: str | None = None  # bundle dir/name; None = the default bundle
+    mtlora: Path | None = None  # MT-LoRA GGUF; None = default location
+    oppu_dir: Path | None = None  # dir of <user_id>.gguf; None = default location
+    oppu_train: bool = False  # train missing OPPU adapters (needs torch + trainer/)
+    oppu_users: int | None = None  # at most this many users get OPPU (training cost)
+    rag_k: int = 2
+    max_tokens: int | None = None  # generation; None = derived from the task (see generation_setup)
+    logreg_users: int = 300  # training users whose samples fit LogReg (profiles cost time)
+
+
+@dataclass
+class EvalContext:
+    """What every method may use: the task, training users, evaluated users' queries, the engine."""
+
+    card: TaskCard
+    train: list[User]
+    users: list[User]  # the evaluated (test) users, in evaluation order
+    queries: dict[str, list[Query]]
+    options: MethodOptions
+    run_dir: Path
+    task: str = ""
+    log: Any = print
+    _engine: Any = None  # pass one in to share it (it is then not closed here)
+    _gen: dict[str, Any] | None = None
+    _owns_engine: bool = False
+
+    @property
+    def engine(self):
+        """The base model, loaded on first use (classic references never load it)."""
+        if self._engine is None:
+            from p2p_local.engine import Engine
+            from p2p_local.models import get_spec, prepare_base
+
+            spec = get_spec()
+            self._engine = Engine(prepare_base(spec), n_ctx=self.options.n_ctx, sha256=spec.sha256,
+                                  seed=self.options.seed)
+            self._owns_engine = True
+        return self._engine
+
+    def profile(self, q: Query):
+        if q.profile is None:
+            q.profile = make_profile(self.card, q.history, q.item)
+        return q.profile
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        if self._gen is None:
+            self._gen = generation_setup(self.card, self.train or self.users, self.options.max_tokens)
+        return self._gen
+
+    def close(self) -> None:
+        if self._engine is not None and self._owns_engine:
+            self._engine.close()
+        self._engine = None
+
+
+# --- the calls into the data / profile modules (one place, so their API is used consistently) -----
+def make_profile(card: TaskCard, history: list[Item], item: Item):
+    from p2p_local.profile import build_profile
+
+    # The query's output is blanked: nothing downstream can see the answer, whatever it does.
+    return build_profile(card, history, Item(item.input, "", item.time, dict(item.meta)))
+
+
+def render_items(card: TaskCard, items: list[Item]) -> list[str]:
+    """History items as few-shot examples in the task's own template, one string per item.
+
+    Why not profile.render_history ("Input: .. Output: .." lines): a pretrained base model continues
+    the pattern it sees, and with a second format in the prompt it answered commit-subject queries
+    with "Input: files: ..." (measured); examples in the query's own format are the strong baseline.
+    """
+    return [card.prompt(it.input) + it.output for it in items]
+
+
+def user_samples(user: User, last_n: int) -> list[tuple[list[Item], Item]]:
+    from p2p_local.data.splits import samples
+
+    return samples(user, last_n=last_n)
+
+
+# --- engine helpers -------------------------------------------------------------------------------
+def label_token_ids(engine, labels: list[str]) -> list[int]:
+    """Each label's first token, as engine.label_logprobs scores them. Labels must not share one."""
+    ids = [engine.tokenize(label, add_bos=False)[0] for label in labels]
+    if len(set(ids)) != len(ids):
+        raise P2PError(f"labels {labels} share a first token; the label distribution would be ambiguous",
+                       hint="use labels that start with distinct tokens (e.g. digits or distinct words)")
+    return ids
+
+
+def score_labels(engine, prompt: str, ids: list[int]) -> dict[str, Any]:
+    """The model's distribution over the labels, plus whether free decoding would have produced one.
+
+    `unparseable` = the single most likely next token (full vocabulary) is no label: what greedy
+    free-text decoding would have got wrong before any scoring. `mass` = probability on the labels.
+    """
+    logits = engine.last_logits(prompt).astype(np.float64)
+    full = logits - _logsumexp(logits)
+    sel = full[ids]
+    lp = sel - _logsumexp(sel)
+    return {"lp": [round(float(x), 5) for x in lp], "mass": round(float(np.exp(sel).sum()), 5),
+            "unparseable": int(np.argmax(logits)) not in ids}
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def generation_setup(card: TaskCard, users: list[User], max_tokens: int | None) -> dict[str, Any]:
+    """Bounded greedy generation. One-line tasks (commit subjects): stop at the newline, ~24 tokens.
+    Multi-line (email rewrites): up to 1.5x the input's tokens, stop where a new example would begin."""
+    outputs = [it.output for u in users for it in u.items][:5000]
+    one_line = bool(outputs) and sum("\n" in o.strip() for o in outputs) < 0.05 * len(outputs)
+    head = card.template.split("{input}")[0].strip().splitlines()
+    stop = ["\n"] if one_line else (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
+    return {"one_line": one_line, "stop": stop, "max_tokens": max_tokens, "ratio": 1.5, "fixed": 24}
+
+
+def generate(ctx: EvalContext, prompt: str, query_input: str) -> dict[str, Any]:
+    g = ctx.generation
+    eng = ctx.engine
+    if g["max_tokens"]:
+        n = g["max_tokens"]
+    elif g["one_line"]:
+        n = g["fixed"]
+    else:
+        n = max(16, math.ceil(g["ratio"] * len(eng.tokenize(query_input, add_bos=False))))
+    n = max(1, min(n, eng.n_ctx - len(eng.tokenize(prompt)) - 1))
+    text = eng.complete(prompt, max_tokens=n, temperature=0.0, stop=g["stop"], seed=ctx.options.seed)
+    text = text.strip()
+    if g["one_line"]:
+        text = text.split("\n")[0].strip()
+    return {"text": text, "unparseable": not text}
+
+
+def reserve_tokens(ctx: EvalContext, q: Query) -> int:
+    """Tokens kept free after the prompt: the answer (1 label token, or the generation budget)."""
+    if ctx.card.kind != "generation":
+        return 1
+    g = ctx.generation
+    if g["max_tokens"]:
+        return g["max_tokens"]
+    if g["one_line"]:
+        return g["fixed"]
+    return max(16, math.ceil(g["ratio"] * len(ctx.engine.tokenize(q.item.input, add_bos=False))))
+
+
+SEP = "\n\n"  # between the header, the examples and the query
+
+
+def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tuple[str, int]:
+    """`header` + shots + the query prompt (blank lines between), within the context. Shots are dropped
+    from the FRONT (put the least important first), then the header and finally the query input are
+    cut. Returns (prompt, number of shots kept)."""
+    eng = ctx.engine
+    budget = eng.n_ctx - reserve_tokens(ctx, q) - 4
+    query_text = q.item.input
+    query_prompt = ctx.card.prompt(query_text)
+    n_query = len(eng.tokenize(query_prompt))
+    if n_query > budget:  # the query alone does not fit: keep the head of its input
+        n_input = len(eng.tokenize(query_text, add_bos=False))
+        query_text = _cut_tokens(eng, query_text, max(8, n_input - (n_query - budget)))
+        query_prompt = ctx.card.prompt(query_text)
+        n_query = len(eng.tokenize(query_prompt))
+    room = budget - n_query - 2
+    if header:
+        limit = room // 2 if shots else room  # a long summary must not starve the examples
+        header = _cut_tokens(eng, header, max(0, limit - 1))
+        room -= len(eng.tokenize(header + SEP, add_bos=False)) if header else 0
+    kept: list[str] = []
+    for shot in reversed(shots):  # keep from the back (most important last) while they fit
+        n = len(eng.tokenize(shot + SEP, add_bos=False))
+        if n > room:
+            break
+        kept.insert(0, shot)
+        room -= n
+    while True:
+        prompt = SEP.join([p for p in [header, *kept] if p] + [query_prompt])
+        if len(eng.tokenize(prompt)) <= budget or not (kept or header):
+            return prompt, len(kept)
+        if kept:  # token counts are not exactly additive at the joins
+            kept.pop(0)
+        else:
+            header = ""
+
+
+def _cut_tokens(eng, text: str, n: int) -> str:
+    if n <= 0:
+        return ""
+    toks = eng.tokenize(text, add_bos=False)
+    return eng.detokenize(toks[:n]) if len(toks) > n else text
+
+
+# --- the interface --------------------------------------------------------------------------------
+class Method:
+    name = ""
+    kinds = ("rating", "label", "generation")
+    description = ""
+
+    def prepare(self, ctx: EvalContext) -> None:
+        """Load inputs; raise Skip(reason) when they are missing."""
+
+    def fingerprint(self) -> str:
+        """Identifies the inputs (adapter / bundle bytes) so resumed results are never mixed across them."""
+        return ""
+
+    def user_fingerprint(self, user: User) -> str:
+        """The fingerprint of the inputs one user's results depend on (per-user adapters differ)."""
+        return self.fingerprint()
+
+    def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
+        pass
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def end_user(self, ctx: EvalContext) -> None:
+        pass
+
+    def close(self, ctx: EvalContext) -> None:
+        pass
+
+    @property
+    def notes(self) -> list[str]:
+        return []
+
+
+class LLMMethod(Method):
+    """Scores `prompt(q)` with whatever adapter is attached."""
+
+    def prepare(self, ctx: EvalContext) -> None:
+        self._ids = label_token_ids(ctx.engine, ctx.card.labels) if ctx.card.kind != "generation" else []
+
+    def prompt(self, ctx: EvalContext, q: Query) -> str:
+        prompt, _ = fit_prompt(ctx, q, "", [])
+        return prompt
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        prompt = self.prompt(ctx, q)
+        if ctx.card.kind == "generation":
+            return generate(ctx, prompt, q.item.input)
+        return score_labels(ctx.engine, prompt, self._ids)
+
+
+class Base(LLMMethod):
+    name = "base"
+    description = "the base model, no personalization"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        super().prepare(ctx)
+        ctx.engine.use(None)
+
+
+class RAG(Base):
+    name = "rag"
+    description = "top-k BM25-retrieved history items in the prompt"
+
+    def prompt(self, ctx: EvalContext, q: Query) -> str:
+        retrieved = list(ctx.profile(q).retrieved)[: ctx.options.rag_k]
+        shots = render_items(ctx.card, list(reversed(retrieved)))  # best last: nearest the query, dropped last
+        return fit_prompt(ctx, q, "", shots)[0]
+
+
+class PAG(Base):
+    name = "pag"
+    description = "profile summary + the top-1 retrieved item in the prompt"
+
+    def prompt(self, ctx: EvalContext, q: Query) -> str:
+        p = ctx.profile(q)
+        header = f"About this user: {p.summary}" if p.summary else ""
+        return fit_prompt(ctx, q, header, render_items(ctx.card, list(p.retrieved)[:1]))[0]
+
+
+class AllHistory(Base):
+    name = "all-history"
+    description = "as many most-recent history items as fit in the context"
+
+    def prompt(self, ctx: EvalContext, q: Query) -> str:
+        # Only the newest items can fit: render a bounded tail, fit_prompt drops the oldest first.
+        tail = q.history[-max(1, ctx.engine.n_ctx // 8):]
+        return fit_prompt(ctx, q, "", render_items(ctx.card, tail))[0]
+
+
+class AdapterMethod(LLMMethod):
+    """Scores the base prompt under one attached GGUF adapter."""
+
+    _adapter: Any = None
+
+    def attach(self, ctx: EvalContext, path: Path) -> None:
+        self.detach(ctx)
+        self._adapter = ctx.engine.load_adapter(path)
+        ctx.engine.use(self._adapter, 1.0)
+
+    def detach(self, ctx: EvalContext) -> None:
+        if self._adapter is not None:
+            ctx.engine.free_adapter(self._adapter)
+            self._adapter = None
+
+    def close(self, ctx: EvalContext) -> None:
+        self.detach(ctx)
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def default_baselines_dir(task: str) -> Path:
+    from p2p_local.paths import data_dir
+
+    return data_dir() / "baselines" / task
+
+
+class MTLoRA(AdapterMethod):
+    name = "mt-lora"
+    description = "one LoRA trained on all training users (no profile)"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        path = ctx.options.mtlora or default_baselines_dir(ctx.task) / "mt-lora.gguf"
+        if not Path(path).is_file():
+            raise Skip(f"no MT-LoRA adapter at {path}: train one with `python -m trainer.baselines mtlora "
+                       f"--task {ctx.task} --out {path}` (needs torch) and pass --mtlora")
+        super().prepare(ctx)
+        self.path = Path(path)
+        self.attach(ctx, self.path)
+
+    def fingerprint(self) -> str:
+        return _file_id(self.path)
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("trainer.baselines") is not None
+
+
+class OPPU(AdapterMethod):
+    name = "oppu"
+    description = "one LoRA trained per test user on their own earlier items"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        o = ctx.options
+        self.dir = Path(o.oppu_dir) if o.oppu_dir else default_baselines_dir(ctx.task) / "oppu"
+        self.can_train = o.oppu_train and torch_available()
+        have = sorted(self.dir.glob("*.gguf")) if self.dir.is_dir() else []
+        if not have and not self.can_train:
+            why = ("--oppu-train was given but torch or trainer/ is not installed" if o.oppu_train
+                   else "pass --oppu-train to train them (needs torch; slow) or --oppu-dir DIR")
+            raise Skip(f"no OPPU adapters in {self.dir}: {why}")
+        ids = [u.user_id for u in ctx.users]
+        self.allowed = set(ids[: o.oppu_users] if o.oppu_users else ids)
+        super().prepare(ctx)
+        self._notes: list[str] = []
+        if o.oppu_users and o.oppu_users < len(ids):
+            self._notes.append(f"OPPU limited to the first {o.oppu_users} of {len(ids)} users (training cost)")
+
+    def path_for(self, user_id: str) -> Path:
+        return self.dir / f"{safe_name(user_id)}.gguf"
+
+    def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
+        if user.user_id not in self.allowed:
+            raise Skip("outside --oppu-users")
+        path = self.path_for(user.user_id)
+        if not path.is_file():
+            if not self.can_train:
+                raise Skip(f"no adapter {path}")
+            # Train on the items before the user's first query only (never on a query's answer).
+            train_oppu(ctx, user, len(queries[0].history) if queries else len(user.items), path)
+        self.attach(ctx, path)
+
+    def end_user(self, ctx: EvalContext) -> None:
+        self.detach(ctx)
+
+    def fingerprint(self) -> str:
+        return str(self.dir)
+
+    def user_fingerprint(self, user: User) -> str:
+        path = self.path_for(user.user_id)
+        return _file_id(path) if path.is_file() else ""
+
+    @property
+    def notes(self) -> list[str]:
+        return getattr(self, "_notes", [])
+
+
+def safe_name(user_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:100]
+
+
+def train_oppu(ctx: EvalContext, user: User, n_items: int, out: Path) -> None:
+    """Train one user's LoRA in a subprocess (torch never enters the app's process)."""
+    from p2p_local.data.format import write_users_jsonl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_suffix(".history.jsonl")
+    write_users_jsonl(data, [User(user.user_id, user.items[:n_items])])
+    cmd = oppu_command(ctx.task, data, out)
+    ctx.log(f"  training OPPU for user {user.user_id} ({n_items} items): {' '.join(cmd)}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+    data.unlink(missing_ok=True)
+    if proc.returncode != 0 or not out.is_file():
+        raise Skip(f"OPPU training failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+
+
+def oppu_command(task: str, history_jsonl: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "trainer.baselines", "oppu", "--task", task,
+            "--user-data", str(history_jsonl), "--out", str(out)]
+
+
+# --- P2P and its controls ----------------------------------------------------------------------------
+class P2P(AdapterMethod):
+    name = "p2p"
+    description = "hypernetwork: the user's profile -> a LoRA in one forward pass, per query"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        from p2p_local.bundle import Bundle
+        from p2p_local.encoder import Encoder
+
+        try:
+            self.bundle = Bundle.load(ctx.options.bundle)
+        except BundleError as e:
+            raise Skip(f"no hypernetwork bundle: {str(e).splitlines()[0]}") from None
+        if self.bundle.neutral:
+            raise Skip(f"bundle {self.bundle.name} is a neutral stand-in (zero adapter), not a trained hypernetwork")
+        try:
+            self.encoder = Encoder.load()
+            self.bundle.check(ctx.engine.base, self.encoder)
+        except P2PError as e:
+            raise Skip(str(e).splitlines()[0]) from None
+        super().prepare(ctx)
+        self.tmp = ctx.run_dir / "tmp" / f"{self.name}.gguf"
+        self._pending: dict[int, dict] = {}
+        self._rng = np.random.default_rng(ctx.options.seed)
+
+    def fingerprint(self) -> str:
+        return self.bundle.sha256[:16]
+
+    def profile_for(self, ctx: EvalContext, q: Query):
+        return ctx.profile(q)
+
+    def vectors(self, ctx: EvalContext, queries: list[Query]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        profiles = [self.profile_for(ctx, q) for q in queries]
+        emb = self.encoder.embed([p.text for p in profiles])
+        feats = np.stack([np.asarray(p.features, dtype=np.float32) for p in profiles])
+        return emb, feats, [p.fingerprint for p in profiles]
+
+    def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
+        if not queries:
+            return
+        emb, feats, fps = self.vectors(ctx, queries)
+        tensors = self.bundle.generate(emb, feats)  # one batched pass for all of this user's queries
+        self._pending = {q.index: (t, fp) for q, t, fp in zip(queries, tensors, fps, strict=True)}
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        from p2p_local.adapter import write_adapter
+
+        tensors, fp = self._pending.pop(q.index)
+        write_adapter(self.tmp, tensors, alpha=self.bundle.alpha, base=ctx.engine.base, profile_fingerprint=fp)
+        self.attach(ctx, self.tmp)
+        try:
+            return super().predict(ctx, q)
+        finally:
+            self.detach(ctx)
+
+
+class P2PShuffled(P2P):
+    name = "p2p-shuffled"
+    description = "control: the same hypernetwork fed ANOTHER test user's history (same query)"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        super().prepare(ctx)
+        ids = [u.user_id for u in ctx.users]
+        if len(ids) < 2:
+            raise Skip("the shuffled control needs at least 2 test users")
+        order = list(np.random.default_rng(ctx.options.seed + 1).permutation(len(ids)))
+        # A cyclic shift of a random order: a derangement, nobody is paired with themselves.
+        self.partner = {ids[order[i]]: ids[order[(i + 1) % len(ids)]] for i in range(len(ids))}
+
+    def profile_for(self, ctx: EvalContext, q: Query):
+        other = ctx.queries[self.partner[q.user_id]]
+        if other:
+            history = other[min(q.index, len(other) - 1)].history
+        else:
+            history = next(u.items for u in ctx.users if u.user_id == self.partner[q.user_id])
+        return make_profile(ctx.card, history, q.item)
+
+
+class P2PRandom(P2P):
+    name = "p2p-random"
+    description = "control: the same hypernetwork fed a random profile (random unit embedding, random features)"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        super().prepare(ctx)
+        # Feature marginals from training samples, so random features have a realistic scale.
+        rng = np.random.default_rng(ctx.options.seed + 2)
+        pool = ctx.train or ctx.users
+        picks = rng.choice(len(pool), size=min(64, len(pool)), replace=False) if pool else []
+        feats = []
+        for i in picks:
+            u = pool[int(i)]
+            if len(u.items) >= 2:
+                feats.append(np.asarray(make_profile(ctx.card, u.items[:-1], u.items[-1]).features, dtype=np.float64))
+        f = np.stack(feats) if feats else np.zeros((1, self.bundle.feature_dim))
+        self.mu, self.sd = f.mean(0), f.std(0)
+
+    def vectors(self, ctx: EvalContext, queries: list[Query]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        n = len(queries)
+        emb = self._rng.standard_normal((n, self.bundle.embedding_dim))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        feats = self.mu + self.sd * self._rng.standard_normal((n, len(self.mu)))
+        return emb.astype(np.float32), feats.astype(np.float32), ["random"] * n
+
+
+# --- classic references (no LLM) ------------------------------------------------------------------------
+class Classic(Method):
+    kinds = ("rating", "label")
+
+    def prepare(self, ctx: EvalContext) -> None:
+        if not ctx.train:
+            raise Skip("needs training users (none in this data)")
+        self.labels = list(ctx.card.labels)
+        counts = Counter(it.output for u in ctx.train for it in u.items)
+        self.prior = np.array([counts.get(x, 0) for x in self.labels], dtype=np.float64) + 1.0
+        self.prior /= self.prior.sum()
+
+    def record(self, p: np.ndarray) -> dict[str, Any]:
+        p = np.clip(p, 1e-9, None)
+        p = p / p.sum()
+        return {"lp": [round(float(x), 5) for x in np.log(p)], "unparseable": False}
+
+
+class GlobalMean(Classic):
+    name = "global-mean"
+    description = "reference: the training users' label distribution (its mean / median)"
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        return self.record(self.prior)
+
+
+class UserMean(Classic):
+    name = "user-mean"
+    description = "reference: this user's own label distribution, + 1 pseudo-count of the global one"
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        counts = Counter(it.output for it in q.history)
+        c = np.array([counts.get(x, 0) for x in self.labels], dtype=np.float64)
+        return self.record(c + self.prior)
+
+
+class UserItemBias(Classic):
+    """r = mu + b_user + b_item (regularised biases, Koren 2008): the classic recommender baseline.
+    Item biases come from training users only; the user bias from this user's earlier items.
+    Its distribution is a discretised Normal with the spread of its own errors on training users."""
+
+    name = "user-item-bias"
+    kinds = ("rating",)
+    description = "reference: global mean + regularised user and item biases"
+    lam_item, lam_user = 25.0, 10.0
+
+    def prepare(self, ctx: EvalContext) -> None:
+        super().prepare(ctx)
+        self.values = np.array([float(x) for x in self.labels])
+        ratings = [(item_key(it), float(it.output)) for u in ctx.train for it in u.items if it.output in self.labels]
+        self.mu = float(np.mean([r for _, r in ratings]))
+        sums: dict[str, list[float]] = {}
+        for key, r in ratings:
+            s = sums.setdefault(key, [0.0, 0.0])
+            s[0] += r - self.mu
+            s[1] += 1
+        self.b_item = {k: s / (self.lam_item + n) for k, (s, n) in sums.items()}
+        # Residual spread on training users' last items, each predicted from the items before it.
+        errs = []
+        for u in ctx.train[:500]:
+            rated = [it for it in u.items if it.output in self.labels]
+            res = [float(it.output) - self.mu - self.b_item.get(item_key(it), 0.0) for it in rated]
+            cum = np.concatenate([[0.0], np.cumsum(res)])
+            for k in range(max(1, len(rated) - 10), len(rated)):
+                b_user = cum[k] / (self.lam_user + k)
+                x = np.clip(self.mu + b_user + self.b_item.get(item_key(rated[k]), 0.0), self.values.min(), self.values.max())
+                errs.append(float(x) - float(rated[k].output))
+        self.sigma = max(float(np.sqrt(np.mean(np.square(errs)))) if errs else 1.0, 0.1)
+
+    def point(self, history: list[Item], item: Item) -> float:
+        res = [float(h.output) - self.mu - self.b_item.get(item_key(h), 0.0) for h in history if h.output in self.labels]
+        b_user = sum(res) / (self.lam_user + len(res))
+        x = self.mu + b_user + self.b_item.get(item_key(item), 0.0)
+        return float(np.clip(x, self.values.min(), self.values.max()))
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        x = self.point(q.history, q.item)
+        logp = -0.5 * ((self.values - x) / self.sigma) ** 2
+        p = np.exp(logp - logp.max())
+        rec = self.record(p)
+        rec["point"] = round(x, 4)
+        return rec
+
+
+def item_key(item: Item) -> str:
+    """What identifies the rated thing across users: meta item_id (converters set it), else the input."""
+    iid = item.meta.get("item_id")
+    return f"id:{iid}" if iid is not None else item.input
+
+
+class LogReg(Classic):
+    """Multinomial logistic regression on the structured profile features alone (sklearn)."""
+
+    name = "logreg"
+    description = "reference: logistic regression on the structured profile features"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        super().prepare(ctx)
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        rng = np.random.default_rng(ctx.options.seed + 3)
+        users = list(ctx.train)
+        if len(users) > ctx.options.logreg_users:
+            users = [users[int(i)] for i in rng.choice(len(users), ctx.options.logreg_users, replace=False)]
+        X, y = [], []
+        for u in users:
+            for history, item in user_samples(u, 10):
+                if item.output in self.labels:
+                    X.append(np.asarray(make_profile(ctx.card, history, item).features, dtype=np.float64))
+                    y.append(self.labels.index(item.output))
+        if len(set(y)) < 2:
+            raise Skip("too few training samples with two or more distinct labels")
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+        self.model.fit(np.stack(X), np.array(y))
+        self.classes = list(self.model.classes_)
+        self._notes = [f"fitted on {len(y)} samples of {len(users)} training users"]
+
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        x = np.asarray(ctx.profile(q).features, dtype=np.float64)[None]
+        proba = self.model.predict_proba(x)[0]
+        p = np.zeros(len(self.labels))
+        p[self.classes] = proba
+        return self.record(p)
+
+    @property
+    def notes(self) -> list[str]:
+        return getattr(self, "_notes", [])
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PShuffled, P2PRandom,
+    GlobalMean, UserMean, UserItemBias, LogReg,
+)}
+
+
+def default_methods(kind: str) -> list[str]:
+    return [name for name, cls in METHODS.items() if kind in cls.kinds]
+
+
+@dataclass
+class MethodResult:
+    """What the runner knows about one method after running it (for the report)."""
+
+    name: str
+    status: str = "ok"  # ok | skipped
+    reason: str = ""
+    fingerprint: str = ""
+    skipped_users: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)

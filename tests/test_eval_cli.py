@@ -1,0 +1,102 @@
+"""`p2p eval` end to end through the CLI on a tiny real subset, so the harness cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from p2p_local.cli import main
+from p2p_local.data.converters import convert
+from p2p_local.data.format import builtin_card, write_users_jsonl
+
+
+@pytest.fixture
+def home(p2p_home, monkeypatch):
+    monkeypatch.delenv("P2P_CACHE", raising=False)  # prepared task sets go under the private P2P_HOME
+    return p2p_home
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, float | int) and not isinstance(obj, bool):
+        yield obj
+
+
+def _results_lines(out: Path) -> int:
+    (f,) = out.glob("runs/*/results.jsonl")
+    return len(f.read_text().splitlines())
+
+
+def test_eval_builtin_task_end_to_end_and_resume(home, tmp_path, capsys):
+    assert main(["data", "prepare", "--tasks", "movielens-rating", "--no-encoder", "--quiet"]) == 0
+    out = tmp_path / "reports"
+    args = ["eval", "--task", "movielens-rating", "--methods", "base,user-mean,mt-lora", "--users", "3",
+            "--queries", "2", "--out", str(out), "--bootstrap", "200", "--n-ctx", "512",
+            "--mtlora", str(tmp_path / "missing.gguf")]
+    assert main(args) == 0
+    rep = json.loads((out / "movielens-rating-test.json").read_text())
+    md = (out / "movielens-rating-test.md").read_text()
+    assert rep["data"]["n_users"] == 3 and rep["data"]["n_queries"] == 6
+    for name in ("base", "user-mean"):
+        e = rep["methods"][name]
+        assert e["status"] == "ok" and e["n_users"] == 3 and e["n_queries"] == 6
+        for k in ("mae", "rmse", "mae_argmax", "mae_ev", "ce", "acc"):
+            v, (lo, hi) = e["metrics"][k]["value"], e["metrics"][k]["ci"]
+            assert math.isfinite(v) and lo <= v <= hi, (name, k)
+        assert f"| {name} | 3 | 6 |" in md
+    assert rep["methods"]["mt-lora"]["status"] == "skipped"
+    assert "missing.gguf" in rep["methods"]["mt-lora"]["reason"] and "missing.gguf" in md
+    assert all(math.isfinite(x) for x in _numbers(rep))
+    assert rep["command"].startswith("p2p eval --task movielens-rating") and rep["machine"]["cpu_count"] >= 1
+    assert rep["by_activity"] and sum(b["n_users"] for b in rep["by_activity"]) == 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "movielens-rating-test.png").exists()
+    else:
+        assert (out / "movielens-rating-test.png").stat().st_size > 1000
+    assert _results_lines(out) == 6  # (base, user-mean) x 3 users
+
+    # Interrupted mid-write: the last (method, user) line is cut. A re-run reuses the 5 complete ones,
+    # recomputes only the cut one, and reports the same numbers.
+    (results,) = out.glob("runs/*/results.jsonl")
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[base] 3/3 users" in err and "3 from earlier runs" in err and "2 from earlier runs" in err
+    again = json.loads((out / "movielens-rating-test.json").read_text())
+    for name in ("base", "user-mean"):
+        assert again["methods"][name]["metrics"] == rep["methods"][name]["metrics"]
+
+
+def test_eval_bring_your_own_data(home, tmp_path):
+    users = [u for u in convert("popquorn-offensiveness").users[:40]]
+    data = tmp_path / "users.jsonl"
+    write_users_jsonl(data, users)
+    card = tmp_path / "card.json"
+    builtin_card("popquorn-offensiveness").save(card)
+    out = tmp_path / "r"
+    assert main(["eval", "--data", str(data), "--task-card", str(card), "--task", "mine",
+                 "--methods", "global-mean,user-mean,user-item-bias", "--queries", "4", "--out", str(out),
+                 "--bootstrap", "100"]) == 0
+    rep = json.loads((out / "mine-test.json").read_text())
+    assert rep["data"]["n_users"] == 8 and rep["data"]["source"] == str(data)  # 20% of 40 users held out
+    for e in rep["methods"].values():
+        assert e["status"] == "ok" and math.isfinite(e["metrics"]["mae"]["value"])
+
+
+def test_eval_rejects_bad_arguments(home, tmp_path, capsys):
+    assert main(["eval", "--task", "movielens-rating", "--methods", "nope", "--out", str(tmp_path)]) != 0
+    assert main(["eval", "--data", str(tmp_path / "x.jsonl")]) != 0
+    err = capsys.readouterr().err
+    assert "unknown method" in err and "--task-card" in err
