@@ -1,0 +1,251 @@
+"""Export a trained hypernetwork as a device bundle: `hypernet.onnx` + `manifest.json` (read by p2p_local.bundle).
+
+    python -m trainer.export                                          # runs/full/last.pt -> models/gemma3-270m-p2p/
+    python -m trainer.export --checkpoint runs/short/last.pt --out /tmp/bundle
+    python -m trainer.export --neutral                                # untrained stand-in (zero adapter)
+
+The big head matrices are stored as float16 initializers with a Cast to float32 in the graph: half the
+file size (the bundle ships in the repo, <= 25 MB) for an A/B error far below the 1e-3 parity bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from p2p_local.bundle import (
+    DEFAULT_BUNDLE,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_EMBEDDING,
+    INPUT_FEATURES,
+    MANIFEST,
+    output_names,
+)
+from p2p_local.paths import repo_root
+from trainer.config import HyperConfig, TrainConfig
+from trainer.hypernet import HyperNet, count_params
+
+ONNX_FILE = "hypernet.onnx"
+OPSET = 17
+FP16_MIN_ELEMENTS = 1 << 16  # initializers at least this big are stored as float16
+MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+
+
+class _OnnxWrapper(torch.nn.Module):
+    """Flattens HyperNet's dict output into the bundle's ordered output list."""
+
+    def __init__(self, net: HyperNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, embedding: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(embedding, features)
+        return tuple(t for m in self.net.cfg.targets for t in out[m])
+
+
+def to_onnx(net: HyperNet, fp16_weights: bool = True) -> bytes:
+    """The hypernetwork as ONNX bytes (dynamic batch), large weights optionally stored as float16."""
+    cfg = net.cfg
+    net = net.eval().float()
+    names = [n for m in cfg.targets for n in output_names(m)]
+    dummy = (torch.randn(2, cfg.embedding_dim), torch.randn(2, cfg.feature_dim))
+    buf = io.BytesIO()
+    dynamic = {INPUT_EMBEDDING: {0: "batch"}, INPUT_FEATURES: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    with torch.no_grad():
+        torch.onnx.export(_OnnxWrapper(net).eval(), dummy, buf, input_names=[INPUT_EMBEDDING, INPUT_FEATURES],
+                          output_names=names, dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    model = onnx.load_from_string(buf.getvalue())
+    if fp16_weights:
+        _store_fp16(model)
+    model.producer_name = "p2p-local trainer.export"
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _store_fp16(model: onnx.ModelProto) -> None:
+    """Replace big float32 initializers by float16 ones + a Cast node (same tensor name downstream)."""
+    graph = model.graph
+    casts = []
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+            continue
+        arr = numpy_helper.to_array(init)
+        half = numpy_helper.from_array(arr.astype(np.float16), name=init.name + "__fp16")
+        graph.initializer.remove(init)
+        graph.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast"))
+    for i, node in enumerate(casts):  # casts first: nodes must stay topologically sorted
+        graph.node.insert(i, node)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def base_info(gguf_path: Path | None = None):
+    """(BaseInfo, ModelSpec-like name) of the base the hypernetwork was trained for (default: DEFAULT_BASE)."""
+    from p2p_local.adapter import BaseInfo
+    from p2p_local.models import DEFAULT_BASE, prepare_base, sha256_file
+
+    if gguf_path is None:
+        return BaseInfo.from_gguf(prepare_base(DEFAULT_BASE), DEFAULT_BASE.sha256), DEFAULT_BASE.name
+    return BaseInfo.from_gguf(gguf_path, sha256_file(Path(gguf_path))), Path(gguf_path).stem
+
+
+def encoder_info() -> dict:
+    """The profile encoder the bundle expects (the one the device runs)."""
+    from p2p_local import encoder
+
+    return {"id": encoder.ENCODER_ID, "sha256": encoder.SOURCE_SHA256, "dim": encoder.Encoder.dim}
+
+
+def export_bundle(
+    net: HyperNet,
+    out_dir: str | Path,
+    *,
+    base=None,
+    base_name: str = "gemma3-270m",
+    neutral: bool = False,
+    tasks: list[dict] | None = None,
+    training: dict | None = None,
+    evaluation: dict | None = None,
+    feature_names: list[str] | None = None,
+    fp16_weights: bool = True,
+) -> Path:
+    """Write `out_dir/{hypernet.onnx, manifest.json}` atomically (a temp dir renamed into place)."""
+    cfg = net.cfg
+    if base is None:
+        base, base_name = base_info()
+    for layer in cfg.layers:
+        for m in cfg.targets:
+            got = tuple(base.shapes.get(f"blk.{layer}.{m}.weight", ()))
+            if got != tuple(cfg.shapes[m]):
+                raise ValueError(f"hypernetwork shape {cfg.shapes[m]} for {m} does not match base tensor {got}")
+    data = to_onnx(net, fp16_weights=fp16_weights)
+    if len(data) > MAX_BUNDLE_BYTES:
+        print(f"warning: hypernet.onnx is {len(data) / 2**20:.1f} MiB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MiB budget")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": Path(out_dir).name,
+        "neutral": neutral,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": git_commit(),
+        "base": {"name": base_name, "sha256": base.sha256, "arch": base.arch, "n_layers": base.n_layers},
+        "encoder": encoder_info(),
+        "feature_dim": cfg.feature_dim,
+        "feature_names": feature_names,
+        "inputs": {"embedding": "float32 [B, E], L2-normalised encoder output", "features": "float32 [B, F], raw profile features"},
+        "lora": {"rank": cfg.rank, "alpha": float(cfg.scale * cfg.rank), "scale": cfg.scale, "targets": list(cfg.targets),
+                 "layers": list(cfg.layers), "shapes": {m: list(cfg.shapes[m]) for m in cfg.targets},
+                 "outputs": {m: list(output_names(m)) for m in cfg.targets}},
+        "onnx": {"file": ONNX_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "opset": OPSET,
+                 "fp16_weights": fp16_weights},
+        "hypernet": {"config": cfg.to_dict(), "params": count_params(net)},
+        "tasks": tasks or [],
+        "training": training or {},
+        "evaluation": evaluation or {},
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary shipped folder
+    try:
+        (tmp / ONNX_FILE).write_bytes(data)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def neutral_hypernet(feature_dim: int | None = None) -> HyperNet:
+    """The untrained hypernetwork (zero heads, B = 0): generates the zero adapter for every profile."""
+    torch.manual_seed(0)
+    return HyperNet(HyperConfig(feature_dim=feature_dim or default_feature_dim())).eval()
+
+
+def default_feature_dim() -> int:
+    from p2p_local.profile import FEATURE_DIM
+
+    return int(FEATURE_DIM)
+
+
+def default_feature_names() -> list[str]:
+    from p2p_local.profile import FEATURE_NAMES
+
+    return list(FEATURE_NAMES)
+
+
+def load_checkpoint(path: str | Path) -> tuple[HyperNet, dict]:
+    """(hypernetwork in eval mode, the checkpoint dict) from a trainer checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    if cfg.method != "p2p":
+        raise ValueError(f"{path} is a {cfg.method} checkpoint, not a hypernetwork (use trainer.baselines for it)")
+    net = HyperNet(cfg.hyper)
+    net.load_state_dict(ckpt["model"])
+    return net.eval(), ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, help="trainer checkpoint (runs/<run>/last.pt)")
+    ap.add_argument("--neutral", action="store_true", help="export the untrained stand-in (zero adapter)")
+    ap.add_argument("--out", type=Path, default=repo_root() / "models" / DEFAULT_BUNDLE)
+    ap.add_argument("--fp32", action="store_true", help="store all weights as float32 (bigger file)")
+    args = ap.parse_args(argv)
+    if args.neutral and args.checkpoint:
+        ap.error("pass --checkpoint or --neutral, not both")
+    if not args.neutral and not args.checkpoint:
+        args.checkpoint = repo_root() / "runs" / "full" / "last.pt"  # what `make train` writes
+        if not args.checkpoint.is_file():
+            ap.error(f"no checkpoint at {args.checkpoint}: run `make train` first, or pass --checkpoint / --neutral")
+    if args.neutral:
+        net, extra = neutral_hypernet(), {}
+    else:
+        net, ckpt = load_checkpoint(args.checkpoint)
+        extra = ckpt.get("export_meta", {})
+    if args.neutral:
+        extra["feature_names"] = default_feature_names()
+    training = extra.get("training", {})
+    training.setdefault("machine", f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus")
+    out = export_bundle(net, args.out, neutral=args.neutral, tasks=extra.get("tasks"), training=training,
+                        evaluation=extra.get("evaluation"), feature_names=extra.get("feature_names"),
+                        fp16_weights=not args.fp32)
+    size = (out / ONNX_FILE).stat().st_size
+    print(f"wrote {out} ({size / 2**20:.1f} MiB onnx)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""Train the Profile-to-PEFT hypernetwork end to end against the frozen base (de-quantized from the app's GGUF).
+
+    python -m trainer.train --recipe tiny                      # minutes on a laptop CPU
+    python -m trainer.train --recipe full                      # the shipped bundle (`make train`; the default)
+    torchrun --nproc-per-node 2 -m trainer.train --recipe short   # data-parallel (gloo on CPU, nccl on GPU)
+    python -m trainer.train --recipe short --set lr=5e-4 --set hyper.use_embedding=false
+
+Each step: sample a batch (tasks in proportion to sqrt(size)); the hypernetwork turns EACH sample's own
+profile into its LoRA; the LoRAs are applied functionally inside the frozen base; the loss is the
+cross-entropy of the target tokens only (the LM head runs at target positions only: the 262k-word
+vocabulary would dominate the step otherwise), averaged per sample, so a 1-token rating counts as
+much as a 20-token subject line. Gradients reach the hypernetwork only. Autograd keeps no activations
+below the first adapted layer (nothing there needs a gradient), so adapting only upper layers
+(`hyper.layers`) makes the backward pass cheaper by itself.
+
+Checkpoints (`<out_dir>/last.pt`: model, optimiser, scheduler, sampler position, step, RNG states) are
+written every `ckpt_every` steps; re-running the same command resumes exactly where it stopped
+(dropout noise is re-seeded from (seed, step, rank), so a resumed run is bitwise the straight run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import RECIPES, TrainConfig, recipe
+from trainer.hypernet import HyperNet
+from trainer.lora import FunctionalLoRA, SharedLoRA
+from trainer.samples import SampleSet, cached_samples, load_encoder, load_task, task_names
+
+# ------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_dist() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE; plain `python -m` runs as a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+class TaskMixture:
+    """Deterministic batches: tasks drawn in proportion to sqrt(size), samples walk a per-task
+    permutation (re-shuffled each pass). The whole state is a few integers, so resume is exact."""
+
+    def __init__(self, sizes: Sequence[int], seed: int) -> None:
+        self.sizes = list(sizes)
+        w = np.sqrt(np.asarray(self.sizes, dtype=np.float64))
+        self.weights = w / w.sum()
+        self.seed = seed
+        self.pos = [0] * len(sizes)
+        self.epoch = [0] * len(sizes)
+        self._perm: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _order(self, t: int) -> np.ndarray:
+        cached = self._perm.get(t)
+        if cached is None or cached[0] != self.epoch[t]:
+            rng = np.random.default_rng([self.seed, t, self.epoch[t]])
+            cached = (self.epoch[t], rng.permutation(self.sizes[t]))
+            self._perm[t] = cached
+        return cached[1]
+
+    def batch(self, step: int, n: int) -> list[tuple[int, int]]:
+        """The global batch of step `step`: n (task, sample) pairs. Call once per step, in order."""
+        tasks = np.random.default_rng([self.seed, 7919, step]).choice(len(self.sizes), size=n, p=self.weights)
+        out = []
+        for t in tasks.tolist():
+            out.append((t, int(self._order(t)[self.pos[t]])))
+            self.pos[t] += 1
+            if self.pos[t] == self.sizes[t]:
+                self.pos[t], self.epoch[t] = 0, self.epoch[t] + 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": list(self.pos), "epoch": list(self.epoch)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos, self.epoch = list(d["pos"]), list(d["epoch"])
+
+
+# ------------------------------------------------------------------------------------- batches and loss
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    embedding: torch.Tensor  # [B, E] each sample's own profile
+    features: torch.Tensor  # [B, F]
+    tgt_b: torch.Tensor  # [N] sample of each target token
+    tgt_pos: torch.Tensor  # [N] position whose output predicts it
+    tgt_ids: torch.Tensor  # [N]
+    n_samples: int
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+
+def collate(sets: Sequence[SampleSet], picks: Sequence[tuple[int, int]], pad_id: int = 0,
+            profile_from: Sequence[tuple[int, int]] | None = None) -> Batch:
+    """Build a batch; `profile_from` (controls) takes each sample's profile from another sample."""
+    profile_from = profile_from or picks
+    seqs = [sets[t].prompt_ids[i] + sets[t].target_ids[i] for t, i in picks]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    tb, tp, tt = [], [], []
+    for b, ((t, i), seq) in enumerate(zip(picks, seqs, strict=True)):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        n_prompt = len(sets[t].prompt_ids[i])
+        for k, tok in enumerate(sets[t].target_ids[i]):
+            tb.append(b)
+            tp.append(n_prompt - 1 + k)
+            tt.append(tok)
+    emb = torch.from_numpy(np.stack([sets[t].embeddings[i] for t, i in profile_from]))
+    feats = torch.from_numpy(np.stack([sets[t].features[i] for t, i in profile_from]))
+    return Batch(ids, mask, emb, feats, torch.tensor(tb), torch.tensor(tp), torch.tensor(tt), len(picks))
+
+
+def target_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits [N, V] at the target positions only (the LM head never sees the other positions)."""
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    return model.lm_head(hidden[batch.tgt_b, batch.tgt_pos])
+
+
+def per_sample_loss(logits: torch.Tensor, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean target-token cross-entropy of each sample [B]."""
+    tok = F.cross_entropy(logits.float(), batch.tgt_ids, reduction="none", label_smoothing=label_smoothing)
+    total = torch.zeros(batch.n_samples, device=tok.device).index_add(0, batch.tgt_b, tok)
+    count = torch.zeros(batch.n_samples, device=tok.device).index_add(0, batch.tgt_b, torch.ones_like(tok))
+    return total / count.clamp_min(1)
+
+
+def l2_penalty(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    sq = [t.float().pow(2).mean() for pair in adapters.values() for t in pair]
+    return torch.stack(sq).mean()
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA; a no-op on CPU (float32). One code path for both."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def shuffled_profiles(user_ids: Sequence[str]) -> np.ndarray:
+    """For each sample, the index of a sample of ANOTHER user (a deterministic derangement by user)."""
+    order = np.argsort(np.asarray(user_ids), kind="stable")
+    groups = {}
+    for u in user_ids:
+        groups[u] = groups.get(u, 0) + 1
+    if len(groups) < 2:
+        return np.arange(len(user_ids))
+    shift = max(groups.values())
+    src = np.empty(len(user_ids), dtype=np.int64)
+    src[order] = np.roll(order, shift)
+    return src
+
+
+def user_bootstrap_ci(values: np.ndarray, user_ids: Sequence[str], n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95% CI of the mean of per-sample `values`, resampling users (samples of one user are not independent)."""
+    users = sorted(set(user_ids))
+    idx = {u: [i for i, x in enumerate(user_ids) if x == u] for u in users}
+    sums = np.array([values[idx[u]].sum() for u in users])
+    counts = np.array([len(idx[u]) for u in users])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(users), size=(n_boot, len(users)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+@torch.no_grad()
+def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets: Sequence[SampleSet],
+             device: torch.device, bf16: bool, batch_size: int = 32, controls: bool = True) -> dict:
+    """Per task: target loss with the true profile, a shuffled (another user's) profile and no adapter;
+    for rating tasks also the label distribution's MAE (argmax and expected value) and label CE."""
+    was_training = net.training if net is not None else False
+    if net is not None:
+        net.eval()
+    results = {}
+    for t, s in enumerate(sets):
+        n = len(s)
+        if n == 0:
+            continue
+        shuf = shuffled_profiles(s.user_ids)
+        modes = ["true", "shuffled", "base"] if controls and net is not None else (["true"] if net is not None else ["base"])
+        res: dict[str, float] = {"n": n, "users": len(set(s.user_ids))}
+        per_sample: dict[str, np.ndarray] = {}
+        for mode in modes:
+            losses, lab_lp = [], []
+            for lo in range(0, n, batch_size):
+                picks = [(t, i) for i in range(lo, min(n, lo + batch_size))]
+                src = [(t, int(shuf[i])) for _, i in picks] if mode == "shuffled" else None
+                batch = collate(sets, picks, profile_from=src).to(device)
+                with autocast(device, bf16):
+                    if mode == "base":
+                        logits = target_logits(model, batch)
+                    else:
+                        with lora.applied(net(batch.embedding, batch.features)):
+                            logits = target_logits(model, batch)
+                losses.append(per_sample_loss(logits, batch).cpu())
+                if s.label_ids:
+                    lab_lp.append(torch.log_softmax(logits.float()[:, s.label_ids], dim=-1).cpu())
+            per_sample[mode] = torch.cat(losses).numpy()
+            res[f"loss_{mode}"] = float(per_sample[mode].mean())
+            if s.label_ids and s.kind == "rating":
+                lp = torch.cat(lab_lp).numpy()
+                values = np.array([float(x) for x in s.labels])
+                label_vals = np.array([float(x) for x in s.card_labels])
+                gold_idx = np.array([s.card_labels.index(x) for x in s.labels])
+                p = np.exp(lp)
+                res[f"mae_argmax_{mode}"] = float(np.abs(label_vals[lp.argmax(1)] - values).mean())
+                res[f"mae_expected_{mode}"] = float(np.abs(p @ label_vals - values).mean())
+                res[f"label_ce_{mode}"] = float(-lp[np.arange(n), gold_idx].mean())
+        if "loss_shuffled" in res:
+            res["gap_loss"] = res["loss_shuffled"] - res["loss_true"]
+            res["gap_loss_ci95"] = user_bootstrap_ci(per_sample["shuffled"] - per_sample["true"], s.user_ids)
+        results[s.task] = res
+    if net is not None and was_training:
+        net.train()
+    return results
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+        return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def load_data(cfg: TrainConfig, tokenizer, d: Dist) -> tuple[list[SampleSet], list[SampleSet], list[dict]]:
+    """Training and validation sample sets per task (rank 0 builds and caches, the others read the cache)."""
+    names = task_names(cfg.tasks)
+    train_sets, val_sets, cards = [], [], []
+    if not d.main:
+        d.barrier()  # wait until rank 0 has built (and cached) everything, then read the caches
+    encoder = load_encoder()
+    common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
+                  max_history=cfg.max_history)
+    for name in names:
+        td = load_task(name)
+        users = td.train[: cfg.max_users_train] if cfg.max_users_train else td.train
+        train_sets.append(cached_samples(td.card, users, tokenizer, encoder, split="train",
+                                         items_per_user=cfg.max_items_per_user, last=False, seed=cfg.seed, **common))
+        val_sets.append(cached_samples(td.card, td.val[: cfg.eval_users], tokenizer, encoder, split="val",
+                                       items_per_user=cfg.eval_items_per_user, last=True, seed=cfg.seed, **common))
+        cards.append({"name": td.card.name, "kind": td.card.kind, "description": td.card.description,
+                      "train_users": len(users), "train_samples": len(train_sets[-1]),
+                      "val_users": len(set(val_sets[-1].user_ids)), "val_samples": len(val_sets[-1])})
+    if d.main:
+        d.barrier()
+    return train_sets, val_sets, cards
+
+
+def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSet]) -> nn.Module:
+    """The model being trained: the hypernetwork (method "p2p"), or one shared LoRA ("mtlora" baseline)."""
+    from p2p_local.profile import FEATURE_DIM
+
+    h = cfg.hyper
+    h.feature_dim = FEATURE_DIM
+    h.n_layers = model.config.num_hidden_layers
+    h.layers = [x for x in h.layers if x < h.n_layers]
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "mtlora":
+        return SharedLoRA(h)
+    if cfg.method != "p2p":
+        raise ValueError(f"unknown method {cfg.method!r} (p2p | mtlora)")
+    net = HyperNet(h)
+    feats = torch.from_numpy(np.concatenate([s.features for s in train_sets]))
+    net.set_feature_stats(feats.mean(0), feats.std(0))
+    return net
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# What may change when a run is resumed; everything else (data, model, optimiser) comes from the checkpoint.
+RUNTIME_FIELDS = ("steps", "stop_after", "threads", "eval_every", "ckpt_every", "log_every", "out_dir",
+                  "save_rank_weights", "eval_users", "eval_items_per_user", "bf16")
+
+
+def resume_config(current: TrainConfig, saved: TrainConfig, verbose: bool = True) -> TrainConfig:
+    """The checkpoint's config with the current run-time settings: resuming with a newer default recipe
+    must not silently change the data or the model mid-run."""
+    merged = saved.to_dict()
+    cur = current.to_dict()
+    ignored = [k for k in cur if k not in RUNTIME_FIELDS and k != "hyper" and cur[k] != merged[k]]
+    for k in RUNTIME_FIELDS:
+        merged[k] = cur[k]
+    if verbose and ignored:
+        print(f"resuming with the checkpoint's settings for {', '.join(ignored)} (use --fresh to start over)")
+    return TrainConfig.from_dict(merged)
+
+
+def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary. Writes <out_dir>/{last.pt, metrics.jsonl, config.json}.
+    `base` = (model, tokenizer) already loaded (tests reuse one), else trainer.base.load_base()."""
+    d = setup_dist()
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "last.pt"
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume and ckpt_path.is_file() else None
+    if ck is not None:
+        cfg = resume_config(cfg, TrainConfig.from_dict(ck["config"]), verbose=d.main)
+    if d.device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    from trainer.base import load_base
+
+    if base is None:
+        if not d.main:
+            d.barrier()  # rank 0 converts (and caches) the GGUF first; the others then read the cache
+        base = load_base()
+        if d.main:
+            d.barrier()
+    model, tokenizer = base
+    model.to(d.device)
+    train_sets, val_sets, cards = load_data(cfg, tokenizer, d)
+    net = build_hypernet(cfg, model, train_sets).to(d.device)
+    lora = FunctionalLoRA(model, cfg.hyper.targets, cfg.hyper.layers, cfg.hyper.scale)
+    ddp_net = nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
+    opt = torch.optim.AdamW(net.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult), lr=cfg.lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sampler = TaskMixture([len(s) for s in train_sets], cfg.seed)
+    step, elapsed_before = 0, 0.0
+    if ck is not None:
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sampler.load_state_dict(ck["sampler"])
+        step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        if d.main:
+            print(f"resumed {ckpt_path} at step {step}")
+    if d.main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        n_params = sum(p.numel() for p in net.parameters())
+        tasks = ", ".join(f"{c['name']} ({c['train_samples']} samples)" for c in cards)
+        print(f"tasks: {tasks}; {cfg.method} {n_params / 1e6:.2f}M params; device {d.device}, world {d.world}")
+    per_rank = cfg.batch_size // d.world
+    if per_rank * d.world != cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
+    micro = min(cfg.micro_batch, per_rank)
+    n_micro = math.ceil(per_rank / micro)
+    if d.main and step == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    log = open(out / "metrics.jsonl", "a") if d.main else None
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=cfg.recipe, dynamic_ncols=True)
+    t_start = time.time()
+    last = {}
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    net.train()
+    while step < stop_at:
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)  # dropout noise: a function of (seed, step, rank)
+        picks = sampler.batch(step, cfg.batch_size)[d.rank::d.world]
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for k in range(n_micro):
+            mb = picks[k * micro:(k + 1) * micro]
+            batch = collate(train_sets, mb).to(d.device)
+            sync = k == n_micro - 1 or d.world == 1
+            ctx = ddp_net.no_sync() if (d.world > 1 and not sync) else _null()
+            with ctx, autocast(d.device, cfg.bf16):
+                adapters = ddp_net(batch.embedding, batch.features)
+                with lora.applied(adapters):
+                    logits = target_logits(model, batch)
+                loss = per_sample_loss(logits, batch, cfg.label_smoothing).mean()
+                if cfg.l2_ab:
+                    loss = loss + cfg.l2_ab * l2_penalty(adapters)
+                (loss * len(mb) / per_rank).backward()
+            loss_sum += float(loss.detach()) * len(mb) / per_rank
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
+        opt.step()
+        sched.step()
+        step += 1
+        dt = time.time() - t0
+        if d.world > 1:
+            t = torch.tensor([loss_sum], device=d.device)
+            dist.all_reduce(t)
+            loss_sum = float(t) / d.world
+        last = {"step": step, "loss": round(loss_sum, 5), "grad_norm": round(grad_norm, 4),
+                "lr": sched.get_last_lr()[-1], "s_per_step": round(dt, 3), "samples_per_s": round(cfg.batch_size / dt, 2),
+                "elapsed": round(elapsed_before + time.time() - t_start, 1)}
+        if d.main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", gn=f"{grad_norm:.2f}", sps=f"{cfg.batch_size / dt:.1f}")
+            if step % cfg.log_every == 0 or step == 1:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16) if d.main else {}
+            if d.main:
+                log.write(json.dumps({"step": step, "eval": ev}) + "\n")
+                log.flush()
+                print(_eval_line(ev))
+            d.barrier()
+        if d.main and (step % cfg.ckpt_every == 0 or step == stop_at):
+            save_checkpoint(ckpt_path, _state(cfg, net, opt, sched, sampler, step,
+                                              elapsed_before + time.time() - t_start, cards, last))
+        d.barrier()
+    if bar is not None:
+        bar.close()
+    summary = {"steps": step, "last": last, "cards": cards, "finished": step >= cfg.steps}
+    if cfg.save_rank_weights:
+        torch.save(net.state_dict(), out / f"weights-rank{d.rank}.pt")
+    if d.main and step < cfg.steps:
+        log.close()
+        print(f"stopped at step {step}/{cfg.steps}; run the same command again to resume")
+    elif d.main:
+        ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16) if cfg.eval_users else {}
+        summary["eval"] = ev
+        log.write(json.dumps({"step": step, "eval": ev, "final": True}) + "\n")
+        log.close()
+        if ev:
+            print(_eval_line(ev))
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
+        save_checkpoint(ckpt_path, ck)
+    lora.remove()
+    if d.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _state(cfg, net, opt, sched, sampler, step, elapsed, cards, last) -> dict:
+    return {
+        "config": cfg.to_dict(), "model": net.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "step": step, "elapsed": elapsed,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "export_meta": {
+            "tasks": [{"name": c["name"], "kind": c["kind"], "description": c["description"]} for c in cards],
+            "training": {"recipe": cfg.recipe, "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                         "wall_time_s": round(elapsed, 1), "s_per_step": round(elapsed / max(1, step), 3),
+                         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus, "
+                                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+                         "data": cards, "last": last},
+            "feature_names": _feature_names(),
+        },
+    }
+
+
+def _feature_names() -> list[str]:
+    from p2p_local.profile import FEATURE_NAMES
+
+    return list(FEATURE_NAMES)
+
+
+def _eval_line(ev: dict) -> str:
+    parts = []
+    for task, r in ev.items():
+        s = f"{task}: loss true {r['loss_true']:.4f} shuffled {r.get('loss_shuffled', float('nan')):.4f} base {r.get('loss_base', float('nan')):.4f}"
+        if "mae_expected_true" in r:
+            s += f" | MAE(E) true {r['mae_expected_true']:.3f} shuffled {r['mae_expected_shuffled']:.3f} base {r['mae_expected_base']:.3f}"
+        parts.append(s)
+    return "\n".join(parts)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parse_value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    if v.startswith("["):
+        return json.loads(v)
+    return v
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    ap = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="full", choices=sorted(RECIPES),
+                    help="tiny: minutes (smoke test); short: ~10-20 min on a laptop CPU; full (default): the shipped bundle")
+    ap.add_argument("--out-dir", help="run directory (default runs/<recipe>)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--tasks", help="comma-separated task names, or 'all'")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any TrainConfig field (hyper.* for the hypernetwork), repeatable")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run directory")
+    ap.add_argument("--stop-after", type=int, help="run at most this many steps now, then checkpoint and exit (resumable)")
+    args = ap.parse_args(argv)
+    overrides: dict = {"hyper": {}}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if k.startswith("hyper."):
+            overrides["hyper"][k[6:]] = parse_value(v)
+        else:
+            overrides[k] = parse_value(v)
+    if args.steps:
+        overrides["steps"] = args.steps
+    if args.stop_after:
+        overrides["stop_after"] = args.stop_after
+    if args.tasks:
+        overrides["tasks"] = args.tasks.split(",")
+    overrides["out_dir"] = args.out_dir or f"runs/{args.recipe}"
+    return recipe(args.recipe, **overrides), not args.fresh
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = config_from_args(argv)
+    summary = train(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"steps": summary["steps"], "last": summary["last"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
