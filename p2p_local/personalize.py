@@ -250,7 +250,7 @@ class Session:
         kw = self.decoding(task)
         if max_tokens:
             kw["max_tokens"] = max_tokens
-        return self.engine.generate(self.prompt(text, task, transcript), temperature=temperature, **kw)
+        yield from self.engine.generate(self.prompt(text, task, transcript), temperature=temperature, **kw)
 
     def close(self) -> None:
         self._loaded.clear()

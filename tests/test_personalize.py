@@ -74,6 +74,17 @@ def test_label_answers_come_from_the_label_distribution(session: Session) -> Non
     assert base in dist and session.engine.active == (None, 0.0)
 
 
+def test_free_chat_and_generation_answers_stream_text(session: Session) -> None:
+    """Generated answers stream real pieces (free chat, a generation task), personalized and base."""
+    from p2p_local.personalize import FREE_CHAT
+
+    pieces = list(session.answer("The capital of France is", profile="demo", task=FREE_CHAT, max_tokens=8))
+    assert pieces and "".join(pieces).strip() and session.last_result is not None
+    subject = "".join(session.answer("files: src/_pytest/python.py\nFix the fixture scope error message.",
+                                     task="pytest-commit-subject", max_tokens=12))
+    assert subject.strip() and session.engine.active == (None, 0.0)
+
+
 def test_unknown_profile_and_task_are_clear_errors(session: Session) -> None:
     with pytest.raises(StoreError, match="nobody"):
         session.personalize("nobody")

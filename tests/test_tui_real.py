@@ -125,9 +125,13 @@ async def test_real_escape_stops_llama_cpp_and_the_chat_goes_on(session):
 
         def held():
             try:
-                for i, piece in enumerate(pieces):
+                held_once = False
+                for piece in pieces:
                     yield piece
-                    if i == 0:
+                    # Hold after the first piece with visible text: a leading " " or "\n" shows nothing,
+                    # and holding there would leave the screen blank until the gate times out.
+                    if piece.strip() and not held_once:
+                        held_once = True
                         gate.wait(WAIT_S)
             finally:
                 pieces.close()
