@@ -7,7 +7,7 @@ APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
 ARGS   ?=
 
-.PHONY: chat test prepare bench data train export eval lint fmt clean
+.PHONY: chat test prepare bench data train export eval report encoders lint fmt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ export: $(DEV)
 
 eval: $(APP) data
 	$(BIN)/p2p eval $(ARGS)
+
+# The shipped evaluation (about an hour on 2 cores): every method on every task's test and OOD users,
+# reports/SUMMARY.md, the bundle's EVAL.md and the P2P-vs-OPPU cost. OPPU trains per user: needs torch.
+report: $(DEV) data
+	bash scripts/evaluate.sh
+
+# P2P trained with two profile encoders (MiniLM, the base model's own embeddings), compared.
+encoders: $(DEV) data
+	$(BIN)/python -m trainer.compare_encoders $(ARGS)
 
 lint: $(DEV)
 	$(BIN)/ruff check p2p_local trainer tests

@@ -51,6 +51,7 @@ class TrainConfig:
 
     recipe: str = "short"
     method: str = "p2p"  # p2p (hypernetwork) | mtlora (one shared LoRA, the baseline; profile ignored)
+    encoder: str = "minilm"  # profile text encoder: minilm (the device's ONNX MiniLM) | gemma-mean (see samples.py)
     tasks: list[str] = field(default_factory=lambda: ["movielens-rating"])
     out_dir: str = "runs/p2p"
     seed: int = 1337

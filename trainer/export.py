@@ -212,6 +212,8 @@ def load_checkpoint(path: str | Path) -> tuple[HyperNet, dict]:
     cfg = TrainConfig.from_dict(ckpt["config"])
     if cfg.method != "p2p":
         raise ValueError(f"{path} is a {cfg.method} checkpoint, not a hypernetwork (use trainer.baselines for it)")
+    if cfg.encoder != "minilm":  # the device embeds profiles with MiniLM: another encoder's bundle would be garbage
+        raise ValueError(f"{path} was trained on {cfg.encoder} embeddings; only MiniLM bundles run on the device")
     net = HyperNet(cfg.hyper)
     net.load_state_dict(ckpt["model"])
     return net.eval(), ckpt

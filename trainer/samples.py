@@ -146,7 +146,7 @@ def build_samples(
             texts.append(profile.text)
             feats.append(profile.features)
             labels.append(query.output)
-    emb = np.asarray(embed(texts), dtype=np.float32) if texts else np.zeros((0, 384), np.float32)
+    emb = np.asarray(embed(texts), dtype=np.float32) if texts else np.zeros((0, 0), np.float32)
     label_ids = []
     if card.kind != "generation":
         label_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"][0] for lab in card.labels]
@@ -181,11 +181,20 @@ def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, spl
     return samples
 
 
-def load_encoder():
-    """The device's profile encoder (prepared on first use)."""
-    from p2p_local.encoder import Encoder, prepare_encoder
+ENCODERS = ("minilm", "gemma-mean")
+
+
+def load_encoder(name: str = "minilm", threads: int = 0):
+    """A profile text encoder: `minilm`, the device's ONNX MiniLM (prepared on first use), or `gemma-mean`,
+    the base model's own mean-pooled hidden states through llama.cpp (a second, different encoder for
+    the encoder comparison; ~30x slower per profile, so only cached offline runs use it)."""
+    from p2p_local.encoder import Encoder, GemmaEncoder, prepare_encoder
     from p2p_local.errors import ModelError
 
+    if name == "gemma-mean":
+        return GemmaEncoder(n_ctx=512, threads=threads or None)
+    if name != "minilm":
+        raise ValueError(f"unknown encoder {name!r} ({' | '.join(ENCODERS)})")
     try:
         return Encoder.load()
     except ModelError:

@@ -281,7 +281,7 @@ def load_data(cfg: TrainConfig, tokenizer, d: Dist) -> tuple[list[SampleSet], li
     train_sets, val_sets, cards = [], [], []
     if not d.main:
         d.barrier()  # wait until rank 0 has built (and cached) everything, then read the caches
-    encoder = load_encoder()
+    encoder = load_encoder(cfg.encoder, cfg.threads)
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
                   max_history=cfg.max_history)
     for name in names:
@@ -305,6 +305,7 @@ def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSe
 
     h = cfg.hyper
     h.feature_dim = FEATURE_DIM
+    h.embedding_dim = int(train_sets[0].embeddings.shape[1])  # the encoder's width (MiniLM 384, Gemma 640)
     h.n_layers = model.config.num_hidden_layers
     h.layers = [x for x in h.layers if x < h.n_layers]
     torch.manual_seed(cfg.seed)

@@ -14,6 +14,7 @@ EPILOG = """examples:
   p2p eval --task movielens-rating --methods base,user-mean,p2p --split ood
   p2p eval --task pytest-commit-subject --methods base,rag,pag,all-history --users 20
   p2p eval --data users.jsonl --task-card card.json      # your own data (generic format, docs/DATA.md)
+  p2p eval --summary --card models/gemma3-270m-p2p        # gather reports/ into SUMMARY.md (+ the bundle's EVAL.md)
 
 methods: base rag pag all-history mt-lora oppu p2p p2p-shuffled p2p-random
          global-mean user-mean user-item-bias logreg (the last four: rating/label tasks)
@@ -43,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oppu-users", type=int, help="give OPPU only the first N evaluated users (training cost)")
     p.add_argument("--max-tokens", type=int, help="generation budget (default: ~24 one-line, 1.5x input otherwise)")
     p.add_argument("--fresh", action="store_true", help="ignore results stored by earlier runs")
+    p.add_argument("--summary", action="store_true",
+                   help="evaluate nothing: gather the reports in --out into SUMMARY.md, summary.json and summary.png")
+    p.add_argument("--card", type=Path, help="with --summary: also write EVAL.md into this bundle directory")
     p.set_defaults(func=cmd_eval)
 
 
@@ -65,6 +69,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from p2p_local.eval.report import fmt
     from p2p_local.eval.runner import EvalConfig, run_eval
 
+    if args.summary:
+        from p2p_local.eval.summary import write_summary
+
+        write_summary(args.out, args.card)
+        return 0
     if args.queries < 1 or (args.users is not None and args.users < 1):
         raise P2PError("--queries and --users must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None

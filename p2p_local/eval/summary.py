@@ -1,0 +1,180 @@
+"""One page over every evaluation report: reports/SUMMARY.md, summary.json and summary.png.
+
+    p2p eval --summary                      # reads reports/<task>-<split>.json, writes the summary
+    p2p eval --summary --card models/gemma3-270m-p2p   # also the bundle's evaluation card (EVAL.md)
+
+The goal the product is held to (issue: evaluation): P2P beats Base, RAG, PAG, MT-LoRA and OPPU on every
+task's held-out users, the true profile beats the shuffled one, and on rating tasks P2P beats the
+user-mean reference. Each comparison is read off the report's paired difference (method - P2P on the
+same users, 95% bootstrap CI over users): a win needs a CI that excludes 0 in P2P's favour; a CI
+that holds 0 is a tie. Nothing here re-scores anything: it only gathers what the reports measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from p2p_local.eval.report import REFERENCE, fmt
+
+SPLIT_ORDER = ("test", "ood", "val", "all")
+# The comparisons the goal names, in the order it names them; classic references only for ratings.
+GOAL = ("base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-shuffled", "p2p-random")
+GOAL_RATING = ("user-mean", "user-item-bias", "logreg")
+
+
+def load_reports(out: Path) -> list[dict[str, Any]]:
+    """Every per-task report in `out` (files <task>-<split>.json written by `p2p eval`)."""
+    reps = []
+    for path in sorted(out.glob("*.json")):
+        if path.name.startswith("summary") or path.name.startswith("bench") or path.name.startswith("cost"):
+            continue
+        try:
+            rep = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rep, dict) and {"task", "split", "methods", "primary_metric"} <= set(rep):
+            reps.append(rep)
+    reps.sort(key=lambda r: (r["task"], SPLIT_ORDER.index(r["split"]) if r["split"] in SPLIT_ORDER else 9))
+    return reps
+
+
+def verdict(diff: dict | None, higher_is_better: bool) -> str:
+    """'win' / 'tie' / 'loss' for P2P from a (method - P2P) difference estimate with its CI."""
+    if not diff or diff.get("value") is None:
+        return "n/a"
+    lo, hi = diff.get("ci") or (None, None)
+    if lo is None or hi is None:
+        return "n/a"
+    # method - p2p: for a lower-is-better metric P2P wins when the method is higher (lo > 0).
+    if higher_is_better:
+        return "win" if hi < 0 else "loss" if lo > 0 else "tie"
+    return "win" if lo > 0 else "loss" if hi < 0 else "tie"
+
+
+def goal_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    primary = rep["primary_metric"]
+    hib = rep["higher_is_better"][primary]
+    paired = rep.get("paired_vs_" + REFERENCE) or {}
+    names = list(GOAL) + (list(GOAL_RATING) if rep["kind"] == "rating" else [])
+    rows = []
+    for name in names:
+        e = rep["methods"].get(name)
+        if e is None:
+            continue
+        if e["status"] != "ok" or name not in paired:
+            rows.append({"method": name, "verdict": "not evaluated", "reason": e.get("reason", "")})
+            continue
+        d = paired[name]["metrics"].get(primary)
+        rows.append({"method": name, "n_users": paired[name]["n_users"], "diff": d, "verdict": verdict(d, hib)})
+    return rows
+
+
+def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    tasks = []
+    for rep in reps:
+        primary = rep["primary_metric"]
+        tasks.append({
+            "task": rep["task"], "split": rep["split"], "kind": rep["kind"], "primary_metric": primary,
+            "higher_is_better": rep["higher_is_better"][primary], "n_users": rep["data"]["n_users"],
+            "n_queries": rep["data"]["n_queries"], "command": rep["command"],
+            "methods": {n: {"n_users": e["n_users"], primary: e["metrics"][primary]}
+                        for n, e in rep["methods"].items() if e["status"] == "ok"},
+            "goal": goal_rows(rep),
+            "machine": rep["machine"],
+        })
+    wins = [g for t in tasks for g in t["goal"] if g["verdict"] in ("win", "tie", "loss")]
+    return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")}}
+
+
+def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> str:
+    lines = [f"# {title}", "",
+             "Every figure below is read from the per-task reports in this folder (`<task>-<split>.md`), which "
+             "hold the full tables, the command, the machine and the git commit. Primary metric per task, "
+             "95% bootstrap CI over users.", ""]
+    for split in SPLIT_ORDER:
+        ts = [t for t in summary["tasks"] if t["split"] == split]
+        if not ts:
+            continue
+        lines += [f"## {split} split", ""]
+        for t in ts:
+            arrow = "higher is better" if t["higher_is_better"] else "lower is better"
+            lines += [f"### {t['task']} ({t['primary_metric']}, {arrow}; {t['n_users']} users, {t['n_queries']} queries)",
+                      "", f"`{t['command']}`", "", "| method | users | " + t["primary_metric"] + " |", "| --- | --- | --- |"]
+            for name, m in t["methods"].items():
+                lines.append(f"| {'**' + name + '**' if name == REFERENCE else name} | {m['n_users']} | "
+                             f"{fmt(m[t['primary_metric']])} |")
+            lines += ["", "P2P against each comparison (method - P2P, same users):", "",
+                      "| vs | users | difference | P2P |", "| --- | --- | --- | --- |"]
+            for g in t["goal"]:
+                if "diff" in g:
+                    lines.append(f"| {g['method']} | {g['n_users']} | {fmt(g['diff'])} | {g['verdict']} |")
+                else:
+                    lines.append(f"| {g['method']} | - | - | not evaluated |")
+            lines.append("")
+    c = summary["counts"]
+    lines += ["## Scoreboard", "",
+              f"Across every task, split and comparison above: P2P **wins {c['win']}**, ties {c['tie']}, "
+              f"loses {c['loss']} (win = the CI of the paired difference excludes 0 in P2P's favour).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(summary: dict[str, Any], path: Path) -> Path | None:
+    """One panel per task (test split, else the first split): primary metric per method with 95% CIs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    seen, panels = set(), []
+    for t in sorted(summary["tasks"], key=lambda t: SPLIT_ORDER.index(t["split"]) if t["split"] in SPLIT_ORDER else 9):
+        if t["task"] not in seen:
+            seen.add(t["task"])
+            panels.append(t)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    for ax, t in zip(axes[0], panels, strict=True):
+        pm = t["primary_metric"]
+        rows = [(n, m[pm]) for n, m in t["methods"].items() if m[pm].get("value") is not None]
+        names = [n for n, _ in rows]
+        vals = [e["value"] for _, e in rows]
+        lo = [e["value"] - (e["ci"][0] if e["ci"][0] is not None else e["value"]) for _, e in rows]
+        hi = [(e["ci"][1] if e["ci"][1] is not None else e["value"]) - e["value"] for _, e in rows]
+        colors = ["#c0392b" if n == REFERENCE else "#7f8c8d" if n.startswith(REFERENCE + "-") else "#2c7fb8"
+                  for n in names]
+        y = list(range(len(rows)))[::-1]
+        ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
+        ax.set_yticks(y, names)
+        ax.set_title(f"{t['task']} ({t['split']})", fontsize=10)
+        ax.set_xlabel(f"{pm} ({'higher' if t['higher_is_better'] else 'lower'} is better)")
+    fig.suptitle("P2P (red), its controls (grey) and every other method; 95% CI over users", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: Path, card_dir: Path | None = None, log=print) -> list[Path]:
+    """Write SUMMARY.md / summary.json / summary.png into `out` (and EVAL.md into `card_dir`)."""
+    reps = load_reports(out)
+    if not reps:
+        from p2p_local.errors import DataError
+
+        raise DataError(f"no evaluation reports in {out}", hint="run `p2p eval --task T` first")
+    summary = build_summary(reps)
+    paths = [out / "summary.json", out / "SUMMARY.md"]
+    paths[0].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text(to_markdown(summary), encoding="utf-8")
+    png = write_chart(summary, out / "summary.png")
+    if png:
+        paths.append(png)
+    if card_dir is not None:
+        card = Path(card_dir) / "EVAL.md"
+        card.write_text(to_markdown(summary, f"Evaluation card: {Path(card_dir).name}"), encoding="utf-8")
+        paths.append(card)
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return paths
