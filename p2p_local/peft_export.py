@@ -143,13 +143,17 @@ def export_peft(
     """Write `adapter` (in memory, or a GGUF adapter file) as a PEFT folder at `out_dir`, atomically.
 
     The folder is built beside `out_dir` and renamed into place, so readers never see half of one;
-    an existing `out_dir` is replaced.
+    an existing `out_dir` is replaced only if it is empty or an earlier PEFT export (never a folder
+    holding anything else: that would delete the user's files).
     """
     if not isinstance(adapter, LoraAdapter):
         adapter = read_adapter(adapter)
     if dtype not in ("f32", "f16"):
         raise AdapterError(f"unsupported PEFT dtype {dtype!r}", hint="use f32 or f16")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "." has no name to build the temp folder from
+    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
+        raise AdapterError(f"{out_dir} exists and is not a PEFT export: it would be replaced",
+                           hint="pass a new folder, e.g. --peft-out alice-peft/")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = peft_config(adapter, base_model_name)
     tensors = peft_state_dict(adapter, dtype)

@@ -7,6 +7,7 @@ bundle, one encoder, the store, and a small cache of adapters already loaded int
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from p2p_local.profile import Profile, build_profile
 from p2p_local.store import Store
 
 MAX_LOADED_ADAPTERS = 8  # llama.cpp handles kept alive for instant switching
+KEEP_ADAPTER_FILES = 32  # cached adapter files per profile (~0.7 MB each for the default bundle)
 FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template
 
 
@@ -173,6 +175,8 @@ class Session:
             timings.update(self.personalizer.write(prof, path))
             self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)
             self.store.mark_stale(profile, False)
+            # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
+            self.store.prune_adapters(profile, keep=KEEP_ADAPTER_FILES)
         t2 = time.perf_counter()
         self._attach(path, scale)
         timings["load_attach_ms"] = (time.perf_counter() - t2) * 1e3
@@ -201,14 +205,31 @@ class Session:
                         for role, content in (transcript or [])[-6:])
         return f"{turns}User: {text}\nAssistant:"
 
-    def decoding(self, task: str | None) -> dict:
-        """Per-task decoding: a label is a token or two; free chat stops at the next turn."""
+    def decoding(self, task: str | None, text: str = "", profile: str | None = None) -> dict:
+        """Per-task decoding: a label is a token or two; free chat stops at the next turn.
+
+        Generation as evaluated (`eval.methods.generation_setup`): a one-line task (the profile's outputs
+        have no line breaks, e.g. commit subjects) stops at the newline; a multi-line one (email
+        rewrites, whose paragraphs are separated by blank lines) stops where a new example would begin,
+        with room for 1.5x the input. With no outputs to go by, the card's answer header decides
+        ("Subject line:" is one line).
+        """
         if not task or task == FREE_CHAT:
             return {"max_tokens": 160, "stop": ["\nUser:", "\n\n\n"]}
         card = self.card(task)
         if card.kind in ("rating", "label"):
             return {"max_tokens": 4, "stop": ["\n"]}
-        return {"max_tokens": 96, "stop": ["\n\n"]}
+        outputs = [i.output.strip() for i in self.store.items(profile, task=task, limit=500)] if profile else []
+        if outputs:
+            one_line = sum("\n" in o for o in outputs) < 0.05 * len(outputs)
+        else:
+            one_line = "line" in card.template.split("{input}")[-1].lower()
+        if one_line:
+            return {"max_tokens": 48, "stop": ["\n"]}
+        head = card.template.split("{input}")[0].strip().splitlines()
+        stop = (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
+        n_in = len(self.engine.tokenize(text, add_bos=False)) if text else 0
+        return {"max_tokens": max(96, math.ceil(1.5 * n_in)), "stop": stop}
 
     def label_distribution(self, text: str, task: str) -> dict[str, float]:
         """The model's probabilities over the task's labels (under whatever adapter is attached)."""
@@ -247,7 +268,7 @@ class Session:
         if task != FREE_CHAT and self.card(task).kind in ("rating", "label"):
             yield self.choose_label(text, task)
             return
-        kw = self.decoding(task)
+        kw = self.decoding(task, text, profile)
         if max_tokens:
             kw["max_tokens"] = max_tokens
         yield from self.engine.generate(self.prompt(text, task, transcript), temperature=temperature, **kw)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from p2p_local.errors import StoreError
-    from p2p_local.personalize import Session
+    from p2p_local.personalize import FREE_CHAT, Session
 
     if not 0.0 <= args.scale <= 2.0:
         raise StoreError(f"--scale must be within 0-2, got {args.scale}")
@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
         if profile is None and not args.base:
             names = [p.name for p in s.profiles()]
             profile = names[0] if names else None
+        task = args.task or (s.default_task(profile) if profile else FREE_CHAT)  # as answer() picks it: say which
         pieces = []
-        stream = s.answer(args.text, profile=profile, task=args.task, personalized=not args.base, scale=args.scale,
+        stream = s.answer(args.text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
         for piece in stream:
             pieces.append(piece)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         adapter, scale = s.engine.active
     if args.json:
-        print(json.dumps({"text": "".join(pieces), "profile": profile, "task": args.task,
+        print(json.dumps({"text": "".join(pieces), "profile": profile, "task": task,
                           "adapter": str(adapter.path) if adapter else None, "scale": scale}))
     else:
         sys.stdout.write("\n")

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         profile = pick_profile(session.store, args.profile, args.demo)
         cards = session.task_cards()
-        if args.task is not None and args.task not in cards and args.task not in ("free", "free chat"):
+        if args.task is not None and args.task not in cards and args.task not in ("free", "free chat", "chat"):
             raise StoreError(f"unknown task {args.task!r}", hint=f"known tasks: {', '.join(sorted(cards))}")
         app = ChatApp(session, profile=profile, task=args.task, personalized=not args.base,
                       compare=args.compare, resume=not args.new)

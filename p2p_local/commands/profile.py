@@ -159,6 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     meta = _json_object(args.meta, "--meta") if args.meta else None
     with Store() as s:
+        _check_label(args.task or s.get_profile(args.name).task, args.output)
         item = s.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
     if args.json:
         return _print_json(asdict(item))
@@ -168,15 +169,21 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with Store() as s:
-        if args.create and not s.profile_exists(args.name):
+        created = args.create and not s.profile_exists(args.name)
+        if created:
             s.create_profile(args.name, task=args.task)
         elif not s.profile_exists(args.name):
             try:
                 s.get_profile(args.name)
             except StoreError as e:  # keep its did-you-mean, offer --create
                 raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
-        result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
-                             task=args.task)
+        try:
+            result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
+                                 task=args.task)
+        except BaseException:
+            if created:  # all or nothing: a failed import leaves no empty profile behind
+                s.forget_profile(args.name)
+            raise
     if args.json:
         return _print_json(asdict(result))
     where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
@@ -193,7 +200,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print("error: nothing to change: pass --input, --output, --task or --time", file=sys.stderr)
         return 2
     with Store() as s:
-        _item_of(s, args.name, args.item_id)
+        old = _item_of(s, args.name, args.item_id)
+        if "output" in fields or "task" in fields:
+            _check_label(fields.get("task", old.task), fields.get("output", old.output))
         item = s.edit_item(args.item_id, **fields)
     if args.json:
         return _print_json(asdict(item))
@@ -282,6 +291,19 @@ def _item_of(s: Store, name: str, item_id: int) -> Item:
     if item is None or item.profile_id != prof.id:
         raise StoreError(f"profile {name!r} has no item {item_id}", hint=f"see ids with: p2p profile show {name}")
     return item
+
+
+def _check_label(task: str | None, output: str) -> None:
+    """A rating/label item must answer with one of its task's labels: the profile builder skips any
+    other output, so it would be stored but never personalize anything (the chat's panel refuses it too)."""
+    from p2p_local.data.format import builtin_card, builtin_cards
+
+    if task not in builtin_cards():
+        return
+    card = builtin_card(task)
+    if card.kind != "generation" and output.strip() not in card.labels:
+        raise DataError(f"{task} answers are one of {', '.join(card.labels)}, got {output!r}",
+                        hint=f"e.g. --output {card.labels[-1]}")
 
 
 def _time_arg(value: str | None) -> float | None:

@@ -55,7 +55,7 @@ class ChatApp(App[None]):
         if task is None and profile is not None:  # the profile's default task
             default = self.store.get_profile(profile).task
             task = default if default in self.cards else None
-        elif task in (FREE_CHAT, "free"):
+        elif task in (FREE_CHAT, "free", "chat"):  # "chat": what `p2p ask --task` calls it
             task = None
         self._start = dict(profile=profile, task=task, personalized=personalized, scale=scale,
                            compare=compare, resume=resume)

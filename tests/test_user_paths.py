@@ -1,0 +1,121 @@
+"""What a new user runs into on the on-device path: the CLI and the session, on the real components."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2p_local.adapter import LoraAdapter
+from p2p_local.bundle import Bundle
+from p2p_local.cli import main
+from p2p_local.encoder import Encoder
+from p2p_local.errors import AdapterError, DataError, StoreError
+from p2p_local.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from p2p_local.personalize import KEEP_ADAPTER_FILES, Session
+from p2p_local.store import Store
+
+
+@pytest.fixture
+def session(engine, p2p_home: Path):
+    from p2p_local.demo import import_demo
+
+    store = Store()
+    import_demo(store, "demo")
+    s = Session(engine, Bundle.load(), Encoder.load(), store)
+    yield s
+    s._loaded.clear()
+    for st in s._stores:
+        st.close()
+    engine.use(None)
+
+
+def _tiny_adapter() -> LoraAdapter:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    return LoraAdapter(tensors={"blk.0.attn_q.weight": (a, b)}, alpha=2.0, arch="gemma3")
+
+
+def test_peft_export_never_replaces_a_folder_of_other_files(tmp_path: Path, monkeypatch) -> None:
+    """`--peft-out ~/Documents` used to rmtree the folder; `--peft-out .` crashed with a traceback."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("precious")
+    with pytest.raises(AdapterError, match="not a PEFT export"):
+        export_peft(_tiny_adapter(), docs)
+    assert (docs / "thesis.txt").read_text() == "precious"
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(AdapterError, match="not a PEFT export"):
+        export_peft(_tiny_adapter(), tmp_path / "file.txt")
+    out = export_peft(_tiny_adapter(), tmp_path / "peft")
+    assert export_peft(_tiny_adapter(), out) == out  # an earlier export is replaced
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert sorted(p.name for p in export_peft(_tiny_adapter(), ".").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_generation_decoding_matches_the_task_shape(session: Session) -> None:
+    """A commit subject is one line (it used to run on for 96 tokens of 'Description: ...'); an email
+    rewrite keeps its paragraphs (it used to stop at the first blank line)."""
+    subject = session.decoding("pytest-commit-subject", "Fix the fixture scope error message.")
+    assert subject["stop"] == ["\n"]
+    email = "hey\n\ncan u send me the report by friday thx " * 20
+    rewrite = session.decoding("popquorn-email-rewrite", email)
+    assert "\n\n" not in rewrite["stop"] and "\nEmail:" in rewrite["stop"]
+    assert rewrite["max_tokens"] >= 1.5 * len(session.engine.tokenize(email, add_bos=False))
+    # The profile's own outputs decide: a user whose "subjects" span lines gets the multi-line stops.
+    session.store.create_profile("poet", task="pytest-commit-subject")
+    for i in range(3):
+        session.store.add_item("poet", None, f"change {i}", "first line\nsecond line")
+    assert session.decoding("pytest-commit-subject", "x", profile="poet")["stop"] != ["\n"]
+    assert session.decoding("pytest-commit-subject", "x", profile="demo")["stop"] == ["\n"]  # no items: the card
+
+
+def test_query_aware_adapters_do_not_pile_up(session: Session, monkeypatch) -> None:
+    """Every question makes its own adapter file (~0.7 MB): only the newest few are kept."""
+    monkeypatch.setattr("p2p_local.personalize.KEEP_ADAPTER_FILES", 2)
+    for title in ("Heat (1995)", "Alien (1979)", "Fargo (1996)", "Se7en (1995)"):
+        session.personalize("demo", query=f"{title} | Genres: Crime|Thriller")
+    files = list(session.store.adapter_dir("demo").glob("*.gguf"))
+    assert len(files) == 2 == len(session.store.adapters("demo"))
+    assert session.engine.active[0].path in files
+    assert KEEP_ADAPTER_FILES >= 8
+
+
+def test_cli_refuses_items_that_personalization_would_ignore(p2p_home: Path, capsys) -> None:
+    """A movielens-rating item with output '7' or '3.5' was stored, counted, and silently skipped."""
+    assert main(["profile", "create", "alice", "--task", "movielens-rating"]) == 0
+    assert main(["profile", "add", "alice", "--input", "Heat (1995) | Genres: Action", "--output", "7"]) == \
+        DataError.exit_code
+    assert main(["profile", "add", "alice", "--input", "Heat (1995) | Genres: Action", "--output", "4",
+                 "--json"]) == 0
+    capsys.readouterr()
+    item = Store().items("alice")[0]
+    assert main(["profile", "edit", "alice", str(item.id), "--output", "3.5"]) == DataError.exit_code
+    assert main(["profile", "edit", "alice", str(item.id), "--output", "5"]) == 0
+    assert main(["profile", "create", "dev", "--task", "pytest-commit-subject"]) == 0
+    assert main(["profile", "add", "dev", "--input", "body", "--output", "Fix the thing"]) == 0  # free text
+
+
+def test_cli_import_create_is_all_or_nothing(p2p_home: Path, tmp_path: Path, capsys) -> None:
+    """A failed `import --create` used to leave an empty profile behind."""
+    f = tmp_path / "items.csv"
+    f.write_text("input,output\nHeat (1995) | Genres: Action,5\n")
+    assert main(["profile", "import", "erin", str(f), "--create"]) == StoreError.exit_code  # no task anywhere
+    assert not Store().profile_exists("erin")
+    assert main(["profile", "import", "erin", str(f), "--create", "--task", "movielens-rating"]) == 0
+    assert Store().count_items("erin") == 1
+
+
+def test_cli_ask_json_names_the_task_it_used(engine, p2p_home: Path, capsys) -> None:
+    from p2p_local.demo import demo_path
+
+    assert main(["profile", "create", "alice", "--task", "movielens-rating"]) == 0
+    assert main(["profile", "import", "alice", str(demo_path())]) == 0
+    capsys.readouterr()
+    assert main(["ask", "Heat (1995) | Genres: Action|Crime|Thriller", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "movielens-rating" and out["text"] in {"1", "2", "3", "4", "5"}
