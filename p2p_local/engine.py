@@ -47,7 +47,12 @@ def recent_llama_errors(n: int = 8) -> str:
 
 
 def default_threads() -> int:
-    """All cores: llama-cpp-python's own default is cpu_count()//2, i.e. 1 thread on a 2-core laptop."""
+    """All cores: llama-cpp-python's own default is cpu_count()//2, i.e. 1 thread on a 2-core laptop.
+    `P2P_THREADS` overrides (a machine shared with other work: llama.cpp's threads spin-wait, so more
+    threads than free cores slows it down many times over)."""
+    env = os.environ.get("P2P_THREADS")
+    if env:
+        return max(1, int(env))
     return max(1, os.cpu_count() or 1)
 
 
