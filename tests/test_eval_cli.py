@@ -100,3 +100,40 @@ def test_eval_rejects_bad_arguments(home, tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path / "x.jsonl")]) != 0
     err = capsys.readouterr().err
     assert "unknown method" in err and "--task-card" in err
+
+
+def test_eval_p2p_then_summary_and_card(home, tmp_path):
+    """P2P on the deployed path (shipped bundle -> ONNX -> GGUF -> llama.cpp) next to Base, then the summary
+    page and the bundle's evaluation card gathered from the report."""
+    assert main(["data", "prepare", "--tasks", "popquorn-offensiveness", "--no-encoder", "--quiet"]) == 0
+    out = tmp_path / "reports"
+    assert main(["eval", "--task", "popquorn-offensiveness", "--methods", "base,p2p,user-mean", "--users", "3",
+                 "--queries", "2", "--out", str(out), "--bootstrap", "200", "--n-ctx", "512"]) == 0
+    rep = json.loads((out / "popquorn-offensiveness-test.json").read_text())
+    assert rep["methods"]["p2p"]["status"] == "ok" and rep["methods"]["p2p"]["n_queries"] == 6
+    card = tmp_path / "bundle"
+    card.mkdir()
+    assert main(["eval", "--summary", "--out", str(out), "--card", str(card)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (t,) = summary["tasks"]
+    goal = {g["method"]: g for g in t["goal"]}
+    # The verdict is read off the report's paired difference, never decided here.
+    d = rep["paired_vs_p2p"]["base"]["metrics"]["mae"]
+    assert goal["base"]["diff"] == d
+    lo, hi = d["ci"]
+    assert goal["base"]["verdict"] == ("win" if lo > 0 else "loss" if hi < 0 else "tie")
+    assert goal["user-mean"]["verdict"] in ("win", "tie", "loss")
+    assert set(goal) == {"base", "user-mean"}  # only what was evaluated is compared
+    md = (out / "SUMMARY.md").read_text()
+    assert "| **p2p** | 3 |" in md and "Scoreboard" in md
+    assert (card / "EVAL.md").read_text().startswith("# Evaluation card: bundle")
+    assert main(["eval", "--summary", "--out", str(tmp_path / "empty")]) != 0  # nothing to gather: an error
+
+
+@pytest.mark.parametrize("ci,hib,expected", [((0.1, 0.3), False, "win"), ((-0.3, -0.1), False, "loss"),
+                                             ((-0.1, 0.2), False, "tie"), ((-0.3, -0.1), True, "win"),
+                                             ((0.1, 0.3), True, "loss")])
+def test_summary_verdict(ci, hib, expected):
+    from p2p_local.eval.summary import verdict
+
+    assert verdict({"value": sum(ci) / 2, "ci": list(ci)}, hib) == expected
