@@ -2,34 +2,42 @@
 # The shipped evaluation: every method on held-out users of every task, test and OOD splits, then the
 # summary page, the bundle's evaluation card and the P2P-vs-OPPU deployment cost. `make report` runs it.
 #
-# Sized for a 2-core CPU in about an hour: a seeded subset of users per task (prefix-stable, so a
-# larger --users extends a run instead of redoing it), each user's last Q items as queries, OPPU on
-# the first few users only (it trains one LoRA per user). Results are stored per (method, user) under
-# reports/runs/: an interrupted run continues where it stopped. Override the sizes with env vars, e.g.
-#   USERS_RATING=122 QUERIES_RATING=10 scripts/evaluate.sh
+# Sized for a 2-core CPU in about an hour and a half: a seeded subset of users per task (prefix-stable,
+# so a larger count extends a run instead of redoing it), each user's last Q items as queries, OPPU on
+# the first few test users only (it trains one LoRA per user, minutes each on a CPU). Results are stored
+# per (method, user) under reports/runs/: an interrupted run continues where it stopped.
+# Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
+#   ML_TEST=122:10:10 scripts/evaluate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P2P=.venv/bin/p2p
 OUT=${OUT:-reports}
-MTLORA=${MTLORA:-$(.venv/bin/python -c 'from p2p_local.paths import data_dir; print(data_dir() / "baselines" / "mt-lora-all.gguf")' 2>/dev/null || true)}
-USERS_RATING=${USERS_RATING:-40}; QUERIES_RATING=${QUERIES_RATING:-5}
-USERS_OOD=${USERS_OOD:-24}
-USERS_GEN=${USERS_GEN:-12}; QUERIES_GEN=${QUERIES_GEN:-3}
-OPPU_USERS=${OPPU_USERS:-4}
 N_CTX=${N_CTX:-1024}
+OPPU_MAX_ITEMS=${OPPU_MAX_ITEMS:-64}  # the latest 64 items per user (minutes saved per user on a CPU)
+MTLORA=${MTLORA:-$(.venv/bin/python -c 'from p2p_local.paths import data_dir; print(data_dir() / "baselines" / "mt-lora-all.gguf")')}
+ML_TEST=${ML_TEST:-40:5:4};   ML_OOD=${ML_OOD:-16:5:0}
+OFF_TEST=${OFF_TEST:-24:5:3}; OFF_OOD=${OFF_OOD:-16:5:0}
+GIT_TEST=${GIT_TEST:-8:3:3};  GIT_OOD=${GIT_OOD:-6:3:0}
+MAIL_TEST=${MAIL_TEST:-8:3:3}; MAIL_OOD=${MAIL_OOD:-6:3:0}
 
-common=(--out "$OUT" --n-ctx "$N_CTX" --oppu-train --oppu-users "$OPPU_USERS")
-[ -n "$MTLORA" ] && [ -f "$MTLORA" ] && common+=(--mtlora "$MTLORA")
+run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
+  local task=$1 split=$2 users queries oppu
+  IFS=: read -r users queries oppu <<<"$3"
+  shift 3
+  local args=(--task "$task" --split "$split" --users "$users" --queries "$queries" --out "$OUT" --n-ctx "$N_CTX")
+  [ -f "$MTLORA" ] && args+=(--mtlora "$MTLORA")
+  if [ "$oppu" -gt 0 ]; then args+=(--oppu-train --oppu-users "$oppu" --oppu-max-items "$OPPU_MAX_ITEMS"); fi
+  $P2P eval "${args[@]}" "$@"
+}
 
-for split in test ood; do
-  if [ "$split" = test ]; then ur=$USERS_RATING; ug=$USERS_GEN; else ur=$USERS_OOD; ug=$USERS_GEN; fi
-  for task in movielens-rating popquorn-offensiveness; do
-    $P2P eval --task "$task" --split "$split" --users "$ur" --queries "$QUERIES_RATING" "${common[@]}"
-  done
-  $P2P eval --task pytest-commit-subject --split "$split" --users "$ug" --queries "$QUERIES_GEN" "${common[@]}"
-  # Email rewrites are long: the generation budget is capped so that every method gets the same 64 tokens.
-  $P2P eval --task popquorn-email-rewrite --split "$split" --users "$ug" --queries "$QUERIES_GEN" \
-    --max-tokens 64 "${common[@]}"
-done
+run movielens-rating test "$ML_TEST"
+run popquorn-offensiveness test "$OFF_TEST"
+run pytest-commit-subject test "$GIT_TEST"
+# Email rewrites are long: every method gets the same 64-token generation budget.
+run popquorn-email-rewrite test "$MAIL_TEST" --max-tokens 64
+run movielens-rating ood "$ML_OOD"
+run popquorn-offensiveness ood "$OFF_OOD"
+run pytest-commit-subject ood "$GIT_OOD"
+run popquorn-email-rewrite ood "$MAIL_OOD" --max-tokens 64
 $P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p
 $P2P bench cost --json-out "$OUT/cost.json"

@@ -174,3 +174,14 @@ def test_corrupt_model_file_raises_cleanly(tmp_path: Path) -> None:
     code = f"from p2p_local.engine import Engine\ntry:\n Engine({str(bad)!r})\nexcept Exception as e:\n print(type(e).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "EngineError" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_thread_count_defaults_to_all_cores_and_env_overrides(monkeypatch) -> None:
+    import os
+
+    from p2p_local.engine import default_threads
+
+    monkeypatch.delenv("P2P_THREADS", raising=False)
+    assert default_threads() == (os.cpu_count() or 1)
+    monkeypatch.setenv("P2P_THREADS", "1")
+    assert default_threads() == 1

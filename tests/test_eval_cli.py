@@ -137,3 +137,19 @@ def test_summary_verdict(ci, hib, expected):
     from p2p_local.eval.summary import verdict
 
     assert verdict({"value": sum(ci) / 2, "ci": list(ci)}, hib) == expected
+
+
+def test_eval_trains_oppu_per_user_and_scores_it(home, tmp_path):
+    """OPPU on the real path: a LoRA trained for the user in a subprocess (torch stays out of the app's
+    process), written as GGUF, attached in llama.cpp and scored; capped to the user's latest 4 items."""
+    assert main(["data", "prepare", "--tasks", "popquorn-offensiveness", "--no-encoder", "--quiet"]) == 0
+    out = tmp_path / "reports"
+    oppu_dir = tmp_path / "oppu"
+    assert main(["eval", "--task", "popquorn-offensiveness", "--methods", "oppu", "--users", "2", "--queries", "2",
+                 "--out", str(out), "--bootstrap", "100", "--n-ctx", "512", "--oppu-train", "--oppu-users", "1",
+                 "--oppu-max-items", "4", "--oppu-dir", str(oppu_dir)]) == 0
+    rep = json.loads((out / "popquorn-offensiveness-test.json").read_text())
+    e = rep["methods"]["oppu"]
+    assert e["status"] == "ok" and e["n_users"] == 1 and e["n_queries"] == 2  # the other user is outside --oppu-users
+    assert "--oppu-max-items 4" in rep["command"] and len(list(oppu_dir.glob("*.gguf"))) == 1
+    assert not list(oppu_dir.glob("*.history.jsonl"))  # the user's items handed to the trainer are removed

@@ -146,13 +146,16 @@ def test_missing_inputs_are_skipped_with_a_reason(movielens, engine, tmp_path):
 
 
 def test_p2p_with_a_zero_adapter_equals_base(movielens, engine, tmp_path, monkeypatch):
-    """The shipped stand-in bundle emits B = 0: the whole P2P path (profile -> encoder -> hypernetwork
-    -> GGUF -> attach) must then reproduce Base exactly. The eval itself refuses a neutral bundle."""
+    """A bundle that emits B = 0 (the neutral stand-in, exported here): the whole P2P path (profile ->
+    encoder -> hypernetwork -> GGUF -> attach) must then reproduce Base exactly. The eval itself
+    refuses a neutral bundle."""
     from p2p_local.bundle import Bundle
+    from trainer.export import export_bundle, neutral_hypernet
 
+    neutral = export_bundle(neutral_hypernet(), tmp_path / "neutral-bundle", neutral=True)
     card = builtin_card("movielens-rating")
     users = movielens[20:22]
-    ctx = _ctx(card, users, [], engine, tmp_path, n_queries=2)
+    ctx = _ctx(card, users, [], engine, tmp_path, n_queries=2, bundle=str(neutral))
     with pytest.raises(Skip, match="neutral"):
         P2P().prepare(ctx)
     real_load = Bundle.load

@@ -34,12 +34,14 @@ VARIANTS = {  # name -> overrides
 }
 
 
-def run(steps: int, out: Path, runs: Path, threads: int) -> dict:
+def run(steps: int, out: Path, runs: Path, threads: int, variants: list[str] | None = None) -> dict:
     from trainer.base import load_base
 
     base = load_base()
     results = {}
     for name, ov in VARIANTS.items():
+        if variants and name not in variants:
+            continue
         slug = name.replace(", ", "-").replace(" + ", "-").replace(" ", "-")
         cfg = recipe("short", tasks=[TASK], steps=steps, max_users_train=100, max_items_per_user=3,
                      eval_users=40, eval_items_per_user=3, ckpt_every=20, threads=threads,
@@ -50,7 +52,9 @@ def run(steps: int, out: Path, runs: Path, threads: int) -> dict:
         ev = summary.get("eval") or _final_eval(Path(cfg.out_dir))
         results[name] = {"encoder": ov["encoder"], "features": ov["hyper"].get("use_features", True),
                          "steps": summary["steps"], "seconds": round(time.time() - t0, 1), **ev[TASK]}
-    rep = {"task": TASK, "command": f"python -m trainer.compare_encoders --steps {steps}",
+    command = f"python -m trainer.compare_encoders --steps {steps}" + (
+        " --variants '" + ";".join(variants) + "'" if variants else "")
+    rep = {"task": TASK, "command": command,
            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus",
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": results}
     out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--runs", type=Path, default=Path("runs") / "encoders")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--variants", help=f"';'-separated subset of: {'; '.join(VARIANTS)}")
     args = ap.parse_args(argv)
-    rep = run(args.steps, args.out, args.runs, args.threads)
+    variants = [v.strip() for v in args.variants.split(";")] if args.variants else None
+    unknown = [v for v in variants or [] if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    rep = run(args.steps, args.out, args.runs, args.threads, variants)
     print(to_markdown(rep))
     return 0
 

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oppu-dir", type=Path, help="directory of per-user OPPU adapters <user_id>.gguf")
     p.add_argument("--oppu-train", action="store_true", help="train missing OPPU adapters (needs torch; slow)")
     p.add_argument("--oppu-users", type=int, help="give OPPU only the first N evaluated users (training cost)")
+    p.add_argument("--oppu-max-items", type=int,
+                   help="OPPU trains on each user's latest N earlier items (default 0: all of them)")
     p.add_argument("--max-tokens", type=int, help="generation budget (default: ~24 one-line, 1.5x input otherwise)")
     p.add_argument("--fresh", action="store_true", help="ignore results stored by earlier runs")
     p.add_argument("--summary", action="store_true",
@@ -54,7 +56,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The canonical command line for these arguments (recorded in the report)."""
     parts = ["p2p", "eval"]
     for opt in ("task", "split", "methods", "users", "queries", "out", "data", "task_card", "seed", "bootstrap",
-                "n_ctx", "bundle", "mtlora", "oppu_dir", "oppu_users", "max_tokens"):
+                "n_ctx", "bundle", "mtlora", "oppu_dir", "oppu_users", "oppu_max_items", "max_tokens"):
         v = getattr(args, opt, None)
         if v is not None:
             parts += ["--" + opt.replace("_", "-"), str(v)]
@@ -82,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=args.out, data=args.data, task_card=args.task_card, seed=args.seed, bootstrap=args.bootstrap,
         fresh=args.fresh, command=command_line(args),
         options=MethodOptions(n_ctx=args.n_ctx, seed=args.seed, bundle=args.bundle, mtlora=args.mtlora,
-                              oppu_dir=args.oppu_dir, oppu_train=args.oppu_train, oppu_users=args.oppu_users,
+                              oppu_dir=args.oppu_dir, oppu_train=args.oppu_train, oppu_users=args.oppu_users, oppu_max_items=args.oppu_max_items or 0,
                               max_tokens=args.max_tokens),
     )
     out = run_eval(cfg)

@@ -55,6 +55,7 @@ class MethodOptions:
     oppu_dir: Path | None = None  # dir of <user_id>.gguf; None = default location
     oppu_train: bool = False  # train missing OPPU adapters (needs torch + trainer/)
     oppu_users: int | None = None  # at most this many users get OPPU (training cost)
+    oppu_max_items: int = 0  # OPPU trains on the user's latest N earlier items (0 = all of them, as the paper)
     rag_k: int = 2
     max_tokens: int | None = None  # generation; None = derived from the task (see generation_setup)
     logreg_users: int = 300  # training users whose samples fit LogReg (profiles cost time)
@@ -400,6 +401,7 @@ class OPPU(AdapterMethod):
             raise Skip(f"no OPPU adapters in {self.dir}: {why}")
         ids = [u.user_id for u in ctx.users]
         self.allowed = set(ids[: o.oppu_users] if o.oppu_users else ids)
+        self.max_items = o.oppu_max_items
         super().prepare(ctx)
         self._notes: list[str] = []
         if o.oppu_users and o.oppu_users < len(ids):
@@ -416,14 +418,15 @@ class OPPU(AdapterMethod):
             if not self.can_train:
                 raise Skip(f"no adapter {path}")
             # Train on the items before the user's first query only (never on a query's answer).
-            train_oppu(ctx, user, len(queries[0].history) if queries else len(user.items), path)
+            train_oppu(ctx, user, len(queries[0].history) if queries else len(user.items), path,
+                       ctx.options.oppu_max_items)
         self.attach(ctx, path)
 
     def end_user(self, ctx: EvalContext) -> None:
         self.detach(ctx)
 
     def fingerprint(self) -> str:
-        return str(self.dir)
+        return f"{self.dir}:max_items={self.max_items}" if self.max_items else str(self.dir)
 
     def user_fingerprint(self, user: User) -> str:
         path = self.path_for(user.user_id)
@@ -438,14 +441,14 @@ def safe_name(user_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:100]
 
 
-def train_oppu(ctx: EvalContext, user: User, n_items: int, out: Path) -> None:
+def train_oppu(ctx: EvalContext, user: User, n_items: int, out: Path, max_items: int = 0) -> None:
     """Train one user's LoRA in a subprocess (torch never enters the app's process)."""
     from p2p_local.data.format import write_users_jsonl
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = out.with_suffix(".history.jsonl")
     write_users_jsonl(data, [User(user.user_id, user.items[:n_items])])
-    cmd = oppu_command(ctx.task, data, out)
+    cmd = oppu_command(ctx.task, data, out) + (["--max-items", str(max_items)] if max_items else [])
     ctx.log(f"  training OPPU for user {user.user_id} ({n_items} items): {' '.join(cmd)}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
     data.unlink(missing_ok=True)
