@@ -210,11 +210,13 @@ def bench_encoder() -> dict:
     return {**run(), "targets": {"median_ms": "<= 50"}}
 
 
-def bench_cost() -> dict:
-    """P2P's whole per-user path vs OPPU's per-user training, side by side (needs the train extra)."""
+def bench_cost(users: int = 3, oppu_max_items: int = 0) -> dict:
+    """P2P's whole per-user path vs OPPU's per-user training, side by side (needs the train extra).
+    `oppu_max_items` caps OPPU's training items per user (0 = the user's whole history, as the paper)."""
     from p2p_local.eval.cost import measure_cost
 
-    return measure_cost("movielens-rating", users=3)
+    extra = ["--max-items", str(oppu_max_items)] if oppu_max_items else None
+    return measure_cost("movielens-rating", users=users, oppu_extra=extra)
 
 
 SUITES: dict[str, Callable[[], dict]] = {

@@ -22,8 +22,10 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 from trainer.config import recipe
-from trainer.train import train
+from trainer.train import Dist, load_data, train
 
 TASK = "movielens-rating"
 VARIANTS = {  # name -> overrides
@@ -50,8 +52,10 @@ def run(steps: int, out: Path, runs: Path, threads: int, variants: list[str] | N
         print(f"== {name}: {steps} steps", flush=True)
         summary = train(cfg, base=base)
         ev = summary.get("eval") or _final_eval(Path(cfg.out_dir))
+        _, val_sets, _ = load_data(cfg, base[1], Dist())  # cached: how far apart the encoder puts profiles
         results[name] = {"encoder": ov["encoder"], "features": ov["hyper"].get("use_features", True),
-                         "steps": summary["steps"], "seconds": round(time.time() - t0, 1), **ev[TASK]}
+                         "steps": summary["steps"], "seconds": round(time.time() - t0, 1),
+                         "val_mean_pairwise_cosine": mean_pairwise_cosine(val_sets[0].embeddings), **ev[TASK]}
     command = f"python -m trainer.compare_encoders --steps {steps}" + (
         " --variants '" + ";".join(variants) + "'" if variants else "")
     rep = {"task": TASK, "command": command,
@@ -62,6 +66,14 @@ def run(steps: int, out: Path, runs: Path, threads: int, variants: list[str] | N
     (out / "encoders.md").write_text(to_markdown(rep))
     chart(rep, out / "encoders.png")
     return rep
+
+
+def mean_pairwise_cosine(emb: np.ndarray) -> float:
+    """Mean cosine between distinct profiles' embeddings: near 1 = the encoder maps every profile alike."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    c = e @ e.T
+    iu = np.triu_indices(len(e), 1)
+    return round(float(c[iu].mean()), 4)
 
 
 def _final_eval(run_dir: Path) -> dict:
@@ -78,11 +90,12 @@ def to_markdown(rep: dict) -> str:
              f"`{rep['command']}` on {rep['machine']}, {rep['created']}. Validation users, trainer-side "
              "evaluation (see the module docstring). Gap = shuffled-profile loss - true-profile loss "
              "(95% CI over users): > 0 means the hypernetwork uses this user's profile.", "",
-             "| variant | steps | loss true | loss shuffled | gap [95% CI] | MAE(E) true | MAE(E) shuffled | MAE(E) no adapter |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | steps | profiles' mean cosine | loss true | loss shuffled | gap [95% CI] | MAE(E) true | "
+             "MAE(E) shuffled | MAE(E) no adapter |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rep["variants"].items():
         lo, hi = r["gap_loss_ci95"]
-        lines.append(f"| {name} | {r['steps']} | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | "
+        lines.append(f"| {name} | {r['steps']} | {r['val_mean_pairwise_cosine']:.3f} | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | "
                      f"{r['gap_loss']:.4f} [{lo:.4f}, {hi:.4f}] | {r['mae_expected_true']:.3f} | "
                      f"{r['mae_expected_shuffled']:.3f} | {r['mae_expected_base']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--json-out", type=Path, help="also write the JSON (and a .md table beside it)")
+    p.add_argument("--users", type=int, default=3, help="cost: test users timed (default 3)")
+    p.add_argument("--oppu-max-items", type=int, default=0,
+                   help="cost: OPPU trains on each user's latest N items (default 0: the whole history)")
     p.set_defaults(func=run)
 
 
@@ -29,8 +32,14 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {}
     for name in names:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        results[name] = SUITES[name]()
-    results["machine"] = {**machine(), "command": "p2p bench " + args.suite,
+        if name == "cost":
+            results[name] = SUITES[name](users=args.users, oppu_max_items=args.oppu_max_items)
+        else:
+            results[name] = SUITES[name]()
+    command = "p2p bench " + args.suite
+    if args.suite == "cost":
+        command += f" --users {args.users}" + (f" --oppu-max-items {args.oppu_max_items}" if args.oppu_max_items else "")
+    results["machine"] = {**machine(), "command": command,
                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = json.dumps(results, indent=2)
     if args.json_out:

@@ -88,11 +88,36 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")}}
 
 
+HEADLINE = ("p2p", "base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-shuffled", "user-mean")
+
+
+def headline_table(summary: dict[str, Any]) -> list[str]:
+    """One row per task and split: the primary metric of the main methods (point estimates; CIs below)."""
+    lines = ["| task (split, metric) | users | " + " | ".join(HEADLINE) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in HEADLINE) + " |"]
+    for t in summary["tasks"]:
+        pm = t["primary_metric"]
+        cells = []
+        for name in HEADLINE:
+            m = t["methods"].get(name)
+            v = m[pm].get("value") if m else None
+            cell = "-" if v is None else (f"**{v:.3f}**" if name == REFERENCE else f"{v:.3f}")
+            if m and v is not None and m["n_users"] != t["n_users"]:
+                cell += f" ({m['n_users']} users)"  # e.g. OPPU: not comparable at a glance; see the paired rows
+            cells.append(cell)
+        arrow = "↑" if t["higher_is_better"] else "↓"
+        lines.append(f"| {t['task']} ({t['split']}, {pm} {arrow}) | {t['n_users']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> str:
     lines = [f"# {title}", "",
              "Every figure below is read from the per-task reports in this folder (`<task>-<split>.md`), which "
              "hold the full tables, the command, the machine and the git commit. Primary metric per task, "
-             "95% bootstrap CI over users.", ""]
+             "95% bootstrap CI over users. `p2p eval --summary` writes this page.", "",
+             *headline_table(summary), "",
+             "OPPU trains one LoRA per user, so it ran on the first few users only: compare it through the paired "
+             "differences below (same users), not this row. A '-' is a method not run on that split.", ""]
     for split in SPLIT_ORDER:
         ts = [t for t in summary["tasks"] if t["split"] == split]
         if not ts:
