@@ -127,6 +127,13 @@ def test_eval_p2p_then_summary_and_card(home, tmp_path):
     md = (out / "SUMMARY.md").read_text()
     assert "| **p2p** | 3 |" in md and "Scoreboard" in md
     assert (card / "EVAL.md").read_text().startswith("# Evaluation card: bundle")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- summary:begin -->\nold\n<!-- summary:end -->\noutro\n")
+    assert main(["eval", "--summary", "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    p2p_mae = rep["methods"]["p2p"]["metrics"]["mae"]["value"]
+    assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")
+    assert f"**{p2p_mae:.3f}**" in text  # the figure the report measured, nothing else
     assert main(["eval", "--summary", "--out", str(tmp_path / "empty")]) != 0  # nothing to gather: an error
 
 

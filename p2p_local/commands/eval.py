@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", action="store_true",
                    help="evaluate nothing: gather the reports in --out into SUMMARY.md, summary.json and summary.png")
     p.add_argument("--card", type=Path, help="with --summary: also write EVAL.md into this bundle directory")
+    p.add_argument("--readme", type=Path, help="with --summary: also put the headline table in this file's "
+                                               "<!-- summary:begin --> ... <!-- summary:end --> block")
     p.set_defaults(func=cmd_eval)
 
 
@@ -74,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.summary:
         from p2p_local.eval.summary import write_summary
 
-        write_summary(args.out, args.card)
+        write_summary(args.out, args.card, readme=args.readme)
         return 0
     if args.queries < 1 or (args.users is not None and args.users < 1):
         raise P2PError("--queries and --users must be at least 1")

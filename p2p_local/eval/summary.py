@@ -183,8 +183,29 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_summary(out: Path, card_dir: Path | None = None, log=print) -> list[Path]:
-    """Write SUMMARY.md / summary.json / summary.png into `out` (and EVAL.md into `card_dir`)."""
+README_BEGIN, README_END = "<!-- summary:begin -->", "<!-- summary:end -->"
+
+
+def splice_readme(path: Path, summary: dict[str, Any]) -> None:
+    """Replace the block between the README's summary markers with the headline table (so the README's
+    figures are exactly what the reports measured)."""
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        from p2p_local.errors import DataError
+
+        raise DataError(f"{path} has no {README_BEGIN} ... {README_END} block", hint="add the two markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    c = summary["counts"]
+    block = "\n".join(["", *headline_table(summary), "",
+                       f"P2P against every comparison, all tasks and splits: wins {c['win']}, ties {c['tie']}, "
+                       f"loses {c['loss']} (paired 95% CIs over users; details in `reports/SUMMARY.md`).", ""])
+    path.write_text(head + README_BEGIN + block + README_END + tail, encoding="utf-8")
+
+
+def write_summary(out: Path, card_dir: Path | None = None, log=print, readme: Path | None = None) -> list[Path]:
+    """Write SUMMARY.md / summary.json / summary.png into `out` (EVAL.md into `card_dir`; the headline
+    table into `readme`'s summary block)."""
     reps = load_reports(out)
     if not reps:
         from p2p_local.errors import DataError
@@ -201,5 +222,8 @@ def write_summary(out: Path, card_dir: Path | None = None, log=print) -> list[Pa
         card = Path(card_dir) / "EVAL.md"
         card.write_text(to_markdown(summary, f"Evaluation card: {Path(card_dir).name}"), encoding="utf-8")
         paths.append(card)
+    if readme is not None:
+        splice_readme(Path(readme), summary)
+        paths.append(Path(readme))
     log("wrote " + ", ".join(str(p) for p in paths))
     return paths
