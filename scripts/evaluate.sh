@@ -39,5 +39,5 @@ run movielens-rating ood "$ML_OOD"
 run popquorn-offensiveness ood "$OFF_OOD"
 run pytest-commit-subject ood "$GIT_OOD"
 run popquorn-email-rewrite ood "$MAIL_OOD" --max-tokens 64
-$P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p
+$P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p --readme README.md
 $P2P bench cost --json-out "$OUT/cost.json"
