@@ -53,3 +53,23 @@ def engine(base_model_path: Path):
     eng = Engine(base_model_path, n_ctx=1024)
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def session(engine, p2p_home: Path):
+    """A Session on the shared engine, the shipped bundle and encoder, with the demo profile imported.
+    (test_tui_real.py defines its own.)"""
+    from p2p_local.bundle import Bundle
+    from p2p_local.demo import import_demo
+    from p2p_local.encoder import Encoder
+    from p2p_local.personalize import Session
+    from p2p_local.store import Store
+
+    store = Store()
+    import_demo(store, "demo")
+    s = Session(engine, Bundle.load(), Encoder.load(), store)
+    yield s
+    s._loaded.clear()
+    for st in s._stores:
+        st.close()
+    engine.use(None)

@@ -14,23 +14,8 @@ from p2p_local.cli import main
 from p2p_local.encoder import Encoder
 from p2p_local.errors import BundleError, StoreError
 from p2p_local.personalize import Personalizer, Session
-from p2p_local.store import Store
 
 Q = "Heat (1995) | Genres: Action|Crime|Thriller"
-
-
-@pytest.fixture
-def session(engine, p2p_home: Path):
-    from p2p_local.demo import import_demo
-
-    store = Store()
-    import_demo(store, "demo")
-    s = Session(engine, Bundle.load(), Encoder.load(), store)
-    yield s
-    s._loaded.clear()
-    for st in s._stores:
-        st.close()
-    engine.use(None)
 
 
 def test_personalize_writes_caches_and_regenerates_when_stale(session: Session) -> None:

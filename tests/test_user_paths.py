@@ -9,27 +9,11 @@ import numpy as np
 import pytest
 
 from p2p_local.adapter import LoraAdapter
-from p2p_local.bundle import Bundle
 from p2p_local.cli import main
-from p2p_local.encoder import Encoder
 from p2p_local.errors import AdapterError, DataError, StoreError
 from p2p_local.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from p2p_local.personalize import KEEP_ADAPTER_FILES, Session
 from p2p_local.store import Store
-
-
-@pytest.fixture
-def session(engine, p2p_home: Path):
-    from p2p_local.demo import import_demo
-
-    store = Store()
-    import_demo(store, "demo")
-    s = Session(engine, Bundle.load(), Encoder.load(), store)
-    yield s
-    s._loaded.clear()
-    for st in s._stores:
-        st.close()
-    engine.use(None)
 
 
 def _tiny_adapter() -> LoraAdapter:
