@@ -305,7 +305,7 @@ def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSe
 
     h = cfg.hyper
     h.feature_dim = FEATURE_DIM
-    h.embedding_dim = int(train_sets[0].embeddings.shape[1])  # the encoder's width (MiniLM 384, Gemma 640)
+    h.embedding_dim = max(int(s.embeddings.shape[1]) for s in train_sets)  # the encoder's width (MiniLM 384, Gemma 640); an empty set has 0
     h.n_layers = model.config.num_hidden_layers
     h.layers = [x for x in h.layers if x < h.n_layers]
     torch.manual_seed(cfg.seed)
