@@ -48,6 +48,7 @@ def test_create_list_show(p2p_home: Path, capsys):
     assert main(["profile", "list"]) == 0
     out = capsys.readouterr().out
     assert "alice" in out and "movielens-rating" in out
+    assert "none yet" in out and "stale" not in out  # no adapter was ever made: not "stale"
     listed = _json(capsys, ["profile", "list"])
     assert [(p["name"], p["n_items"]) for p in listed] == [("alice", 0)]
 
@@ -69,6 +70,9 @@ def test_add_edit_delete_history(p2p_home: Path, capsys):
     assert main(["profile", "edit", "bob", str(item["id"]), "--output", "4"]) == 0
     assert db.execute("SELECT output FROM items WHERE id = ?", (item["id"],)).fetchone()[0] == "4"
     assert main(["profile", "edit", "bob", str(item["id"])]) == 2  # nothing to change
+    capsys.readouterr()
+    assert main(["profile", "edit", "bob", str(item["id"]), "--output", "4"]) == 0  # the value it already has
+    assert "nothing changed" in capsys.readouterr().out
     hist = _json(capsys, ["profile", "history", "bob", str(item["id"])])
     assert [h["action"] for h in hist] == ["add", "edit"] and hist[1]["old"]["output"] == "5"
 

@@ -283,11 +283,11 @@ async def test_personalization_toggle_and_scale_keys(fake, store):
         await pilot.press(*["ctrl+up"] * 5)
         assert screen.scale == 2.0  # clamped
         await pilot.press(*["ctrl+down"] * 9)
-        assert screen.scale == 0.0  # clamped
+        assert screen.scale == 0.25  # clamped at one step: x0 would be the base model
         await pilot.press("ctrl+up")
         await send(pilot, "Heat (1995) | Genres: Action|Crime")
-        assert fake.calls[-1]["personalized"] is True and fake.calls[-1]["scale"] == 0.25
-        assert "×0.25" in str(screen.query_one("#status").render())
+        assert fake.calls[-1]["personalized"] is True and fake.calls[-1]["scale"] == 0.5
+        assert "×0.50" in str(screen.query_one("#status").render())
 
 
 @pytest.mark.asyncio
@@ -310,6 +310,20 @@ async def test_side_by_side_view(fake, store):
         await pilot.pause()
         pair = screen.query_one(ComparePair)
         assert pair.personal.text.startswith("4") and pair.base.text.startswith("3")
+
+
+@pytest.mark.asyncio
+async def test_loaded_conversation_continues_with_its_task(fake, store):
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        conv = screen.conversation_id
+        screen.task_name = None  # the user moved on to free chat ...
+        await screen.load_conversation(conv)  # ... then reopened the rating conversation (ctrl+f)
+        await pilot.pause()
+        assert screen.task_name == "movielens-rating"
+        assert store.messages(conv)[0].meta["task"] == "movielens-rating"
 
 
 @pytest.mark.asyncio

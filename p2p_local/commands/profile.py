@@ -121,16 +121,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with Store() as s:
         profiles = s.list_profiles()
+        made = {p.name: bool(s.adapters(p.name)) for p in profiles}
     if args.json:
         return _print_json([asdict(p) for p in profiles])
     if not profiles:
         print("no profiles yet: p2p profile create NAME")
         return 0
     rows = [("NAME", "TASK", "ITEMS", "ADAPTER", "UPDATED")]
-    rows += [(p.name, p.task or "-", str(p.n_items), "stale" if p.adapter_stale else "ok", _date(p.updated, True))
-             for p in profiles]
+    rows += [(p.name, p.task or "-", str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
+              _date(p.updated, True)) for p in profiles]
     _print_table(rows)
     return 0
+
+
+def _adapter_state(made: bool, stale: bool) -> str:
+    return "none yet" if not made else ("stale" if stale else "ok")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -206,6 +211,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         item = s.edit_item(args.item_id, **fields)
     if args.json:
         return _print_json(asdict(item))
+    if item == old:  # the store records nothing for a no-op edit: say so rather than "edited"
+        print(f"item {item.id} of {args.name!r} already has these values: nothing changed")
+        return 0
     print(f"edited item {item.id} of {args.name!r} (see: p2p profile history {args.name} {item.id})")
     return 0
 

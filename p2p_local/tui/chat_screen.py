@@ -217,8 +217,13 @@ class ChatScreen(Screen):
         conv = next((c for c in self.store.conversations() if c.id == conversation_id), None)
         if conv is None:
             return
-        if conv.profile != self.profile:
-            self.profile = conv.profile
+        tasks = [m.meta.get("task") for m in self.store.messages(conversation_id) if m.role == "user"]
+        # Continue the conversation as it was going: its profile and the task of its last question.
+        changed = conv.profile != self.profile or (bool(tasks) and tasks[-1] != self.task_name)
+        self.profile = conv.profile
+        if tasks:
+            self.task_name = tasks[-1]
+        if changed:
             self.prepare_adapter()
         self.conversation_id = conversation_id
         await self.clear_messages()
@@ -435,7 +440,8 @@ class ChatScreen(Screen):
             self.prepare_adapter()
 
     def action_scale(self, direction: int) -> None:
-        self.scale = min(SCALE_MAX, max(0.0, round(self.scale + direction * SCALE_STEP, 2)))
+        # Floor at one step: x0 would be the base model labelled "personalized" (ctrl+g is the base model).
+        self.scale = min(SCALE_MAX, max(SCALE_STEP, round(self.scale + direction * SCALE_STEP, 2)))
         self.refresh_status()
 
     def action_toggle_compare(self) -> None:

@@ -84,7 +84,10 @@ class ProfileScreen(Screen[bool]):
 
     def refresh_items(self) -> None:
         p = self.store.get_profile(self.profile)
-        stale = "stale (changes since the last adapter)" if p.adapter_stale else "up to date"
+        if not self.store.adapters(self.profile):
+            stale = "none yet (made on the first question)"
+        else:
+            stale = "stale (changes since the last adapter)" if p.adapter_stale else "up to date"
         shown = min(p.n_items, MAX_ROWS)
         self.query_one("#profile-head", Static).update(
             f"[b]{p.name}[/b] · {p.n_items} items{f' (newest {shown} shown)' if shown < p.n_items else ''}"
