@@ -8,6 +8,7 @@
 # per (method, user) under reports/runs/: an interrupted run continues where it stopped.
 # Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
 #   ML_TEST=122:10:10 scripts/evaluate.sh
+# COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P2P=.venv/bin/p2p
@@ -40,4 +41,4 @@ run popquorn-offensiveness ood "$OFF_OOD"
 run pytest-commit-subject ood "$GIT_OOD"
 run popquorn-email-rewrite ood "$MAIL_OOD" --max-tokens 64
 $P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p --readme README.md
-$P2P bench cost --json-out "$OUT/cost.json"
+if [ "${COST:-1}" != 0 ]; then $P2P bench cost --json-out "$OUT/cost.json"; fi
