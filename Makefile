@@ -7,7 +7,7 @@ APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
 ARGS   ?=
 
-.PHONY: chat test prepare bench data train export eval report encoders lint fmt clean
+.PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,7 +64,11 @@ report: $(DEV) data
 
 # P2P trained with two profile encoders (MiniLM, the base model's own embeddings), compared.
 encoders: $(DEV) data
-	$(BIN)/python -m trainer.compare_encoders $(ARGS)
+	$(BIN)/python -m trainer.compare --set encoders $(ARGS)
+
+# One change at a time to the shipped training recipe (rate, length, targets, rank, profile input), compared.
+recipes: $(DEV) data
+	$(BIN)/python -m trainer.compare --set recipes $(ARGS)
 
 lint: $(DEV)
 	$(BIN)/ruff check p2p_local trainer tests

@@ -160,3 +160,19 @@ def test_eval_trains_oppu_per_user_and_scores_it(home, tmp_path):
     assert e["status"] == "ok" and e["n_users"] == 1 and e["n_queries"] == 2  # the other user is outside --oppu-users
     assert "--oppu-max-items 4" in rep["command"] and len(list(oppu_dir.glob("*.gguf"))) == 1
     assert not list(oppu_dir.glob("*.history.jsonl"))  # the user's items handed to the trainer are removed
+
+
+def test_summary_shows_the_training_comparisons(tmp_path):
+    """The summary's "what was tried" tables come from trainer.compare's committed reports, figure for figure."""
+    import shutil
+
+    from p2p_local.eval.summary import experiment_lines, load_experiments
+
+    root = Path(__file__).resolve().parents[1] / "reports"
+    shutil.copy(root / "encoders.json", tmp_path / "encoders.json")
+    (tmp_path / "recipes.json").write_text("{not json")  # a broken file is skipped, not fatal
+    (exp,) = load_experiments(tmp_path)
+    lines = "\n".join(experiment_lines([exp]))
+    for name, r in exp["variants"].items():
+        assert f"| {name} | {r['steps']} | {r['gap_loss']:.3f} " in lines
+    assert experiment_lines([]) == []

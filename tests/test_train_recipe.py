@@ -65,6 +65,8 @@ def test_tiny_recipe_learns(tiny_run):
     print(json.dumps(ev, indent=1))
     # the adapter beats the untouched base on held-out users' target tokens
     assert ev["loss_true"] < ev["loss_base"] - 0.05
+    # MAE as `p2p eval` decodes it (the distribution's median), beside the user-mean reference on the same queries
+    assert 0 <= ev["mae_median_true"] <= 4 and 0 <= ev["mae_user_median"] <= 4
     log = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == cfg.steps and all(np.isfinite(losses))
@@ -131,3 +133,18 @@ def test_exported_adapter_moves_llama_cpp_like_torch(tiny_run, torch_base, engin
     for r, slope, std in stats:
         assert std > 0.5  # a real change, well above quantization noise
         assert r >= MIN_CORR and abs(slope - 1) <= SLOPE_TOL
+
+
+def test_user_median_reference_from_the_profile_features():
+    """The trainer's user-mean reference reads the history median off the r_median feature and snaps it down
+    to a label (a 3.5 median decodes as 3, as the eval's user-mean distribution does)."""
+    from p2p_local.profile import FEATURE_DIM, FEATURE_NAMES
+    from trainer.samples import SampleSet
+    from trainer.train import user_median_mae
+
+    medians, gold = [1.0, 3.5, 5.0, 2.0], ["2", "3", "5", "4"]
+    feats = np.zeros((4, FEATURE_DIM), np.float32)
+    feats[:, FEATURE_NAMES.index("r_median")] = [(m - 3.0) / 2.0 for m in medians]  # -1..1 over 1..5
+    s = SampleSet("t", "rating", [[1]] * 4, [[2]] * 4, ["a", "b", "c", "d"], np.zeros((4, 3), np.float32), feats,
+                  gold, [0, 1, 2, 3, 4], ["1", "2", "3", "4", "5"])
+    assert user_median_mae(s) == pytest.approx((1 + 0 + 0 + 2) / 4)

@@ -1,16 +1,23 @@
-"""P2P trained with two different profile encoders, side by side: reports/encoders.{json,md,png}.
+"""Variants of P2P training side by side on one task: reports/<set>.{json,md,png}.
 
-    python -m trainer.compare_encoders                 # `make encoders`; resumable (each variant checkpoints)
-    python -m trainer.compare_encoders --steps 60      # quicker
+    python -m trainer.compare                        # `make encoders`: the profile-encoder comparison
+    python -m trainer.compare --set recipes          # `make recipes`: training-recipe changes that might help
+    python -m trainer.compare --steps 60             # quicker; resumable (each variant checkpoints)
 
-Encoders: MiniLM (all-MiniLM-L6-v2, the device's ONNX graph) and the base model's own mean-pooled hidden
-states through llama.cpp (`gemma-mean`, p2p_local.encoder.GemmaEncoder). Each is trained twice with the
-same data, seed and steps: on the profile text alone (what the encoder contributes) and with the
-structured feature vector beside it (the shipped design). Scored on held-out validation users by the
-trainer's evaluation (PyTorch, the de-quantized base the device's GGUF comes from): target loss with
-the true profile vs a shuffled one (another user's), and the label distribution's expected-value MAE.
-Small on purpose (one rating task, a subset of users): the Gemma encoder costs ~0.5 s per profile on
-2 cores, ~30x MiniLM.
+Set `encoders`: MiniLM (all-MiniLM-L6-v2, the device's ONNX graph) and the base model's own mean-pooled
+hidden states through llama.cpp (`gemma-mean`, p2p_local.encoder.GemmaEncoder). Each is trained twice
+with the same data, seed and steps: on the profile text alone (what the encoder contributes) and with
+the structured feature vector beside it (the shipped design).
+
+Set `recipes`: the shipped design (MiniLM + features) against one change at a time, the levers the
+evaluation's shortfalls point at (issue 5: training length, learning rate, targets, rank, profile
+input): does any of them close the gap to the user-mean reference?
+
+Scored on held-out validation users by the trainer's evaluation (PyTorch, the de-quantized base the
+device's GGUF comes from): target loss with the true profile vs a shuffled one (another user's), the
+label distribution's MAE (median decoding, as `p2p eval` reports it) and the user-mean reference's MAE
+on the same queries. Small on purpose (one rating task, a subset of users): the Gemma encoder costs
+~0.5 s per profile on 2 cores, ~30x MiniLM.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -28,43 +36,66 @@ from trainer.config import recipe
 from trainer.train import Dist, load_data, train
 
 TASK = "movielens-rating"
-VARIANTS = {  # name -> overrides
-    "minilm, text only": {"encoder": "minilm", "hyper": {"use_features": False}},
-    "gemma-mean, text only": {"encoder": "gemma-mean", "hyper": {"use_features": False}},
-    "minilm + features": {"encoder": "minilm", "hyper": {}},
-    "gemma-mean + features": {"encoder": "gemma-mean", "hyper": {}},
+SHIPPED = {"encoder": "minilm", "hyper": {}}
+SETS: dict[str, dict[str, dict]] = {  # set -> variant name -> overrides of the short recipe
+    "encoders": {
+        "minilm, text only": {"encoder": "minilm", "hyper": {"use_features": False}},
+        "gemma-mean, text only": {"encoder": "gemma-mean", "hyper": {"use_features": False}},
+        "minilm + features": SHIPPED,
+        "gemma-mean + features": {"encoder": "gemma-mean", "hyper": {}},
+    },
+    "recipes": {
+        "reference": SHIPPED,  # = encoders' "minilm + features"
+        "lr x4 (2e-3)": {**SHIPPED, "lr": 2e-3},
+        "features only": {**SHIPPED, "hyper": {"use_embedding": False}},
+        # The comparison's default data is 100 users x 3 queries (300 samples; 100 steps = 5 epochs).
+        # (Training length is measured on the shipped recipe itself: runs/full continued to 720 steps.)
+        "all training users": {**SHIPPED, "max_users_train": 0, "max_items_per_user": 8},
+        "+ attn_output, ffn_down": {**SHIPPED, "hyper": {"targets": ["attn_q", "attn_v", "attn_output", "ffn_down"]}},
+        "rank 16": {**SHIPPED, "hyper": {"rank": 16}},
+    },
 }
+TITLES = {"encoders": "Profile encoders compared", "recipes": "Training recipes compared"}
 
 
-def run(steps: int, out: Path, runs: Path, threads: int, variants: list[str] | None = None) -> dict:
+def slug(name: str) -> str:
+    """A variant's run folder: "minilm + features" -> minilm-features."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run(which: str, steps: int, out: Path, runs: Path, threads: int, variants: list[str] | None = None) -> dict:
     from trainer.base import load_base
 
     base = load_base()
-    results = {}
-    for name, ov in VARIANTS.items():
+    results: dict[str, dict] = {}
+    command = f"python -m trainer.compare --set {which} --steps {steps}" + (
+        " --variants '" + ";".join(variants) + "'" if variants else "")
+    for name, ov in SETS[which].items():
         if variants and name not in variants:
             continue
-        slug = name.replace(", ", "-").replace(" + ", "-").replace(" ", "-")
-        cfg = recipe("short", tasks=[TASK], steps=steps, max_users_train=100, max_items_per_user=3,
-                     eval_users=40, eval_items_per_user=3, ckpt_every=20, threads=threads,
-                     out_dir=str(runs / slug), encoder=ov["encoder"], hyper=ov["hyper"])
+        kw = dict(tasks=[TASK], max_users_train=100, max_items_per_user=3, eval_users=40, eval_items_per_user=3,
+                  ckpt_every=20, threads=threads, out_dir=str(runs / which / slug(name)))
+        cfg = recipe("short", **{**kw, **ov, "steps": steps})
         t0 = time.time()
         print(f"== {name}: {steps} steps", flush=True)
         summary = train(cfg, base=base)
         ev = summary.get("eval") or _final_eval(Path(cfg.out_dir))
         _, val_sets, _ = load_data(cfg, base[1], Dist())  # cached: how far apart the encoder puts profiles
-        results[name] = {"encoder": ov["encoder"], "features": ov["hyper"].get("use_features", True),
-                         "steps": summary["steps"], "seconds": round(time.time() - t0, 1),
+        results[name] = {"encoder": cfg.encoder, "features": cfg.hyper.use_features, "steps": summary["steps"],
+                         "seconds": _train_seconds(Path(cfg.out_dir)) or round(time.time() - t0, 1),
                          "val_mean_pairwise_cosine": mean_pairwise_cosine(val_sets[0].embeddings), **ev[TASK]}
-    command = f"python -m trainer.compare_encoders --steps {steps}" + (
-        " --variants '" + ";".join(variants) + "'" if variants else "")
-    rep = {"task": TASK, "command": command,
+        write(which, command, results, out)  # after every variant: an interrupted comparison keeps its results
+    return write(which, command, results, out)
+
+
+def write(which: str, command: str, results: dict, out: Path) -> dict:
+    rep = {"set": which, "task": TASK, "command": command,
            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus",
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": results}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "encoders.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "encoders.md").write_text(to_markdown(rep))
-    chart(rep, out / "encoders.png")
+    (out / f"{which}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / f"{which}.md").write_text(to_markdown(rep))
+    chart(rep, out / f"{which}.png")
     return rep
 
 
@@ -74,6 +105,15 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     c = e @ e.T
     iu = np.triu_indices(len(e), 1)
     return round(float(c[iu].mean()), 4)
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    """The run's training wall time (its log's last `elapsed`), also when this call only re-evaluated it."""
+    for line in reversed((run_dir / "metrics.jsonl").read_text().splitlines()):
+        row = json.loads(line)
+        if "elapsed" in row:
+            return row["elapsed"]
+    return None
 
 
 def _final_eval(run_dir: Path) -> dict:
@@ -86,18 +126,22 @@ def _final_eval(run_dir: Path) -> dict:
 
 
 def to_markdown(rep: dict) -> str:
-    lines = [f"# Profile encoders compared: {rep['task']}", "",
+    lines = [f"# {TITLES[rep['set']]}: {rep['task']}", "",
              f"`{rep['command']}` on {rep['machine']}, {rep['created']}. Validation users, trainer-side "
-             "evaluation (see the module docstring). Gap = shuffled-profile loss - true-profile loss "
-             "(95% CI over users): > 0 means the hypernetwork uses this user's profile.", "",
-             "| variant | steps | profiles' mean cosine | loss true | loss shuffled | gap [95% CI] | MAE(E) true | "
-             "MAE(E) shuffled | MAE(E) no adapter |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "evaluation (see trainer/compare.py). Gap = shuffled-profile loss - true-profile loss "
+             "(95% CI over users): > 0 means the hypernetwork uses this user's profile. MAE decodes the label "
+             "distribution's median (as `p2p eval`); user-mean is that reference's MAE on the same queries.", "",
+             "| variant | steps | s | profiles' mean cosine | loss true | loss shuffled | gap [95% CI] | MAE true | "
+             "MAE shuffled | MAE no adapter | MAE user-mean |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    na = "-"
     for name, r in rep["variants"].items():
         lo, hi = r["gap_loss_ci95"]
-        lines.append(f"| {name} | {r['steps']} | {r['val_mean_pairwise_cosine']:.3f} | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | "
-                     f"{r['gap_loss']:.4f} [{lo:.4f}, {hi:.4f}] | {r['mae_expected_true']:.3f} | "
-                     f"{r['mae_expected_shuffled']:.3f} | {r['mae_expected_base']:.3f} |")
+        mae = [f"{r[k]:.3f}" if k in r else na for k in
+               ("mae_median_true", "mae_median_shuffled", "mae_median_base", "mae_user_median")]
+        lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['val_mean_pairwise_cosine']:.3f} | "
+                     f"{r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['gap_loss']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                     + " | ".join(mae) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,25 +161,26 @@ def chart(rep: dict, path: Path) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, names)
     ax.set_xlabel("shuffled - true profile loss (nats; > 0: the profile is used)")
-    ax.set_title(f"{rep['task']}: what each profile encoder gives the hypernetwork", fontsize=10)
+    ax.set_title(f"{rep['task']}: {TITLES[rep['set']].lower()} (what the profile gives the hypernetwork)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.compare_encoders", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
+    ap = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.splitlines()[0])
+    ap.add_argument("--set", dest="which", choices=list(SETS), default="encoders")
+    ap.add_argument("--steps", type=int, default=100, help="per variant")
     ap.add_argument("--out", type=Path, default=Path("reports"))
-    ap.add_argument("--runs", type=Path, default=Path("runs") / "encoders")
+    ap.add_argument("--runs", type=Path, default=Path("runs") / "compare")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--variants", help=f"';'-separated subset of: {'; '.join(VARIANTS)}")
+    ap.add_argument("--variants", help="';'-separated subset of the set's variant names")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(";")] if args.variants else None
-    unknown = [v for v in variants or [] if v not in VARIANTS]
+    unknown = [v for v in variants or [] if v not in SETS[args.which]]
     if unknown:
-        ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    rep = run(args.steps, args.out, args.runs, args.threads, variants)
+        ap.error(f"unknown variant(s) {unknown}; known in {args.which}: {list(SETS[args.which])}")
+    rep = run(args.which, args.steps, args.out, args.runs, args.threads, variants)
     print(to_markdown(rep))
     return 0
 

@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from p2p_local.eval.stats import median_index
+from p2p_local.profile import FEATURE_NAMES
 from trainer.config import RECIPES, TrainConfig, recipe
 from trainer.hypernet import HyperNet
 from trainer.lora import FunctionalLoRA, SharedLoRA
@@ -208,6 +210,16 @@ def user_bootstrap_ci(values: np.ndarray, user_ids: Sequence[str], n_boot: int =
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
+def user_median_mae(s: SampleSet) -> float:
+    """MAE of the user-mean reference on these samples: each user's history median (the profile's
+    r_median feature), snapped down to a label, as the eval's user-mean method decodes its distribution."""
+    vals = np.array([float(x) for x in s.card_labels])
+    lo, hi = vals.min(), vals.max()
+    med = s.features[:, FEATURE_NAMES.index("r_median")] * max((hi - lo) / 2, 1e-6) + (lo + hi) / 2
+    snapped = vals[np.clip(np.searchsorted(vals, med + 1e-6, side="right") - 1, 0, len(vals) - 1)]
+    return float(np.abs(snapped - np.array([float(x) for x in s.labels])).mean())
+
+
 @torch.no_grad()
 def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets: Sequence[SampleSet],
              device: torch.device, bf16: bool, batch_size: int = 32, controls: bool = True) -> dict:
@@ -250,7 +262,11 @@ def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets:
                 p = np.exp(lp)
                 res[f"mae_argmax_{mode}"] = float(np.abs(label_vals[lp.argmax(1)] - values).mean())
                 res[f"mae_expected_{mode}"] = float(np.abs(p @ label_vals - values).mean())
+                med = label_vals[[median_index(row) for row in p]]  # the deployed eval's MAE decoding
+                res[f"mae_median_{mode}"] = float(np.abs(med - values).mean())
                 res[f"label_ce_{mode}"] = float(-lp[np.arange(n), gold_idx].mean())
+        if s.label_ids and s.kind == "rating":
+            res["mae_user_median"] = user_median_mae(s)
         if "loss_shuffled" in res:
             res["gap_loss"] = res["loss_shuffled"] - res["loss_true"]
             res["gap_loss_ci95"] = user_bootstrap_ci(per_sample["shuffled"] - per_sample["true"], s.user_ids)

@@ -71,6 +71,42 @@ def goal_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+EXPERIMENTS = ("encoders", "recipes")  # trainer.compare's reports (<set>.json), shown beside the evaluation
+
+
+def load_experiments(out: Path) -> list[dict[str, Any]]:
+    """The training comparisons in `out` (`python -m trainer.compare --set S` writes S.json)."""
+    exps = []
+    for name in EXPERIMENTS:
+        try:
+            rep = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rep, dict) and isinstance(rep.get("variants"), dict) and rep["variants"]:
+            exps.append({"set": name, **rep})
+    return exps
+
+
+def experiment_lines(exps: list[dict[str, Any]]) -> list[str]:
+    """A compact table per training comparison: does the profile matter, and how close to user-mean."""
+    if not exps:
+        return []
+    lines = ["## What was tried in training", "",
+             "Trainer-side scores on validation users (PyTorch, the de-quantized base), one change at a time; "
+             "the full tables are in the linked reports. Gap = shuffled - true profile loss (> 0: the profile "
+             "is used).", ""]
+    for e in exps:
+        lines += [f"### {e['set']} ({e['task']}; [{e['set']}.md]({e['set']}.md))", "", f"`{e['command']}`", "",
+                  "| variant | steps | gap [95% CI] | MAE true | MAE shuffled | MAE user-mean |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in e["variants"].items():
+            lo, hi = r.get("gap_loss_ci95", [float("nan")] * 2)
+            mae = [f"{r[k]:.3f}" if k in r else "-" for k in ("mae_median_true", "mae_median_shuffled", "mae_user_median")]
+            lines.append(f"| {name} | {r.get('steps', '-')} | {r['gap_loss']:.3f} [{lo:.3f}, {hi:.3f}] | " + " | ".join(mae) + " |")
+        lines.append("")
+    return lines
+
+
 def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
     tasks = []
     for rep in reps:
@@ -142,6 +178,7 @@ def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> s
     lines += ["## Scoreboard", "",
               f"Across every task, split and comparison above: P2P **wins {c['win']}**, ties {c['tie']}, "
               f"loses {c['loss']} (win = the CI of the paired difference excludes 0 in P2P's favour).", ""]
+    lines += experiment_lines(summary.get("experiments", []))
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +249,7 @@ def write_summary(out: Path, card_dir: Path | None = None, log=print, readme: Pa
 
         raise DataError(f"no evaluation reports in {out}", hint="run `p2p eval --task T` first")
     summary = build_summary(reps)
+    summary["experiments"] = [{k: e[k] for k in ("set", "task", "command", "variants")} for e in load_experiments(out)]
     paths = [out / "summary.json", out / "SUMMARY.md"]
     paths[0].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths[1].write_text(to_markdown(summary), encoding="utf-8")
