@@ -132,13 +132,15 @@ def to_markdown(rep: dict) -> str:
              "(95% CI over users): > 0 means the hypernetwork uses this user's profile. MAE decodes the label "
              "distribution's median (as `p2p eval`); user-mean is that reference's MAE on the same queries.", "",
              "| variant | steps | s | profiles' mean cosine | loss true | loss shuffled | gap [95% CI] | MAE true | "
-             "MAE shuffled | MAE no adapter | MAE user-mean |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "MAE shuffled | MAE no adapter | MAE user-mean | MAE true - user-mean [95% CI] |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     na = "-"
     for name, r in rep["variants"].items():
         lo, hi = r["gap_loss_ci95"]
         mae = [f"{r[k]:.3f}" if k in r else na for k in
                ("mae_median_true", "mae_median_shuffled", "mae_median_base", "mae_user_median")]
+        ci = r.get("mae_true_minus_user_median_ci95")
+        mae.append(f"{r['mae_median_true'] - r['mae_user_median']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else na)
         lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['val_mean_pairwise_cosine']:.3f} | "
                      f"{r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['gap_loss']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      + " | ".join(mae) + " |")

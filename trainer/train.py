@@ -210,14 +210,18 @@ def user_bootstrap_ci(values: np.ndarray, user_ids: Sequence[str], n_boot: int =
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
-def user_median_mae(s: SampleSet) -> float:
-    """MAE of the user-mean reference on these samples: each user's history median (the profile's
+def user_median_errors(s: SampleSet) -> np.ndarray:
+    """Per-sample absolute error of the user-mean reference: each user's history median (the profile's
     r_median feature), snapped down to a label, as the eval's user-mean method decodes its distribution."""
     vals = np.array([float(x) for x in s.card_labels])
     lo, hi = vals.min(), vals.max()
     med = s.features[:, FEATURE_NAMES.index("r_median")] * max((hi - lo) / 2, 1e-6) + (lo + hi) / 2
     snapped = vals[np.clip(np.searchsorted(vals, med + 1e-6, side="right") - 1, 0, len(vals) - 1)]
-    return float(np.abs(snapped - np.array([float(x) for x in s.labels])).mean())
+    return np.abs(snapped - np.array([float(x) for x in s.labels]))
+
+
+def user_median_mae(s: SampleSet) -> float:
+    return float(user_median_errors(s).mean())
 
 
 @torch.no_grad()
@@ -237,6 +241,7 @@ def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets:
         modes = ["true", "shuffled", "base"] if controls and net is not None else (["true"] if net is not None else ["base"])
         res: dict[str, float] = {"n": n, "users": len(set(s.user_ids))}
         per_sample: dict[str, np.ndarray] = {}
+        abs_err: dict[str, np.ndarray] = {}
         for mode in modes:
             losses, lab_lp = [], []
             for lo in range(0, n, batch_size):
@@ -263,10 +268,14 @@ def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets:
                 res[f"mae_argmax_{mode}"] = float(np.abs(label_vals[lp.argmax(1)] - values).mean())
                 res[f"mae_expected_{mode}"] = float(np.abs(p @ label_vals - values).mean())
                 med = label_vals[[median_index(row) for row in p]]  # the deployed eval's MAE decoding
-                res[f"mae_median_{mode}"] = float(np.abs(med - values).mean())
+                abs_err[mode] = np.abs(med - values)
+                res[f"mae_median_{mode}"] = float(abs_err[mode].mean())
                 res[f"label_ce_{mode}"] = float(-lp[np.arange(n), gold_idx].mean())
         if s.label_ids and s.kind == "rating":
-            res["mae_user_median"] = user_median_mae(s)
+            ref = user_median_errors(s)
+            res["mae_user_median"] = float(ref.mean())
+            if "true" in abs_err:  # > 0: P2P's MAE is above the reference's
+                res["mae_true_minus_user_median_ci95"] = user_bootstrap_ci(abs_err["true"] - ref, s.user_ids)
         if "loss_shuffled" in res:
             res["gap_loss"] = res["loss_shuffled"] - res["loss_true"]
             res["gap_loss_ci95"] = user_bootstrap_ci(per_sample["shuffled"] - per_sample["true"], s.user_ids)

@@ -97,11 +97,13 @@ def experiment_lines(exps: list[dict[str, Any]]) -> list[str]:
              "is used).", ""]
     for e in exps:
         lines += [f"### {e['set']} ({e['task']}; [{e['set']}.md]({e['set']}.md))", "", f"`{e['command']}`", "",
-                  "| variant | steps | gap [95% CI] | MAE true | MAE shuffled | MAE user-mean |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| variant | steps | gap [95% CI] | MAE true | MAE shuffled | MAE user-mean | true - user-mean [95% CI] |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in e["variants"].items():
             lo, hi = r.get("gap_loss_ci95", [float("nan")] * 2)
             mae = [f"{r[k]:.3f}" if k in r else "-" for k in ("mae_median_true", "mae_median_shuffled", "mae_user_median")]
+            ci = r.get("mae_true_minus_user_median_ci95")
+            mae.append(f"{r['mae_median_true'] - r['mae_user_median']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
             lines.append(f"| {name} | {r.get('steps', '-')} | {r['gap_loss']:.3f} [{lo:.3f}, {hi:.3f}] | " + " | ".join(mae) + " |")
         lines.append("")
     return lines
