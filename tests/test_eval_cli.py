@@ -176,3 +176,18 @@ def test_summary_shows_the_training_comparisons(tmp_path):
     for name, r in exp["variants"].items():
         assert f"| {name} | {r['steps']} | {r['gap_loss']:.3f} " in lines
     assert experiment_lines([]) == []
+
+
+def test_result_store_keeps_a_row_per_fingerprint(tmp_path):
+    """A retrained bundle adds rows beside the old ones: going back to the old bundle reuses its results."""
+    from p2p_local.eval.runner import ResultStore
+
+    path = tmp_path / "results.jsonl"
+    store = ResultStore(path)
+    store.put({"method": "p2p", "user_id": "u1", "fingerprint": "old", "data": "d", "records": [1]})
+    store.put({"method": "p2p", "user_id": "u1", "fingerprint": "new", "data": "d", "records": [2]})
+    again = ResultStore(path)  # as a later run reads it
+    assert again.get("p2p", "u1", "old", "d")["records"] == [1]
+    assert again.get("p2p", "u1", "new", "d")["records"] == [2]
+    assert again.get("p2p", "u1", "new", "other-data") is None  # the user's data changed: recompute
+    assert again.get("base", "u1", "old", "d") is None

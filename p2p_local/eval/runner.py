@@ -142,14 +142,16 @@ def user_data_hash(user: User) -> str:
 
 # --- stored results ------------------------------------------------------------------------------------
 class ResultStore:
-    """Append-only JSONL of (method, user) results; the last valid line per pair wins."""
+    """Append-only JSONL of (method, user) results, one per input fingerprint (adapter / bundle / data):
+    a run with a retrained bundle adds rows beside the old ones, and going back to a bundle reuses its rows.
+    The last valid line per (method, user, fingerprint, data) wins."""
 
     def __init__(self, path: Path, fresh: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and path.exists():
             path.unlink()
-        self.rows: dict[tuple[str, str], dict] = {}
+        self.rows: dict[tuple[str, str, str, str], dict] = {}
         if path.exists():
             text = path.read_text(encoding="utf-8")
             if text and not text.endswith("\n"):  # a line cut by an interruption: end it
@@ -158,21 +160,22 @@ class ResultStore:
             for line in text.splitlines():
                 try:
                     row = json.loads(line)
-                    self.rows[(row["method"], row["user_id"])] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.rows[self._key(row)] = row
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue  # a line cut by an interruption
 
+    @staticmethod
+    def _key(row: dict) -> tuple[str, str, str, str]:
+        return row["method"], row["user_id"], row.get("fingerprint", ""), row.get("data", "")
+
     def get(self, method: str, user_id: str, fingerprint: str, data: str) -> dict | None:
-        row = self.rows.get((method, user_id))
-        if row and row.get("fingerprint") == fingerprint and row.get("data") == data:
-            return row
-        return None
+        return self.rows.get((method, user_id, fingerprint, data))
 
     def put(self, row: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
-        self.rows[(row["method"], row["user_id"])] = row
+        self.rows[self._key(row)] = row
 
 
 # --- the run ----------------------------------------------------------------------------------------
