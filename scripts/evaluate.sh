@@ -18,8 +18,8 @@ OPPU_MAX_ITEMS=${OPPU_MAX_ITEMS:-64}  # the latest 64 items per user (minutes sa
 MTLORA=${MTLORA:-$(.venv/bin/python -c 'from p2p_local.paths import data_dir; print(data_dir() / "baselines" / "mt-lora-all.gguf")')}
 ML_TEST=${ML_TEST:-40:5:4};   ML_OOD=${ML_OOD:-16:5:0}
 OFF_TEST=${OFF_TEST:-24:5:3}; OFF_OOD=${OFF_OOD:-16:5:0}
-GIT_TEST=${GIT_TEST:-8:3:3};  GIT_OOD=${GIT_OOD:-6:3:0}
-MAIL_TEST=${MAIL_TEST:-8:3:3}; MAIL_OOD=${MAIL_OOD:-6:3:0}
+GIT_TEST=${GIT_TEST:-16:3:3};  GIT_OOD=${GIT_OOD:-12:3:0}
+MAIL_TEST=${MAIL_TEST:-16:3:3}; MAIL_OOD=${MAIL_OOD:-12:3:0}
 
 run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
   local task=$1 split=$2 users queries oppu

@@ -161,6 +161,15 @@ def test_eval_trains_oppu_per_user_and_scores_it(home, tmp_path):
     assert "--oppu-max-items 4" in rep["command"] and len(list(oppu_dir.glob("*.gguf"))) == 1
     assert not list(oppu_dir.glob("*.history.jsonl"))  # the user's items handed to the trainer are removed
 
+    def oppu_users(n: int) -> int:
+        assert main(["eval", "--task", "popquorn-offensiveness", "--methods", "oppu", "--users", "2", "--queries", "2",
+                     "--out", str(out), "--bootstrap", "100", "--n-ctx", "512", "--oppu-train", "--oppu-users", str(n),
+                     "--oppu-max-items", "4", "--oppu-dir", str(oppu_dir)]) == 0
+        return json.loads((out / "popquorn-offensiveness-test.json").read_text())["methods"]["oppu"]["n_users"]
+
+    assert oppu_users(2) == 2 and len(list(oppu_dir.glob("*.gguf"))) == 2  # the second user is trained now
+    assert oppu_users(1) == 1  # a stored result beyond --oppu-users is not reported
+
 
 def test_summary_shows_the_training_comparisons(tmp_path):
     """The summary's "what was tried" tables come from trainer.compare's committed reports, figure for figure."""

@@ -262,6 +262,10 @@ class Method:
         """The fingerprint of the inputs one user's results depend on (per-user adapters differ)."""
         return self.fingerprint()
 
+    def excludes(self, user: User) -> str | None:
+        """Why this method does not evaluate `user` (checked before stored results are reused), else None."""
+        return None
+
     def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
         pass
 
@@ -405,14 +409,15 @@ class OPPU(AdapterMethod):
         super().prepare(ctx)
         self._notes: list[str] = []
         if o.oppu_users and o.oppu_users < len(ids):
-            self._notes.append(f"OPPU limited to the first {o.oppu_users} of {len(ids)} users (training cost)")
+            self._notes.append(f"OPPU limited to the first {o.oppu_users} of {len(ids)} users by id (training cost)")
 
     def path_for(self, user_id: str) -> Path:
         return self.dir / f"{safe_name(user_id)}.gguf"
 
+    def excludes(self, user: User) -> str | None:
+        return None if user.user_id in self.allowed else "outside --oppu-users"
+
     def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
-        if user.user_id not in self.allowed:
-            raise Skip("outside --oppu-users")
         path = self.path_for(user.user_id)
         if not path.is_file():
             if not self.can_train:

@@ -226,7 +226,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
         + (f"; git {m['git_commit']}" if m.get("git_commit") else ""),
         f"- decoding: greedy; {'label distribution from the label tokens' if kind != 'generation' else 'bounded generation'}; "
         f"95% CIs: bootstrap over users ({rep['config']['bootstrap']} resamples, seed {rep['config']['seed']})",
-        f"- created {rep['created']}, {rep['seconds']:.0f} s",
+        f"- created {rep['created']}: this run {rep['seconds']:.0f} s; the results it reports took "
+        f"{sum(e.get('seconds', 0.0) for e in rep['methods'].values()):.0f} s to compute (runs resume from stored results)",
         "",
         "## Main comparison",
         "",

@@ -258,6 +258,10 @@ def _run_method(ctx: EvalContext, m, res: MethodResult, users: list[User], queri
     reused = 0
     for k, user in enumerate(users, start=1):
         qs = queries[user.user_id]
+        why = m.excludes(user)
+        if why:  # e.g. beyond --oppu-users: not evaluated, even where an earlier run stored a result
+            res.skipped_users[user.user_id] = why
+            continue
         fp = m.user_fingerprint(user)
         data = user_data_hash(user)
         row = store.get(m.name, user.user_id, fp, data)
