@@ -51,6 +51,8 @@ SETS: dict[str, dict[str, dict]] = {  # set -> variant name -> overrides of the 
         # The comparison's default data is 100 users x 3 queries (300 samples; 100 steps = 5 epochs).
         # (Training length is measured on the shipped recipe itself: runs/full continued to 720 steps.)
         "all training users": {**SHIPPED, "max_users_train": 0, "max_items_per_user": 8},
+        "all training users, features only": {**SHIPPED, "max_users_train": 0, "max_items_per_user": 8,
+                                              "hyper": {"use_embedding": False}},
         "+ attn_output, ffn_down": {**SHIPPED, "hyper": {"targets": ["attn_q", "attn_v", "attn_output", "ffn_down"]}},
         "rank 16": {**SHIPPED, "hyper": {"rank": 16}},
     },
