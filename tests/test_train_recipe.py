@@ -140,11 +140,11 @@ def test_user_median_reference_from_the_profile_features():
     to a label (a 3.5 median decodes as 3, as the eval's user-mean distribution does)."""
     from p2p_local.profile import FEATURE_DIM, FEATURE_NAMES
     from trainer.samples import SampleSet
-    from trainer.train import user_median_mae
+    from trainer.train import user_median_errors
 
     medians, gold = [1.0, 3.5, 5.0, 2.0], ["2", "3", "5", "4"]
     feats = np.zeros((4, FEATURE_DIM), np.float32)
     feats[:, FEATURE_NAMES.index("r_median")] = [(m - 3.0) / 2.0 for m in medians]  # -1..1 over 1..5
     s = SampleSet("t", "rating", [[1]] * 4, [[2]] * 4, ["a", "b", "c", "d"], np.zeros((4, 3), np.float32), feats,
                   gold, [0, 1, 2, 3, 4], ["1", "2", "3", "4", "5"])
-    assert user_median_mae(s) == pytest.approx((1 + 0 + 0 + 2) / 4)
+    assert user_median_errors(s).mean() == pytest.approx((1 + 0 + 0 + 2) / 4)

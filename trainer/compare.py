@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from p2p_local.eval.summary import vs_user_mean
 from trainer.config import recipe
 from trainer.train import Dist, load_data, train
 
@@ -78,13 +79,12 @@ def run(which: str, steps: int, out: Path, runs: Path, threads: int, variants: l
         kw = dict(tasks=[TASK], max_users_train=100, max_items_per_user=3, eval_users=40, eval_items_per_user=3,
                   ckpt_every=20, threads=threads, out_dir=str(runs / which / slug(name)))
         cfg = recipe("short", **{**kw, **ov, "steps": steps})
-        t0 = time.time()
         print(f"== {name}: {steps} steps", flush=True)
-        summary = train(cfg, base=base)
-        ev = summary.get("eval") or _final_eval(Path(cfg.out_dir))
+        summary = train(cfg, base=base)  # a finished run is only re-evaluated
+        ev = summary["eval"]
         _, val_sets, _ = load_data(cfg, base[1], Dist())  # cached: how far apart the encoder puts profiles
         results[name] = {"encoder": cfg.encoder, "features": cfg.hyper.use_features, "steps": summary["steps"],
-                         "seconds": _train_seconds(Path(cfg.out_dir)) or round(time.time() - t0, 1),
+                         "seconds": _train_seconds(Path(cfg.out_dir)),
                          "val_mean_pairwise_cosine": mean_pairwise_cosine(val_sets[0].embeddings), **ev[TASK]}
         write(which, command, results, out)  # after every variant: an interrupted comparison keeps its results
     return write(which, command, results, out)
@@ -109,22 +109,13 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     return round(float(c[iu].mean()), 4)
 
 
-def _train_seconds(run_dir: Path) -> float | None:
+def _train_seconds(run_dir: Path) -> float:
     """The run's training wall time (its log's last `elapsed`), also when this call only re-evaluated it."""
     for line in reversed((run_dir / "metrics.jsonl").read_text().splitlines()):
         row = json.loads(line)
         if "elapsed" in row:
             return row["elapsed"]
-    return None
-
-
-def _final_eval(run_dir: Path) -> dict:
-    """A finished run's final evaluation, from its metrics log (a re-run of a finished variant)."""
-    for line in reversed((run_dir / "metrics.jsonl").read_text().splitlines()):
-        row = json.loads(line)
-        if row.get("final"):
-            return row["eval"]
-    raise RuntimeError(f"{run_dir} has no final evaluation")
+    raise RuntimeError(f"{run_dir}/metrics.jsonl logs no training step")
 
 
 def to_markdown(rep: dict) -> str:
@@ -141,8 +132,7 @@ def to_markdown(rep: dict) -> str:
         lo, hi = r["gap_loss_ci95"]
         mae = [f"{r[k]:.3f}" if k in r else na for k in
                ("mae_median_true", "mae_median_shuffled", "mae_median_base", "mae_user_median")]
-        ci = r.get("mae_true_minus_user_median_ci95")
-        mae.append(f"{r['mae_median_true'] - r['mae_user_median']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else na)
+        mae.append(vs_user_mean(r))
         lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['val_mean_pairwise_cosine']:.3f} | "
                      f"{r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['gap_loss']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      + " | ".join(mae) + " |")

@@ -220,10 +220,6 @@ def user_median_errors(s: SampleSet) -> np.ndarray:
     return np.abs(snapped - np.array([float(x) for x in s.labels]))
 
 
-def user_median_mae(s: SampleSet) -> float:
-    return float(user_median_errors(s).mean())
-
-
 @torch.no_grad()
 def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets: Sequence[SampleSet],
              device: torch.device, bf16: bool, batch_size: int = 32, controls: bool = True) -> dict:

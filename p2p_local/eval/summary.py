@@ -87,6 +87,14 @@ def load_experiments(out: Path) -> list[dict[str, Any]]:
     return exps
 
 
+def vs_user_mean(r: dict[str, Any]) -> str:
+    """A training variant's MAE minus the user-mean reference's, with its bootstrap CI ('-' if not measured)."""
+    ci = r.get("mae_true_minus_user_median_ci95")
+    if not ci:
+        return "-"
+    return f"{r['mae_median_true'] - r['mae_user_median']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def experiment_lines(exps: list[dict[str, Any]]) -> list[str]:
     """A compact table per training comparison: does the profile matter, and how close to user-mean."""
     if not exps:
@@ -102,8 +110,7 @@ def experiment_lines(exps: list[dict[str, Any]]) -> list[str]:
         for name, r in e["variants"].items():
             lo, hi = r.get("gap_loss_ci95", [float("nan")] * 2)
             mae = [f"{r[k]:.3f}" if k in r else "-" for k in ("mae_median_true", "mae_median_shuffled", "mae_user_median")]
-            ci = r.get("mae_true_minus_user_median_ci95")
-            mae.append(f"{r['mae_median_true'] - r['mae_user_median']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
+            mae.append(vs_user_mean(r))
             lines.append(f"| {name} | {r.get('steps', '-')} | {r['gap_loss']:.3f} [{lo:.3f}, {hi:.3f}] | " + " | ".join(mae) + " |")
         lines.append("")
     return lines

@@ -217,7 +217,8 @@ class ChatScreen(Screen):
         conv = next((c for c in self.store.conversations() if c.id == conversation_id), None)
         if conv is None:
             return
-        tasks = [m.meta.get("task") for m in self.store.messages(conversation_id) if m.role == "user"]
+        messages = self.store.messages(conversation_id)
+        tasks = [m.meta.get("task") for m in messages if m.role == "user"]
         # Continue the conversation as it was going: its profile and the task of its last question.
         changed = conv.profile != self.profile or (bool(tasks) and tasks[-1] != self.task_name)
         self.profile = conv.profile
@@ -238,7 +239,7 @@ class ChatScreen(Screen):
             pair.clear()
 
         asked = None  # the task of the question being answered
-        for m in self.store.messages(conversation_id):
+        for m in messages:
             if m.role == "user":
                 asked = m.meta.get("task")
             kind = (self.app.cards.get(m.meta.get("task", asked)) or _NoCard).kind
