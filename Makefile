@@ -26,7 +26,7 @@ $(APP): setup.cfg | $(BIN)/python
 # build. Once 2.13.0 is installed, the `torch>=2.3` of the train extra installs nothing more.
 $(DEV): setup.cfg $(APP)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[train,dev]'
+	$(BIN)/pip install -e '.[train,lab,dev]'
 	touch $@
 
 prepare: $(APP)

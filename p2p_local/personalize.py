@@ -1,13 +1,12 @@
-"""Profile -> encoder -> hypernetwork -> GGUF adapter -> attached to the running base: the whole path.
+"""`Session`: what the CLI and the chat hold — one engine, one bundle, one encoder, the store, and a
+small cache of adapters already loaded into llama.cpp.
 
-`Personalizer` is the pure pipeline (no store, no engine state): it turns a `Profile` into adapter
-tensors and a file, timing each stage. `Session` is what the CLI and the chat hold: one engine, one
-bundle, one encoder, the store, and a small cache of adapters already loaded into llama.cpp.
+Every step from the stored history to the answer is a call into `p2p_local.pipeline` (the route the
+evaluation and the trainer take too); this module adds the store, the adapter cache and locking.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -17,20 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from p2p_local.adapter import BaseInfo, write_adapter
+from p2p_local import pipeline
 from p2p_local.bundle import Bundle
 from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards
-from p2p_local.data.metrics import decode_distribution
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
-from p2p_local.errors import DataError, StoreError
+from p2p_local.errors import StoreError, UsageError
 from p2p_local.models import get_spec, prepare_base
-from p2p_local.profile import Profile, build_profile
+from p2p_local.pipeline import FREE_CHAT, Personalizer
+from p2p_local.profile import Profile
 from p2p_local.store import Store
 
 MAX_LOADED_ADAPTERS = 8  # llama.cpp handles kept alive for instant switching
 KEEP_ADAPTER_FILES = 32  # cached adapter files per profile (~0.7 MB each for the default bundle)
-FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template
+__all__ = ["FREE_CHAT", "Personalizer", "PersonalizeResult", "Session"]
 
 
 @dataclass
@@ -46,36 +45,6 @@ class PersonalizeResult:
     n_items: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     profile: Profile | None = None
-
-
-class Personalizer:
-    """The on-device pipeline, one forward pass per profile. Checks bundle/base/encoder agree up front."""
-
-    def __init__(self, bundle: Bundle, encoder: Encoder, base: BaseInfo) -> None:
-        bundle.check(base, encoder)
-        self.bundle, self.encoder, self.base = bundle, encoder, base
-
-    def tensors(self, profile: Profile) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, float]]:
-        t0 = time.perf_counter()
-        emb = self.encoder.embed([profile.text])
-        t1 = time.perf_counter()
-        (tensors,) = self.bundle.generate(emb, profile.features[None].astype(np.float32))
-        t2 = time.perf_counter()
-        return tensors, {"encode_ms": (t1 - t0) * 1e3, "hypernet_ms": (t2 - t1) * 1e3}
-
-    def write(self, profile: Profile, path: Path) -> dict[str, float]:
-        tensors, timings = self.tensors(profile)
-        t0 = time.perf_counter()
-        write_adapter(path, tensors, alpha=self.bundle.alpha, base=self.base, dtype="f16",
-                      generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=profile.fingerprint)
-        timings["write_ms"] = (time.perf_counter() - t0) * 1e3
-        return timings
-
-
-def to_data_items(items: list) -> list[Item]:
-    """Store items -> the generic per-user format the profile builder reads (time-ordered)."""
-    out = [Item(input=i.input, output=i.output, time=i.time, meta=dict(i.meta or {})) for i in items]
-    return sorted(out, key=lambda i: (i.time is None, i.time or 0.0))
 
 
 class Session:
@@ -125,7 +94,7 @@ class Session:
 
     def card(self, task: str) -> TaskCard:
         if task not in self._cards:
-            raise DataError(f"unknown task {task!r}", hint=f"known tasks: {', '.join(self._cards)}")
+            raise UsageError(f"unknown task {task!r}", hint=f"known tasks: {', '.join(self._cards)}")
         return self._cards[task]
 
     def profiles(self) -> list:
@@ -142,12 +111,20 @@ class Session:
                              hint=f"add items with --task one of: {', '.join(self._cards)}")
         return max(counts, key=counts.get)
 
+    def history(self, profile: str, task: str) -> tuple[list[Item], int]:
+        """The newest items a profile reads (time order) and how many the profile has in all."""
+        card = self.card(task)
+        rows = self.store.items(profile, task=task, limit=pipeline.HISTORY_READ)
+        items = [pipeline.history_item(card, r.input, r.output, r.time, r.meta) for r in rows]
+        return items, self.store.count_items(profile, task=task)
+
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
         task = task or self.default_task(profile)
-        history = to_data_items(self.store.items(profile, task=task))
-        q = Item(input=query, output="") if query else None
-        return build_profile(self.card(task), history, q)
+        card = self.card(task)
+        history, n_total = self.history(profile, task)
+        q = pipeline.query_item(card, query) if query else None
+        return pipeline.make_profile(card, history, q, n_total=n_total)
 
     # --- personalize -------------------------------------------------------------------------------
     def personalize(self, profile: str, task: str | None = None, query: str | None = None,
@@ -173,8 +150,7 @@ class Session:
         else:
             path = self.store.adapter_dir(profile) / f"{task}-{prof.fingerprint[:16]}-{self.bundle.sha256[:8]}.gguf"
             timings.update(self.personalizer.write(prof, path))
-            self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)
-            self.store.mark_stale(profile, False)
+            self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)  # also clears "stale"
             # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
             self.store.prune_adapters(profile, keep=KEEP_ADAPTER_FILES)
         t2 = time.perf_counter()
@@ -197,59 +173,48 @@ class Session:
         self.engine.use(adapter, scale)
 
     # --- answer ------------------------------------------------------------------------------------
-    def prompt(self, text: str, task: str | None = None, transcript: list[tuple[str, str]] | None = None) -> str:
-        """Prompts for a base model with no chat template: the task card's template, or a plain transcript."""
+    def prompt(self, text: str, task: str | None = None, transcript: list[tuple[str, str]] | None = None,
+               about: str = "") -> str:
+        """The task card's prompt, or (free chat) a plain transcript after what is known of the user."""
         if task and task != FREE_CHAT:
-            return self.card(task).prompt(text)
-        turns = "".join(f"{'User' if role == 'user' else 'Assistant'}: {content}\n"
-                        for role, content in (transcript or [])[-6:])
-        return f"{turns}User: {text}\nAssistant:"
+            return pipeline.task_prompt(self.engine, self.card(task), text)
+        return pipeline.chat_prompt(text, transcript or [], about)
 
-    def decoding(self, task: str | None, text: str = "", profile: str | None = None) -> dict:
-        """Per-task decoding: a label is a token or two; free chat stops at the next turn.
-
-        Generation as evaluated (`eval.methods.generation_setup`): a one-line task (the profile's outputs
-        have no line breaks, e.g. commit subjects) stops at the newline; a multi-line one (email
-        rewrites, whose paragraphs are separated by blank lines) stops where a new example would begin,
-        with room for 1.5x the input. With no outputs to go by, the card's answer header decides
-        ("Subject line:" is one line).
-        """
-        if not task or task == FREE_CHAT:
-            return {"max_tokens": 160, "stop": ["\nUser:", "\n\n\n"]}
-        card = self.card(task)
-        if card.kind in ("rating", "label"):
-            return {"max_tokens": 4, "stop": ["\n"]}
-        outputs = [i.output.strip() for i in self.store.items(profile, task=task, limit=500)] if profile else []
-        if outputs:
-            one_line = sum("\n" in o for o in outputs) < 0.05 * len(outputs)
-        else:
-            one_line = "line" in card.template.split("{input}")[-1].lower()
-        if one_line:
-            return {"max_tokens": 48, "stop": ["\n"]}
-        head = card.template.split("{input}")[0].strip().splitlines()
-        stop = (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
-        n_in = len(self.engine.tokenize(text, add_bos=False)) if text else 0
-        return {"max_tokens": max(96, math.ceil(1.5 * n_in)), "stop": stop}
+    def decoding(self, task: str | None, text: str = "") -> dict:
+        """max_tokens and stop strings of a generated answer (`pipeline.generation_settings`)."""
+        card = self.card(task) if task and task != FREE_CHAT else None
+        return pipeline.generation_settings(self.engine, card, text)
 
     def label_distribution(self, text: str, task: str) -> dict[str, float]:
         """The model's probabilities over the task's labels (under whatever adapter is attached)."""
         card = self.card(task)
-        probs = np.exp(self.engine.label_logprobs(card.prompt(text), card.labels))
-        return dict(zip(card.labels, probs.tolist(), strict=True))
+        scores = pipeline.label_scores(self.engine, pipeline.task_prompt(self.engine, card, text),
+                                       pipeline.label_token_ids(self.engine, card.labels))
+        return dict(zip(card.labels, np.exp(scores["lp"]).tolist(), strict=True))
 
     def choose_label(self, text: str, task: str) -> str:
-        """Rating/label answers are read off the distribution over the labels, never free text: the median
-        for ratings (the MAE-optimal choice, as in evaluation), the most likely label otherwise."""
-        card = self.card(task)
+        """Rating/label answers are read off the distribution over the labels (`pipeline.decode_label`)."""
         dist = self.label_distribution(text, task)
-        how = "median" if card.kind == "rating" else "argmax"
-        return decode_distribution(card, np.array([list(dist.values())]), how)[0]
+        return pipeline.decode_label(self.card(task), np.log(np.array(list(dist.values()))))
+
+    def about(self, profile: str) -> str:
+        """What free chat tells the base model about the user: the summary of the profile's own task."""
+        try:
+            return self.profile_text(profile).summary
+        except StoreError:
+            return ""
+
+    def free_chat_adapter(self) -> bool:
+        """Free chat gets an adapter only from a bundle trained for it (a task adapter answers in its format)."""
+        return any(isinstance(t, dict) and t.get("name") == FREE_CHAT for t in self.bundle.manifest.get("tasks", []))
 
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
                scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
                transcript: list[tuple[str, str]] | None = None) -> Iterator[str]:
         """Stream an answer. With a profile and `personalized`, its adapter is attached at `scale`.
 
+        Free chat (no task) never attaches a task adapter: the base model answers with the profile's
+        summary in the prompt, unless the bundle was trained for free chat.
         The session lock is held until the stream is exhausted or closed (closing cancels).
         """
         with self.lock:
@@ -259,19 +224,24 @@ class Session:
                 temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
         task = task or (self.default_task(profile) if profile else FREE_CHAT)
         self.last_result = None
-        if profile and personalized and scale > 0:
-            card_task = task if task != FREE_CHAT else self.default_task(profile)
-            query = text if task != FREE_CHAT else None
-            self.last_result = self._personalize(profile, card_task, query, False, scale)
+        about = ""
+        if task == FREE_CHAT:
+            if profile and personalized and scale > 0 and self.free_chat_adapter():
+                self.last_result = self._personalize(profile, FREE_CHAT, None, False, scale)
+            else:
+                self.engine.use(None)
+                about = self.about(profile) if profile and personalized else ""
+        elif profile and personalized and scale > 0:
+            self.last_result = self._personalize(profile, task, text, False, scale)
         else:
             self.engine.use(None)
         if task != FREE_CHAT and self.card(task).kind in ("rating", "label"):
             yield self.choose_label(text, task)
             return
-        kw = self.decoding(task, text, profile)
+        kw = self.decoding(task, text)
         if max_tokens:
             kw["max_tokens"] = max_tokens
-        yield from self.engine.generate(self.prompt(text, task, transcript), temperature=temperature, **kw)
+        yield from self.engine.generate(self.prompt(text, task, transcript, about), temperature=temperature, **kw)
 
     def close(self) -> None:
         self._loaded.clear()

@@ -30,9 +30,22 @@ from p2p_local.data.format import Item, TaskCard
 MAX_SUMMARY_ITEMS = 2000
 MAX_RETRIEVAL_ITEMS = 300  # BM25 index build is ~linear: ~10 ms for 300 short items on a laptop core
 MAX_ITEM_CHARS = 160  # per retrieved item in the profile text / baseline prompts
-RECENT = 20  # "recent" window for the recent-mean feature
-HIST_BINS = 5
+RETRIEVED_K = 2  # history items retrieved into the profile text
 WRAPPER = "extract personalization features relevant to: {description}"
+
+# The feature contract. A bundle records FEATURE_VERSION and FEATURE_NAMES (manifest "features") and
+# `Bundle.check` refuses one trained on another contract: bump the version whenever a name, an order,
+# a constant below or the way a feature is computed changes.
+FEATURE_VERSION = 1
+RECENT = 20  # "recent" window for the recent-mean feature
+HIST_BINS = 5  # rating histogram bins over the value range
+QUERY_PRIOR_WEIGHT = 2.0  # the query-genre mean is shrunk to the user's mean with this many pseudo-items
+COUNT_SCALE = 1000  # log1p(count) / log1p(COUNT_SCALE): ~1 at a thousand items
+WORDS_SCALE = 200  # log1p(words) / log1p(WORDS_SCALE): text lengths to ~unit range
+LEN_RATIO_DIV, LEN_RATIO_CLIP = 3.0, 1.5  # log(out/in) / 3, clipped to +-1.5
+RATE_GAIN, RATE_CLIP = 5.0, 2.0  # comma and capital-word rates x5, clipped at 2
+WORD_LEN_DIV = 10.0  # mean word length / 10
+STYLE_WINDOW = 500  # type/token ratio over the latest words, comparable across history sizes
 
 _COMMON = ("is_rating", "is_label", "is_generation", "is_empty", "log_count")
 _RATING = (
@@ -164,9 +177,9 @@ def _rating_block(card, hist, query, retrieved, f, stats, n_total) -> list[str]:
             )
             q_count = int((w > 0).sum())
             q_share = q_count / len(w)
-            q_mean = float((w @ v + 2.0 * mean) / (w.sum() + 2.0))
+            q_mean = float((w @ v + QUERY_PRIOR_WEIGHT * mean) / (w.sum() + QUERY_PRIOR_WEIGHT))
     f[_IDX["r_query_mean"]] = norm(q_mean)
-    f[_IDX["r_query_log_count"]] = math.log1p(q_count) / math.log1p(1000)
+    f[_IDX["r_query_log_count"]] = math.log1p(q_count) / math.log1p(COUNT_SCALE)
     f[_IDX["r_query_share"]] = q_share
     f[_IDX["r_query_delta"]] = (q_mean - mean) / half
     nb = [values[it.output.strip()] for it in retrieved if it.output.strip() in values]
@@ -237,7 +250,7 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
     n_words = max(len(all_words), 1)
     commas = sum(o.count(",") for o in outs) / n_words
     caps = sum(1 for w in all_words if len(w) >= 2 and w.isupper()) / n_words
-    window = [w.lower() for w in all_words[-500:]]  # fixed window: comparable across history sizes
+    window = [w.lower() for w in all_words[-STYLE_WINDOW:]]
     ttr = len(set(window)) / max(len(window), 1)
     word_len = sum(len(w) for w in all_words) / n_words
     copies = [
@@ -249,11 +262,11 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
     has_input = bool(in_len.sum())
     ratio = float(np.mean(np.log((out_len + 1) / (in_len + 1)))) if has_input else 0.0
 
-    log200 = math.log1p(200)
+    log200 = math.log1p(WORDS_SCALE)
     f[_IDX["t_out_len"]] = float(lo_out.mean()) / log200
     f[_IDX["t_out_len_std"]] = float(lo_out.std())
     f[_IDX["t_in_len"]] = float(np.log1p(in_len).mean()) / log200
-    f[_IDX["t_len_ratio"]] = float(np.clip(ratio / 3, -1.5, 1.5))
+    f[_IDX["t_len_ratio"]] = float(np.clip(ratio / LEN_RATIO_DIV, -LEN_RATIO_CLIP, LEN_RATIO_CLIP))
     for name, x in (
         ("t_starts_lower", starts_lower), ("t_ends_period", ends_period), ("t_ends_other_punct", ends_other),
         ("t_has_exclaim", exclaim), ("t_has_question", question), ("t_contraction", contraction),
@@ -262,9 +275,9 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
         ("t_greeting", greeting),
     ):  # fmt: skip
         f[_IDX[name]] = x
-    f[_IDX["t_comma_rate"]] = min(commas * 5, 2.0)
-    f[_IDX["t_caps_words"]] = min(caps * 5, 2.0)
-    f[_IDX["t_word_len"]] = word_len / 10
+    f[_IDX["t_comma_rate"]] = min(commas * RATE_GAIN, RATE_CLIP)
+    f[_IDX["t_caps_words"]] = min(caps * RATE_GAIN, RATE_CLIP)
+    f[_IDX["t_word_len"]] = word_len / WORD_LEN_DIV
     if query is not None:
         f[_IDX["t_query_in_len"]] = math.log1p(len(_words(query.input))) / log200
     nb = [math.log1p(len(_words(it.output))) for it in retrieved]
@@ -362,30 +375,36 @@ def render_pag(profile: Profile) -> str:
     return "\n".join(parts)
 
 
-def build_profile(card: TaskCard, history: list[Item], query: Item | None = None, k: int = 2) -> Profile:
+def build_profile(card: TaskCard, history: list[Item], query: Item | None = None, k: int = RETRIEVED_K,
+                  n_total: int | None = None) -> Profile:
     """The profile of a user whose (time-ordered) `history` is everything before `query`.
 
     The caller passes only items strictly earlier than the query; nothing here looks at the query's output.
+    Only the latest MAX_SUMMARY_ITEMS items are read, so a caller may pass just those and the full count
+    as `n_total` (the store does: cost stays flat in history size). Call it through `p2p_local.pipeline`.
     """
+    if n_total is None:
+        n_total = len(history)
+    history = history[-MAX_SUMMARY_ITEMS:]
     f = np.zeros(FEATURE_DIM, dtype=np.float64)
     f[_IDX[{"rating": "is_rating", "label": "is_label", "generation": "is_generation"}[card.kind]]] = 1.0
-    hist = history[-MAX_SUMMARY_ITEMS:]
-    stats: dict[str, float] = {"n_history": float(len(history))}
+    hist = history
+    stats: dict[str, float] = {"n_history": float(n_total)}
     head = WRAPPER.format(description=card.description)
     if not hist:
         f[_IDX["is_empty"]] = 1.0
         summary = "No history yet."
         text = f"{head}\nSummary: {summary}"
         return _finish(summary, [], text, f, True, 0, stats)
-    f[_IDX["log_count"]] = math.log1p(len(history)) / math.log1p(1000)
+    f[_IDX["log_count"]] = math.log1p(n_total) / math.log1p(COUNT_SCALE)
     retrieved, matched = _retrieve(card, history, query, k)
     match = matched / len(retrieved) if retrieved else 0.0
     f[_IDX["r_neighbour_match" if card.kind != "generation" else "t_neighbour_match"]] = match
     if card.kind == "generation":
-        lines = _text_block(hist, query, retrieved, f, stats, len(history))
+        lines = _text_block(hist, query, retrieved, f, stats, n_total)
     else:
-        lines = _rating_block(card, hist, query, retrieved, f, stats, len(history))
-    if len(history) > len(hist):
+        lines = _rating_block(card, hist, query, retrieved, f, stats, n_total)
+    if n_total > len(hist):
         lines.append(f"(Statistics over the latest {len(hist)}.)")
     summary = " ".join(lines)
     parts = [head, f"Summary: {summary}"]
@@ -393,7 +412,7 @@ def build_profile(card: TaskCard, history: list[Item], query: Item | None = None
         parts.append(label_frequency(card, hist))
     if retrieved:
         parts.append("Relevant past items:\n" + render_history(retrieved))
-    return _finish(summary, retrieved, "\n".join(parts), f, False, len(history), stats)
+    return _finish(summary, retrieved, "\n".join(parts), f, False, n_total, stats)
 
 
 def _finish(summary, retrieved, text, f, empty, n, stats) -> Profile:

@@ -178,3 +178,24 @@ def test_lookup_prefers_the_data_dir(p2p_home, bundle_copy):
         Bundle.load("no-such-bundle")
     with pytest.raises(BundleError):
         Bundle.load(p2p_home / "nowhere" / "x")
+
+
+@pytest.mark.parametrize("change", ["version", "order", "missing"])
+def test_a_bundle_on_another_feature_contract_is_refused(bundle_copy, base_info, change):
+    """The manifest states the feature contract it was trained on; another one is refused before use."""
+    from p2p_local.profile import FEATURE_NAMES, FEATURE_VERSION
+
+    path = bundle_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    assert m["feature_version"] == FEATURE_VERSION and m["feature_names"] == list(FEATURE_NAMES)
+    Bundle.load(bundle_copy).check_features()  # as shipped: accepted
+    if change == "version":
+        m["feature_version"] = FEATURE_VERSION + 1
+    elif change == "order":
+        m["feature_names"] = m["feature_names"][::-1]
+    else:
+        del m["feature_version"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="profile features") as e:
+        Bundle.load(bundle_copy).check(base_info)
+    assert e.value.hint

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
+from p2p_lab.data.prepare import SPLITS, load_task, read_stats, task_dir
 from p2p_local.cli import main
-from p2p_local.data.prepare import SPLITS, load_task, read_stats, task_dir
 from p2p_local.errors import DataError
 
 

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from p2p_local.data.converters import (
-    MAX_BODY_CHARS,
-    MAX_COMMENT_CHARS,
+from p2p_lab.data.converters import (
     MIN_COMMITS,
-    commit_input,
     convert,
     convert_commits,
     convert_email_rewrite,
     convert_movielens,
     convert_offensiveness,
-    truncate,
 )
+from p2p_local.data.records import MAX_BODY_CHARS, MAX_COMMENT_CHARS, commit_input, truncate
 from p2p_local.errors import DataError
 
 # ------------------------------------------------------------------ real data

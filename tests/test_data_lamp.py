@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from p2p_lab.data.lamp import import_lamp, lamp_card, task_number
+from p2p_lab.data.splits import samples
 from p2p_local.cli import main
 from p2p_local.data.format import TaskCard, read_users_jsonl
-from p2p_local.data.lamp import import_lamp, lamp_card, task_number
-from p2p_local.data.splits import samples
 from p2p_local.errors import DataError
 
 FIX = Path(__file__).parent / "fixtures" / "lamp"

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from p2p_lab.data.lamp import lamp_card
+from p2p_lab.metrics import compute_metrics, decode_distribution, example_scores, parse_label
 from p2p_local.data.format import builtin_card
-from p2p_local.data.lamp import lamp_card
-from p2p_local.data.metrics import compute_metrics, decode_distribution, example_scores, parse_label
 from p2p_local.errors import DataError
 
 RATING = builtin_card("movielens-rating")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2p_local.data.converters import convert
+from p2p_lab.data.converters import convert
+from p2p_lab.data.splits import EVAL_LAST_N, SplitConfig, count_samples, eval_samples, samples, split_users
 from p2p_local.data.format import Item, User, builtin_card
-from p2p_local.data.splits import EVAL_LAST_N, SplitConfig, count_samples, eval_samples, samples, split_users
 from p2p_local.profile import build_profile
 
 

@@ -19,6 +19,7 @@ import pytest
 from p2p_local import encoder as enc_mod
 from p2p_local.encoder import CHUNK_TOKENS, MAX_CHUNKS, Encoder, chunk_ids, prepare_encoder
 from p2p_local.errors import ModelError
+from p2p_local.files import sha256_file
 
 pytestmark = pytest.mark.real
 
@@ -180,7 +181,7 @@ def test_prepare_noop_then_rebuilds_corrupt_onnx(tmp_models: Path) -> None:
     assert onnx_path == tmp_models / "encoder" / enc_mod.ONNX_NAME
     manifest = json.loads((onnx_path.parent / enc_mod.MANIFEST_NAME).read_text())
     assert manifest["source_sha256"] == enc_mod.SOURCE_SHA256
-    assert manifest["onnx_sha256"] == enc_mod.sha256_file(onnx_path)
+    assert manifest["onnx_sha256"] == sha256_file(onnx_path)
     first_mtime = onnx_path.stat().st_mtime_ns
 
     assert prepare_encoder() == onnx_path
@@ -190,9 +191,9 @@ def test_prepare_noop_then_rebuilds_corrupt_onnx(tmp_models: Path) -> None:
     with open(onnx_path, "r+b") as f:
         f.seek(onnx_path.stat().st_size // 2)
         f.write(b"\xff" * 64)
-    assert enc_mod.sha256_file(onnx_path) != manifest["onnx_sha256"]
+    assert sha256_file(onnx_path) != manifest["onnx_sha256"]
     prepare_encoder()
-    assert enc_mod.sha256_file(onnx_path) == manifest["onnx_sha256"]
+    assert sha256_file(onnx_path) == manifest["onnx_sha256"]
     assert Encoder.load().embed(["ok"]).shape == (1, 384)
 
 
@@ -243,7 +244,7 @@ def test_encoder_path_never_imports_torch(encoder: Encoder) -> None:
 
 
 def test_gemma_encoder(base_model_path: Path, texts: dict[str, str]) -> None:
-    from p2p_local.encoder import GemmaEncoder
+    from p2p_lab.gemma_encoder import GemmaEncoder
 
     g = GemmaEncoder(base_model_path, n_ctx=512, threads=2)
     try:

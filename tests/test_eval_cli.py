@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from p2p_lab.data.converters import convert
 from p2p_local.cli import main
-from p2p_local.data.converters import convert
 from p2p_local.data.format import builtin_card, write_users_jsonl
 
 
@@ -141,7 +141,7 @@ def test_eval_p2p_then_summary_and_card(home, tmp_path):
                                              ((-0.1, 0.2), False, "tie"), ((-0.3, -0.1), True, "win"),
                                              ((0.1, 0.3), True, "loss")])
 def test_summary_verdict(ci, hib, expected):
-    from p2p_local.eval.summary import verdict
+    from p2p_lab.eval.summary import verdict
 
     assert verdict({"value": sum(ci) / 2, "ci": list(ci)}, hib) == expected
 
@@ -175,7 +175,7 @@ def test_summary_shows_the_training_comparisons(tmp_path):
     """The summary's "what was tried" tables come from trainer.compare's committed reports, figure for figure."""
     import shutil
 
-    from p2p_local.eval.summary import experiment_lines, load_experiments
+    from p2p_lab.eval.summary import experiment_lines, load_experiments
 
     root = Path(__file__).resolve().parents[1] / "reports"
     shutil.copy(root / "encoders.json", tmp_path / "encoders.json")
@@ -189,7 +189,7 @@ def test_summary_shows_the_training_comparisons(tmp_path):
 
 def test_result_store_keeps_a_row_per_fingerprint(tmp_path):
     """A retrained bundle adds rows beside the old ones: going back to the old bundle reuses its results."""
-    from p2p_local.eval.runner import ResultStore
+    from p2p_lab.eval.runner import ResultStore
 
     path = tmp_path / "results.jsonl"
     store = ResultStore(path)

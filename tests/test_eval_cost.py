@@ -1,4 +1,4 @@
-"""Deployment-cost measurement (p2p_local.eval.cost): the P2P path on real users, subprocess rusage."""
+"""Deployment-cost measurement (p2p_lab.eval.cost): the P2P path on real users, subprocess rusage."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from p2p_lab.eval.cost import measure_cost, run_subprocess_rusage, table
 from p2p_local.cli import main
-from p2p_local.eval.cost import measure_cost, run_subprocess_rusage, table
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2p_local.data.converters import convert
-from p2p_local.data.format import Item, User, builtin_card
-from p2p_local.eval.methods import (
+from p2p_lab.data.converters import convert
+from p2p_lab.eval.methods import (
     METHODS,
     OPPU,
     P2P,
@@ -29,7 +28,8 @@ from p2p_local.eval.methods import (
     default_methods,
     fit_prompt,
 )
-from p2p_local.eval.runner import build_queries
+from p2p_lab.eval.runner import build_queries
+from p2p_local.data.format import Item, User, builtin_card
 
 
 @pytest.fixture(scope="module")

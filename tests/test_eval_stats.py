@@ -1,4 +1,4 @@
-"""Scoring and user-level bootstrap (p2p_local.eval.stats): exact values on hand-made records."""
+"""Scoring and user-level bootstrap (p2p_lab.eval.stats): exact values on hand-made records."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from p2p_local.data.format import TaskCard, builtin_card
-from p2p_local.data.metrics import example_scores
-from p2p_local.eval.stats import (
+from p2p_lab.eval.stats import (
     Scorer,
     bootstrap_weights,
     median_index,
     paired_difference,
     summarize,
 )
+from p2p_lab.metrics import example_scores
+from p2p_local.data.format import TaskCard, builtin_card
 
 
 def _lp(p):

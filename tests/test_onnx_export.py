@@ -22,7 +22,7 @@ PARITY_ATOL = 1e-3
 @pytest.fixture(scope="module")
 def real_profiles(base_model_path):
     """Profiles of real MovieLens users (their last item as the query), embedded by the device encoder."""
-    from p2p_local.data.converters import convert
+    from p2p_lab.data.converters import convert
     from p2p_local.data.format import builtin_card
     from p2p_local.profile import build_profile
     from trainer.samples import load_encoder

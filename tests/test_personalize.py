@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import shutil
 from pathlib import Path
@@ -64,10 +66,22 @@ def test_free_chat_and_generation_answers_stream_text(session: Session) -> None:
     from p2p_local.personalize import FREE_CHAT
 
     pieces = list(session.answer("The capital of France is", profile="demo", task=FREE_CHAT, max_tokens=8))
-    assert pieces and "".join(pieces).strip() and session.last_result is not None
+    assert pieces and "".join(pieces).strip()
     subject = "".join(session.answer("files: src/_pytest/python.py\nFix the fixture scope error message.",
                                      task="pytest-commit-subject", max_tokens=12))
     assert subject.strip() and session.engine.active == (None, 0.0)
+
+
+def test_free_chat_never_uses_a_task_adapter(session: Session) -> None:
+    """A movie-rating adapter answers in its own format ("3 3 3 3 ..."): free chat answers with the base
+    model and the profile's summary in the prompt instead (the shipped bundle has no free-chat task)."""
+    from p2p_local.personalize import FREE_CHAT
+
+    reply = "".join(session.answer("What kind of movies do I like?", profile="demo", task=FREE_CHAT, max_tokens=24))
+    assert session.last_result is None and session.engine.active == (None, 0.0)
+    assert not re.fullmatch(r"(\s*\d\s*){3,}.*", reply, flags=re.S), reply
+    prompt = session.prompt("What kind of movies do I like?", FREE_CHAT, about=session.about("demo"))
+    assert prompt.startswith("About the user: ") and "Rates highest genres" in prompt
 
 
 def test_unknown_profile_and_task_are_clear_errors(session: Session) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from p2p_lab.data.converters import convert
 from p2p_local.adapter import validate_adapter
-from p2p_local.data.converters import convert
 from p2p_local.data.format import User, builtin_card, write_users_jsonl
 from trainer.baselines import OPPUConfig, run_mtlora, train_oppu
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from p2p_local.adapter import LoraAdapter
+from p2p_local import pipeline
 from p2p_local.cli import main
+from p2p_local.data.format import builtin_card
 from p2p_local.errors import AdapterError, DataError, StoreError
 from p2p_local.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from p2p_local.personalize import KEEP_ADAPTER_FILES, Session
@@ -50,12 +52,9 @@ def test_generation_decoding_matches_the_task_shape(session: Session) -> None:
     rewrite = session.decoding("popquorn-email-rewrite", email)
     assert "\n\n" not in rewrite["stop"] and "\nEmail:" in rewrite["stop"]
     assert rewrite["max_tokens"] >= 1.5 * len(session.engine.tokenize(email, add_bos=False))
-    # The profile's own outputs decide: a user whose "subjects" span lines gets the multi-line stops.
-    session.store.create_profile("poet", task="pytest-commit-subject")
-    for i in range(3):
-        session.store.add_item("poet", None, f"change {i}", "first line\nsecond line")
-    assert session.decoding("pytest-commit-subject", "x", profile="poet")["stop"] != ["\n"]
-    assert session.decoding("pytest-commit-subject", "x", profile="demo")["stop"] == ["\n"]  # no items: the card
+    # The card decides (`one_line`), the same for every user and in the evaluation: one rule.
+    assert session.decoding("pytest-commit-subject", "x") == pipeline.generation_settings(
+        session.engine, builtin_card("pytest-commit-subject"), "x")
 
 
 def test_query_aware_adapters_do_not_pile_up(session: Session, monkeypatch) -> None:

@@ -39,7 +39,8 @@ def default_base_path() -> Path:
 
 def _sha256_of(gguf_path: Path) -> str:
     """The registered (verified) hash when the file is a known base, else hash it."""
-    from p2p_local.models import known_models, sha256_file, verify
+    from p2p_local.files import sha256_file
+    from p2p_local.models import known_models, verify
 
     for spec in known_models().values():
         if spec.filename == gguf_path.name and gguf_path.stat().st_size == spec.size:

@@ -5,7 +5,7 @@
     python -m trainer.compare --steps 60             # quicker; resumable (each variant checkpoints)
 
 Set `encoders`: MiniLM (all-MiniLM-L6-v2, the device's ONNX graph) and the base model's own mean-pooled
-hidden states through llama.cpp (`gemma-mean`, p2p_local.encoder.GemmaEncoder). Each is trained twice
+hidden states through llama.cpp (`gemma-mean`, p2p_lab.gemma_encoder.GemmaEncoder). Each is trained twice
 with the same data, seed and steps: on the profile text alone (what the encoder contributes) and with
 the structured feature vector beside it (the shipped design).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2p_local.eval.summary import vs_user_mean
+from p2p_lab.eval.summary import vs_user_mean
 from trainer.config import recipe
 from trainer.train import Dist, load_data, train
 

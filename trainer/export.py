@@ -107,7 +107,8 @@ def git_commit() -> str | None:
 def base_info(gguf_path: Path | None = None):
     """(BaseInfo, ModelSpec-like name) of the base the hypernetwork was trained for (default: DEFAULT_BASE)."""
     from p2p_local.adapter import BaseInfo
-    from p2p_local.models import DEFAULT_BASE, prepare_base, sha256_file
+    from p2p_local.files import sha256_file
+    from p2p_local.models import DEFAULT_BASE, prepare_base
 
     if gguf_path is None:
         return BaseInfo.from_gguf(prepare_base(DEFAULT_BASE), DEFAULT_BASE.sha256), DEFAULT_BASE.name
@@ -156,7 +157,9 @@ def export_bundle(
         "base": {"name": base_name, "sha256": base.sha256, "arch": base.arch, "n_layers": base.n_layers},
         "encoder": encoder_info(),
         "feature_dim": cfg.feature_dim,
-        "feature_names": feature_names,
+        # The feature contract (p2p_local.profile): Bundle.check refuses a bundle whose contract differs.
+        "feature_version": feature_version(),
+        "feature_names": feature_names or default_feature_names(),
         "inputs": {"embedding": "float32 [B, E], L2-normalised encoder output", "features": "float32 [B, F], raw profile features"},
         "lora": {"rank": cfg.rank, "alpha": float(cfg.scale * cfg.rank), "scale": cfg.scale, "targets": list(cfg.targets),
                  "layers": list(cfg.layers), "shapes": {m: list(cfg.shapes[m]) for m in cfg.targets},
@@ -198,6 +201,12 @@ def default_feature_dim() -> int:
     from p2p_local.profile import FEATURE_DIM
 
     return int(FEATURE_DIM)
+
+
+def feature_version() -> int:
+    from p2p_local.profile import FEATURE_VERSION
+
+    return int(FEATURE_VERSION)
 
 
 def default_feature_names() -> list[str]:

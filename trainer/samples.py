@@ -25,9 +25,10 @@ import numpy as np
 
 from p2p_local.data.format import Item, TaskCard, User, builtin_cards
 from p2p_local.paths import cache_dir
-from p2p_local.profile import FEATURE_DIM, build_profile
+from p2p_local.pipeline import make_profile
+from p2p_local.profile import FEATURE_DIM
 
-CACHE_VERSION = 3  # bump when the sample construction below changes
+CACHE_VERSION = 4  # bump when the sample construction below changes
 
 
 @dataclass
@@ -77,15 +78,15 @@ def task_names(tasks: Sequence[str]) -> list[str]:
 def load_task(name: str) -> TaskSplits:
     """The task's card and user-disjoint splits (p2p_local.data's loader; converter + split as fallback)."""
     try:
-        from p2p_local.data import load_task as data_load_task  # the data helper's entry point
+        from p2p_lab.data import load_task as data_load_task  # the data helper's entry point
     except ImportError:
         data_load_task = None
     if data_load_task is not None:
         td = data_load_task(name)
         return TaskSplits(td.card, td.train, td.val, td.test, td.ood)
-    from p2p_local.data.converters import convert
+    from p2p_lab.data.converters import convert
+    from p2p_lab.data.splits import split_users
     from p2p_local.data.format import builtin_card
-    from p2p_local.data.splits import split_users
 
     card = builtin_card(name)
     s = split_users(convert(name).users, card)
@@ -133,7 +134,7 @@ def build_samples(
         for i in pick_queries(user, items_per_user, rng, min_history, last):
             query = user.items[i]
             history = user.items[:i] if max_history <= 0 else user.items[max(0, i - max_history):i]
-            profile = build_profile(card, history, query)
+            profile = make_profile(card, history, query)  # the app's route (p2p_local.pipeline)
             p_ids = tokenizer(card.prompt(query.input), add_special_tokens=True)["input_ids"]
             t_ids = tokenizer(target_text(card, query), add_special_tokens=False)["input_ids"]
             if card.kind != "generation":
@@ -188,7 +189,8 @@ def load_encoder(name: str = "minilm", threads: int = 0):
     """A profile text encoder: `minilm`, the device's ONNX MiniLM (prepared on first use), or `gemma-mean`,
     the base model's own mean-pooled hidden states through llama.cpp (a second, different encoder for
     the encoder comparison; ~30x slower per profile, so only cached offline runs use it)."""
-    from p2p_local.encoder import Encoder, GemmaEncoder, prepare_encoder
+    from p2p_lab.gemma_encoder import GemmaEncoder
+    from p2p_local.encoder import Encoder, prepare_encoder
     from p2p_local.errors import ModelError
 
     if name == "gemma-mean":

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from p2p_local.eval.stats import median_index
+from p2p_local.pipeline import median_index
 from p2p_local.profile import FEATURE_NAMES
 from trainer.config import RECIPES, TrainConfig, recipe
 from trainer.hypernet import HyperNet

@@ -1,9 +1,6 @@
-"""Per-user data: the generic format and task cards, converters, splits, metrics, prepared task sets.
+"""Per-user data as the app reads it: the generic format and the task cards (see docs/DATA.md).
 
-    from p2p_local.data import load_task
-    td = load_task("movielens-rating")   # TaskData(card, train, val, test, ood, stats)
-
-See docs/DATA.md.
+Converters, splits, metrics and prepared task sets study the app and live in `p2p_lab`.
 """
 
 from p2p_local.data.format import (
@@ -15,18 +12,13 @@ from p2p_local.data.format import (
     read_users_jsonl,
     write_users_jsonl,
 )
-from p2p_local.data.prepare import TASKS, TaskData, load_task, prepare_task
 
 __all__ = [
     "Item",
-    "TASKS",
     "TaskCard",
-    "TaskData",
     "User",
     "builtin_card",
     "builtin_cards",
-    "load_task",
-    "prepare_task",
     "read_users_jsonl",
     "write_users_jsonl",
 ]

@@ -97,6 +97,11 @@ class TaskCard:
     labels: list[str] = field(default_factory=list)
     value_range: tuple[float, float] | None = None
     metrics: list[str] = field(default_factory=list)
+    # How the typed input carries item metadata, e.g. {"genres": {"after": " | Genres: ", "split": "|"}}:
+    # the metadata is read back from the text, so a query typed by the user carries what a dataset item does.
+    input_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Generation answers are one line (commit subjects) or several (email rewrites); None: read the template.
+    one_line: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -116,6 +121,28 @@ class TaskCard:
             self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
         self.labels = [str(x) for x in self.labels]
         self.metrics = list(self.metrics)
+        if not isinstance(self.input_fields, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("after"), str) and v["after"] for v in self.input_fields.values()
+        ):
+            raise DataError(f"task card {self.name!r}: input_fields maps a meta key to {{\"after\": TEXT, \"split\": SEP}}")
+        if self.one_line is None and self.kind == "generation":
+            self.one_line = "line" in self.template.split("{input}")[-1].lower()  # "Subject line:" is one line
+
+    def input_meta(self, text: str) -> dict[str, Any]:
+        """The metadata a typed input carries by this card's `input_fields` (the last "after" marker on)."""
+        out: dict[str, Any] = {}
+        for key, rule in self.input_fields.items():
+            at = text.rfind(rule["after"])
+            if at < 0:
+                continue
+            value = text[at + len(rule["after"]):].strip()
+            sep = rule.get("split")
+            if sep:
+                ignore = set(rule.get("ignore", []))
+                out[key] = [v.strip() for v in value.split(sep) if v.strip() and v.strip() not in ignore]
+            else:
+                out[key] = value
+        return out
 
     def prompt(self, text: str) -> str:
         """The model prompt for one input; a rating/label answer is appended directly after it."""
@@ -128,7 +155,8 @@ class TaskCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskCard:
-        known = {"name", "kind", "template", "description", "labels", "value_range", "metrics"}
+        known = {"name", "kind", "template", "description", "labels", "value_range", "metrics", "input_fields",
+                 "one_line"}
         missing = {"name", "kind", "template", "description"} - set(d)
         if missing:
             raise DataError(f"task card lacks fields: {sorted(missing)}")

@@ -28,12 +28,5 @@ __all__ = [
     "NewItem",
     "Profile",
     "Store",
-    "bench_store",
 ]
 
-
-def bench_store(n: int = 100_000) -> dict:
-    """Insert/query timings of an n-item profile in a throwaway store (see store/bench.py)."""
-    from p2p_local.store.bench import bench_store as _bench
-
-    return _bench(n)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2p_local.data.format import TaskCard
+from p2p_local.pipeline import median_index
 
 # Metric name -> True when higher is better.
 HIGHER_IS_BETTER = {
@@ -107,7 +108,7 @@ class Scorer:
 
     def rouge(self, prediction: str, target: str) -> tuple[float, float]:
         # The project's one ROUGE (data.metrics: rouge-score, LaMP's settings).
-        from p2p_local.data.metrics import example_scores
+        from p2p_lab.metrics import example_scores
 
         s = example_scores(self.card, [prediction], [target])
         return float(s["rouge1"][0]), float(s["rougeL"][0])
@@ -141,11 +142,6 @@ class Scorer:
             out["f1"] = np.nanmean(np.stack(f1s), axis=0) if f1s else np.full(len(s), np.nan)
         out["ce"] = col["nll"] / n_ce
         return out
-
-
-def median_index(p: np.ndarray) -> int:
-    """The first label whose cumulative probability reaches 1/2: the median of an ordinal distribution."""
-    return int(np.searchsorted(np.cumsum(p), 0.5 - 1e-9))
 
 
 # --- bootstrap ------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from p2p_lab.data.converters import CONVERTERS, convert
+from p2p_lab.data.splits import EVAL_LAST_N, Embed, SplitConfig, count_samples, split_users
 from p2p_local import paths
-from p2p_local.data.converters import CONVERTERS, convert
 from p2p_local.data.format import TaskCard, User, builtin_card, read_users_jsonl, write_users_jsonl
-from p2p_local.data.splits import EVAL_LAST_N, Embed, SplitConfig, count_samples, split_users
 from p2p_local.errors import DataError, P2PError
 
 DATA_VERSION = 1  # bump when conversion or splitting changes: cached sets are rebuilt

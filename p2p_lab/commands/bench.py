@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from p2p_local.bench import SUITES
+    from p2p_lab.bench import SUITES
 
     p = sub.add_parser("bench", help="measure speed and memory (JSON + table)",
                        epilog="examples:\n  p2p bench runtime --json\n  p2p bench personalize --json\n"
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2p_local.bench import ALL, SUITES, machine, table
+    from p2p_lab.bench import ALL, SUITES, machine, table
 
     names = list(ALL) if args.suite == "all" else [args.suite]
     results: dict = {}

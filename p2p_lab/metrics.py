@@ -19,6 +19,7 @@ import numpy as np
 
 from p2p_local.data.format import TaskCard
 from p2p_local.errors import DataError
+from p2p_local.pipeline import decode_distribution  # noqa: F401  (the app's rule, re-exported)
 
 UNPARSEABLE = "<unparseable>"
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")
@@ -199,22 +200,3 @@ def compute_metrics(card: TaskCard, preds: Sequence[str], golds: Sequence[str]) 
     if card.kind == "rating":
         return rating_metrics(card, preds, golds)
     return label_metrics(card, preds, golds)
-
-
-def decode_distribution(card: TaskCard, probs: np.ndarray, how: str = "argmax") -> list[str]:
-    """Label probabilities [n, len(labels)] -> labels. `median` is the MAE-optimal choice for ratings,
-    `mean` rounds the expected value (halves up), `argmax` takes the most likely label."""
-    p = np.asarray(probs, dtype=np.float64)
-    p = p / p.sum(axis=1, keepdims=True)
-    if how == "argmax":
-        return [card.labels[i] for i in p.argmax(axis=1)]
-    if how == "median":
-        return [card.labels[int(np.searchsorted(np.cumsum(row), 0.5))] for row in p]
-    if how == "mean":
-        numeric = _numeric_labels(card)
-        if numeric is None:
-            raise DataError("decode 'mean' needs numeric labels")
-        vals = np.array(list(numeric.values()))
-        ev = p @ vals
-        return [min(numeric, key=lambda lab, e=e: (abs(numeric[lab] - e), -numeric[lab])) for e in ev]
-    raise DataError(f"unknown decoding {how!r}", hint="argmax, median or mean")

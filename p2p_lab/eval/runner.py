@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from p2p_local.data.format import TaskCard, User
-from p2p_local.errors import DataError, P2PError
-from p2p_local.eval.methods import (
+from p2p_lab.eval.methods import (
     METHODS,
     EvalContext,
     MethodOptions,
@@ -35,6 +33,8 @@ from p2p_local.eval.methods import (
     default_methods,
     user_samples,
 )
+from p2p_local.data.format import TaskCard, User
+from p2p_local.errors import DataError, P2PError
 
 SPLITS = ("test", "ood", "val", "all")
 RECORDS_VERSION = 1  # bump when prompts or stored records change: earlier results are then not reused
@@ -77,8 +77,8 @@ def load(cfg: EvalConfig) -> Loaded:
     if cfg.split not in SPLITS:
         raise DataError(f"unknown split {cfg.split!r}", hint=f"use one of {', '.join(SPLITS)}")
     if cfg.data is not None:
+        from p2p_lab.data.splits import SplitConfig, split_users
         from p2p_local.data.format import read_users_jsonl
-        from p2p_local.data.splits import SplitConfig, split_users
 
         if cfg.task_card is None:
             raise DataError("--data needs --task-card (a JSON task card)", hint="see docs/DATA.md")
@@ -91,7 +91,7 @@ def load(cfg: EvalConfig) -> Loaded:
             train, split_list = s.train, getattr(s, cfg.split)
         source = str(cfg.data)
     else:
-        from p2p_local.data import load_task
+        from p2p_lab.data import load_task
 
         if not cfg.task:
             raise DataError("no task given", hint="pass --task NAME (or --data FILE --task-card CARD)")
@@ -188,7 +188,7 @@ class RunOutput:
 
 def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
     """Evaluate, write reports/<task>-<split>.{json,md,png}, and return the report."""
-    from p2p_local.eval import report as report_mod
+    from p2p_lab.eval import report as report_mod
 
     started = time.time()
     unknown = [m for m in cfg.methods or [] if m not in METHODS]

@@ -177,7 +177,7 @@ def bench_app() -> dict:
     """Start of a fresh process to the first streamed token of a personalized answer; its memory; store import."""
     import json
 
-    from p2p_local.store import bench_store
+    from p2p_lab.store_bench import bench_store
 
     with tempfile.TemporaryDirectory() as home:
         env = dict(os.environ, P2P_HOME=home)
@@ -205,7 +205,7 @@ def bench_app() -> dict:
 
 
 def bench_encoder() -> dict:
-    from p2p_local.encoder import bench_encoder as run
+    from p2p_lab.encoder_bench import bench_encoder as run
 
     return {**run(), "targets": {"median_ms": "<= 50"}}
 
@@ -213,7 +213,7 @@ def bench_encoder() -> dict:
 def bench_cost(users: int = 3, oppu_max_items: int = 0) -> dict:
     """P2P's whole per-user path vs OPPU's per-user training, side by side (needs the train extra).
     `oppu_max_items` caps OPPU's training items per user (0 = the user's whole history, as the paper)."""
-    from p2p_local.eval.cost import measure_cost
+    from p2p_lab.eval.cost import measure_cost
 
     extra = ["--max-items", str(oppu_max_items)] if oppu_max_items else None
     return measure_cost("movielens-rating", users=users, oppu_extra=extra)

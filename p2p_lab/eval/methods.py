@@ -16,7 +16,6 @@ Classic references (no LLM): GlobalMean, UserMean, UserItemBias, LogReg.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from p2p_local import pipeline
 from p2p_local.data.format import Item, TaskCard, User
 from p2p_local.errors import BundleError, P2PError
 
@@ -57,7 +57,7 @@ class MethodOptions:
     oppu_users: int | None = None  # at most this many users get OPPU (training cost)
     oppu_max_items: int = 0  # OPPU trains on the user's latest N earlier items (0 = all of them, as the paper)
     rag_k: int = 2
-    max_tokens: int | None = None  # generation; None = derived from the task (see generation_setup)
+    max_tokens: int | None = None  # generation; None = the app's rule (pipeline.generation_settings)
     logreg_users: int = 300  # training users whose samples fit LogReg (profiles cost time)
 
 
@@ -74,7 +74,6 @@ class EvalContext:
     task: str = ""
     log: Any = print
     _engine: Any = None  # pass one in to share it (it is then not closed here)
-    _gen: dict[str, Any] | None = None
     _owns_engine: bool = False
 
     @property
@@ -95,24 +94,15 @@ class EvalContext:
             q.profile = make_profile(self.card, q.history, q.item)
         return q.profile
 
-    @property
-    def generation(self) -> dict[str, Any]:
-        if self._gen is None:
-            self._gen = generation_setup(self.card, self.train or self.users, self.options.max_tokens)
-        return self._gen
-
     def close(self) -> None:
         if self._engine is not None and self._owns_engine:
             self._engine.close()
         self._engine = None
 
 
-# --- the calls into the data / profile modules (one place, so their API is used consistently) -----
+# --- the app's route (p2p_local.pipeline): the evaluation answers as the user's app does -------------
 def make_profile(card: TaskCard, history: list[Item], item: Item):
-    from p2p_local.profile import build_profile
-
-    # The query's output is blanked: nothing downstream can see the answer, whatever it does.
-    return build_profile(card, history, Item(item.input, "", item.time, dict(item.meta)))
+    return pipeline.make_profile(card, history, item)
 
 
 def render_items(card: TaskCard, items: list[Item]) -> list[str]:
@@ -126,77 +116,27 @@ def render_items(card: TaskCard, items: list[Item]) -> list[str]:
 
 
 def user_samples(user: User, last_n: int) -> list[tuple[list[Item], Item]]:
-    from p2p_local.data.splits import samples
+    from p2p_lab.data.splits import samples
 
     return samples(user, last_n=last_n)
 
 
 # --- engine helpers -------------------------------------------------------------------------------
-def label_token_ids(engine, labels: list[str]) -> list[int]:
-    """Each label's first token, as engine.label_logprobs scores them. Labels must not share one."""
-    ids = [engine.tokenize(label, add_bos=False)[0] for label in labels]
-    if len(set(ids)) != len(ids):
-        raise P2PError(f"labels {labels} share a first token; the label distribution would be ambiguous",
-                       hint="use labels that start with distinct tokens (e.g. digits or distinct words)")
-    return ids
-
-
 def score_labels(engine, prompt: str, ids: list[int]) -> dict[str, Any]:
-    """The model's distribution over the labels, plus whether free decoding would have produced one.
-
-    `unparseable` = the single most likely next token (full vocabulary) is no label: what greedy
-    free-text decoding would have got wrong before any scoring. `mass` = probability on the labels.
-    """
-    logits = engine.last_logits(prompt).astype(np.float64)
-    full = logits - _logsumexp(logits)
-    sel = full[ids]
-    lp = sel - _logsumexp(sel)
-    return {"lp": [round(float(x), 5) for x in lp], "mass": round(float(np.exp(sel).sum()), 5),
-            "unparseable": int(np.argmax(logits)) not in ids}
-
-
-def _logsumexp(x: np.ndarray) -> float:
-    m = float(np.max(x))
-    return m + math.log(float(np.exp(x - m).sum()))
-
-
-def generation_setup(card: TaskCard, users: list[User], max_tokens: int | None) -> dict[str, Any]:
-    """Bounded greedy generation. One-line tasks (commit subjects): stop at the newline, ~24 tokens.
-    Multi-line (email rewrites): up to 1.5x the input's tokens, stop where a new example would begin."""
-    outputs = [it.output for u in users for it in u.items][:5000]
-    one_line = bool(outputs) and sum("\n" in o.strip() for o in outputs) < 0.05 * len(outputs)
-    head = card.template.split("{input}")[0].strip().splitlines()
-    stop = ["\n"] if one_line else (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
-    return {"one_line": one_line, "stop": stop, "max_tokens": max_tokens, "ratio": 1.5, "fixed": 24}
+    """`pipeline.label_scores`, rounded for the result store."""
+    s = pipeline.label_scores(engine, prompt, ids)
+    return {"lp": [round(float(x), 5) for x in s["lp"]], "mass": round(s["mass"], 5), "unparseable": s["unparseable"]}
 
 
 def generate(ctx: EvalContext, prompt: str, query_input: str) -> dict[str, Any]:
-    g = ctx.generation
-    eng = ctx.engine
-    if g["max_tokens"]:
-        n = g["max_tokens"]
-    elif g["one_line"]:
-        n = g["fixed"]
-    else:
-        n = max(16, math.ceil(g["ratio"] * len(eng.tokenize(query_input, add_bos=False))))
-    n = max(1, min(n, eng.n_ctx - len(eng.tokenize(prompt)) - 1))
-    text = eng.complete(prompt, max_tokens=n, temperature=0.0, stop=g["stop"], seed=ctx.options.seed)
-    text = text.strip()
-    if g["one_line"]:
-        text = text.split("\n")[0].strip()
+    text = pipeline.generate_answer(ctx.engine, ctx.card, prompt, query_input, seed=ctx.options.seed,
+                                    max_tokens=ctx.options.max_tokens)
     return {"text": text, "unparseable": not text}
 
 
 def reserve_tokens(ctx: EvalContext, q: Query) -> int:
     """Tokens kept free after the prompt: the answer (1 label token, or the generation budget)."""
-    if ctx.card.kind != "generation":
-        return 1
-    g = ctx.generation
-    if g["max_tokens"]:
-        return g["max_tokens"]
-    if g["one_line"]:
-        return g["fixed"]
-    return max(16, math.ceil(g["ratio"] * len(ctx.engine.tokenize(q.item.input, add_bos=False))))
+    return ctx.options.max_tokens or pipeline.answer_tokens(ctx.engine, ctx.card, q.item.input)
 
 
 SEP = "\n\n"  # between the header, the examples and the query
@@ -207,7 +147,7 @@ def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tup
     from the FRONT (put the least important first), then the header and finally the query input are
     cut. Returns (prompt, number of shots kept)."""
     eng = ctx.engine
-    budget = eng.n_ctx - reserve_tokens(ctx, q) - 4
+    budget = eng.n_ctx - reserve_tokens(ctx, q) - pipeline.PROMPT_SLACK
     query_text = q.item.input
     query_prompt = ctx.card.prompt(query_text)
     n_query = len(eng.tokenize(query_prompt))
@@ -238,11 +178,7 @@ def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tup
             header = ""
 
 
-def _cut_tokens(eng, text: str, n: int) -> str:
-    if n <= 0:
-        return ""
-    toks = eng.tokenize(text, add_bos=False)
-    return eng.detokenize(toks[:n]) if len(toks) > n else text
+_cut_tokens = pipeline.cut_tokens
 
 
 # --- the interface --------------------------------------------------------------------------------
@@ -287,11 +223,10 @@ class LLMMethod(Method):
     """Scores `prompt(q)` with whatever adapter is attached."""
 
     def prepare(self, ctx: EvalContext) -> None:
-        self._ids = label_token_ids(ctx.engine, ctx.card.labels) if ctx.card.kind != "generation" else []
+        self._ids = pipeline.label_token_ids(ctx.engine, ctx.card.labels) if ctx.card.kind != "generation" else []
 
     def prompt(self, ctx: EvalContext, q: Query) -> str:
-        prompt, _ = fit_prompt(ctx, q, "", [])
-        return prompt
+        return pipeline.task_prompt(ctx.engine, ctx.card, q.item.input)  # the app's prompt
 
     def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
         prompt = self.prompt(ctx, q)
@@ -468,6 +403,9 @@ def oppu_command(task: str, history_jsonl: Path, out: Path) -> list[str]:
 
 # --- P2P and its controls ----------------------------------------------------------------------------
 class P2P(AdapterMethod):
+    """The app's own route per query: `pipeline.make_profile` -> `Personalizer` (encoder, hypernetwork,
+    GGUF writer) -> llama.cpp -> `pipeline`'s prompt and decoding. Only the history's source differs."""
+
     name = "p2p"
     description = "hypernetwork: the user's profile -> a LoRA in one forward pass, per query"
 
@@ -476,19 +414,18 @@ class P2P(AdapterMethod):
         from p2p_local.encoder import Encoder
 
         try:
-            self.bundle = Bundle.load(ctx.options.bundle)
+            bundle = Bundle.load(ctx.options.bundle)
         except BundleError as e:
             raise Skip(f"no hypernetwork bundle: {str(e).splitlines()[0]}") from None
-        if self.bundle.neutral:
-            raise Skip(f"bundle {self.bundle.name} is a neutral stand-in (zero adapter), not a trained hypernetwork")
+        if bundle.neutral:
+            raise Skip(f"bundle {bundle.name} is a neutral stand-in (zero adapter), not a trained hypernetwork")
         try:
-            self.encoder = Encoder.load()
-            self.bundle.check(ctx.engine.base, self.encoder)
+            self.personalizer = pipeline.Personalizer(bundle, Encoder.load(), ctx.engine.base)
         except P2PError as e:
             raise Skip(str(e).splitlines()[0]) from None
+        self.bundle = bundle
         super().prepare(ctx)
         self.tmp = ctx.run_dir / "tmp" / f"{self.name}.gguf"
-        self._pending: dict[int, dict] = {}
         self._rng = np.random.default_rng(ctx.options.seed)
 
     def fingerprint(self) -> str:
@@ -497,24 +434,12 @@ class P2P(AdapterMethod):
     def profile_for(self, ctx: EvalContext, q: Query):
         return ctx.profile(q)
 
-    def vectors(self, ctx: EvalContext, queries: list[Query]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        profiles = [self.profile_for(ctx, q) for q in queries]
-        emb = self.encoder.embed([p.text for p in profiles])
-        feats = np.stack([np.asarray(p.features, dtype=np.float32) for p in profiles])
-        return emb, feats, [p.fingerprint for p in profiles]
-
-    def start_user(self, ctx: EvalContext, user: User, queries: list[Query]) -> None:
-        if not queries:
-            return
-        emb, feats, fps = self.vectors(ctx, queries)
-        tensors = self.bundle.generate(emb, feats)  # one batched pass for all of this user's queries
-        self._pending = {q.index: (t, fp) for q, t, fp in zip(queries, tensors, fps, strict=True)}
+    def adapter(self, ctx: EvalContext, q: Query) -> None:
+        """Write this query's adapter to the scratch file, as `Session.personalize` writes the cached one."""
+        self.personalizer.write(self.profile_for(ctx, q), self.tmp)
 
     def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
-        from p2p_local.adapter import write_adapter
-
-        tensors, fp = self._pending.pop(q.index)
-        write_adapter(self.tmp, tensors, alpha=self.bundle.alpha, base=ctx.engine.base, profile_fingerprint=fp)
+        self.adapter(ctx, q)
         self.attach(ctx, self.tmp)
         try:
             return super().predict(ctx, q)
@@ -562,12 +487,12 @@ class P2PRandom(P2P):
         f = np.stack(feats) if feats else np.zeros((1, self.bundle.feature_dim))
         self.mu, self.sd = f.mean(0), f.std(0)
 
-    def vectors(self, ctx: EvalContext, queries: list[Query]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        n = len(queries)
-        emb = self._rng.standard_normal((n, self.bundle.embedding_dim))
+    def adapter(self, ctx: EvalContext, q: Query) -> None:
+        emb = self._rng.standard_normal((1, self.bundle.embedding_dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        feats = self.mu + self.sd * self._rng.standard_normal((n, len(self.mu)))
-        return emb.astype(np.float32), feats.astype(np.float32), ["random"] * n
+        feats = self.mu + self.sd * self._rng.standard_normal((1, len(self.mu)))
+        tensors = self.personalizer.tensors_from(emb.astype(np.float32), feats.astype(np.float32))
+        self.personalizer.write_tensors(tensors, self.tmp, "random")
 
 
 # --- classic references (no LLM) ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from p2p_local.eval.report import REFERENCE, fmt
+from p2p_lab.eval.report import REFERENCE, fmt
 
 SPLIT_ORDER = ("test", "ood", "val", "all")
 # The comparisons the goal names, in the order it names them; classic references only for ratings.

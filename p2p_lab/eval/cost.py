@@ -92,14 +92,14 @@ def run_subprocess_rusage(cmd: list[str], timeout: float | None = None, env: dic
 
 
 def oppu_train_command(task: str, history_jsonl: Path, out: Path, extra: list[str] | None = None) -> list[str]:
-    from p2p_local.eval.methods import oppu_command
+    from p2p_lab.eval.methods import oppu_command
 
     return oppu_command(task, history_jsonl, out) + list(extra or [])
 
 
 def pick_users(task: str, n: int, seed: int = 0) -> tuple[Any, list[User]]:
-    from p2p_local.data import load_task
-    from p2p_local.eval.runner import subset
+    from p2p_lab.data import load_task
+    from p2p_lab.eval.runner import subset
 
     td = load_task(task)
     users = [u for u in td.test if len(u.items) >= 2]

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _tasks(names: list[str] | None) -> list[str]:
-    from p2p_local.data.prepare import TASKS
+    from p2p_lab.data.prepare import TASKS
 
     names = names or list(TASKS)
     unknown = [t for t in names if t not in TASKS]
@@ -62,7 +62,7 @@ def _tasks(names: list[str] | None) -> list[str]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from p2p_local.data.prepare import default_embedder, prepare_task
+    from p2p_lab.data.prepare import default_embedder, prepare_task
 
     def log(msg: str) -> None:
         if not args.quiet:
@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from p2p_local.data.prepare import SPLITS, read_stats, task_dir
+    from p2p_lab.data.prepare import SPLITS, read_stats, task_dir
 
     tasks = _tasks(args.tasks)
     all_stats = {t: read_stats(t) for t in tasks}
@@ -109,8 +109,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_import_lamp(args: argparse.Namespace) -> int:
+    from p2p_lab.data.lamp import import_lamp
     from p2p_local.data.format import write_users_jsonl
-    from p2p_local.data.lamp import import_lamp
 
     card, users = import_lamp(args.questions, args.outputs, args.task)
     n = write_users_jsonl(args.out, users)

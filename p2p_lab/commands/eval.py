@@ -25,7 +25,7 @@ Results are appended per (method, user) under OUT/runs/: an interrupted run cont
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate every method on held-out users (reports with CIs)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", help="built-in task (see `p2p data list`), or a name for --data")
+    p.add_argument("--task", help="built-in task (see `p2p data stats`), or a name for --data")
     p.add_argument("--split", default="test", choices=("test", "ood", "val", "all"),
                    help="held-out users to evaluate (default: test; `all` = every user, no training users)")
     p.add_argument("--methods", help="comma-separated (default: every method that applies to the task)")
@@ -69,12 +69,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from p2p_local.eval.methods import MethodOptions
-    from p2p_local.eval.report import fmt
-    from p2p_local.eval.runner import EvalConfig, run_eval
+    from p2p_lab.eval.methods import MethodOptions
+    from p2p_lab.eval.report import fmt
+    from p2p_lab.eval.runner import EvalConfig, run_eval
 
     if args.summary:
-        from p2p_local.eval.summary import write_summary
+        from p2p_lab.eval.summary import write_summary
 
         write_summary(args.out, args.card, readme=args.readme)
         return 0

@@ -20,16 +20,18 @@ from datetime import datetime
 from pathlib import Path
 
 from p2p_local.data.format import Item, User, time_ordered
+from p2p_local.data.records import (
+    MAX_COMMENT_CHARS,
+    MAX_EMAIL_CHARS,
+    clean_text,
+    commit_item,
+    movie_genres,
+    movie_item,
+    truncate,
+)
 from p2p_local.errors import DataError
 from p2p_local.paths import shared_data_dir
 
-# Deliberate caps (characters): training cost on a laptop CPU grows with prompt length.
-MAX_TITLE_CHARS = 120
-MAX_COMMENT_CHARS = 400
-MAX_EMAIL_CHARS = 500
-MAX_SUBJECT_CHARS = 120
-MAX_BODY_CHARS = 300
-MAX_FILES = 4
 MIN_USER_ITEMS = 2  # one item gives no (history, query) sample
 MIN_COMMITS = 8  # commit authors with fewer commits are dropped (too little to personalize on)
 
@@ -95,26 +97,6 @@ def _csv_rows(path: Path, required: tuple[str, ...], stats: Counter) -> Iterator
         yield rowno, dict(zip(header, row, strict=True))
 
 
-def _clean(text: str) -> str:
-    """Normalise line ends and whitespace; keep line structure (it is part of a user's style)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ").replace("\x00", "")
-    lines = [ln.rstrip() for ln in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def truncate(text: str, max_chars: int, stats: Counter | None = None) -> str:
-    """Cut at a word boundary before `max_chars` and mark the cut with an ellipsis."""
-    if len(text) <= max_chars:
-        return text
-    if stats is not None:
-        stats["texts_truncated"] += 1
-    cut = text[: max_chars - 1]
-    space = cut.rfind(" ")
-    if space > max_chars // 2:
-        cut = cut[:space]
-    return cut.rstrip() + "…"
-
-
 def _user_id(raw: str) -> str:
     """'12', '12.0' -> '12' (pandas wrote some ids as floats); '' stays ''."""
     s = raw.strip()
@@ -162,8 +144,7 @@ def convert_movielens(src: Path) -> Converted:
     d = src / "movielens-latest-small"
     movies: dict[str, tuple[str, list[str]]] = {}
     for _, row in _csv_rows(d / "movies.csv", ("movieId", "title", "genres"), Counter()):
-        genres = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
-        movies[row["movieId"].strip()] = (truncate(_clean(row["title"]), MAX_TITLE_CHARS), genres)
+        movies[row["movieId"].strip()] = (row["title"], movie_genres(row["genres"]))
     by_user: dict[str, list[Item]] = {}
     seen: set[tuple[str, str]] = set()
     has_time = None
@@ -194,10 +175,8 @@ def convert_movielens(src: Path) -> Converted:
             stats["rows_skipped_duplicate"] += 1
             continue
         seen.add((uid, mid))
-        title, genres = movies[mid]
-        text = f"{title} | Genres: {'|'.join(genres) if genres else 'unknown'}"
-        item_id = int(mid) if mid.isdigit() else mid
-        by_user.setdefault(uid, []).append(Item(text, str(rating), t, {"genres": genres, "item_id": item_id}))
+        text, meta = movie_item(*movies[mid], mid)  # the importer's rule too (p2p_local.data.records)
+        by_user.setdefault(uid, []).append(Item(text, str(rating), t, meta))
     return Converted(_finish(by_user, stats), stats)
 
 
@@ -219,7 +198,7 @@ def convert_offensiveness(src: Path) -> Converted:
         if score is None:
             stats["rows_skipped_bad_rating"] += 1
             continue
-        text = _clean(row["text"])
+        text = clean_text(row["text"])
         if not text:
             stats["rows_skipped_empty_text"] += 1
             continue
@@ -246,7 +225,7 @@ def convert_email_rewrite(src: Path) -> Converted:
         if not uid:
             stats["rows_skipped_missing_user"] += 1
             continue
-        original, revised = _clean(row["original email"]), _clean(row["revised email"])
+        original, revised = clean_text(row["original email"]), clean_text(row["revised email"])
         if not original or not revised:
             stats["rows_skipped_empty_text"] += 1
             continue
@@ -264,23 +243,6 @@ def convert_email_rewrite(src: Path) -> Converted:
 
 
 # ---------------------------------------------------------------- commits
-
-
-_PR_SUFFIX = re.compile(r"(?:\s*\(#\d+\))+\s*$")  # "(#123)", also stacked "(#123) (#130)"
-
-
-def commit_input(body: str, files: list[str], stats: Counter | None = None) -> str:
-    """Compact commit description: changed files first (never cut), then the body (truncated).
-
-    An empty body gives the files line alone: half of pytest's commits have no body, and the files
-    still say what the commit touched.
-    """
-    shown = ", ".join(files[:MAX_FILES])
-    if len(files) > MAX_FILES:
-        shown += f" (+{len(files) - MAX_FILES} more)"
-    head = f"files: {shown}" if files else "files: none"
-    body = truncate(body, MAX_BODY_CHARS, stats) if body else ""
-    return f"{head}\n{body}" if body else head
 
 
 def convert_commits(src: Path) -> Converted:
@@ -320,19 +282,13 @@ def convert_commits(src: Path) -> Converted:
             stats["rows_skipped_duplicate"] += 1
             continue
         seen.add(sha)
-        subject = _clean(subject).split("\n")[0]
-        if _PR_SUFFIX.search(subject):
-            subject = _PR_SUFFIX.sub("", subject)
-            stats["subjects_pr_suffix_removed"] += 1  # "(#1234)" is added by GitHub, not by the author
-        if not subject:
+        made = commit_item(subject, body, files, sha, stats)  # the git importer's rule too
+        if made is None:
             stats["rows_skipped_empty_text"] += 1
             continue
         if not body.strip():
             stats["commits_empty_body"] += 1
-        files = [str(f) for f in files if isinstance(f, str) and f]
-        inp = commit_input(_clean(body), files, stats)
-        out = truncate(subject, MAX_SUBJECT_CHARS, stats)
-        meta = {"item_id": sha[:12], "n_files": len(files)}
+        inp, out, meta = made
         by_user.setdefault(uid.strip(), []).append(Item(inp, out, t, meta))
     few = [u for u, items in by_user.items() if MIN_USER_ITEMS <= len(items) < MIN_COMMITS]
     stats["users_dropped_few_commits"] = len(few)

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from p2p_local.data.format import TaskCard, User
-from p2p_local.eval.stats import (
+from p2p_lab.eval.stats import (
     HIGHER_IS_BETTER,
     METRIC_DOC,
     PRIMARY,
@@ -30,6 +29,7 @@ from p2p_local.eval.stats import (
     paired_difference,
     summarize,
 )
+from p2p_local.data.format import TaskCard, User
 
 REFERENCE = "p2p"  # paired differences are taken against this method
 ACTIVITY_BUCKETS = ((2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 300), (301, None))
@@ -179,7 +179,7 @@ def build_report(*, card: TaskCard, task: str, cfg, users: list[User], n_split_u
 
 
 def _description(name: str) -> str:
-    from p2p_local.eval.methods import METHODS
+    from p2p_lab.eval.methods import METHODS
 
     cls = METHODS.get(name)
     return cls.description if cls else ""

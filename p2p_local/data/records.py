@@ -1,0 +1,82 @@
+"""How a raw record becomes an item: one function per source kind, shared by the dataset converters
+(`p2p_lab.data.converters`, the training and evaluation data) and the app's importers, so an item the
+user imports is the item the hypernetwork was trained on: the same text, the same metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+# Deliberate caps (characters): training cost on a laptop CPU grows with prompt length.
+MAX_TITLE_CHARS = 120
+MAX_COMMENT_CHARS = 400
+MAX_EMAIL_CHARS = 500
+MAX_SUBJECT_CHARS = 120
+MAX_BODY_CHARS = 300
+MAX_FILES = 4
+NO_GENRES = "(no genres listed)"  # MovieLens' own spelling of "none"
+
+PR_SUFFIX = re.compile(r"(?:\s*\(#\d+\))+\s*$")  # "(#123)", also stacked "(#123) (#130)"
+
+
+def clean_text(text: str) -> str:
+    """Normalise line ends and whitespace; keep line structure (it is part of a user's style)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ").replace("\x00", "")
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def truncate(text: str, max_chars: int, stats: Counter | None = None) -> str:
+    """Cut at a word boundary before `max_chars` and mark the cut with an ellipsis."""
+    if len(text) <= max_chars:
+        return text
+    if stats is not None:
+        stats["texts_truncated"] += 1
+    cut = text[: max_chars - 1]
+    space = cut.rfind(" ")
+    if space > max_chars // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def movie_genres(field: str) -> list[str]:
+    """MovieLens' "A|B" genres field -> ["A", "B"] ("(no genres listed)" -> [])."""
+    return [g for g in field.split("|") if g and g != NO_GENRES]
+
+
+def movie_item(title: str, genres: list[str], movie_id: int | str) -> tuple[str, dict[str, Any]]:
+    """A rated movie's input text ("Title (Year) | Genres: A|B") and metadata (genres, item_id)."""
+    text = f"{truncate(clean_text(title), MAX_TITLE_CHARS)} | Genres: {'|'.join(genres) if genres else 'unknown'}"
+    item_id = int(movie_id) if str(movie_id).isdigit() else movie_id
+    return text, {"genres": list(genres), "item_id": item_id}
+
+
+def commit_input(body: str, files: list[str], stats: Counter | None = None) -> str:
+    """Compact commit description: changed files first (never cut), then the body (truncated).
+
+    An empty body gives the files line alone: half of pytest's commits have no body, and the files
+    still say what the commit touched.
+    """
+    shown = ", ".join(files[:MAX_FILES])
+    if len(files) > MAX_FILES:
+        shown += f" (+{len(files) - MAX_FILES} more)"
+    head = f"files: {shown}" if files else "files: none"
+    body = truncate(body, MAX_BODY_CHARS, stats) if body else ""
+    return f"{head}\n{body}" if body else head
+
+
+def commit_item(subject: str, body: str, files: list[str], sha: str = "",
+                stats: Counter | None = None) -> tuple[str, str, dict[str, Any]] | None:
+    """A commit's (input, output = its subject line, metadata); None when the subject is empty."""
+    subject = clean_text(subject).split("\n")[0]
+    if PR_SUFFIX.search(subject):
+        subject = PR_SUFFIX.sub("", subject)
+        if stats is not None:
+            stats["subjects_pr_suffix_removed"] += 1  # "(#1234)" is added by GitHub, not by the author
+    if not subject:
+        return None
+    files = [str(f) for f in files if isinstance(f, str) and f]
+    inp = commit_input(clean_text(body), files, stats)
+    return inp, truncate(subject, MAX_SUBJECT_CHARS, stats), {"item_id": sha[:12], "n_files": len(files)}

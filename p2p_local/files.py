@@ -1,0 +1,102 @@
+"""One way to write a file and one way to hash one, for every module that writes or verifies.
+
+`atomic_write` is the only write path for files the app owns: a temporary file in the target's folder,
+fsync, rename. A reader sees the old file or the new one, never half of either, and a full disk leaves
+the old file in place with an error that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from p2p_local.errors import StoreError
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (base models are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def disk_error(e: OSError, path: Path, need: int | None = None) -> StoreError:
+    """An OSError from a write, said plainly: a full disk names the path and the space needed."""
+    if e.errno == errno.ENOSPC:
+        more = f" ({need:,} bytes needed)" if need else ""
+        return StoreError(f"disk full: cannot write {path}{more}", hint="free some space and try again; nothing was changed")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"cannot write {path}: {e.strerror}", hint="choose a writable location or fix its permissions")
+    if e.errno == errno.EISDIR or (path.exists() and path.is_dir()):
+        return StoreError(f"cannot write {path}: it is a directory", hint="give a file path, not a folder")
+    return StoreError(f"cannot write {path}: {e.strerror or e}", hint="check the path and try again")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit fsync it and rename it over `path`.
+
+    On any error the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise disk_error(e, path) from e
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(e, path) from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, mode: int = PRIVATE_FILE) -> Path:
+    """Write `data` to `path` atomically (temp file, fsync, rename), with `mode` (private by default)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_open(path, mode) as f:
+        f.write(raw)
+    return Path(path)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[Path], None], mode: int = PRIVATE_FILE) -> Path:
+    """For writers that want a file name (gguf, safetensors): `write(tmp)` fills a temp path, then rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise disk_error(e, path) from e
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(e, path) from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,225 @@
+"""The one route from what a user typed to an answer: card + history + text -> profile -> adapter -> answer.
+
+The app (`Session`: `p2p ask`, `p2p personalize`, the chat), the evaluation (`p2p_lab.eval`) and the
+trainer's sample builder (`trainer.samples`) call these functions and nothing else for these steps, so a
+figure measured in the evaluation is a figure of what the user runs (tests/test_pipeline_parity.py):
+
+1. `query_item(card, text)`       the query as the task card reads the typed text (a movie's genres...)
+2. `history_item(card, ...)`      a stored item, its metadata completed by the same card rules
+3. `make_profile(card, history, query)`   summary, retrieval, encoder text, features (profile.py)
+4. `Personalizer`                 profile -> encoder -> hypernetwork -> adapter tensors -> GGUF file
+5. the answer: `task_prompt`, then `label_scores` + `decode_label` (rating/label tasks: read off the
+   distribution over the labels, never free text) or `generation_settings` + `finish_text`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2p_local.adapter import BaseInfo, write_adapter
+from p2p_local.bundle import Bundle
+from p2p_local.data.format import Item, TaskCard
+from p2p_local.encoder import Encoder
+from p2p_local.errors import DataError
+from p2p_local.profile import MAX_SUMMARY_ITEMS, Profile, build_profile
+
+Tensors = dict[str, tuple[np.ndarray, np.ndarray]]
+
+FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template, no task adapter
+HISTORY_READ = MAX_SUMMARY_ITEMS  # the newest items a profile reads; older ones only count
+
+# The decoding rules (one place: the app and the evaluation answer alike).
+RATING_DECODING = "median"  # ratings: the median of the label distribution (MAE-optimal); labels: argmax
+ONE_LINE_TOKENS = 32  # one-line generation (commit subjects) stops at the newline, or here
+MULTI_LINE_RATIO = 1.5  # multi-line generation (rewrites): room for 1.5x the input's tokens...
+MULTI_LINE_MIN_TOKENS = 32  # ...but at least this many
+CHAT_TOKENS = 160  # free chat
+CHAT_TURNS = 6  # transcript turns kept in a free-chat prompt
+CHAT_STOP = ("\nUser:", "\n\n\n")
+PROMPT_SLACK = 4  # tokens kept free beside the answer (token counts are not additive at joins)
+
+
+# --- 1-3: items and the profile -------------------------------------------------------------------
+def query_item(card: TaskCard, text: str) -> Item:
+    """The query a user typed, as the card reads it: no output, metadata parsed from the text."""
+    return Item(text, "", None, card.input_meta(text))
+
+
+def history_item(card: TaskCard, input: str, output: str, time: float | None = None,
+                 meta: dict[str, Any] | None = None) -> Item:
+    """A stored item in the per-user format; the card's input fields fill what the text carries."""
+    return Item(input, output, time, {**(meta or {}), **card.input_meta(input)})
+
+
+def make_profile(card: TaskCard, history: list[Item], query: Item | None = None,
+                 n_total: int | None = None) -> Profile:
+    """The profile for `query` from `history` (strictly earlier items, time order). The query's output
+    is blanked and its metadata read from its text, so nothing downstream can see the answer."""
+    q = None if query is None else Item(query.input, "", query.time, {**query.meta, **card.input_meta(query.input)})
+    return build_profile(card, history, q, n_total=n_total)
+
+
+# --- 4: profile -> adapter -------------------------------------------------------------------------
+class Personalizer:
+    """Profile -> LoRA tensors -> GGUF adapter, one forward pass. Checks bundle/base/encoder agree up front."""
+
+    def __init__(self, bundle: Bundle, encoder: Encoder, base: BaseInfo) -> None:
+        bundle.check(base, encoder)
+        self.bundle, self.encoder, self.base = bundle, encoder, base
+
+    def tensors(self, profile: Profile) -> tuple[Tensors, dict[str, float]]:
+        t0 = time.perf_counter()
+        emb = self.encoder.embed([profile.text])
+        t1 = time.perf_counter()
+        tensors = self.tensors_from(emb, profile.features[None])
+        t2 = time.perf_counter()
+        return tensors, {"encode_ms": (t1 - t0) * 1e3, "hypernet_ms": (t2 - t1) * 1e3}
+
+    def tensors_from(self, embedding: np.ndarray, features: np.ndarray) -> Tensors:
+        """One adapter from one (embedding [1, E], features [1, F]) pair (controls feed their own)."""
+        (tensors,) = self.bundle.generate(embedding, np.asarray(features, dtype=np.float32))
+        return tensors
+
+    def write_tensors(self, tensors: Tensors, path: Path, fingerprint: str) -> None:
+        write_adapter(path, tensors, alpha=self.bundle.alpha, base=self.base, dtype="f16",
+                      generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=fingerprint)
+
+    def write(self, profile: Profile, path: Path) -> dict[str, float]:
+        tensors, timings = self.tensors(profile)
+        t0 = time.perf_counter()
+        self.write_tensors(tensors, path, profile.fingerprint)
+        timings["write_ms"] = (time.perf_counter() - t0) * 1e3
+        return timings
+
+
+# --- 5: the answer ---------------------------------------------------------------------------------
+def answer_tokens(engine: Any, card: TaskCard, text: str) -> int:
+    """Tokens an answer may take: one label token, or the generation budget of the card's kind."""
+    if card.kind != "generation":
+        return 1
+    if card.one_line:
+        return ONE_LINE_TOKENS
+    return max(MULTI_LINE_MIN_TOKENS, math.ceil(MULTI_LINE_RATIO * len(engine.tokenize(text, add_bos=False))))
+
+
+def cut_tokens(engine: Any, text: str, n: int) -> str:
+    """The first `n` tokens of `text` (all of it when shorter)."""
+    if n <= 0:
+        return ""
+    toks = engine.tokenize(text, add_bos=False)
+    return engine.detokenize(toks[:n]) if len(toks) > n else text
+
+
+def task_prompt(engine: Any, card: TaskCard, text: str) -> str:
+    """The card's prompt around `text`; an input too long for the context keeps its head."""
+    budget = engine.n_ctx - answer_tokens(engine, card, text) - PROMPT_SLACK
+    prompt = card.prompt(text)
+    n = len(engine.tokenize(prompt))
+    if n > budget:
+        n_input = len(engine.tokenize(text, add_bos=False))
+        prompt = card.prompt(cut_tokens(engine, text, max(8, n_input - (n - budget))))
+    return prompt
+
+
+def chat_prompt(text: str, transcript: Sequence[tuple[str, str]] = (), about: str = "") -> str:
+    """Free chat for a base model with no chat template: what is known of the user, then a transcript."""
+    head = f"About the user: {about}\n" if about else ""
+    turns = "".join(f"{'User' if role == 'user' else 'Assistant'}: {content}\n"
+                    for role, content in list(transcript)[-CHAT_TURNS:])
+    return f"{head}{turns}User: {text}\nAssistant:"
+
+
+def label_token_ids(engine: Any, labels: Sequence[str]) -> list[int]:
+    """Each label's first token. Labels must not share one, or the distribution would be ambiguous."""
+    ids = [engine.tokenize(label, add_bos=False)[0] for label in labels]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"labels {list(labels)} share a first token; the label distribution would be ambiguous",
+                        hint="use labels that start with distinct tokens (e.g. digits or distinct words)")
+    return ids
+
+
+def label_scores(engine: Any, prompt: str, ids: Sequence[int]) -> dict[str, Any]:
+    """The model's log-distribution over the labels (first tokens `ids`) under whatever adapter is attached.
+
+    `mass`: probability on the labels; `unparseable`: the most likely next token of the whole
+    vocabulary is no label (what free-text decoding would have got wrong).
+    """
+    logits = engine.last_logits(prompt).astype(np.float64)
+    full = logits - _logsumexp(logits)
+    sel = full[list(ids)]
+    return {"lp": sel - _logsumexp(sel), "mass": float(np.exp(sel).sum()),
+            "unparseable": int(np.argmax(logits)) not in set(ids)}
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def median_index(p: np.ndarray) -> int:
+    """The first label whose cumulative probability reaches 1/2: the median of an ordinal distribution
+    (the tolerance keeps an exact half, summed in floating point, on the lower label)."""
+    p = np.asarray(p, dtype=np.float64)
+    return int(np.searchsorted(np.cumsum(p / p.sum()), 0.5 - 1e-9))
+
+
+def decode_distribution(card: TaskCard, probs: np.ndarray, how: str = "argmax") -> list[str]:
+    """Label probabilities [n, len(labels)] -> labels. `median` is the MAE-optimal choice for ratings,
+    `mean` rounds the expected value (halves up), `argmax` takes the most likely label."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = p / p.sum(axis=1, keepdims=True)
+    if how == "argmax":
+        return [card.labels[i] for i in p.argmax(axis=1)]
+    if how == "median":
+        return [card.labels[median_index(row)] for row in p]
+    if how == "mean":
+        try:
+            numeric = {lab: float(lab) for lab in card.labels}
+        except ValueError:
+            raise DataError("decode 'mean' needs numeric labels") from None
+        ev = p @ np.array(list(numeric.values()))
+        return [min(numeric, key=lambda lab, e=e: (abs(numeric[lab] - e), -numeric[lab])) for e in ev]
+    raise DataError(f"unknown decoding {how!r}", hint="argmax, median or mean")
+
+
+def decode_label(card: TaskCard, lp: Sequence[float]) -> str:
+    """The answer of a rating/label task from its label log-probabilities (the one decoding rule)."""
+    how = RATING_DECODING if card.kind == "rating" else "argmax"
+    return decode_distribution(card, np.exp(np.asarray(lp, dtype=np.float64))[None], how)[0]
+
+
+def generation_settings(engine: Any, card: TaskCard | None, text: str) -> dict[str, Any]:
+    """max_tokens and stop strings of a generated answer (greedy in the evaluation and by default).
+
+    One-line tasks stop at the newline; multi-line ones where a new example would begin (the template's
+    first line) or at two blank lines; free chat at the next turn.
+    """
+    if card is None:
+        return {"max_tokens": CHAT_TOKENS, "stop": list(CHAT_STOP)}
+    if card.one_line:
+        return {"max_tokens": ONE_LINE_TOKENS, "stop": ["\n"]}
+    head = card.template.split("{input}")[0].strip().splitlines()
+    stop = (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
+    return {"max_tokens": answer_tokens(engine, card, text), "stop": stop}
+
+
+def finish_text(card: TaskCard | None, text: str) -> str:
+    """The answer as scored and shown: stripped; a one-line task's first line."""
+    text = text.strip()
+    return text.split("\n")[0].strip() if card is not None and card.one_line else text
+
+
+def generate_answer(engine: Any, card: TaskCard, prompt: str, text: str, *, seed: int | None = None,
+                    max_tokens: int | None = None) -> str:
+    """A whole greedy answer of a generation task (what the evaluation scores; the app streams the same)."""
+    kw = generation_settings(engine, card, text)
+    if max_tokens:
+        kw["max_tokens"] = max_tokens
+    kw["max_tokens"] = max(1, min(kw["max_tokens"], engine.n_ctx - len(engine.tokenize(prompt)) - 1))
+    return finish_text(card, engine.complete(prompt, temperature=0.0, seed=seed, **kw))

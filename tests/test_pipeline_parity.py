@@ -1,0 +1,126 @@
+"""One route: the app, the evaluation and the trainer's samples turn a user's history into the same
+profile, the same adapter and the same answer, bit for bit where the code is shared.
+
+Real users of every built-in task (../shared/data through the converters), the real encoder, the shipped
+bundle and llama.cpp. The app's side goes the way a user's data does: `p2p profile import` of a file
+(MovieLens' own ratings.csv + movies.csv for the rating task, the generic JSONL for the others) into a
+real SQLite store, then `Session`. The evaluation's side is `p2p_lab.eval`'s P2P method on the converter's
+users; the trainer's is `trainer.samples.build_samples`.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2p_lab.data.converters import convert
+from p2p_lab.eval.methods import P2P, EvalContext, MethodOptions, Query
+from p2p_local import pipeline
+from p2p_local.data.format import User, builtin_card, builtin_cards, write_users_jsonl
+from p2p_local.importers import import_file
+from p2p_local.profile import FEATURE_NAMES
+
+pytestmark = pytest.mark.real
+USERS_PER_TASK = 2
+TRAINER_TOKENS = {"input_ids": [2, 3]}  # the sample's token ids are not compared here: only its profile
+
+
+def _users(task: str) -> list[User]:
+    """Real users with a history of 8+ items, the same ones every run (sorted by id)."""
+    users = sorted((u for u in convert(task).users if len(u.items) >= 9), key=lambda u: u.user_id)
+    return users[:USERS_PER_TASK]
+
+
+def _import(store, name: str, task: str, user: User, history_n: int, shared: Path, tmp: Path) -> None:
+    """Import the user's first `history_n` items as a user would: their own file, `p2p profile import`."""
+    store.create_profile(name, task=task)
+    if task == "movielens-rating":
+        # MovieLens' own files: this user's rows, in file order, up to the held-out one.
+        src = shared / "movielens-latest-small"
+        keep = {it.meta["item_id"] for it in user.items[:history_n]}
+        with open(src / "ratings.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["userId"] == user.user_id and int(r["movieId"]) in keep]
+        out = tmp / f"{name}-ratings.csv"
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["userId", "movieId", "rating", "timestamp"])
+            w.writeheader()
+            w.writerows(rows)
+        shutil.copy(src / "movies.csv", tmp / "movies.csv")
+        import_file(store, name, out, user=user.user_id, movies=tmp / "movies.csv")
+    else:
+        out = tmp / f"{name}.jsonl"
+        write_users_jsonl(out, [User(user.user_id, user.items[:history_n])])
+        import_file(store, name, out, task=task)
+
+
+def _trainer_profile(card, user: User, i: int, encoder):
+    from trainer.samples import build_samples
+
+    s = build_samples(card, [User(user.user_id, user.items[: i + 1])], lambda *a, **k: TRAINER_TOKENS,
+                      encoder.embed, items_per_user=1, last=True, seed=0, max_prompt_tokens=64,
+                      max_target_tokens=24)
+    assert len(s) == 1
+    return s.embeddings[0], s.features[0]
+
+
+@pytest.mark.parametrize("task", builtin_cards())
+def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_path: Path) -> None:
+    card = builtin_card(task)
+    engine = session.engine
+    ctx = EvalContext(card=card, train=[], users=[], queries={}, options=MethodOptions(), run_dir=tmp_path,
+                      task=task, _engine=engine)
+    method = P2P()
+    method.prepare(ctx)
+    for k, user in enumerate(_users(task)):
+        i = len(user.items) - 1  # the held-out query: the user's last item, history = everything before
+        query = user.items[i]
+        name = f"u{k}"
+        _import(session.store, name, task, user, i, shared_data, tmp_path)
+
+        # 1. the profile: app (store -> Session) == evaluation (dataset -> EvalContext) == trainer
+        app = session.profile_text(name, task, query.input)
+        q = Query(user.user_id, 0, user.items[:i], query)
+        ev = ctx.profile(q)
+        assert app.text == ev.text, f"{task} user {user.user_id}: the profile text differs"
+        assert app.features.tobytes() == ev.features.tobytes(), {
+            n: (a, b) for n, a, b in zip(FEATURE_NAMES, app.features, ev.features, strict=True) if a != b}
+        assert app.fingerprint == ev.fingerprint
+        emb_t, feats_t = _trainer_profile(card, user, i, session.encoder)
+        assert feats_t.tobytes() == app.features.tobytes(), "the trainer's sample has other features"
+        emb_app = session.encoder.embed([app.text])[0]
+        assert emb_t.tobytes() == emb_app.tobytes(), "the trainer embeds the profile differently"
+
+        # 2. the adapter tensors
+        t_app, _ = session.personalizer.tensors(app)
+        t_ev, _ = method.personalizer.tensors(ev)
+        assert t_app.keys() == t_ev.keys()
+        for key in t_app:
+            for a, b in zip(t_app[key], t_ev[key], strict=True):
+                assert a.tobytes() == b.tobytes(), key
+
+        # 3. the answer: the app (Session.answer via `p2p ask`'s path) and the evaluation's P2P record
+        app_answer = "".join(session.answer(query.input, profile=name, task=task))
+        record = method.predict(ctx, q)
+        if card.kind == "generation":
+            assert pipeline.finish_text(card, app_answer) == record["text"]
+        else:
+            session.personalize(name, task, query.input)
+            dist = session.label_distribution(query.input, task)
+            lp = np.round(np.log(np.array(list(dist.values()))), 5)
+            assert lp.tolist() == pytest.approx(record["lp"], abs=2e-5)
+            assert app_answer == pipeline.decode_label(card, record["lp"])
+    method.close(ctx)
+
+
+def test_a_typed_movie_query_carries_its_genres() -> None:
+    """The card reads the metadata a dataset item carries out of the text a user types."""
+    card = builtin_card("movielens-rating")
+    q = pipeline.query_item(card, "101 Dalmatians (1996) | Genres: Adventure|Children|Comedy")
+    assert q.meta == {"genres": ["Adventure", "Children", "Comedy"]}
+    assert pipeline.query_item(card, "Heat (1995) | Genres: unknown").meta == {"genres": []}
+    assert pipeline.query_item(card, "Frozen").meta == {}
+    assert pipeline.query_item(builtin_card("popquorn-email-rewrite"), "hi | Genres: x").meta == {}
