@@ -110,51 +110,126 @@ def bench_runtime(n_tokens: int = 64, rounds: int = 3) -> dict:
     }
 
 
-def bench_personalize(repeat: int = 15) -> dict:
-    """The whole path a user waits for: profile -> encoder -> hypernetwork -> GGUF -> load + attach."""
+DEMO = Path(__import__("p2p_local.demo", fromlist=["_"]).__file__).parent / "movielens-user76.jsonl"
+QUERIES = [f"{t} | Genres: {g}" for t, g in (
+    ("Heat (1995)", "Action|Crime|Thriller"), ("Toy Story (1995)", "Adventure|Animation|Children|Comedy|Fantasy"),
+    ("Alien (1979)", "Horror|Sci-Fi"), ("Fargo (1996)", "Comedy|Crime|Drama|Thriller"),
+    ("Amelie (2001)", "Comedy|Romance"), ("Se7en (1995)", "Mystery|Thriller"),
+    ("Casablanca (1942)", "Drama|Romance"), ("Jumanji (1995)", "Adventure|Children|Fantasy"),
+)]
+
+
+def _demo_items() -> list:
     import json
 
+    from p2p_local.store import NewItem
+
+    user = json.loads(DEMO.read_text().splitlines()[0])
+    return [NewItem(i["input"], i["output"], i.get("time"), i.get("meta") or {}) for i in user["items"]]
+
+
+def _session_with(n_items: int, home: Path):
+    """A Session on a fresh store whose profile "u" holds `n_items` movie ratings (the demo's, repeated
+    with later times), as `p2p ask` opens it."""
     from p2p_local.bundle import Bundle
-    from p2p_local.data.format import Item, builtin_card
     from p2p_local.encoder import Encoder
     from p2p_local.engine import Engine
     from p2p_local.models import DEFAULT_BASE, prepare_base
-    from p2p_local.personalize import Personalizer
-    from p2p_local.profile import build_profile
+    from p2p_local.personalize import Session
+    from p2p_local.store import NewItem, Store
 
-    demo = Path(__file__).parent / "demo" / "movielens-user76.jsonl"
-    user = json.loads(demo.read_text().splitlines()[0])
-    items = [Item(input=i["input"], output=i["output"], time=i.get("time"), meta=i.get("meta") or {})
-             for i in user["items"]]
-    card = builtin_card("movielens-rating")
-    with Engine(prepare_base(DEFAULT_BASE), n_ctx=256) as eng, tempfile.TemporaryDirectory() as tmp:
-        bundle, encoder = Bundle.load(), Encoder.load()
-        pz = Personalizer(bundle, encoder, eng.base)
-        stages: dict[str, list[float]] = {k: [] for k in ("profile_ms", "encode_ms", "hypernet_ms", "write_ms",
-                                                             "load_attach_ms", "total_ms")}
-        for i in range(repeat + 2):
-            query = items[-1 - (i % 10)]
-            t0 = time.perf_counter()
-            prof = build_profile(card, items[:-10], Item(input=query.input, output=""))
-            t1 = time.perf_counter()
-            timings = pz.write(prof, Path(tmp) / f"u{i}.gguf")
-            t2 = time.perf_counter()
-            h = eng.load_adapter(Path(tmp) / f"u{i}.gguf")
-            eng.use(h, 1.0)
-            t3 = time.perf_counter()
-            eng.free_adapter(h)
-            if i < 2:
-                continue  # warm-up (imports, onnxruntime arenas)
-            stages["profile_ms"].append((t1 - t0) * 1e3)
-            for k, v in timings.items():
-                stages[k].append(v)
-            stages["load_attach_ms"].append((t3 - t2) * 1e3)
-            stages["total_ms"].append((t3 - t0) * 1e3)
+    demo = _demo_items()
+    store = Store(home / "p2p.sqlite3")
+    store.create_profile("u", task="movielens-rating")
+    t0 = demo[0].time or 0.0
+    store.add_items("u", (NewItem(d.input, d.output, t0 + i, d.meta)
+                          for i, d in ((i, demo[i % len(demo)]) for i in range(n_items))))
+    engine = Engine(prepare_base(DEFAULT_BASE), n_ctx=512, sha256=DEFAULT_BASE.sha256)
+    return Session(engine, Bundle.load(), Encoder.load(), store)
+
+
+def bench_personalize(repeat: int = 15, n_items: int = 0) -> dict:
+    """The whole path a user waits for, through `Session.personalize` on a real store: profile ->
+    encoder -> hypernetwork -> GGUF -> load + attach, a new question each time (nothing cached)."""
+    n_items = n_items or len(_demo_items())
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _session_with(n_items, Path(tmp))
+        try:
+            stages: dict[str, list[float]] = {}
+            for i in range(repeat + 2):
+                r = s.personalize("u", "movielens-rating", query=f"{QUERIES[i % len(QUERIES)]} #{i}", force=True)
+                if i < 2:
+                    continue  # warm-up (imports, onnxruntime arenas)
+                for k, v in r.timings_ms.items():
+                    stages.setdefault(k, []).append(v)
+        finally:
+            s.close()
     out = {f"{k[:-3]}_median_ms": round(statistics.median(v), 2) for k, v in stages.items()}
     out["total_p90_ms"] = round(float(np.percentile(stages["total_ms"], 90)), 2)
-    out.update({"profile_items": len(items) - 10, "bundle": bundle.name, "bundle_neutral": bundle.neutral,
-                "encoder": encoder.id, "targets": {"total_median_ms": "<= 150"}})
+    out.update({"profile_items": n_items, "targets": {"total_median_ms": "<= 150"}})
     return out
+
+
+HISTORY_SIZES = (100, 1_000, 10_000, 100_000)
+
+
+def bench_history(sizes: tuple[int, ...] = HISTORY_SIZES, repeat: int = 9) -> dict:
+    """How cost grows with history size: `Session.personalize` (new question, nothing cached) and a
+    rating answer as the chat gives it (`Session.answer`: personalize + the label distribution), at
+    100 / 1k / 10k / 100k items. Sizes are interleaved round by round, so machine load hits all alike."""
+    sessions = {}
+    tmps = [tempfile.TemporaryDirectory() for _ in sizes]
+    try:
+        for n, tmp in zip(sizes, tmps, strict=True):
+            sessions[n] = _session_with(n, Path(tmp.name))
+        times: dict[int, dict[str, list[float]]] = {n: {"personalize": [], "profile": [], "answer": []} for n in sizes}
+        for i in range(repeat + 1):
+            for n, s in sessions.items():
+                q = f"{QUERIES[i % len(QUERIES)]} #{i}"
+                r = s.personalize("u", "movielens-rating", query=q, force=True)
+                t = time.perf_counter()
+                "".join(s.answer(q + " ", profile="u", task="movielens-rating"))  # another question: not cached
+                if i == 0:
+                    continue  # warm-up
+                times[n]["personalize"].append(r.timings_ms["total_ms"])
+                times[n]["profile"].append(r.timings_ms["profile_ms"])
+                times[n]["answer"].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for s in sessions.values():
+            s.close()
+        for tmp in tmps:
+            tmp.cleanup()
+    out: dict = {"sizes": list(sizes), "repeat": repeat}
+    for n in sizes:
+        for k, v in times[n].items():
+            out[f"{k}_median_ms_{n}"] = round(statistics.median(v), 1)
+    big, small = sizes[-1], sizes[0]
+    out[f"personalize_ratio_{big}_vs_{small}"] = round(out[f"personalize_median_ms_{big}"] / out[f"personalize_median_ms_{small}"], 2)
+    out["targets"] = {f"personalize_median_ms_{big}": "<= 150", f"answer_median_ms_{big}": "<= 300"}
+    return out
+
+
+def plot_history(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["sizes"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label in (("profile", "profile (store read + build)"), ("personalize", "profile -> attached adapter"),
+                       ("answer", "rating answer in the chat")):
+        ax.plot(sizes, [result[f"{key}_median_ms_{n}"] for n in sizes], marker="o", label=label)
+    ax.axhline(150, color="grey", ls=":", lw=1)
+    ax.axhline(300, color="grey", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("items in the profile")
+    ax.set_ylabel("median ms (2-core CPU)")
+    ax.set_title("Cost against history size (p2p bench history)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 FIRST_TOKEN = r"""
@@ -184,7 +259,7 @@ def bench_app() -> dict:
         from p2p_local.paths import models_dir
 
         env["P2P_MODELS"] = str(models_dir())
-        demo = Path(__file__).parent / "demo" / "movielens-user76.jsonl"
+        demo = DEMO
         subprocess.run([sys.executable, "-m", "p2p_local.cli", "profile", "create", "demo", "--task",
                         "movielens-rating"], env=env, check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "p2p_local.cli", "profile", "import", "demo", str(demo)],
@@ -222,11 +297,12 @@ def bench_cost(users: int = 3, oppu_max_items: int = 0) -> dict:
 SUITES: dict[str, Callable[[], dict]] = {
     "runtime": bench_runtime,
     "personalize": bench_personalize,
+    "history": bench_history,
     "encoder": bench_encoder,
     "app": bench_app,
     "cost": bench_cost,  # minutes (OPPU trains per user): not part of `all`
 }
-ALL = ("runtime", "personalize", "encoder", "app")
+ALL = ("runtime", "personalize", "history", "encoder", "app")
 
 
 def table(results: dict[str, dict]) -> str:

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(text + "\n")
+        if "history" in results:
+            from p2p_lab.bench import plot_history
+
+            plot_history(results["history"], args.json_out.with_name(args.json_out.stem + "-history.png"))
         args.json_out.with_suffix(".md").write_text(
             f"# Benchmarks\n\n`{results['machine']['command']}` on {results['machine']['platform']}, "
             f"{results['machine']['cpus']} CPUs, {results['machine']['date']}\n\n{table(results)}\n")
