@@ -54,3 +54,15 @@ class EngineError(P2PError):
     """llama.cpp failed (load, decode)."""
 
     exit_code = 8
+
+
+class UsageError(P2PError):
+    """A command-line argument is invalid (bad value, out of range, wrong shape)."""
+
+    exit_code = 2
+
+
+class InternalError(P2PError):
+    """An unexpected exception caught by the CLI's top-level guard (a bug in p2p-local)."""
+
+    exit_code = 70  # EX_SOFTWARE (sysexits.h): an internal software error

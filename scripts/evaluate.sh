@@ -9,6 +9,8 @@
 # Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
 #   ML_TEST=122:10:10 scripts/evaluate.sh
 # COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
+# METHODS=a,b,... runs only those methods (those that do not apply to a task's kind are skipped);
+# SUMMARY=0 skips the summary page, the bundle card and the README splice (e.g. OUT=reports/unified).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P2P=.venv/bin/p2p
@@ -27,6 +29,7 @@ run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
   shift 3
   local args=(--task "$task" --split "$split" --users "$users" --queries "$queries" --out "$OUT" --n-ctx "$N_CTX")
   [ -f "$MTLORA" ] && args+=(--mtlora "$MTLORA")
+  [ -n "${METHODS:-}" ] && args+=(--methods "$METHODS")
   if [ "$oppu" -gt 0 ]; then args+=(--oppu-train --oppu-users "$oppu" --oppu-max-items "$OPPU_MAX_ITEMS"); fi
   $P2P eval "${args[@]}" "$@"
 }
@@ -40,5 +43,5 @@ run movielens-rating ood "$ML_OOD"
 run popquorn-offensiveness ood "$OFF_OOD"
 run pytest-commit-subject ood "$GIT_OOD"
 run popquorn-email-rewrite ood "$MAIL_OOD" --max-tokens 64
-$P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p --readme README.md
+if [ "${SUMMARY:-1}" != 0 ]; then $P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p --readme README.md; fi
 if [ "${COST:-1}" != 0 ]; then $P2P bench cost --json-out "$OUT/cost.json"; fi
