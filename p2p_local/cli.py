@@ -1,6 +1,8 @@
 """`p2p`: the command line. Subcommands read like sentences: `p2p profile import ratings.csv`.
 
-Each command group lives in `p2p_local/commands/<group>.py` and registers itself here.
+Each command group lives in `p2p_local/commands/<group>.py` and registers itself here. Groups from
+other installed packages (`p2p_lab`'s eval, bench and data) arrive through the `p2p_local.commands`
+entry-point group, so this package never imports them.
 Exit codes: 0 ok, 1 generic error, 2 usage, then one per error family (see `errors.py`).
 """
 
@@ -8,13 +10,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
+from importlib.metadata import entry_points
+from pathlib import Path
 
 from p2p_local import __version__
-from p2p_local.errors import P2PError
+from p2p_local.errors import InternalError, P2PError, UsageError
 
 # Order = order in `p2p --help`.
-GROUPS = ("models", "profile", "personalize", "ask", "chat", "data", "bench", "eval")
+GROUPS = ("models", "profile", "personalize", "ask", "chat", "adapter", "hook")
+PLUGIN_GROUP = "p2p_local.commands"
 
 EPILOG = """examples:
   p2p models prepare                      # place and verify the default base model and encoder
@@ -43,23 +52,133 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # group not built yet
             raise
         module.register(sub)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            register = ep.load()
+        except ImportError:
+            continue  # its package's extra is not installed: the command is simply absent
+        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Run one command. Whatever happens, the user sees one clear line, never a traceback.
+
+    P2PErrors print their message and hint and exit with their family's code; anything else is a bug:
+    one line, the path of a log holding the traceback, how to report it, exit 70. `P2P_DEBUG=1`
+    re-raises instead, for developers.
+    """
     try:
+        _safe_stdout()
+        argv = check_argv(sys.argv[1:] if argv is None else list(argv))
+        parser = build_parser()
+        args = parser.parse_args(argv)  # a usage error exits 2 here (SystemExit), after printing it
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except P2PError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
+    except BrokenPipeError:
+        # `p2p ... | head`: the reader left; not an error worth a message. Keep Python's exit-time
+        # flush of stdout from failing again.
+        _silence_stdout()
+        return 141
+    except Exception as e:
+        if os.environ.get("P2P_DEBUG") == "1":
+            raise
+        return _report_crash(e)
+
+
+def check_argv(argv: list[str]) -> list[str]:
+    """Arguments must be text: bytes that are not UTF-8 arrive as lone surrogates and would fail deep
+    inside (tokenizer, SQLite) with a traceback. Refuse them here, by position."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument {i} is not valid UTF-8 text: {arg!a}",
+                             hint="pass text and file names as UTF-8") from None
+        if "\x00" in arg:
+            raise UsageError(f"argument {i} holds a NUL character", hint="remove it") from None
+    return argv
+
+
+def _safe_stdout() -> None:
+    """Text from files (lone surrogates in JSON) must print, not crash: escape what cannot be encoded."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (OSError, ValueError):
+            pass
+
+
+def _say(msg: str) -> None:
+    """Print to stderr whatever the text holds (lone surrogates from undecodable argv, ...)."""
+    enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+    try:
+        sys.stderr.write(msg.encode(enc, errors="backslashreplace").decode(enc, errors="replace") + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr closed: nothing more we can do
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _report_crash(e: BaseException) -> int:
+    """The top-level guard's message: one line, where the traceback went, how to report it."""
+    what = f"{type(e).__name__}: {e}"
+    if len(what) > 200:
+        what = what[:200] + "..."
+    log = _write_crash_log(e)
+    _say(f"error: internal error ({what})")
+    where = f"the details are in {log}" if log else "set P2P_DEBUG=1 to see the details"
+    _say(f"  hint: this is a bug in p2p-local {__version__}; {where}. "
+         "Please report it with that file attached (it holds the traceback, not your profile).")
+    return InternalError.exit_code
+
+
+def _write_crash_log(e: BaseException) -> Path | None:
+    """Write the traceback to `<data dir>/logs/` (or the temp dir when that is not writable)."""
+    from p2p_local.files import atomic_write  # late: the guard must work even if imports are broken
+
+    text = (f"p2p-local {__version__}, python {sys.version.split()[0]}, {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+            f"command: {_command_name()}\n\n" + "".join(traceback.format_exception(e)))
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in _log_dirs():
+        try:
+            return atomic_write(folder / name, text.encode("utf-8", errors="backslashreplace"))
+        except (P2PError, OSError):
+            continue
+    return None
+
+
+def _log_dirs() -> list[Path]:
+    dirs = []
+    try:
+        from p2p_local.paths import data_dir
+        dirs.append(data_dir() / "logs")
+    except Exception:  # the data dir itself may be what is broken
+        pass
+    dirs.append(Path(tempfile.gettempdir()))
+    return dirs
+
+
+def _command_name() -> str:
+    """The subcommand only: arguments may hold private text (queries, names)."""
+    words = [a for a in sys.argv[1:3] if not a.startswith("-")]
+    return "p2p " + " ".join(w for w in words if w.isidentifier())
 
 
 if __name__ == "__main__":
