@@ -205,6 +205,37 @@ class Engine:
             ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
 
+    def continuation_logprobs(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
+        """Teacher-forced log-probabilities (float64 [n]) of `continuation`'s tokens after `prompt`, under
+        the attached adapter: the prompt is decoded, then the continuation in one batch whose logits are
+        all read, so the cost is one prompt eval plus one short batch."""
+        from llama_cpp._internals import LlamaBatch
+
+        tokens = self.tokenize(prompt)
+        cont = [int(t) for t in continuation]
+        if not cont:
+            return np.zeros(0)
+        if len(tokens) + len(cont) >= self.n_ctx:
+            raise EngineError(f"prompt + continuation of {len(tokens) + len(cont)} tokens do not fit the context ({self.n_ctx})")
+        out = np.empty(len(cont))
+        with self._lock:
+            self.llm.reset()
+            self.llm.eval(tokens)  # logits at the prompt's last position predict cont[0]
+            first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+            out[0] = _log_softmax_at(first, cont[0])
+            rest = cont[:-1]
+            if rest:
+                batch = LlamaBatch(n_tokens=len(rest), embd=0, n_seq_max=1)
+                batch.set_batch(rest, n_past=len(tokens), logits_all=True)
+                rc = llama_cpp.llama_decode(self.llm.ctx, batch.batch)
+                if rc != 0:
+                    raise EngineError(f"llama_decode returned {rc}: {recent_llama_errors()}")
+                for i, tok in enumerate(cont[1:]):
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(self.n_vocab,))
+                    out[i + 1] = _log_softmax_at(row, tok)
+            self.llm.reset()
+        return out
+
     def label_logprobs(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
         """Log-probabilities over `labels` (renormalised among them), each label's first token.
 
@@ -247,3 +278,9 @@ def _silence_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _log_softmax_at(logits: np.ndarray, token: int) -> float:
+    x = logits.astype(np.float64)
+    m = float(x.max())
+    return float(x[token] - m - np.log(np.exp(x - m).sum()))

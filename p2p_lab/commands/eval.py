@@ -16,7 +16,7 @@ EPILOG = """examples:
   p2p eval --data users.jsonl --task-card card.json      # your own data (generic format, docs/DATA.md)
   p2p eval --summary --card models/gemma3-270m-p2p        # gather reports/ into SUMMARY.md (+ the bundle's EVAL.md)
 
-methods: base rag pag all-history mt-lora oppu p2p p2p-shuffled p2p-random
+methods: base rag pag all-history mt-lora oppu p2p p2p-rag p2p-shuffled p2p-random
          global-mean user-mean user-item-bias logreg (the last four: rating/label tasks)
 Results are appended per (method, user) under OUT/runs/: an interrupted run continues where it stopped.
 """

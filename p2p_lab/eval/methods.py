@@ -134,6 +134,18 @@ def generate(ctx: EvalContext, prompt: str, query_input: str) -> dict[str, Any]:
     return {"text": text, "unparseable": not text}
 
 
+def target_nll(ctx: EvalContext, prompt: str, item: Item) -> dict[str, Any]:
+    """The user's real output, teacher-forced after `prompt` (as trained: the output and its newline):
+    summed negative log-likelihood and token count, a low-noise metric beside ROUGE."""
+    ids = ctx.engine.tokenize(item.output.strip() + "\n", add_bos=False)
+    room = ctx.engine.n_ctx - len(ctx.engine.tokenize(prompt)) - 1
+    ids = ids[: max(0, room)]
+    if not ids:
+        return {}
+    lp = ctx.engine.continuation_logprobs(prompt, ids)
+    return {"nll_sum": round(float(-lp.sum()), 5), "n_tok": len(ids)}
+
+
 def reserve_tokens(ctx: EvalContext, q: Query) -> int:
     """Tokens kept free after the prompt: the answer (1 label token, or the generation budget)."""
     return ctx.options.max_tokens or pipeline.answer_tokens(ctx.engine, ctx.card, q.item.input)
@@ -231,7 +243,7 @@ class LLMMethod(Method):
     def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
         prompt = self.prompt(ctx, q)
         if ctx.card.kind == "generation":
-            return generate(ctx, prompt, q.item.input)
+            return {**generate(ctx, prompt, q.item.input), **target_nll(ctx, prompt, q.item)}
         return score_labels(ctx.engine, prompt, self._ids)
 
 
@@ -447,6 +459,16 @@ class P2P(AdapterMethod):
             self.detach(ctx)
 
 
+class P2PRAG(P2P):
+    """P2P's adapter AND the RAG prompt: the user's top-k retrieved items as examples before the query."""
+
+    name = "p2p-rag"
+    description = "the P2P adapter plus the top-k BM25-retrieved history items in the prompt"
+
+    def prompt(self, ctx: EvalContext, q: Query) -> str:
+        return RAG.prompt(self, ctx, q)
+
+
 class P2PShuffled(P2P):
     name = "p2p-shuffled"
     description = "control: the same hypernetwork fed ANOTHER test user's history (same query)"
@@ -627,7 +649,7 @@ class LogReg(Classic):
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PShuffled, P2PRandom,
+    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PRAG, P2PShuffled, P2PRandom,
     GlobalMean, UserMean, UserItemBias, LogReg,
 )}
 

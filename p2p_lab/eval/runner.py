@@ -37,7 +37,7 @@ from p2p_local.data.format import TaskCard, User
 from p2p_local.errors import DataError, P2PError
 
 SPLITS = ("test", "ood", "val", "all")
-RECORDS_VERSION = 1  # bump when prompts or stored records change: earlier results are then not reused
+RECORDS_VERSION = 2  # bump when prompts or stored records change: earlier results are then not reused (2: one route, NLL)
 Log = Callable[[str], None]
 
 

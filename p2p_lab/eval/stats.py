@@ -25,7 +25,7 @@ from p2p_local.pipeline import median_index
 # Metric name -> True when higher is better.
 HIGHER_IS_BETTER = {
     "mae": False, "rmse": False, "mae_argmax": False, "mae_ev": False, "rmse_ev": False, "ce": False,
-    "acc": True, "f1": True, "rouge1": True, "rougeL": True,
+    "acc": True, "f1": True, "rouge1": True, "rougeL": True, "nll": False,
 }
 PRIMARY = {"rating": "mae", "label": "acc", "generation": "rougeL"}
 METRIC_DOC = {
@@ -39,6 +39,7 @@ METRIC_DOC = {
     "f1": "macro F1 of the most likely label",
     "rouge1": "ROUGE-1 F-measure",
     "rougeL": "ROUGE-L F-measure",
+    "nll": "per-token negative log-likelihood of the user's real output, teacher-forced (nats/token)",
 }
 
 
@@ -47,7 +48,7 @@ def metric_names(kind: str) -> list[str]:
         return ["mae", "rmse", "mae_argmax", "mae_ev", "rmse_ev", "ce", "acc"]
     if kind == "label":
         return ["acc", "f1", "ce"]
-    return ["rouge1", "rougeL"]
+    return ["rouge1", "rougeL", "nll"]
 
 
 # --- per-query statistics ------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Scorer:
         if self.kind == "label":
             per_label = [f"{s}_{i}" for i in range(len(self.labels)) for s in ("tp", "fp", "fn")]
             return ["n", "n_ce", "nll", "correct", "unparseable", *per_label]
-        return ["n", "rouge1", "rougeL", "unparseable"]
+        return ["n", "rouge1", "rougeL", "unparseable", "tok_nll", "n_tok"]
 
     def query_stats(self, rec: Mapping) -> np.ndarray:
         v = np.zeros(len(self.keys))
@@ -81,6 +82,8 @@ class Scorer:
         if self.kind == "generation":
             r1, rl = self.rouge(rec.get("text", ""), rec["target"])
             v[ix["rouge1"]], v[ix["rougeL"]] = r1, rl
+            if rec.get("n_tok"):  # records made before the NLL was measured have none
+                v[ix["tok_nll"]], v[ix["n_tok"]] = float(rec["nll_sum"]), float(rec["n_tok"])
             return v
         lp = np.asarray(rec["lp"], dtype=np.float64)
         p = np.exp(lp - lp.max())
@@ -121,6 +124,7 @@ class Scorer:
         out: dict[str, np.ndarray] = {}
         if self.kind == "generation":
             out["rouge1"], out["rougeL"] = col["rouge1"] / n, col["rougeL"] / n
+            out["nll"] = col["tok_nll"] / np.where(col["n_tok"] > 0, col["n_tok"], np.nan)
             return out
         n_ce = np.where(col["n_ce"] > 0, col["n_ce"], np.nan)
         if self.kind == "rating":
