@@ -228,11 +228,6 @@ class Bundle:
                     raise BundleError(f"the hypernetwork produced NaN/Inf for {name}", hint="the bundle is broken: retrain or re-export")
         return adapters
 
-    def describe(self) -> str:
-        kind = "neutral stand-in (zero adapter)" if self.neutral else "trained"
-        return (f"{self.name}: {kind}, base {self.base_arch} {self.base_sha256[:12]}..., "
-                f"LoRA r={self.rank} alpha={self.alpha:g} on {'+'.join(self.targets)} x {len(self.layers)} layers")
-
 
 def _session(onnx_bytes: bytes, onnx_path: Path, threads: int | None) -> Any:
     import onnxruntime as ort  # imported here: loading a bundle is the only place it is needed

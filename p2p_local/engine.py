@@ -236,17 +236,6 @@ class Engine:
             self.llm.reset()
         return out
 
-    def label_logprobs(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
-        """Log-probabilities over `labels` (renormalised among them), each label's first token.
-
-        For rating/label tasks whose labels are single tokens ("1".."5"): the model's distribution
-        over the answer set, from which expected value, median and cross-entropy follow.
-        """
-        ids = [self.tokenize(label, add_bos=False)[0] for label in labels]
-        logits = self.last_logits(prompt)[ids].astype(np.float64)
-        logits -= logits.max()
-        return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
-
     # --- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:

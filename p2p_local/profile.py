@@ -361,18 +361,10 @@ def _retrieve(card: TaskCard, history: list[Item], query: Item | None, k: int) -
 
 
 def render_history(items: list[Item], max_chars: int = MAX_ITEM_CHARS) -> str:
-    """History items as prompt lines for the RAG/PAG baselines (and the profile text)."""
+    """History items as "Input: .. Output: .." lines: the retrieved items of the profile text."""
     return "\n".join(
         f"Input: {_flat(it.input, max_chars)} Output: {_flat(it.output, max_chars)}" for it in items
     )
-
-
-def render_pag(profile: Profile) -> str:
-    """PAG baseline context: the summary and the top-1 retrieved item."""
-    parts = [profile.summary]
-    if profile.retrieved:
-        parts.append(render_history(profile.retrieved[:1]))
-    return "\n".join(parts)
 
 
 def build_profile(card: TaskCard, history: list[Item], query: Item | None = None, k: int = RETRIEVED_K,

@@ -107,10 +107,28 @@ def test_zero_b_adapter_is_bitwise_neutral(engine: Engine, tmp_path: Path) -> No
     engine.free_adapter(z)
 
 
-def test_label_logprobs_is_a_distribution(engine: Engine) -> None:
+def test_label_scores_are_a_distribution(engine: Engine) -> None:
+    from p2p_local import pipeline
+
     engine.use(None)
-    lp = engine.label_logprobs(PROMPT, ["1", "2", "3", "4", "5"])
-    assert lp.shape == (5,) and abs(np.exp(lp).sum() - 1) < 1e-5
+    s = pipeline.label_scores(engine, PROMPT, pipeline.label_token_ids(engine, ["1", "2", "3", "4", "5"]))
+    assert s["lp"].shape == (5,) and abs(np.exp(s["lp"]).sum() - 1) < 1e-9 and 0 < s["mass"] <= 1
+
+
+def test_teacher_forced_logprobs_match_step_by_step(engine: Engine) -> None:
+    """The batched continuation log-probabilities agree with decoding one token at a time (up to the
+    kernels' batch-size rounding), and a continuation the model expects scores higher than noise."""
+    engine.use(None)
+    cont = engine.tokenize(" 1 2 3 4 5", add_bos=False)
+    prompt = "Count: 0"
+    lp = engine.continuation_logprobs(prompt, cont)
+    ref = []
+    for i, tok in enumerate(cont):
+        x = engine.last_logits(engine.tokenize(prompt) + cont[:i]).astype(np.float64)
+        ref.append(x[tok] - x.max() - np.log(np.exp(x - x.max()).sum()))
+    assert np.abs(lp - np.array(ref)).max() < 0.2
+    noise = engine.continuation_logprobs(prompt, engine.tokenize(" zebra quantum fjord ladle", add_bos=False))
+    assert lp.mean() > noise.mean() + 1.0
 
 
 def test_bad_adapter_raises_and_engine_keeps_working(engine: Engine, adapter_file: Path, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from p2p_local.profile import (
     MAX_SUMMARY_ITEMS,
     build_profile,
     render_history,
-    render_pag,
     retrieve,
 )
 
@@ -148,10 +147,7 @@ def test_huge_history_is_bounded():
     assert len(p.text) < 2000
 
 
-def test_render_history_and_pag():
+def test_render_history():
     items = [Item("line one\nline two", "Out " * 100, None)]
     s = render_history(items)
     assert s.startswith("Input: line one line two Output: Out Out") and "\n" not in s and s.endswith("…")
-    p = build_profile(MOVIES, horror_lover(3), movie("Scream 0 (1996)", ["Horror"], 0, 99))
-    pag = render_pag(p)
-    assert pag.startswith(p.summary) and pag.count("Input: ") == 1

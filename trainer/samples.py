@@ -7,7 +7,7 @@ sees exactly what deployment sees. Embedding is the slow part, so built sample s
 under cache_dir()/trainer/ (keyed by everything that shapes them).
 
 Targets: rating/label tasks train the label's first token (what the evaluation scores with
-`engine.label_logprobs`); generation tasks train the output followed by "\n" (the evaluation stops
+`pipeline.label_scores`); generation tasks train the output followed by "\n" (the evaluation stops
 one-line tasks at the newline).
 """
 
