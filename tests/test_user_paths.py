@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2p_local.adapter import LoraAdapter
 from p2p_local import pipeline
+from p2p_local.adapter import LoraAdapter
 from p2p_local.cli import main
 from p2p_local.data.format import builtin_card
 from p2p_local.errors import AdapterError, DataError, StoreError
