@@ -7,7 +7,7 @@ APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
 ARGS   ?=
 
-.PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean
+.PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,8 +70,23 @@ encoders: $(DEV) data
 recipes: $(DEV) data
 	$(BIN)/python -m trainer.compare --set recipes $(ARGS)
 
+# The fuzz suite with its long budget (thousands of inputs per test; `make test` runs a short one).
+fuzz: $(DEV)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py $(ARGS)
+
+# Training throughput: today's step against the step at commit 6d4f086, interleaved on the same batches,
+# plus an equal-samples validation check (reports/train-bench.{json,md,png}; about 20 min on 2 cores).
+.PHONY: bench-train gpu-bundle
+bench-train: $(DEV) data
+	$(BIN)/python -m trainer.bench $(ARGS)
+
+# The GPU path, phase one (here): the recipe's data, the base GGUF and wheels cut into <= 60 MiB parts
+# under runs/gpu-carry/; phase two runs there: `BUDGET=480 OUT=... scripts/gpu_bundle.sh run DIR`.
+gpu-bundle: $(DEV) data
+	bash scripts/gpu_bundle.sh split $(ARGS)
+
 lint: $(DEV)
-	$(BIN)/ruff check p2p_local trainer tests
+	$(BIN)/ruff check p2p_local p2p_lab trainer tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ import gguf
 import numpy as np
 
 from p2p_local import __version__
-from p2p_local.errors import AdapterError
+from p2p_local.errors import AdapterError, P2PError
+from p2p_local.files import atomic_write, atomic_write_with
+from p2p_local.paths import regular_file
 
 # --- format constants, in the format's own vocabulary -------------------------------------------
 KEY_GENERAL_TYPE = "general.type"
@@ -40,6 +41,8 @@ KEY_GENERATOR_NAME = "p2p.generator.name"
 KEY_GENERATOR_VERSION = "p2p.generator.version"
 KEY_PROFILE_FINGERPRINT = "p2p.profile.fingerprint"
 KEY_CREATED = "p2p.created"
+KEY_ALIGNMENT = "general.alignment"
+KEY_ALORA_TOKENS = "adapter.alora.invocation_tokens"
 
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
@@ -50,8 +53,13 @@ ACCEPTED_TYPES = {
     gguf.GGMLQuantizationType.BF16,
     gguf.GGMLQuantizationType.Q8_0,
 }
+GGML_MAX_NAME = 64  # ggml.h: tensor names are char[64], NUL included
+GGML_MAX_DIMS = 4
+MAX_ADAPTER_BYTES = 2 << 30  # far above any rank a base of this size allows; bounds what we map
+_CORRUPT = "the file is corrupt or was not written by a GGUF LoRA exporter; regenerate it"
 # Modules llama.cpp can adapt on the architectures we know (GGUF short names).
 TARGET_MODULES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_TARGET_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,3})\.(?:" + "|".join(TARGET_MODULES) + r")\.weight")
 
 
 @dataclass(frozen=True)
@@ -83,9 +91,9 @@ class BaseInfo:
             pass
         info = cls._read(path, sha256)
         try:
-            cache.write_text(json.dumps({"key": key, "arch": info.arch, "n_layers": info.n_layers,
-                                         "shapes": info.shapes}))
-        except OSError:
+            atomic_write(cache, json.dumps({"key": key, "arch": info.arch, "n_layers": info.n_layers,
+                                            "shapes": info.shapes}))
+        except (OSError, P2PError):
             pass  # read-only location: just slower next time
         return info
 
@@ -94,7 +102,7 @@ class BaseInfo:
         try:
             reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:  # truncated / not a GGUF
-            raise AdapterError(f"cannot read base model {path}: {e}") from e
+            raise AdapterError(f"cannot read base model {path}: {e}", hint="the model file is damaged: run `p2p models prepare`") from e
         arch = _kv_str(reader, KEY_ARCH) or "?"
         n_layers = int(_kv_scalar(reader, f"{arch}.block_count") or 0)
         shapes = {}
@@ -143,32 +151,43 @@ def write_adapter(
     generator: str = "p2p-local",
     generator_version: str = __version__,
     profile_fingerprint: str = "",
+    name: str = "",
+    task_name: str = "",
+    prompt_prefix: str = "",
+    base_model: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a GGUF LoRA adapter atomically (temporary file in the same dir, fsync, rename).
 
     `tensors` maps base tensor names (e.g. "blk.3.attn_q.weight") to (A, B). Shapes are checked
-    against `base` first, so a bad adapter is never written.
+    against `base` first, so a bad adapter is never written. What the file says it is, as llama.cpp's
+    tools read it: `general.name` (`name`, else `generator`), `general.base_model.0.*` (`base_model`:
+    name, organization, repo_url, as llama.cpp's converter writes them), `adapter.lora.task_name` and
+    `adapter.lora.prompt_prefix` (llama-server's `/lora-adapters` lists them).
     """
     path = Path(path)
+    general_name = name or generator  # before the loops below reuse `name`
     if dtype not in DTYPES:
         raise AdapterError(f"unsupported adapter dtype {dtype!r}", hint=f"use one of {sorted(DTYPES)}")
     if not tensors:
-        raise AdapterError("an adapter needs at least one (A, B) pair")
+        raise AdapterError("an adapter needs at least one (A, B) pair", hint="the generator produced no targets")
     np_dtype = DTYPES[dtype]
     ranks = set()
     targets = set()
+    # Check the values as they will be stored: a float32 that overflows float16 becomes Inf in the file.
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as an AdapterError
+        tensors = {name: (np.ascontiguousarray(a, dtype=np_dtype), np.ascontiguousarray(b, dtype=np_dtype))
+                   for name, (a, b) in tensors.items()}
+    if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha > 0):
+        raise AdapterError(f"alpha must be a positive finite number, got {alpha!r}", hint="check the bundle's alpha")
     for name, (a, b) in tensors.items():
-        _check_pair(name, np.asarray(a), np.asarray(b), base)
+        _check_pair(name, a, b, base)
         ranks.add(a.shape[0])
         targets.add(name.split(".")[2] if name.startswith("blk.") else name)
     if len(ranks) != 1:
-        raise AdapterError(f"all pairs must share one rank, got {sorted(ranks)}")
+        raise AdapterError(f"all pairs must share one rank, got {sorted(ranks)}", hint="one rank per adapter")
     rank = ranks.pop()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, base.arch)
         w.add_string(KEY_GENERAL_TYPE, "adapter")
         w.add_string(KEY_ADAPTER_TYPE, "lora")
@@ -180,20 +199,28 @@ def write_adapter(
         w.add_string(KEY_GENERATOR_VERSION, generator_version)
         w.add_string(KEY_PROFILE_FINGERPRINT, profile_fingerprint)
         w.add_string(KEY_CREATED, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        for name in sorted(tensors):
-            a, b = tensors[name]
-            w.add_tensor(name + SUFFIX_A, np.ascontiguousarray(a, dtype=np_dtype))
-            w.add_tensor(name + SUFFIX_B, np.ascontiguousarray(b, dtype=np_dtype))
+        w.add_string(gguf.Keys.General.NAME, general_name)
+        if task_name:
+            w.add_string(gguf.Keys.Adapter.LORA_TASK_NAME, task_name)
+        if prompt_prefix:
+            w.add_string(gguf.Keys.Adapter.LORA_PROMPT_PREFIX, prompt_prefix)
+        if base_model:
+            w.add_uint32(gguf.Keys.General.BASE_MODEL_COUNT, 1)
+            for key, value in (("name", gguf.Keys.General.BASE_MODEL_NAME),
+                               ("organization", gguf.Keys.General.BASE_MODEL_ORGANIZATION),
+                               ("repo_url", gguf.Keys.General.BASE_MODEL_REPO_URL)):
+                if base_model.get(key):
+                    w.add_string(value.format(id=0), str(base_model[key]))
+        for tname in sorted(tensors):
+            a, b = tensors[tname]
+            w.add_tensor(tname + SUFFIX_A, np.ascontiguousarray(a, dtype=np_dtype))
+            w.add_tensor(tname + SUFFIX_B, np.ascontiguousarray(b, dtype=np_dtype))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_with(path, write)
     return path
 
 
@@ -208,7 +235,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         )
     alpha_field = reader.fields.get(KEY_LORA_ALPHA)
     if alpha_field is None:
-        raise AdapterError(f"{path} has no {KEY_LORA_ALPHA}")
+        raise AdapterError(f"{path} has no {KEY_LORA_ALPHA}", hint=_CORRUPT)
     if alpha_field.types != [gguf.GGUFValueType.FLOAT32]:
         raise AdapterError(
             f"{path}: {KEY_LORA_ALPHA} must be FLOAT32, found {alpha_field.types[0].name}",
@@ -224,14 +251,14 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         elif t.name.endswith("_norm.weight"):
             continue  # llama.cpp ignores norms in adapters
         else:
-            raise AdapterError(f"{path}: unexpected tensor {t.name!r} (not .lora_a/.lora_b)")
+            raise AdapterError(f"{path}: unexpected tensor {t.name!r} (not .lora_a/.lora_b)", hint=_CORRUPT)
     tensors = {}
     for name, pair in halves.items():
         if set(pair) != {"a", "b"}:
-            raise AdapterError(f"{path}: tensor {name!r} has only half a LoRA pair")
+            raise AdapterError(f"{path}: tensor {name!r} has only half a LoRA pair", hint=_CORRUPT)
         tensors[name] = (pair["a"], pair["b"])
     if not tensors:
-        raise AdapterError(f"{path} holds no LoRA tensors")
+        raise AdapterError(f"{path} holds no LoRA tensors", hint=_CORRUPT)
     meta: dict[str, object] = {}
     for key in (KEY_BASE_SHA256, KEY_GENERATOR_NAME, KEY_GENERATOR_VERSION, KEY_PROFILE_FINGERPRINT, KEY_CREATED):
         v = _kv_str(reader, key)
@@ -255,51 +282,118 @@ def validate_adapter(path: str | Path, base: BaseInfo, *, check_base_hash: bool 
             hint="regenerate it for this base (`p2p personalize`) or load the base it was made for",
         )
     if not np.isfinite(adapter.alpha) or adapter.alpha <= 0:
-        raise AdapterError(f"{path}: alpha must be a positive finite float, got {adapter.alpha}")
+        raise AdapterError(f"{path}: alpha must be a positive finite float, got {adapter.alpha}", hint=_CORRUPT)
     for name, (a, b) in adapter.tensors.items():
         _check_pair(name, a, b, base)
+    _check_ranks(path, adapter)
     return adapter
 
 
 def _check_pair(name: str, a: np.ndarray, b: np.ndarray, base: BaseInfo) -> None:
-    if name not in base.shapes:
-        raise AdapterError(
-            f"adapter tensor {name!r} has no counterpart in the base model ({base.arch})",
-            hint="the adapter targets modules this base does not have",
-        )
+    """One (A, B) pair against the base: an allowed target, llama.cpp's shape checks, a usable rank, finite."""
+    _check_target(name, base)
     n_out, n_in = base.shapes[name]
     if a.ndim != 2 or b.ndim != 2:
-        raise AdapterError(f"{name}: A and B must be matrices, got {a.shape} and {b.shape}")
+        raise AdapterError(f"{name}: A and B must be matrices, got {a.shape} and {b.shape}", hint=_CORRUPT)
     r = a.shape[0]
+    # llama.cpp: model ne[0] == A ne[0] (n_in), model ne[1] == B ne[1] (n_out), A ne[1] == B ne[0] (rank).
     if a.shape != (r, n_in) or b.shape != (n_out, r):
         raise AdapterError(
             f"{name}: expected A {(r, n_in)} and B {(n_out, r)} for base weight {(n_out, n_in)}, "
             f"got A {a.shape} and B {b.shape}",
             hint="A is (rank, n_in) and B is (n_out, rank); was the pair swapped or transposed?",
         )
+    # Rank 0 passes llama.cpp's shape checks, then divides by zero in alpha / rank and trips GGML's
+    # asserts on zero-sized tensors; a rank above min(n_in, n_out) is no low-rank update at all.
+    if not 1 <= r <= min(n_in, n_out):
+        raise AdapterError(f"{name}: rank {r} is outside 1..{min(n_in, n_out)} for base weight {(n_out, n_in)}",
+                           hint="the adapter is degenerate; regenerate it")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise AdapterError(f"{name}: the adapter holds NaN or Inf values", hint="the generator diverged; retrain")
 
 
+def _check_target(name: str, base: BaseInfo) -> None:
+    """Only the projection weights of a transformer block: what llama.cpp's LoRA path multiplies with."""
+    m = _TARGET_NAME.fullmatch(name)
+    if name not in base.shapes or m is None:
+        raise AdapterError(
+            f"adapter tensor {name!r} has no counterpart in the base model ({base.arch})",
+            hint=f"the adapter targets modules this base does not have (allowed: {', '.join(TARGET_MODULES)})",
+        )
+    if base.n_layers and int(m.group(1)) >= base.n_layers:
+        raise AdapterError(f"adapter tensor {name!r} is beyond the base's {base.n_layers} layers",
+                           hint="the adapter was made for a deeper model")
+
+
+def _check_ranks(path: str | Path, adapter: LoraAdapter) -> None:
+    """p2p adapters have one rank; mixed ranks (degenerate pairs among normal ones) are refused."""
+    ranks = {a.shape[0] for a, _ in adapter.tensors.values()}
+    if len(ranks) != 1:
+        raise AdapterError(f"{path}: pairs have different ranks {sorted(ranks)}", hint="regenerate the adapter")
+    if not np.isfinite(adapter.alpha / adapter.rank):
+        raise AdapterError(f"{path}: alpha / rank is not finite", hint="regenerate the adapter")
+
+
 def _open(path: str | Path) -> gguf.GGUFReader:
-    p = Path(path)
-    if not p.is_file():
-        raise AdapterError(f"adapter file not found: {p}")
+    """Open an adapter file and check its layout as llama.cpp's gguf loader would, before any value is read."""
+    p = regular_file(path, "adapter file", MAX_ADAPTER_BYTES, AdapterError)
     try:
         reader = gguf.GGUFReader(str(p), "r")
     except Exception as e:
         raise AdapterError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})",
                            hint="the file is corrupt or truncated; regenerate it") from e
-    # GGUFReader maps lazily: make sure every tensor's bytes are really in the file.
+    _check_keys(p, reader)
+    _check_tensor_layout(p, reader)
+    return reader
+
+
+def _check_keys(p: Path, reader: gguf.GGUFReader) -> None:
+    # gguf.cpp asserts (aborts) on an empty key; llama.cpp reads these KVs with asserting getters:
+    # a wrong type is an abort there, so each must be exactly a scalar of the type it expects.
+    for name in reader.fields:
+        if not name:
+            raise AdapterError(f"{p} has a metadata key with an empty name", hint=_CORRUPT)
+    for key, want in ((KEY_GENERAL_TYPE, gguf.GGUFValueType.STRING), (KEY_ARCH, gguf.GGUFValueType.STRING),
+                      (KEY_ADAPTER_TYPE, gguf.GGUFValueType.STRING), (KEY_LORA_ALPHA, gguf.GGUFValueType.FLOAT32),
+                      (KEY_ALIGNMENT, gguf.GGUFValueType.UINT32)):
+        f = reader.fields.get(key)
+        if f is not None and list(f.types) != [want]:
+            found = "/".join(t.name for t in f.types) or "nothing"
+            raise AdapterError(f"{p}: {key} must be a single {want.name}, found {found}",
+                               hint="llama.cpp aborts on this; re-export the adapter")
+    tokens = reader.fields.get(KEY_ALORA_TOKENS)
+    if tokens is not None and list(tokens.types) != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]:
+        raise AdapterError(f"{p}: {KEY_ALORA_TOKENS} must be an array of UINT32", hint=_CORRUPT)
+
+
+def _check_tensor_layout(p: Path, reader: gguf.GGUFReader) -> None:
+    """Names, dimensions, types, block sizes, alignment and offsets, as gguf.cpp requires them."""
     size = p.stat().st_size
+    align = int(getattr(reader, "alignment", 32) or 32)
+    expected = 0  # gguf.cpp: each tensor starts where the previous one's padded data ends
+    data_start = None
     for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise AdapterError(f"{p} is truncated (tensor {t.name} runs past the end)",
-                               hint="the write was interrupted; regenerate the adapter")
+        if len(t.name.encode("utf-8")) >= GGML_MAX_NAME:
+            raise AdapterError(f"{p}: tensor name {t.name[:40]!r}... is longer than llama.cpp allows", hint=_CORRUPT)
+        if not 1 <= len(t.shape) <= GGML_MAX_DIMS:
+            raise AdapterError(f"{p}: tensor {t.name} has {len(t.shape)} dimensions", hint=_CORRUPT)
         if t.tensor_type not in ACCEPTED_TYPES:
             raise AdapterError(f"{p}: tensor {t.name} has unsupported type {t.tensor_type.name}",
                                hint="use F32, F16, BF16 or Q8_0")
-    return reader
+        block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
+        if int(t.shape[0]) % block:
+            raise AdapterError(f"{p}: tensor {t.name} has rows of {int(t.shape[0])} values, "
+                               f"not a multiple of {t.tensor_type.name}'s block of {block}",
+                               hint="Q8_0 needs the rank and the input width to be multiples of 32")
+        rel = int(t.field.parts[-1][0])  # offset relative to the data section
+        data_start = t.data_offset - rel if data_start is None else data_start
+        if rel != expected or t.data_offset - rel != data_start or t.data_offset % align:
+            raise AdapterError(f"{p}: tensor {t.name} is at offset {rel}, expected {expected} "
+                               f"(alignment {align})", hint=_CORRUPT)
+        if t.data_offset + t.n_bytes > size:
+            raise AdapterError(f"{p} is truncated (tensor {t.name} runs past the end)",
+                               hint="the write was interrupted; regenerate the adapter")
+        expected += -(-int(t.n_bytes) // align) * align
 
 
 def _tensor_values(t: gguf.ReaderTensor) -> np.ndarray:

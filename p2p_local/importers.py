@@ -29,10 +29,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from p2p_local.data.records import movie_genres, movie_item
 from p2p_local.errors import DataError
+from p2p_local.paths import regular_file
 from p2p_local.store import NewItem, Store
+from p2p_local.store.db import MAX_TIME, MIN_TIME
 
-FORMATS = ("auto", "jsonl", "json", "csv", "movielens")
+# Bounds on what a file may hold: past them a hostile or broken file gets a clear error, not a
+# MemoryError, a RecursionError or a field that breaks every later screen.
+MAX_FILE_BYTES = 256 << 20  # 256 MiB: ~2M MovieLens rows; a real history is far smaller
+MAX_LINE_CHARS = 4 << 20  # one JSONL line (one user with all their items)
+MAX_FIELD_CHARS = 100_000  # one input / output / meta value
+MAX_DEPTH = 16  # nesting of JSON containers (meta values)
+MAX_ITEMS = 1_000_000
+
+FORMATS = ("auto", "jsonl", "json", "csv", "movielens", "letterboxd")
 MOVIELENS_TASK = "movielens-rating"
 MOVIELENS_COLUMNS = ("userId", "movieId", "rating")
 
@@ -44,6 +55,7 @@ class ParsedImport:
     user_id: str | None
     task: str | None  # the file's own task (top-level "task", or movielens-rating)
     items: list[NewItem]
+    notes: tuple[str, ...] = ()  # what the summary should say (e.g. titles without genres)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,10 @@ class ImportResult:
     imported: int
     parse_seconds: float
     write_seconds: float
+    duplicates: int = 0  # items the profile already holds: not added again (imports are idempotent)
+    dry_run: bool = False  # nothing was written; `imported` is what a real run would add
+    samples: tuple[dict[str, Any], ...] = ()  # up to SAMPLES of the new items (input, output, time, task)
+    notes: tuple[str, ...] = ()
 
 
 def import_file(
@@ -67,23 +83,82 @@ def import_file(
     user: str | None = None,
     movies: Path | str | None = None,
     task: str | None = None,
+    dry_run: bool = False,
 ) -> ImportResult:
     """Parse `path` and add its items to `profile` in one transaction.
 
     Task of each item: its own (CSV column / item "task" / meta "task"), else `task`, else the
     file's, else the profile's default. A profile without a default task takes the import's.
+    Items the profile already holds are not added again; `dry_run` parses and counts, writes nothing.
     """
-    prof = store.get_profile(profile)  # fail before parsing a big file
+    prof = _import_target(store, profile, dry_run)  # fail before parsing a big file
     t0 = time.perf_counter()
     parsed = read_import(path, fmt, user=user, movies=movies)
-    t1 = time.perf_counter()
+    return add_parsed(store, prof, parsed, task=task, dry_run=dry_run, parse_seconds=time.perf_counter() - t0)
+
+
+def import_git(store: Store, profile: str, repo: Path | str, *, authors: Iterable[str] = (), since: str | None = None,
+               dry_run: bool = False, progress: Any = None) -> ImportResult:
+    """The author's own commits of a local git repository (`p2p_local.gitlog`), as `import_file` adds a file's items."""
+    from p2p_local.gitlog import COMMIT_TASK, git_items
+
+    prof = _import_target(store, profile, dry_run)
+    t0 = time.perf_counter()
+    items, stats, who = git_items(repo, list(authors), since, progress=progress)
+    notes = [f"{stats['commits_read']:,} commits read, {len(items):,} by {' / '.join(who)}"]
+    notes += [f"{stats[k]:,} {k.replace('_', ' ')}" for k in ("merges_skipped", "other_authors_skipped",
+                                                                "empty_subject_skipped") if stats[k]]
+    parsed = ParsedImport(Path(repo), "git", ", ".join(who), COMMIT_TASK, items, tuple(notes))
+    return add_parsed(store, prof, parsed, dry_run=dry_run, parse_seconds=time.perf_counter() - t0)
+
+
+SAMPLES = 3  # items a dry run shows
+
+
+def _import_target(store: Store, profile: str, dry_run: bool) -> Any:
+    """The profile to import into; a dry run may name one that does not exist yet (nothing is written)."""
+    if dry_run and not store.profile_exists(profile):
+        return None
+    return store.get_profile(profile)
+
+
+def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | None = None, dry_run: bool = False,
+               parse_seconds: float = 0.0) -> ImportResult:
+    """Add what a reader parsed to profile `prof` (None: a dry run into a profile not created yet)."""
     default_task = task or parsed.task
-    n = store.add_items(profile, parsed.items, task=default_task)
-    if prof.task is None and default_task and n:
-        store.set_profile_task(profile, default_task)
-    t2 = time.perf_counter()
-    return ImportResult(profile, str(path), parsed.format, parsed.user_id, default_task or prof.task, n,
-                        round(t1 - t0, 4), round(t2 - t1, 4))
+    prof_task = prof.task if prof is not None else None
+    check_answers(parsed.items, default_task or prof_task)
+    new, dups = _new_items(store, prof, parsed.items, default_task or prof_task)
+    t1 = time.perf_counter()
+    if dry_run:
+        n = len(new)
+    else:
+        n = store.add_items(prof.name, new, task=default_task)
+        if prof.task is None and default_task and n:
+            store.set_profile_task(prof.name, default_task)
+    samples = tuple({"input": it.input, "output": it.output, "time": it.time, "task": it.task or default_task or prof_task}
+                    for it in new[:SAMPLES])
+    return ImportResult(prof.name if prof is not None else "", str(parsed.path), parsed.format, parsed.user_id,
+                        default_task or prof_task, n, round(parse_seconds, 4), round(time.perf_counter() - t1, 4),
+                        duplicates=dups, dry_run=dry_run, samples=samples, notes=parsed.notes)
+
+
+def _new_items(store: Store, prof: Any, items: list[NewItem], default_task: str | None) -> tuple[list[NewItem], int]:
+    """Items the profile does not hold yet, by (task, input, output, time): importing a file twice adds nothing.
+    A multiset: a file that holds an item twice adds it twice the first time, and never again."""
+    from collections import Counter
+
+    if prof is None or not items:
+        return list(items), 0
+    held = Counter((i.task, i.input, i.output, i.time) for i in store.items(prof.name))
+    new: list[NewItem] = []
+    for it in items:
+        key = (it.task or default_task, it.input, it.output, it.time)
+        if held[key] > 0:
+            held[key] -= 1
+        else:
+            new.append(it)
+    return new, len(items) - len(new)
 
 
 def read_import(
@@ -94,15 +169,52 @@ def read_import(
     if fmt not in FORMATS:
         raise DataError(f"unknown import format {fmt!r}", hint=f"one of {', '.join(FORMATS)}")
     text = _read_text(path)
-    if fmt == "auto":
-        fmt = detect_format(path, text)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text, user)
-    if fmt == "json":
-        return _read_json(path, text, user)
-    if fmt == "csv":
-        return _read_csv(path, text, user)
-    return _read_movielens(path, text, user, Path(movies) if movies else path.parent / "movies.csv")
+    try:
+        if fmt == "auto":
+            fmt = detect_format(path, text)
+        if fmt == "jsonl":
+            return _read_jsonl(path, text, user)
+        if fmt == "json":
+            return _read_json(path, text, user)
+        if fmt == "csv":
+            return _read_csv(path, text, user)
+        if fmt == "letterboxd":
+            return _read_letterboxd(path, text, Path(movies) if movies else None)
+        return _read_movielens(path, text, user, Path(movies) if movies else path.parent / "movies.csv")
+    except csv.Error as e:  # MovieLens files and format detection read CSV too
+        raise DataError(f"{path}: unreadable CSV ({e})", hint="check the file is the CSV it claims to be") from None
+
+
+def check_answers(items: Iterable[NewItem], default_task: str | None) -> None:
+    """Refuse, at import as at `profile add`, answers outside a rating/label task's labels."""
+    allowed: dict[str | None, list[str] | None] = {}
+    for n, it in enumerate(items, 1):
+        task = it.task or default_task
+        if task not in allowed:
+            allowed[task] = answer_labels(task)
+        labels = allowed[task]
+        if labels is not None and it.output.strip() not in labels:
+            raise DataError(f"{it.where or f'item {n}'}: {task} answers are one of {', '.join(labels)}, "
+                            f"got {_brief(it.output)}", hint=f"e.g. {labels[-1]}")
+
+
+def check_label(task: str | None, output: str) -> None:
+    """One answer, as `check_answers` checks each imported one (for `profile add` / `edit`)."""
+    labels = answer_labels(task)
+    if labels is not None and output.strip() not in labels:
+        raise DataError(f"{task} answers are one of {', '.join(labels)}, got {_brief(output)}",
+                        hint=f"e.g. --output {labels[-1]}")
+
+
+def answer_labels(task: str | None) -> list[str] | None:
+    """The answers a rating/label task card allows (e.g. "1".."5"); None for free text or an unknown task.
+    Why: the profile builder skips any other output, and a value out of range poisons features."""
+    from p2p_local.data.format import builtin_card, builtin_cards  # late: cards are read on use
+
+    if task is None or task not in builtin_cards():
+        return None
+    card = builtin_card(task)
+    return None if card.kind == "generation" else list(card.labels)
 
 
 def detect_format(path: Path, text: str | None = None) -> str:
@@ -119,6 +231,8 @@ def detect_format(path: Path, text: str | None = None) -> str:
             return "movielens"
         if "input" in header and "output" in header:
             return "csv"
+        if all(c in header for c in LETTERBOXD_COLUMNS):
+            return "letterboxd"
         if text.lstrip().startswith(("{", "[")):
             return "jsonl" if text.lstrip().startswith("{") and "\n{" in text.strip() else "json"
         raise DataError(
@@ -135,10 +249,10 @@ def _read_jsonl(path: Path, text: str, user: str | None) -> ParsedImport:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{path}:{lineno}: line of {len(line):,} characters, at most {MAX_LINE_CHARS:,}",
+                            hint="one user (or item) per line; split very large users into several files")
+        obj = _loads(path, line, lineno)
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         (users if "items" in obj else loose).append((lineno, obj))
@@ -149,23 +263,20 @@ def _read_jsonl(path: Path, text: str, user: str | None) -> ParsedImport:
         return ParsedImport(path, "jsonl", None, None, _by_time(_jsonl_item(path, ln, obj) for ln, obj in loose))
     lineno, rec = _pick_user(path, users, user)
     try:
-        return _user_import(path, "jsonl", rec)
+        return _user_import(path, "jsonl", rec, where=f"{path}:{lineno}")
     except _At as e:
         raise DataError(f"{path}:{lineno}: {_describe(e.at)}{e.msg}", hint=e.hint) from None
 
 
 def _jsonl_item(path: Path, lineno: int, obj: dict) -> NewItem:
     try:
-        return _item(obj)
+        return _item(obj, where=f"{path}:{lineno}")
     except _At as e:
         raise DataError(f"{path}:{lineno}: {e.msg}", hint=e.hint) from None
 
 
 def _read_json(path: Path, text: str, user: str | None) -> ParsedImport:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+    doc = _loads(path, text, None)
     single = isinstance(doc, dict)
     try:
         if not isinstance(doc, dict | list):
@@ -173,7 +284,10 @@ def _read_json(path: Path, text: str, user: str | None) -> ParsedImport:
         if single:
             return _user_import(path, "json", doc)
         if doc and all(isinstance(x, dict) and "items" not in x for x in doc):  # a plain list of items
-            return ParsedImport(path, "json", None, None, _by_time(_item(it, (i,)) for i, it in enumerate(doc)))
+            if len(doc) > MAX_ITEMS:
+                raise _At((), f"{len(doc):,} items, at most {MAX_ITEMS:,} per import")
+            return ParsedImport(path, "json", None, None,
+                                _by_time(_item(it, (i,), where=f"{path}: item {i}") for i, it in enumerate(doc)))
         for i, x in enumerate(doc):
             if not isinstance(x, dict):
                 raise _At((i,), f"expected a user object, got {type(x).__name__}")
@@ -183,7 +297,21 @@ def _read_json(path: Path, text: str, user: str | None) -> ParsedImport:
         raise DataError(f"{path}:{_json_line(text, e.at)}: {_describe(e.at)}{e.msg}", hint=e.hint) from None
 
 
-def _user_import(path: Path, fmt: str, rec: dict, at: tuple = ()) -> ParsedImport:
+def _loads(path: Path, text: str, lineno: int | None) -> Any:
+    """json.loads with every failure as a DataError at file:line: syntax, nesting past Python's
+    recursion limit, integers past its 4300-digit conversion limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno or 1}: JSON nested too deeply",
+                        hint=f"items and their meta are at most {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{path}:{lineno or 1}: unusable JSON value ({e})") from None
+
+
+def _user_import(path: Path, fmt: str, rec: dict, at: tuple = (), where: str = "") -> ParsedImport:
     """One user record {"user_id", "task"?, "items"} -> ParsedImport (errors: _At with a path)."""
     items = rec.get("items")
     if not isinstance(items, list):
@@ -191,12 +319,14 @@ def _user_import(path: Path, fmt: str, rec: dict, at: tuple = ()) -> ParsedImpor
     task = rec.get("task")
     if task is not None and not (isinstance(task, str) and task.strip()):
         raise _At(at, f'"task" must be a non-empty string, got {task!r}')
-    parsed = [_item(it, at + ("items", i)) for i, it in enumerate(items)]
+    if len(items) > MAX_ITEMS:
+        raise _At(at, f"{len(items):,} items, at most {MAX_ITEMS:,} per import")
+    parsed = [_item(it, at + ("items", i), where=f"{where or path}: item {i}") for i, it in enumerate(items)]
     uid = rec.get("user_id")
     return ParsedImport(path, fmt, None if uid is None else str(uid), task, _by_time(parsed))
 
 
-def _item(obj: Any, at: tuple = ()) -> NewItem:
+def _item(obj: Any, at: tuple = (), where: str = "") -> NewItem:
     """Check one generic item; a problem raises _At(at, ...) for the caller to turn into file:line."""
     if not isinstance(obj, dict):
         raise _At(at, f"an item must be an object with input and output, got {type(obj).__name__}")
@@ -204,39 +334,100 @@ def _item(obj: Any, at: tuple = ()) -> NewItem:
     for key in ("input", "output"):
         v = obj.get(key)
         if isinstance(v, int | float) and not isinstance(v, bool):
+            if not _sane_number(v):
+                raise _At(at, f"item {key!r} is not a usable number: {_brief(v)}")
             v = _num_text(v)  # "output": 4 reads as "4"
         if not isinstance(v, str) or not v.strip():
-            raise _At(at, f"item {key!r} must be a non-empty string, got {v!r}",
+            raise _At(at, f"item {key!r} must be a non-empty string, got {_brief(v)}",
                       hint='items look like {"input": "...", "output": "...", "time": 1700000000}')
-        fields[key] = v
+        fields[key] = _check_field(at, key, v)
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise _At(at, f"item 'meta' must be an object, got {type(meta).__name__}")
+    _check_meta(at, meta)
     meta = dict(meta)
     meta_task = meta.pop("task", None)  # export_profile keeps a non-default task in meta
     task = obj.get("task", meta_task)
-    if task is not None and not (isinstance(task, str) and task.strip()):
-        raise _At(at, f"item 'task' must be a non-empty string, got {task!r}")
+    if task is not None and not (isinstance(task, str) and task.strip() and len(task) <= 64):
+        raise _At(at, f"item 'task' must be a non-empty name, got {_brief(task)}")
     try:
         t = parse_time(obj.get("time"))
     except ValueError as e:
         raise _At(at, str(e)) from None
-    return NewItem(fields["input"], fields["output"], t, meta, task)
+    return NewItem(fields["input"], fields["output"], t, meta, task, where)
+
+
+def _check_field(at: tuple, key: str, v: str) -> str:
+    if len(v) > MAX_FIELD_CHARS:
+        raise _At(at, f"item {key!r} has {len(v):,} characters, at most {MAX_FIELD_CHARS:,}",
+                  hint="shorten it; a profile item is one example, not a document")
+    if "\x00" in v:  # C code (SQLite's and the tokenizer's C strings) would cut the text there
+        raise _At(at, f"item {key!r} holds a NUL character", hint="remove it; the file may be binary")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800 in JSON): not text SQLite or the tokenizer can take
+        raise _At(at, f"item {key!r} holds an invalid character (a lone UTF-16 surrogate)",
+                  hint="fix the file's encoding") from None
+    return v
+
+
+def _check_meta(at: tuple, meta: dict) -> None:
+    """Meta: at most MAX_DEPTH levels, bounded strings, finite numbers, valid text. Iterative: no recursion."""
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    size = 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _At(at, f"item 'meta' is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((k, depth + 1) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            size += len(node)
+            _check_field(at, "meta", node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise _At(at, "item 'meta' holds a non-finite number")
+        elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > 2**63:
+            raise _At(at, "item 'meta' holds an integer too large to store")
+        if size > MAX_FIELD_CHARS:
+            raise _At(at, f"item 'meta' holds more than {MAX_FIELD_CHARS:,} characters of text")
+
+
+def _brief(v: Any) -> str:
+    """A value for an error message: repr, cut short (a 100 MB field must not fill the terminal)."""
+    big = isinstance(v, int) and v.bit_length() > 100  # str() of a 5000-digit int raises ValueError
+    text = f"an integer of about {int(v.bit_length() * 0.30103)} digits" if big else repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --- CSV -----------------------------------------------------------------------------------------
 def _read_csv(path: Path, text: str, user: str | None) -> ParsedImport:
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return _csv_rows(path, reader, user)
+    except csv.Error as e:  # a NUL byte, a field past csv's limit, an unterminated quote
+        # line_num counts the lines read before the failing record: the problem is on the next one.
+        raise DataError(f"{path}:{reader.line_num + 1}: unreadable CSV ({e})",
+                        hint=f"fields hold at most {MAX_FIELD_CHARS:,} characters; quote fields with commas") from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader, user: str | None) -> ParsedImport:
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
     missing = [c for c in ("input", "output") if c not in header]
     if missing:
-        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'})",
+        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (found {_brief(', '.join(header))})",
                         hint="the header must name at least input,output (optionally time,task,user_id)")
     extra = [h for h in header if h not in ("input", "output", "time", "task", "user_id") and h]
     by_user: dict[str, list[NewItem]] = {}
+    n = 0
     for row in reader:
         where = f"{path}:{reader.line_num}"
+        n += 1
+        if n > MAX_ITEMS:
+            raise DataError(f"{where}: more than {MAX_ITEMS:,} rows", hint="split the file")
         if None in row:
             raise DataError(f"{where}: more fields than the header has columns", hint="quote fields that contain commas")
         if any(v is None for v in row.values()):
@@ -246,7 +437,7 @@ def _read_csv(path: Path, text: str, user: str | None) -> ParsedImport:
         if row.get("task"):
             rec["task"] = row["task"]
         try:
-            item = _item(rec)
+            item = _item(rec, where=where)
         except _At as e:
             raise DataError(f"{where}: {e.msg}", hint=e.hint) from None
         by_user.setdefault(row.get("user_id") or "", []).append(item)
@@ -282,13 +473,13 @@ def _read_movielens(path: Path, text: str, user: str | None, movies_path: Path) 
         if movie_id not in movies:
             raise DataError(f"{where}: movie {movie_id} is not in {movies_path}",
                             hint="pass the movies.csv that belongs to these ratings with --movies")
-        items.append(NewItem(movies[movie_id], str(rating_to_stars(rating)), when,
-                             {"movie_id": movie_id, "rating": rating}))
+        text, meta = movie_item(*movies[movie_id], movie_id)  # the converter's rule: same text, same meta
+        items.append(NewItem(text, str(rating_to_stars(rating)), when, meta))
     return ParsedImport(path, "movielens", uid, MOVIELENS_TASK, _by_time(items))
 
 
-def read_movies(path: Path) -> dict[int, str]:
-    """movies.csv -> {movieId: "Title (Year) | Genres: A|B"}."""
+def read_movies(path: Path) -> dict[int, tuple[str, list[str]]]:
+    """movies.csv -> {movieId: (title, genres)}."""
     text = _read_text(path, hint="MovieLens ratings need their movies.csv: put it beside the ratings or pass --movies")
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [h.strip() for h in next(reader, [])]
@@ -301,14 +492,10 @@ def read_movies(path: Path) -> dict[int, str]:
         if not row:
             continue
         try:
-            out[int(row[i_id])] = movie_text(row[i_title], row[i_genres])
+            out[int(row[i_id])] = (row[i_title], movie_genres(row[i_genres]))
         except (ValueError, IndexError):
             raise DataError(f"{path}:{reader.line_num}: bad movie row {row}") from None
     return out
-
-
-def movie_text(title: str, genres: str) -> str:
-    return f"{title.strip()} | Genres: {genres.strip()}"
 
 
 def rating_to_stars(rating: float) -> int:
@@ -316,28 +503,161 @@ def rating_to_stars(rating: float) -> int:
     return min(5, max(1, math.ceil(rating)))
 
 
+# --- Letterboxd ----------------------------------------------------------------------------------
+LETTERBOXD_COLUMNS = ("Name", "Year", "Rating")
+_ARTICLES = ("the", "a", "an", "les", "le", "la", "l'", "die", "der", "das", "el", "il", "los", "las")
+
+
+def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedImport:
+    """A Letterboxd export (`ratings.csv`/`diary.csv`: Date, Name, Year, [Letterboxd URI,] Rating in half
+    stars). A title found in MovieLens' movies.csv (`movies`, or one beside the file) gets its MovieLens
+    title and genres, so the item is the one the model was trained on; others get no genres."""
+    if movies_path is None and (path.parent / "movies.csv").is_file():
+        movies_path = path.parent / "movies.csv"
+    catalogue = title_index(read_movies(movies_path)) if movies_path else {}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    if not all(c in header for c in LETTERBOXD_COLUMNS):
+        raise DataError(f"{path}:1: not a Letterboxd export (header {header[:6]})",
+                        hint="expected columns Date,Name,Year,Rating (Letterboxd: Settings > Import & Export)")
+    when_col = "Watched Date" if "Watched Date" in header else ("Date" if "Date" in header else None)
+    items, unrated, unmatched = [], 0, 0
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if len(items) >= MAX_ITEMS:
+            raise DataError(f"{where}: more than {MAX_ITEMS:,} rows", hint="split the file")
+        name, year, rating = ((row.get(c) or "").strip() for c in LETTERBOXD_COLUMNS)
+        if not name:
+            raise DataError(f"{where}: a row without a Name")
+        if len(name) > MAX_FIELD_CHARS:
+            raise DataError(f"{where}: a Name of {len(name):,} characters, at most {MAX_FIELD_CHARS:,}")
+        if not rating:
+            unrated += 1  # watched, not rated: nothing to learn a rating from
+            continue
+        try:
+            stars = float(rating)
+        except ValueError:
+            raise DataError(f"{where}: rating {_brief(rating)} is not a number", hint="Letterboxd ratings are 0.5..5") from None
+        if not 0 < stars <= 5:
+            raise DataError(f"{where}: rating {stars} is outside 0.5..5")
+        if year and not year.isdigit():
+            raise DataError(f"{where}: year {_brief(year)} is not a number")
+        try:
+            when = parse_time(row.get(when_col)) if when_col else None
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        match = match_title(catalogue, name, year)
+        if match is None:
+            unmatched += 1
+            title, genres, item_id = f"{name} ({year})" if year else name, [], (row.get("Letterboxd URI") or "").strip()
+        else:
+            item_id, (title, genres) = match
+        text_, meta = movie_item(title, genres, item_id or f"{name} ({year})")
+        items.append(NewItem(text_, str(rating_to_stars(stars)), when, meta, where=where))
+    notes = []
+    if catalogue:
+        notes.append(f"{len(items) - unmatched:,} titles matched in {movies_path} (MovieLens genres), "
+                     f"{unmatched:,} without a match: no genres")
+    else:
+        notes.append(f"{unmatched:,} titles without genres (pass --movies movies.csv to add MovieLens genres)")
+    if unrated:
+        notes.append(f"{unrated:,} watched but unrated entries skipped")
+    return ParsedImport(path, "letterboxd", None, MOVIELENS_TASK, _by_time(items), tuple(notes))
+
+
+def normal_title(title: str) -> str:
+    """A title for matching: case, accents' absence, punctuation and a leading or trailing article ignored
+    ("The American President" and MovieLens' "American President, The" are one key)."""
+    t = " ".join("".join(ch if ch.isalnum() or ch == "'" else " " for ch in title.casefold()).split())
+    words = t.split(" ")
+    if len(words) > 1 and words[-1] in _ARTICLES:
+        words = words[:-1]
+    elif len(words) > 1 and words[0] in _ARTICLES:
+        words = words[1:]
+    return " ".join(words).replace("'", "")
+
+
+def split_movielens_title(title: str) -> tuple[list[str], str]:
+    """"City of Lost Children, The (Cité des enfants perdus, La) (1995)" -> (its names, "1995")."""
+    t = title.strip()
+    year = ""
+    if t.endswith(")") and t[-6:-5] == "(" and t[-5:-1].isdigit():
+        t, year = t[:-6].strip(), t[-5:-1]
+    names = [t]
+    if t.endswith(")") and "(" in t:  # an alternative (original-language or a.k.a.) title
+        at = t.rfind("(")
+        names = [t[:at].strip(), t[at + 1:-1].removeprefix("a.k.a. ").strip()]
+    return [n for n in names if n], year
+
+
+def title_index(movies: dict[int, tuple[str, list[str]]]) -> dict[str, list[tuple[str, int, str, list[str]]]]:
+    """normal_title -> [(year, movieId, MovieLens title, genres)] for `match_title`."""
+    index: dict[str, list[tuple[str, int, str, list[str]]]] = {}
+    for movie_id, (title, genres) in movies.items():
+        names, year = split_movielens_title(title)
+        for n in names:
+            index.setdefault(normal_title(n), []).append((year, movie_id, title, genres))
+    return index
+
+
+def match_title(index: dict, name: str, year: str = "") -> tuple[int, tuple[str, list[str]]] | None:
+    """The MovieLens movie of `name` (and `year`, when given: one year off is allowed, release dates differ)."""
+    found = index.get(normal_title(name), [])
+    if year:
+        exact = [f for f in found if f[0] == year]
+        found = exact or [f for f in found if f[0].isdigit() and abs(int(f[0]) - int(year)) <= 1]
+    if len(found) != 1:
+        return None
+    _, movie_id, title, genres = found[0]
+    return movie_id, (title, genres)
+
+
 # --- shared helpers ------------------------------------------------------------------------------
 def parse_time(value: Any) -> float | None:
-    """Unix seconds from a number, a numeric string or ISO 8601 text; None/"" -> None."""
+    """Unix seconds from a number, a numeric string or ISO 8601 text; None/"" -> None.
+
+    Between 1900 and 2100: a time outside them is a unit mix-up (milliseconds) or poison (`inf`,
+    `1e300`) that `time.localtime` and every later screen would choke on.
+    """
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise ValueError(f"bad time {value!r}")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError(f"bad time {value!r}")
-        return float(value)
+        return _time_in_range(value)
     if isinstance(value, str):
         s = value.strip()
+        if len(s) > 64:
+            raise ValueError(f"bad time {s[:20]!r}...: too long for a time")
         try:
-            return float(s)
-        except ValueError:
-            pass
+            return _time_in_range(float(s))
+        except ValueError as e:
+            if "outside" in str(e):
+                raise
         try:
-            return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()  # naive: local time
-        except ValueError:
-            pass
-    raise ValueError(f"bad time {value!r}: use unix seconds or ISO 8601 (2024-05-01T12:00:00)")
+            return _time_in_range(datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp())  # naive: local
+        except (ValueError, OverflowError, OSError) as e:
+            if "outside" in str(e):
+                raise
+    raise ValueError(f"bad time {_brief(value)}: use unix seconds or ISO 8601 (2024-05-01T12:00:00)")
+
+
+def _time_in_range(value: float) -> float:
+    try:
+        t = float(value)
+    except OverflowError:
+        t = math.inf
+    if not (math.isfinite(t) and MIN_TIME <= t <= MAX_TIME):
+        raise ValueError(f"time {_brief(value)} is outside 1900..2100 (unix seconds)")
+    return t
+
+
+def _sane_number(v: int | float) -> bool:
+    """A number that reads back as itself as text: finite, and an int of at most 64 bits."""
+    if isinstance(v, int):
+        return v.bit_length() <= 64
+    return math.isfinite(v)
 
 
 class _At(Exception):
@@ -365,7 +685,10 @@ def _json_line(text: str, at: tuple) -> int:
     dec.parse_object = track(json.decoder.JSONObject)
     dec.parse_array = track(dec.parse_array)
     dec.scan_once = json.scanner.py_make_scanner(dec)  # the C scanner ignores the hooks
-    node = dec.decode(text)
+    try:
+        node = dec.decode(text)
+    except (RecursionError, ValueError):  # the pure-Python scanner recurses deeper than the C one
+        return 1
     offset = starts.get(id(node), 0)
     for key in at:
         try:
@@ -412,12 +735,20 @@ def _num_text(v: float) -> str:
 
 
 def _read_text(path: Path, hint: str | None = None) -> str:
+    """A regular file of bounded size, as UTF-8 text (no FIFOs, devices or directories: they hang or never end)."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file", hint=hint)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file", hint=hint) from None
+        regular_file(path, "import file", MAX_FILE_BYTES, DataError)
+    except DataError as e:
+        raise DataError(str(e.args[0]), hint=hint or e.hint) from None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while we read
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}", hint=hint) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes", hint="split it into smaller files")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

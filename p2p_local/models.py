@@ -7,9 +7,12 @@ bundle trained for that base then personalizes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,8 +20,11 @@ from pathlib import Path
 
 import gguf
 
-from p2p_local.errors import ModelError
-from p2p_local.paths import models_dir
+from p2p_local.errors import ModelError, P2PError, UsageError
+from p2p_local.files import atomic_open, atomic_write, sha256_file
+from p2p_local.paths import models_dir, regular_file
+
+MAX_MODEL_BYTES = 64 << 30  # a base the app can run on a laptop is far smaller
 
 Progress = Callable[[str], None]
 
@@ -52,11 +58,46 @@ _VERIFIED_SUFFIX = ".verified.json"  # cached hash check: (size, mtime) -> sha25
 def known_models() -> dict[str, ModelSpec]:
     """Built-in bases plus the ones the user added."""
     specs = dict(BUILTIN)
-    reg = models_dir() / _REGISTRY_FILE
-    if reg.is_file():
-        for entry in json.loads(reg.read_text()):
+    for entry in _registry():
+        if entry["name"] not in BUILTIN:  # a registry entry never shadows a built-in model
             specs[entry["name"]] = ModelSpec(**entry)
     return specs
+
+
+def _registry() -> list[dict]:
+    """The user-added bases, checked: a damaged registry is a clear error, not a traceback."""
+    reg = models_dir() / _REGISTRY_FILE
+    if not reg.is_file():
+        return []
+    try:
+        entries = json.loads(reg.read_text(encoding="utf-8"))
+        fields = set(ModelSpec.__dataclass_fields__)
+        ok = isinstance(entries, list) and all(
+            isinstance(e, dict) and {"name", "filename", "sha256", "arch", "size"} <= set(e) <= fields
+            and isinstance(e["name"], str) and isinstance(e["size"], int) and _NAME.fullmatch(e["name"])
+            and e["filename"] == f"{e['name']}.gguf" for e in entries)
+    except (OSError, ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise ModelError(f"the model registry {reg} is damaged",
+                         hint="move it aside and add your models again with `p2p models add FILE --name N`")
+    return entries
+
+
+# A model name is a name, never a path: no slashes, no dots first (".."), at most 64 characters.
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
+
+
+def check_model_name(name: str, replace: bool = False) -> str:
+    """`--name` of `models add`: a plain name that does not take over a built-in or prepared model."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UsageError(f"invalid model name {name!r}",
+                         hint="1-64 letters, digits or . _ + - (starting with a letter or digit), e.g. qwen-0.5b")
+    if name in BUILTIN or any(f"{name}.gguf" == s.filename for s in BUILTIN.values()):
+        raise UsageError(f"{name!r} is a built-in model", hint="pick another name")
+    if not replace and (name in known_models() or (models_dir() / f"{name}.gguf").exists()):
+        raise UsageError(f"a model named {name!r} already exists", hint="pick another name, or pass --replace")
+    return name
 
 
 def get_spec(name: str | None = None) -> ModelSpec:
@@ -69,14 +110,6 @@ def get_spec(name: str | None = None) -> ModelSpec:
 
 def model_path(spec: ModelSpec) -> Path:
     return models_dir() / spec.filename
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_arch(path: Path) -> str:
@@ -115,7 +148,10 @@ def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> Non
     arch = read_arch(path)
     if arch != spec.arch:
         raise ModelError(f"{path} is a {arch!r} model, expected {spec.arch!r}", hint="register it under its own name")
-    stamp.write_text(json.dumps(key))
+    try:
+        atomic_write(stamp, json.dumps(key))
+    except P2PError:
+        pass  # a read-only models dir: verified again next time
 
 
 def prepare_base(spec: ModelSpec = DEFAULT_BASE, progress: Progress | None = None) -> Path:
@@ -149,26 +185,68 @@ def _assemble(spec: ModelSpec, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def add_model(file: Path, name: str, progress: Progress | None = None) -> ModelSpec:
-    """Register another llama.cpp GGUF base (copied into the data dir, hash and arch recorded)."""
-    file = Path(file)
+def add_model(file: Path, name: str, progress: Progress | None = None, *, replace: bool = False) -> ModelSpec:
+    """Register another llama.cpp GGUF base (copied into the data dir, hash and arch recorded).
+
+    The file is loaded once by llama.cpp in a child process first: llama.cpp aborts the whole process
+    on hyperparameters it asserts on, and here that is a clear error, not a silent death later.
+    """
+    name = check_model_name(name, replace=replace)
+    file = regular_file(file, "model file", MAX_MODEL_BYTES, ModelError)
     arch = read_arch(file)
+    if progress:
+        progress(f"loading {file.name} once with llama.cpp in a child process")
+    check_loads(file)
     digest = sha256_file(file)
     spec = ModelSpec(name=name, filename=f"{name}.gguf", sha256=digest, arch=arch, size=file.stat().st_size,
                      description=f"added from {file.name} on {time.strftime('%Y-%m-%d')}")
     dest = model_path(spec)
     if dest.resolve() != file.resolve():
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        with open(file, "rb") as src, open(tmp, "wb") as out:
+        with open(file, "rb") as src, atomic_open(dest) as out:
             for block in iter(lambda: src.read(1 << 20), b""):
                 out.write(block)
-        os.replace(tmp, dest)
     reg = models_dir() / _REGISTRY_FILE
-    entries = [e for e in (json.loads(reg.read_text()) if reg.is_file() else []) if e["name"] != name]
+    entries = [e for e in _registry() if e["name"] != name]
     entries.append(asdict(spec))
-    reg.write_text(json.dumps(entries, indent=2))
+    atomic_write(reg, json.dumps(entries, indent=2))
     verify(dest, spec)
     return spec
+
+
+_LOAD_CHECK = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=1, n_gpu_layers=0, verbose=True)  # its errors, for us
+llm.eval(llm.tokenize(b"Hello"))
+"""
+
+
+def check_loads(path: Path, timeout: float = 300.0) -> None:
+    """Load `path` with llama.cpp and decode a token, in a child process: an abort there is an error here."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path)], capture_output=True, text=True,
+                              errors="replace", timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"llama.cpp did not finish loading {path.name} within {timeout:.0f} s",
+                         hint="the file may be damaged or far too large; it was not registered") from None
+    if proc.returncode == 0:
+        return
+    why = _llama_error_line(proc.stderr)
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise ModelError(f"llama.cpp crashed ({sig}) loading {path.name}: {why}",
+                         hint="its hyperparameters or tensors are not what its architecture needs; it was not registered")
+    raise ModelError(f"llama.cpp cannot load {path.name}: {why}",
+                     hint="use a GGUF base of an architecture this llama.cpp supports; it was not registered")
+
+
+def _llama_error_line(stderr: str) -> str:
+    """The most telling line of llama.cpp's output: an assert, else an error, else the last one."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for key in ("GGML_ASSERT", "error", "Error", "failed"):
+        for ln in lines:
+            if key in ln:
+                return ln[-300:]
+    return lines[-1][-300:] if lines else "no message"
 
 
 def status(spec: ModelSpec) -> str:

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import platformdirs
+
+from p2p_local.errors import P2PError
 
 APP_NAME = "p2p-local"
 
@@ -19,7 +22,7 @@ def data_dir() -> Path:
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o700)  # profiles are private: only the user reads them
+    _private(root)  # profiles are private: only the user reads them, whatever mode the dir had
     return root
 
 
@@ -58,4 +61,41 @@ def _sub(name: str, env: str | None = None) -> Path:
     override = os.environ.get(env) if env else None
     p = Path(override).expanduser() if override else data_dir() / name
     p.mkdir(parents=True, exist_ok=True)
+    if not override:
+        _private(p)  # an override (a shared models dir) is the user's to set up
+    return p
+
+
+def _private(d: Path) -> None:
+    """0700 for a folder we own (also one that existed with 0755); a read-only one is left as it is."""
+    try:
+        if d.stat().st_mode & 0o077:
+            d.chmod(0o700)
+    except OSError:
+        pass  # not ours to change (read-only mount, another owner): reading still works
+
+
+def regular_file(path: str | Path, what: str, max_bytes: int, error: type[P2PError]) -> Path:
+    """`path` if it is a readable regular file of at most `max_bytes`, else `error` saying which.
+
+    Why: reading a FIFO blocks forever, `/dev/zero` never ends, and a directory fails deep inside a
+    parser. One check before any open, for every file the user hands us.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()  # follows symlinks: a link to a regular file is fine
+    except FileNotFoundError:
+        raise error(f"{what} not found: {p}", hint="check the path") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror or e}", hint="check the path and its permissions") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {p} is a directory, not a file", hint="give the path of a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {p} is not a regular file (a pipe, socket or device)",
+                    hint="save it to a file first and pass that file")
+    if st.st_size > max_bytes:
+        raise error(f"{what} {p} is too large ({st.st_size:,} bytes, at most {max_bytes:,})",
+                    hint="split it into smaller files")
+    if not os.access(p, os.R_OK):
+        raise error(f"cannot read {what} {p}: permission denied", hint="check its permissions")
     return p

@@ -28,6 +28,9 @@ from p2p_local.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"  # the model card (Hugging Face convention)
+# What the hypernetwork was trained against: the GGUF's weights, de-quantized (said in the card and the metadata).
+TRAINED_ON = "the de-quantized Q4_K_M GGUF weights of the base (valid for them; untested on full precision)"
 # PEFT saves LoRA weights under the PeftModel's path to the module with the adapter name dropped:
 # PeftModel.base_model (LoraModel) .model (Gemma3ForCausalLM) .model.layers... (checked in tests).
 PEFT_KEY_PREFIX = "base_model.model."
@@ -139,19 +142,20 @@ def export_peft(
     base_model_name: str = "google/gemma-3-270m",
     *,
     dtype: str = "f32",
+    card: str | None = None,
 ) -> Path:
     """Write `adapter` (in memory, or a GGUF adapter file) as a PEFT folder at `out_dir`, atomically.
 
     The folder is built beside `out_dir` and renamed into place, so readers never see half of one;
     an existing `out_dir` is replaced only if it is empty or an earlier PEFT export (never a folder
-    holding anything else: that would delete the user's files).
+    holding anything else: that would delete the user's files). `card`: a model card, written as README.md.
     """
     if not isinstance(adapter, LoraAdapter):
         adapter = read_adapter(adapter)
     if dtype not in ("f32", "f16"):
         raise AdapterError(f"unsupported PEFT dtype {dtype!r}", hint="use f32 or f16")
     out_dir = Path(out_dir).resolve()  # "." has no name to build the temp folder from
-    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
+    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}):
         raise AdapterError(f"{out_dir} exists and is not a PEFT export: it would be replaced",
                            hint="pass a new folder, e.g. --peft-out alice-peft/")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,9 @@ def export_peft(
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # PEFT/transformers expect "pt"
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "p2p.trained_on": TRAINED_ON})  # "pt": PEFT
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
             os.replace(out_dir, old)

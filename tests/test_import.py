@@ -46,15 +46,18 @@ def test_movielens_real_user_import(store: Store, shared_data: Path):
     assert [i.time for i in items] == sorted(i.time for i in items)
 
     expected = {int(r["movieId"]): str(math.ceil(float(r["rating"]))) for r in rows}
-    assert {i.meta["movie_id"]: i.output for i in items} == expected
+    assert {i.meta["item_id"]: i.output for i in items} == expected
     assert all(i.output in {"1", "2", "3", "4", "5"} for i in items)
 
-    with (shared_data / "movielens-latest-small" / "movies.csv").open(newline="") as f:
-        movies = {int(r["movieId"]): r for r in csv.DictReader(f)}
-    one = items[0]
-    m = movies[one.meta["movie_id"]]
-    assert one.input == f"{m['title']} | Genres: {m['genres']}"
-    assert " | Genres: " in one.input and "(" in one.input  # "Title (Year) | Genres: A|B"
+    # The item is the converter's item (the training data's): same text, same metadata (genres).
+    from p2p_lab.data.converters import convert
+
+    converted = next(u for u in convert("movielens-rating").users if u.user_id == user)
+    by_id = {it.meta["item_id"]: it for it in converted.items}
+    for it in items:
+        assert (it.input, it.meta) == (by_id[it.meta["item_id"]].input, by_id[it.meta["item_id"]].meta)
+    assert " | Genres: " in items[0].input and "(" in items[0].input  # "Title (Year) | Genres: A|B"
+    assert items[0].meta["genres"]
 
 
 def test_movielens_needs_user_and_movies(tmp_path: Path, shared_data: Path):

@@ -1,4 +1,9 @@
-"""`p2p ask "..."`: one answer, streamed to stdout, personalized by a profile's adapter."""
+"""`p2p ask "..."`: one answer, streamed to stdout, personalized by a profile's adapter.
+
+The query may come from standard input (`-`, or nothing given while stdin is a pipe):
+`git diff --cached | p2p ask - --task pytest-commit-subject --profile me`. For the commit-subject task a
+diff is read as the task reads a commit: its changed files (and no body yet), the training items' format.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ask", help="answer one prompt (streams), personalized with a profile",
         epilog="examples:\n  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --task movielens-rating\n"
                "  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --base     # no adapter\n"
-               "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task pytest-commit-subject --json",
+               "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task pytest-commit-subject --json\n"
+               "  git diff --cached | p2p ask - --task pytest-commit-subject --profile me   # the query from stdin",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("text")
+    p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
     p.add_argument("--profile", help="profile to personalize with (default: the only / first profile)")
     p.add_argument("--task", help="task card whose template frames the prompt (default: the profile's task; "
                                   "'chat' for a plain transcript)")
@@ -32,14 +38,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.scale <= 2.0:
         raise StoreError(f"--scale must be within 0-2, got {args.scale}")
+    text = query_text(args.text)
     with Session.open() as s:
         profile = args.profile
         if profile is None and not args.base:
             names = [p.name for p in s.profiles()]
             profile = names[0] if names else None
         task = args.task or (s.default_task(profile) if profile else FREE_CHAT)  # as answer() picks it: say which
+        text = task_query(text, task)
         pieces = []
-        stream = s.answer(args.text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
+        stream = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
         for piece in stream:
             pieces.append(piece)
@@ -48,8 +56,40 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         adapter, scale = s.engine.active
     if args.json:
-        print(json.dumps({"text": "".join(pieces), "profile": profile, "task": task,
+        print(json.dumps({"text": "".join(pieces), "query": text, "profile": profile, "task": task,
                           "adapter": str(adapter.path) if adapter else None, "scale": scale}))
     else:
         sys.stdout.write("\n")
     return 0
+
+
+MAX_STDIN_CHARS = 64 << 20  # a big diff is fine (only its file names are read); the prompt keeps what fits
+
+
+def query_text(text: str | None) -> str:
+    """The query: the argument, or standard input for '-' (or no argument while stdin is not a terminal)."""
+    from p2p_local.errors import UsageError
+
+    piped = text is None or text == "-"
+    if piped:
+        if text is None and (sys.stdin is None or sys.stdin.isatty()):
+            raise UsageError("no query given", hint="p2p ask \"...\"   or   echo \"...\" | p2p ask -")
+        text = sys.stdin.read(MAX_STDIN_CHARS + 1) if sys.stdin is not None else ""
+        if len(text) > MAX_STDIN_CHARS:
+            raise UsageError(f"the query on standard input is longer than {MAX_STDIN_CHARS:,} characters",
+                             hint="pipe a shorter text (for commits: git diff --cached --stat, or the diff itself)")
+    if not text.strip():
+        raise UsageError("the query is empty", hint="nothing on standard input (nothing staged?)" if piped else None)
+    return text.strip("\n") if piped else text  # a pipe ends its text with a newline: not part of the query
+
+
+def task_query(text: str, task: str | None) -> str:
+    """A diff asked of the commit-subject task becomes the commit as the task reads one (`gitlog.commit_query`)."""
+    from p2p_local.gitlog import commit_query, diff_files, looks_like_diff
+
+    if task in COMMIT_TASKS and looks_like_diff(text):
+        return commit_query(diff_files(text))
+    return text
+
+
+COMMIT_TASKS = ("pytest-commit-subject", "commit-subject")

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = msub.add_parser("add", help="register another llama.cpp GGUF base model",
                           epilog="example: p2p models add ~/models/qwen2.5-0.5b-q4_k_m.gguf --name qwen-0.5b")
     add.add_argument("file", type=Path)
-    add.add_argument("--name", required=True)
+    add.add_argument("--name", required=True, help="a plain name (never a path), e.g. qwen-0.5b")
+    add.add_argument("--replace", action="store_true", help="replace a model you added before under this name")
     add.set_defaults(func=cmd_add)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
@@ -44,6 +45,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r['name']:<16} {r['arch']:<8} {r['status']:<14} {r['description']}")
+            print(f"{'':<16} {r['file']}")  # the path llama.cpp's own tools take with -m
     return 0
 
 
@@ -65,6 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    spec = models.add_model(args.file, args.name)
+    spec = models.add_model(args.file, args.name, progress=lambda m: print(f"  {m}", file=sys.stderr),
+                            replace=args.replace)
     print(f"{spec.name}: {spec.arch}, sha256 {spec.sha256[:16]}..., ready")
     return 0

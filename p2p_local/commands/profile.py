@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from p2p_local.errors import DataError, StoreError
-from p2p_local.importers import FORMATS, import_file, parse_time
+from p2p_local.errors import DataError, StoreError, UsageError
+from p2p_local.files import PRIVATE_FILE, atomic_write
+from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git, parse_time
 from p2p_local.store import Item, Store
+from p2p_local.store.db import check_name
 
 EPILOG = """examples:
   p2p profile create alice --task movielens-rating
@@ -69,12 +70,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time", help="unix seconds or ISO 8601 (default: now)")
     p.add_argument("--meta", help="a JSON object of extra fields")
 
-    p = add("import", cmd_import, "import items from a file (one transaction: all or nothing)",
-            "p2p profile import alice ../shared/data/movielens-latest-small/ratings.csv --user 1")
+    p = add("import", cmd_import, "import items from a file or a git repository (one transaction: all or nothing; "
+            "items already there are not added again)",
+            "p2p profile import alice ../shared/data/movielens-latest-small/ratings.csv --user 1\n"
+            "  p2p profile import me --git ~/src/project --author me@example.org --since 2023-01-01 --create\n"
+            "  p2p profile import me letterboxd/ratings.csv --movies movies.csv --dry-run")
     p.add_argument("name")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, nargs="?", help="the file to import (or --git PATH)")
     p.add_argument("--format", choices=FORMATS, default="auto")
-    p.add_argument("--movies", type=Path, help="MovieLens movies.csv (default: beside the ratings file)")
+    p.add_argument("--movies", type=Path, help="MovieLens movies.csv (default: beside the ratings file; "
+                                                 "for a Letterboxd export: where genres come from)")
+    p.add_argument("--git", type=Path, metavar="PATH",
+                   help="import your own commits of a local git repository (commit-subject task)")
+    p.add_argument("--author", action="append", metavar="EMAIL|NAME",
+                   help="with --git: whose commits (repeatable; default: the repository's user.email)")
+    p.add_argument("--since", metavar="DATE", help="with --git: only commits since DATE (2024-01-01, '6 months ago')")
+    p.add_argument("--dry-run", action="store_true", help="parse and show counts and three sample items; write nothing")
     p.add_argument("--user", help="which user of a multi-user file")
     p.add_argument("--task", help="task for items that name none (default: the file's, else the profile's)")
     p.add_argument("--create", action="store_true", help="create the profile if it does not exist")
@@ -105,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "p2p profile export alice -o alice.json")
     p.add_argument("name")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout); created mode 0600")
+    p.add_argument("--mode", type=_mode_arg, default=PRIVATE_FILE, metavar="OCTAL",
+                   help="file mode of the export (default 600: only you can read it)")
+    _type_arguments(sub)
 
 
 # --- handlers ------------------------------------------------------------------------------------
@@ -173,18 +187,27 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.git is None):
+        raise UsageError("give either a FILE or --git PATH", hint="p2p profile import NAME FILE   or   "
+                                                                 "p2p profile import NAME --git PATH")
+    if args.git is None and (args.author or args.since):
+        raise UsageError("--author and --since go with --git", hint="p2p profile import NAME --git PATH --author EMAIL")
     with Store() as s:
-        created = args.create and not s.profile_exists(args.name)
+        created = args.create and not args.dry_run and not s.profile_exists(args.name)
         if created:
             s.create_profile(args.name, task=args.task)
-        elif not s.profile_exists(args.name):
+        elif not s.profile_exists(args.name) and not (args.dry_run and args.create):
             try:
                 s.get_profile(args.name)
             except StoreError as e:  # keep its did-you-mean, offer --create
                 raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
         try:
-            result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
-                                 task=args.task)
+            if args.git is not None:
+                result = import_git(s, args.name, args.git, authors=args.author or (), since=args.since,
+                                    dry_run=args.dry_run, progress=_progress("commits read"))
+            else:
+                result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
+                                     task=args.task, dry_run=args.dry_run)
         except BaseException:
             if created:  # all or nothing: a failed import leaves no empty profile behind
                 s.forget_profile(args.name)
@@ -192,9 +215,33 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         return _print_json(asdict(result))
     where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
-    print(f"imported {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}) in "
-          f"{result.parse_seconds + result.write_seconds:.2f} s")
+    dups = f", {result.duplicates} already there" if result.duplicates else ""
+    if result.dry_run:
+        print(f"dry run: would import {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}"
+              f"{dups}); nothing written")
+    else:
+        print(f"imported {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}{dups}) in "
+              f"{result.parse_seconds + result.write_seconds:.2f} s")
+    for note in result.notes:
+        print(f"  {note}")
+    if result.dry_run and result.samples:
+        print(f"first {len(result.samples)} of them:")
+        for it in result.samples:
+            when = _date(it["time"]) if it["time"] is not None else "-"
+            print(f"  {when}  {_short(it['input'], 70)}  ->  {_short(it['output'], 50)}")
     return 0
+
+
+def _progress(what: str):
+    """Progress on stderr for long imports (a terminal only: logs and pipes stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def say(n: int) -> None:
+        end = "\n" if n < 0 else ""  # -1: done
+        print(f"\r  {abs(n):,} {what}", end=end, file=sys.stderr, flush=True)
+
+    return say
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -273,15 +320,105 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
         return 0
-    # Private data: the file is created 0600, whatever the umask.
-    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    msg = {"profile": args.name, "path": str(args.output), "items": len(data["items"])}
+    out = _export_target(args.output)
+    # Atomic: the old file stays whole until the new one is complete (a full disk loses nothing).
+    # Private data: the file is created 0600, whatever the umask, unless --mode says otherwise.
+    atomic_write(out, text.encode("utf-8"), mode=args.mode)
+    msg = {"profile": args.name, "path": str(out), "items": len(data["items"])}
     if args.json:
         return _print_json(msg)
-    print(f"wrote {len(data['items'])} items of {args.name!r} to {args.output}", file=sys.stderr)
+    print(f"wrote {len(data['items'])} items of {args.name!r} to {out}", file=sys.stderr)
     return 0
+
+
+def _export_target(path: Path) -> Path:
+    """The export's file: in an existing folder, not a folder itself (both usage errors, exit 2)."""
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a directory", hint=f"give a file name, e.g. {path / 'profile.json'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {path}: folder {path.parent} does not exist", hint="create it first")
+    return path
+
+
+# --- argument types: a bad value is a usage error (exit 2) naming the argument ---------------------
+MAX_SHOW = 100_000  # items `show` lists at most
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
+
+
+def _type_arguments(sub: argparse._SubParsersAction) -> None:
+    """Give every action's arguments a validating type, by destination: one rule per kind of value,
+    wherever it appears (so an argument added later is validated too)."""
+    for action_name, parser in sub.choices.items():
+        for arg in parser._actions:
+            check = _ARG_TYPES.get((action_name, arg.dest)) or _ARG_TYPES.get(("*", arg.dest))
+            if check is not None and arg.type in (None, str, int):
+                arg.type = check
+
+
+def _name_arg(value: str) -> str:
+    try:
+        return check_name(value)
+    except StoreError as e:
+        raise argparse.ArgumentTypeError(f"{e.args[0]} ({e.hint})") from None
+
+
+def _task_arg(value: str) -> str:
+    if not value.strip() or len(value) > 64 or any(c.isspace() for c in value.strip()):
+        raise argparse.ArgumentTypeError(f"invalid task {value[:70]!r}: a task is a name like movielens-rating")
+    return value.strip()
+
+
+def _count_arg(value: str) -> int:
+    n = _int_arg(value)
+    if not 0 <= n <= MAX_SHOW:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_SHOW:,}")
+    return n
+
+
+def _id_arg(value: str) -> int:
+    n = _int_arg(value)
+    if not 1 <= n <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is not an item id (a positive integer)")
+    return n
+
+
+def _int_arg(value: str) -> int:
+    if len(value) > 30:  # int() of a 5000-digit string raises, and no count is that long
+        raise argparse.ArgumentTypeError(f"{value[:30]}... is not a usable integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+
+
+def _text_arg(value: str) -> str:
+    if len(value) > MAX_FIELD_CHARS:
+        raise argparse.ArgumentTypeError(f"{len(value):,} characters, at most {MAX_FIELD_CHARS:,}")
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError("holds a NUL character")
+    return value
+
+
+def _mode_arg(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an octal file mode like 600 or 644") from None
+    if not 0 <= mode <= 0o777 or not mode & 0o400:
+        raise argparse.ArgumentTypeError(f"{value!r}: a mode from 400 to 777 that lets you read the file")
+    return mode
+
+
+_ARG_TYPES = {
+    ("*", "name"): _name_arg,
+    ("*", "item_id"): _id_arg,
+    ("*", "task"): _task_arg,
+    ("show", "items"): _count_arg,
+    ("add", "input"): _text_arg,
+    ("add", "output"): _text_arg,
+    ("edit", "input"): _text_arg,
+    ("edit", "output"): _text_arg,
+}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -302,16 +439,8 @@ def _item_of(s: Store, name: str, item_id: int) -> Item:
 
 
 def _check_label(task: str | None, output: str) -> None:
-    """A rating/label item must answer with one of its task's labels: the profile builder skips any
-    other output, so it would be stored but never personalize anything (the chat's panel refuses it too)."""
-    from p2p_local.data.format import builtin_card, builtin_cards
-
-    if task not in builtin_cards():
-        return
-    card = builtin_card(task)
-    if card.kind != "generation" and output.strip() not in card.labels:
-        raise DataError(f"{task} answers are one of {', '.join(card.labels)}, got {output!r}",
-                        hint=f"e.g. --output {card.labels[-1]}")
+    """A rating/label item must answer with one of its task's labels: one rule for add, edit and import."""
+    check_label(task, output)
 
 
 def _time_arg(value: str | None) -> float | None:
@@ -326,6 +455,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{what}: invalid JSON ({e.msg})") from None
+    except (RecursionError, ValueError) as e:  # nesting past the recursion limit, 5000-digit integers
+        raise DataError(f"{what}: unusable JSON ({type(e).__name__})", hint="a small flat object") from None
     if not isinstance(obj, dict):
         raise DataError(f"{what}: must be a JSON object like '{{\"source\": \"notes\"}}'")
     return obj

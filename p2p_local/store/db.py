@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,10 +27,17 @@ from typing import Any
 
 from p2p_local import paths
 from p2p_local.errors import StoreError
+from p2p_local.files import sha256_file
 from p2p_local.store.migrations import migrate
 
+log = logging.getLogger(__name__)
+
 # Profile names appear in commands and file listings: letters/digits first, no spaces or slashes.
-_NAME = re.compile(r"^\w[\w.@+-]{0,63}$")
+# \A...\Z, not ^...$: `$` also matches before a trailing newline ("alice\n" would pass).
+_NAME = re.compile(r"\A\w[\w.@+-]{0,63}\Z")
+# Item times (unix seconds) between 1900 and 2100: outside is a unit mix-up or poison (inf, 1e300).
+MIN_TIME = -2_208_988_800.0
+MAX_TIME = 4_102_444_800.0
 ITEM_FIELDS = ("task", "time", "input", "output", "meta")
 ROLES = ("system", "user", "assistant")
 
@@ -55,6 +63,7 @@ class NewItem:
     time: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
+    where: str = ""  # "file:line" it came from, for error messages (never stored)
 
 
 @dataclass(frozen=True)
@@ -390,6 +399,8 @@ class Store:
         WAL is checkpointed, so the text does not linger in the database files."""
         p = self.get_profile(name)
         files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
+        # Chats the user exported from the chat screen are traces of the profile too.
+        files += [conversation_export_path(c.id) for c in self.conversations(name)]
         counts = {}
         with self._write() as c:
             conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
@@ -419,30 +430,44 @@ class Store:
         return d
 
     def cached_adapter(self, profile: str, fingerprint: str, bundle_hash: str) -> Path | None:
-        """The adapter made from this exact profile state and bundle, if its file still exists."""
+        """The adapter made from this exact profile state and bundle, if its file is still the one written.
+
+        The file's sha256, recorded at write time, is checked on every use: a missing, replaced or
+        corrupted file (or one from before checksums) is dropped with a warning, and None makes the
+        caller regenerate it, once.
+        """
         row = self.conn.execute(
-            "SELECT id, path FROM adapters WHERE profile_id = ? AND fingerprint = ? AND bundle_hash = ?",
+            "SELECT id, path, sha256 FROM adapters WHERE profile_id = ? AND fingerprint = ? AND bundle_hash = ?",
             (self._pid(profile), fingerprint, bundle_hash),
         ).fetchone()
         if row is None:
             return None
         path = Path(row["path"])
-        if not path.is_file():
-            with self._write() as c:  # the file was removed behind our back: drop the stale row
-                c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
-            return None
-        return path
+        problem = _cached_file_problem(path, row["sha256"])
+        if problem is None:
+            return path
+        log.warning("warning: cached adapter %s %s; regenerating it", path.name, problem)
+        with self._write() as c:
+            c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
+        _remove_cached(path)
+        return None
 
     def record_adapter(self, profile: str, fingerprint: str, bundle_hash: str, path: Path | str) -> None:
-        """Remember an adapter made for the profile's current state (clears the stale flag)."""
+        """Remember an adapter made for the profile's current state (clears the stale flag), with its sha256."""
         pid = self._pid(profile)
+        path = Path(path).resolve()
+        try:
+            digest = sha256_file(path)
+        except OSError:
+            digest = None  # unreadable now: recorded untrusted, so its first use regenerates it
         now = _time.time()
         with self._write() as c:
             c.execute(
-                "INSERT INTO adapters (profile_id, fingerprint, bundle_hash, path, created) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO adapters (profile_id, fingerprint, bundle_hash, path, created, sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (profile_id, fingerprint, bundle_hash) DO UPDATE SET path = excluded.path,"
-                " created = excluded.created",
-                (pid, fingerprint, bundle_hash, str(Path(path).resolve()), now),
+                " created = excluded.created, sha256 = excluded.sha256",
+                (pid, fingerprint, bundle_hash, str(path), now, digest),
             )
             c.execute("UPDATE profiles SET adapter_stale = 0 WHERE id = ?", (pid,))
 
@@ -600,6 +625,38 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def conversation_export_path(conversation_id: int) -> Path:
+    """Where the chat exports a conversation as Markdown (`forget_profile` removes it with the profile)."""
+    return paths.data_dir() / "exports" / f"conversation-{int(conversation_id)}.md"
+
+
+def _cached_file_problem(path: Path, sha256: str | None) -> str | None:
+    """Why a cached adapter file cannot be served as is, or None when it is exactly what was written."""
+    if not path.exists():
+        return "is missing"
+    if not path.is_file():
+        return "is not a regular file"
+    if not sha256:
+        return "has no recorded checksum (made by an older version)"
+    try:
+        if sha256_file(path) != sha256:
+            return "does not match its checksum (the file was changed or damaged)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
+def _remove_cached(path: Path) -> None:
+    """Clear the way for a regenerated adapter: the bad file, or an empty directory in its place."""
+    try:
+        if path.is_dir():
+            path.rmdir()  # only when empty: a folder with content is the user's, and the write says so
+        else:
+            _remove_private(path)
+    except OSError:
+        pass
+
+
 def _remove_private(path: Path) -> int:
     """Delete an adapter file or directory, but only inside our data dir; returns files removed."""
     try:
@@ -634,9 +691,15 @@ def _check_task(task: Any) -> str:
 def _check_time(t: Any) -> float | None:
     if t is None:
         return None
-    if isinstance(t, bool) or not isinstance(t, int | float) or t != t:
+    if isinstance(t, bool) or not isinstance(t, int | float):
         raise StoreError(f"invalid item time {t!r}", hint="times are unix seconds (a number) or empty")
-    return float(t)
+    try:
+        value = float(t)
+    except OverflowError:
+        value = float("inf")
+    if not MIN_TIME <= value <= MAX_TIME:  # also false for NaN
+        raise StoreError(f"item time {value!r} is outside 1900..2100", hint="times are unix seconds (a number) or empty")
+    return value
 
 
 def _check_text(what: str, s: Any) -> str:

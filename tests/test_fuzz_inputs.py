@@ -1,0 +1,277 @@
+"""Fuzzing what a user can feed p2p-local: import files, adapters, bundle manifests, CLI arguments.
+
+Each test asserts only this: success, or a P2PError with a message and a hint; never another
+exception, never a hang (hypothesis' deadline), and the store intact afterwards.
+
+Budgets: `make test` runs the `ci` profile (a few hundred examples in all, well under 60 s on 2 cores);
+`make fuzz` runs the `fuzz` profile (HYPOTHESIS_PROFILE=fuzz: thousands per test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+
+from p2p_local.adapter import BaseInfo, validate_adapter
+from p2p_local.errors import AdapterError, P2PError
+from p2p_local.importers import read_import
+
+settings.register_profile("ci", max_examples=120, deadline=timedelta(seconds=5), derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=3000, deadline=timedelta(seconds=10),
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def clean(e: P2PError) -> None:
+    """What every refusal must carry: a message and a hint (the CLI prints both, nothing else)."""
+    assert str(e.args[0]).strip() and e.hint, repr(e)
+
+
+# --- import files ----------------------------------------------------------------------------------
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**400), max_value=10**400),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30))
+json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+    st.sampled_from(["input", "output", "time", "meta", "task", "user_id", "items", "x"]), kids, max_size=5),
+    max_leaves=25)
+item = st.fixed_dictionaries({"input": json_value, "output": json_value},
+                             optional={"time": json_value, "meta": json_value, "task": json_value})
+
+
+def _csv_field(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n\r') else s
+
+
+@st.composite
+def import_file_text(draw) -> tuple[str, str]:
+    kind = draw(st.sampled_from(["jsonl", "json", "csv", "raw"]))
+    if kind == "jsonl":
+        lines = draw(st.lists(st.one_of(item, st.fixed_dictionaries({"user_id": json_value, "items": st.lists(item, max_size=4)}),
+                                        json_value), max_size=5))
+        return ".jsonl", "\n".join(json.dumps(x, allow_nan=True) for x in lines)
+    if kind == "json":
+        return ".json", json.dumps(draw(st.one_of(st.lists(item, max_size=5), json_value)), allow_nan=True)
+    if kind == "csv":
+        cols = draw(st.lists(st.sampled_from(["input", "output", "time", "task", "user_id", "x"]), min_size=1, max_size=6))
+        rows = draw(st.lists(st.lists(st.text(max_size=20), min_size=0, max_size=len(cols) + 1), max_size=6))
+        return ".csv", "\n".join(",".join(_csv_field(c) for c in r) for r in [cols, *rows])
+    return draw(st.sampled_from([".csv", ".json", ".jsonl", ".txt"])), draw(st.text(max_size=200))
+
+
+@given(import_file_text(), st.sampled_from(["auto", "jsonl", "json", "csv"]), st.none() | st.text(max_size=5))
+def test_fuzz_importers(tmp_path_factory, spec: tuple[str, str], fmt: str, user: str | None) -> None:
+    suffix, text = spec
+    path = tmp_path_factory.mktemp("imp") / f"f{suffix}"
+    try:
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    except UnicodeEncodeError:
+        assume(False)
+    try:
+        parsed = read_import(path, fmt, user=user)
+    except P2PError as e:
+        clean(e)
+        return
+    for it in parsed.items:  # what is accepted is storable and displayable
+        assert isinstance(it.input, str) and it.input.strip() and isinstance(it.output, str)
+        assert it.time is None or -2_208_988_800 <= it.time <= 4_102_444_800
+        json.dumps(it.meta)
+
+
+@given(st.binary(max_size=400), st.sampled_from(["auto", "jsonl", "json", "csv", "movielens"]))
+def test_fuzz_importers_on_bytes(tmp_path_factory, data: bytes, fmt: str) -> None:
+    path = tmp_path_factory.mktemp("bin") / "ratings.csv"
+    path.write_bytes(data)
+    try:
+        read_import(path, fmt)
+    except P2PError as e:
+        clean(e)
+
+
+# --- adapters --------------------------------------------------------------------------------------
+SHAPES = {f"blk.{i}.{m}.weight": s for i in range(2) for m, s in (("attn_q", (16, 8)), ("attn_v", (4, 8)))}
+SHAPES["token_embd.weight"] = (32, 8)
+BASE = BaseInfo(arch="gemma3", sha256="ab" * 32, shapes=SHAPES, n_layers=2)
+NAMES = [*SHAPES, "blk.2.attn_q.weight", "blk.0.ffn_up.weight", "output.weight"]
+DTYPES = [np.float32, np.float16, np.float64, np.int32]
+
+
+@st.composite
+def adapter_tensors(draw) -> dict[str, np.ndarray]:
+    out = {}
+    for name in draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True)):
+        n_out, n_in = SHAPES.get(name, (16, 8))
+        r = draw(st.integers(0, 9))
+        dtype = draw(st.sampled_from(DTYPES))
+        shape_a = draw(st.sampled_from([(r, n_in), (n_in, r), (r, n_in + 1), (1, r, n_in)]))
+        shape_b = draw(st.sampled_from([(n_out, r), (r, n_out), (n_out, r + 1)]))
+        fill = draw(st.sampled_from([0.01, 1e5, np.inf, np.nan]))
+        suffixes = draw(st.sampled_from([(".lora_a", ".lora_b"), (".lora_a",), (".lora_b", ".weird")]))
+        for suffix, shape in zip(suffixes, (shape_a, shape_b), strict=False):
+            with np.errstate(over="ignore", invalid="ignore"):  # inf/nan into ints is part of the fuzz
+                out[name + suffix] = np.full(shape, fill if draw(st.booleans()) else 0.01).astype(dtype)
+    return out
+
+
+def _write_raw(path: Path, tensors: dict[str, np.ndarray], alpha: object) -> None:
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    if isinstance(alpha, float):
+        w.add_float32("adapter.lora.alpha", alpha)
+    elif isinstance(alpha, int):
+        w.add_int32("adapter.lora.alpha", alpha)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _llama_cpp_safe(adapter) -> None:
+    """The oracle, independent of the validator: what llama.cpp needs to neither abort nor refuse."""
+    ranks = set()
+    for name, (a, b) in adapter.tensors.items():
+        n_out, n_in = SHAPES[name]
+        assert name.startswith("blk.") and a.ndim == 2 and b.ndim == 2, name
+        r = a.shape[0]
+        assert r >= 1 and a.shape == (r, n_in) and b.shape == (n_out, r), (name, a.shape, b.shape)
+        assert np.isfinite(a).all() and np.isfinite(b).all()
+        ranks.add(r)
+    assert len(ranks) == 1 and np.isfinite(adapter.alpha) and adapter.alpha > 0
+
+
+@given(adapter_tensors(), st.sampled_from([4.0, 0.0, -1.0, float("nan"), 16, None]))
+def test_fuzz_adapter_validator(tmp_path_factory, tensors: dict, alpha: object) -> None:
+    path = tmp_path_factory.mktemp("ad") / "a.gguf"
+    try:
+        _write_raw(path, tensors, alpha)
+    except (ValueError, TypeError):  # gguf itself refuses this shape/dtype: nothing to validate
+        assume(False)
+    try:
+        adapter = validate_adapter(path, BASE)
+    except AdapterError as e:
+        clean(e)
+        return
+    _llama_cpp_safe(adapter)
+
+
+GOOD = None
+
+
+def _good_adapter_bytes(tmp: Path) -> bytes:
+    global GOOD
+    if GOOD is None:
+        rng = np.random.default_rng(0)
+        t = {}
+        for name in ("blk.0.attn_q.weight", "blk.1.attn_v.weight"):
+            n_out, n_in = SHAPES[name]
+            t[name + ".lora_a"] = rng.normal(size=(2, n_in)).astype(np.float16)
+            t[name + ".lora_b"] = rng.normal(size=(n_out, 2)).astype(np.float16)
+        _write_raw(tmp / "good.gguf", t, 4.0)
+        GOOD = (tmp / "good.gguf").read_bytes()
+    return GOOD
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+       st.none() | st.integers(0, 10_000))
+def test_fuzz_adapter_bytes(tmp_path_factory, flips: list[tuple[int, int]], cut: int | None) -> None:
+    tmp = tmp_path_factory.mktemp("flip")
+    data = bytearray(_good_adapter_bytes(tmp))
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % len(data)]
+    path = tmp / "bad.gguf"
+    path.write_bytes(bytes(data))
+    try:
+        adapter = validate_adapter(path, BASE)
+    except AdapterError as e:
+        clean(e)
+        return
+    _llama_cpp_safe(adapter)
+
+
+# --- bundle manifests ------------------------------------------------------------------------------
+def _shipped_bundle() -> Path:
+    from p2p_local.paths import repo_root
+
+    return repo_root() / "models" / "gemma3-270m-p2p"
+
+
+@pytest.mark.skipif(not (_shipped_bundle() / "manifest.json").is_file(), reason="no shipped bundle")
+@given(st.lists(st.tuples(st.text(min_size=0, max_size=3).map(lambda s: s or "0"), json_value), min_size=1, max_size=3),
+       st.integers(0, 1000))
+@settings(max_examples=min(settings().max_examples, 25), phases=[Phase.explicit, Phase.generate],
+          report_multiple_bugs=False)  # no shrinking: every example loads an ONNX session
+@pytest.mark.xfail(reason="bundle.py's _check_manifest does not type-check fields (e.g. feature_dim: null -> "
+                          "TypeError); owned by the lead, reported", strict=False)
+def test_fuzz_bundle_manifest(tmp_path_factory, changes: list, pick: int) -> None:
+    """Replace a (nested) manifest field by a random JSON value: the loader refuses it cleanly or loads."""
+    from p2p_local.bundle import Bundle
+
+    src = _shipped_bundle()
+    manifest = json.loads((src / "manifest.json").read_text())
+    for _, value in changes:
+        node, keys = manifest, []
+        while isinstance(node, dict) and node:  # walk down to a random field
+            key = sorted(node)[pick % len(node)]
+            keys.append(key)
+            if not isinstance(node[key], dict) or pick % 3 == 0:
+                node[key] = value
+                break
+            node = node[key]
+    d = tmp_path_factory.mktemp("bundle")
+    for f in src.iterdir():
+        if f.name != "manifest.json":
+            os.symlink(f, d / f.name)
+    (d / "manifest.json").write_text(json.dumps(manifest, allow_nan=True))
+    try:
+        Bundle.load(d, threads=1)
+    except P2PError as e:
+        clean(e)
+
+
+# --- CLI arguments -----------------------------------------------------------------------------------
+ARG_WORDS = ["alice", "bob", "alice\n", "", "-", "--json", "--items", "--task", "movielens-rating", "--input",
+             "--output", "--time", "--meta", "--yes", "--mode", "-o", "1", "0", "-1", "99999999999999999999",
+             "inf", "1e300", "{}", "[1]", '{"a":' * 50, "x" * 300, "\ud800", "/dev/zero", "/", "5"]
+ACTIONS = ["create", "list", "show", "add", "edit", "delete", "history", "forget", "export", "import"]
+
+
+@given(st.sampled_from(ACTIONS), st.lists(st.sampled_from(ARG_WORDS) | st.text(max_size=12), max_size=7))
+def test_fuzz_cli_arguments(p2p_home, tmp_path_factory, capsys, action: str, words: list[str]) -> None:
+    from p2p_local.cli import main
+    from p2p_local.store import Store
+
+    with Store() as s:  # something for the commands to act on
+        if not s.profile_exists("alice"):
+            s.create_profile("alice", task="movielens-rating")
+            s.add_item("alice", None, "Heat (1995)", "5", time=1_700_000_000)
+    os.chdir(tmp_path_factory.mktemp("cwd"))  # a relative -o writes here, never into the repo
+    try:
+        code = main(["profile", action, *words])
+    except SystemExit as e:  # argparse's usage error: exit 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert code in (0, 1, 2, 3, 4, 5, 6, 7), (code, err)
+    db = sqlite3.connect(Path(os.environ["P2P_HOME"]) / "p2p.sqlite3")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+
+
+@pytest.fixture(autouse=True)
+def _keep_cwd():
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
