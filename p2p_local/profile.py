@@ -306,7 +306,7 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
     common = [(w, c) for w, c in openings.most_common(3) if c >= 2]
     if common:
         lines.append("Typical openings: " + ", ".join(f'"{w}" {_pct(c / n)}' for w, c in common) + ".")
-    doc_freq = Counter(w for o in outs for w in _content_words(o))
+    doc_freq = Counter(w for o in outs for w in sorted(_content_words(o)))  # sorted: ties keep one order in every process
     recurring = [w for w, c in doc_freq.most_common(8) if c >= 2]
     if recurring:
         lines.append("Recurring words: " + ", ".join(recurring) + ".")
