@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from p2p_local.bundle import Bundle
 from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
-from p2p_local.errors import StoreError, UsageError
+from p2p_local.errors import AdapterError, StoreError, UsageError
 from p2p_local.models import get_spec, prepare_base
 from p2p_local.pipeline import FREE_CHAT, Personalizer
 from p2p_local.profile import Profile
@@ -145,21 +146,33 @@ class Session:
         t1 = time.perf_counter()
         timings = {"profile_ms": (t1 - t0) * 1e3}
         cached = None if force else self.store.cached_adapter(profile, prof.fingerprint, self.bundle.sha256)
-        if cached is not None:
-            path = cached
-        else:
-            path = self.store.adapter_dir(profile) / f"{task}-{prof.fingerprint[:16]}-{self.bundle.sha256[:8]}.gguf"
-            timings.update(self.personalizer.write(prof, path))
-            self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)  # also clears "stale"
-            # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
-            self.store.prune_adapters(profile, keep=KEEP_ADAPTER_FILES)
+        path = cached or self._write(profile, task, prof, timings)
         t2 = time.perf_counter()
-        self._attach(path, scale)
+        try:
+            self._attach(path, scale)
+        except AdapterError as e:
+            if cached is None:
+                raise
+            # A cached file that passed its checksum but not the validator (written by an older version):
+            # made again once, from the profile, with a warning.
+            warnings.warn(f"cached adapter {path.name} was refused ({str(e).splitlines()[0]}); regenerated", stacklevel=2)
+            cached = None
+            path = self._write(profile, task, prof, timings)
+            self._attach(path, scale)
         timings["load_attach_ms"] = (time.perf_counter() - t2) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return PersonalizeResult(adapter_path=path, fingerprint=prof.fingerprint, cached=cached is not None,
                                  neutral=self.bundle.neutral, empty=prof.empty, task=task,
                                  n_items=prof.n_history, timings_ms=timings, profile=prof)
+
+    def _write(self, profile: str, task: str, prof: Profile, timings: dict[str, float]) -> Path:
+        """Make the profile's adapter, record it in the cache and keep the newest few files."""
+        path = self.store.adapter_dir(profile) / f"{task}-{prof.fingerprint[:16]}-{self.bundle.sha256[:8]}.gguf"
+        timings.update(self.personalizer.write(prof, path, self._cards.get(task)))
+        self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)  # also clears "stale"
+        # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
+        self.store.prune_adapters(profile, keep=KEEP_ADAPTER_FILES)
+        return path
 
     def _attach(self, path: Path, scale: float) -> None:
         adapter = self._loaded.get(path)

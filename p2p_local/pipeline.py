@@ -86,14 +86,16 @@ class Personalizer:
         (tensors,) = self.bundle.generate(embedding, np.asarray(features, dtype=np.float32))
         return tensors
 
-    def write_tensors(self, tensors: Tensors, path: Path, fingerprint: str) -> None:
+    def write_tensors(self, tensors: Tensors, path: Path, fingerprint: str, card: TaskCard | None = None) -> None:
+        """The GGUF adapter; with the task card it names its task and prompt for llama.cpp's tools."""
+        named = {"task_name": card.name, "prompt_prefix": card.template.split("{input}")[0]} if card else {}
         write_adapter(path, tensors, alpha=self.bundle.alpha, base=self.base, dtype="f16",
-                      generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=fingerprint)
+                      generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=fingerprint, **named)
 
-    def write(self, profile: Profile, path: Path) -> dict[str, float]:
+    def write(self, profile: Profile, path: Path, card: TaskCard | None = None) -> dict[str, float]:
         tensors, timings = self.tensors(profile)
         t0 = time.perf_counter()
-        self.write_tensors(tensors, path, profile.fingerprint)
+        self.write_tensors(tensors, path, profile.fingerprint, card)
         timings["write_ms"] = (time.perf_counter() - t0) * 1e3
         return timings
 

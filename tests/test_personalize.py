@@ -118,3 +118,18 @@ def test_cli_personalize_and_ask_json(engine, p2p_home: Path, capsys, tmp_path: 
     assert main(["ask", Q, "--profile", "alice", "--task", "movielens-rating", "--base", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter"] is None
     assert main(["personalize", "nobody"]) == StoreError.exit_code
+
+
+def test_a_cached_adapter_llama_cpp_would_refuse_is_made_again(session: Session) -> None:
+    """A cached file whose checksum matches (it was recorded so) but that the validator refuses — say,
+    written by an older version — is regenerated once from the profile, with a warning."""
+    first = session.personalize("demo", "movielens-rating", query=Q)
+    session._loaded.clear()
+    session.engine.use(None)
+    bad = first.adapter_path
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    session.store.record_adapter("demo", first.fingerprint, session.bundle.sha256, bad)  # checksum of the bad bytes
+    with pytest.warns(UserWarning, match="regenerated"):
+        again = session.personalize("demo", "movielens-rating", query=Q)
+    assert not again.cached and again.adapter_path.stat().st_size > 1000
+    assert session.engine.active[0] is not None
