@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from p2p_local.cli import GROUPS, main
 
 
@@ -18,3 +20,13 @@ def test_help_lists_the_commands() -> None:
 def test_no_command_prints_help_and_exits_2(capsys) -> None:
     assert main([]) == 2
     assert "usage: p2p" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["ask", "Q", "--scale", "-1"], ["ask", "Q", "--scale", "nan"], ["ask", "Q", "--scale", "x"],
+    ["ask", "Q", "--task", "nope"], ["personalize", "demo", "--task", "nope"], ["chat", "--task", "nope"],
+])
+def test_bad_scale_or_task_is_a_usage_error_before_any_model_loads(argv, p2p_home, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from p2p_local.commands.args import scale_arg, task_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,10 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
     p.add_argument("--profile", help="profile to personalize with (default: the only / first profile)")
-    p.add_argument("--task", help="task card whose template frames the prompt (default: the profile's task; "
+    p.add_argument("--task", type=task_arg, help="task card whose template frames the prompt (default: the profile's task; "
                                   "'chat' for a plain transcript)")
     p.add_argument("--base", action="store_true", help="answer with the base model, no adapter")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength 0-2 (default 1)")
+    p.add_argument("--scale", type=scale_arg, default=1.0, help="adapter strength 0-2 (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -33,11 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2p_local.errors import StoreError
     from p2p_local.personalize import FREE_CHAT, Session
 
-    if not 0.0 <= args.scale <= 2.0:
-        raise StoreError(f"--scale must be within 0-2, got {args.scale}")
     text = query_text(args.text)
     with Session.open() as s:
         profile = args.profile

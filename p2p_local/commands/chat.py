@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from p2p_local.commands.args import task_arg
 from p2p_local.errors import StoreError
 
 
@@ -20,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Keys are shown at the bottom of the screen; ctrl+p lists every command.",
     )
     p.add_argument("--profile", help="profile to chat as (default: the one used last)")
-    p.add_argument("--task", help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
+    p.add_argument("--task", type=task_arg, help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
     p.add_argument("--demo", action="store_true", help="open the demo profile (imported on first use)")
     p.add_argument("--base", action="store_true", help="start with personalization off")
     p.add_argument("--compare", action="store_true", help="start in the side-by-side view")

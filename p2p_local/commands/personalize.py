@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from p2p_local.commands.args import task_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                "--query 'Heat (1995) | Genres: Action|Crime' --json\n  p2p personalize alice --peft-out alice-peft/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("profile")
-    p.add_argument("--task", help="task card (default: the profile's task)")
+    p.add_argument("--task", type=task_arg, help="task card (default: the profile's task)")
     p.add_argument("--query", help="make the adapter query-aware (retrieval over the history)")
     p.add_argument("--force", action="store_true", help="regenerate even if a cached adapter fits")
     p.add_argument("--peft-out", type=Path, help="also export the adapter in PEFT format (vLLM, transformers)")

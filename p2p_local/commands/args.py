@@ -1,0 +1,31 @@
+"""Argument types shared by the answering commands: a bad value is a usage error (exit 2) before any
+model loads, never a store or model error."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+MAX_SCALE = 2.0
+CHAT_TASKS = ("chat", "free", "free chat")  # free chat, as `ask`, `chat` and the TUI spell it
+
+
+def scale_arg(value: str) -> float:
+    """An adapter strength, 0..MAX_SCALE."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a number") from None
+    if not math.isfinite(x) or not 0.0 <= x <= MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_SCALE:g}")
+    return x
+
+
+def task_arg(value: str) -> str:
+    """A built-in task card's name, or free chat."""
+    from p2p_local.data.format import builtin_cards
+
+    known = builtin_cards()
+    if value in known or value in CHAT_TASKS:
+        return value
+    raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat)")
