@@ -42,31 +42,51 @@ class FakeResult:
     empty: bool = False
 
 
+# The label distribution of a rating reply, by whether the reply was personalized (median 4 / 3).
+DISTS = {True: {"1": 0.05, "2": 0.1, "3": 0.2, "4": 0.4, "5": 0.25},
+         False: {"1": 0.1, "2": 0.2, "3": 0.4, "4": 0.2, "5": 0.1}}
+
+
 @dataclass
 class FakeSession:
-    """Scripted replies; records every call. `gate` (if set) pauses a reply halfway until released."""
+    """Scripted replies; records every call. `gate` (if set) pauses a reply halfway until released.
+    A `ChatSession` (tests check it), not thread-safe: its calls are marshalled to the UI thread."""
 
     store: Store
+    threadsafe: bool = False
+    chat_adapter: bool = False  # a bundle trained for free chat
     replies: dict = field(default_factory=lambda: {True: "4", False: "3"})
     free_reply: str = "Hello there, I am a small model.\nUser: this part is cut"
     endless: bool = False
     gate: threading.Event | None = None
     calls: list = field(default_factory=list)
+    dist_calls: list = field(default_factory=list)
     personalized_profiles: list = field(default_factory=list)
     closed: int = 0
 
     def task_cards(self):
         return {n: builtin_card(n) for n in builtin_cards()}
 
-    def personalize(self, profile, task=FREE_CHAT):
+    def personalize(self, profile, task=None):
         self.personalized_profiles.append((profile, task))
         return FakeResult(paths.adapters_dir() / f"{profile}.gguf",
                           {"encode_ms": 12.0, "hypernet_ms": 3.0, "write_ms": 2.0, "total_ms": 17.0})
 
-    def profile_text(self, profile, task):
-        card = builtin_card(task)
-        hist = [FormatItem(it.input, it.output, it.time, it.meta) for it in self.store.items(profile, task=task)]
+    def profile_text(self, profile, task=None):
+        card = builtin_card(task or self.store.get_profile(profile).task)
+        hist = [FormatItem(it.input, it.output, it.time, it.meta) for it in self.store.items(profile, task=card.name)]
         return build_profile(card, hist)
+
+    def about(self, profile):
+        return self.profile_text(profile).summary
+
+    def free_chat_adapter(self):
+        return self.chat_adapter
+
+    def label_distribution(self, text, task):
+        assert threading.current_thread() is threading.main_thread()
+        self.dist_calls.append((text, task))
+        return dict(DISTS[self.calls[-1]["personalized"]])  # as attached by the answer just given
 
     def answer(self, text, *, profile=None, task=None, personalized=True, scale=1.0, transcript=None):
         assert threading.current_thread() is threading.main_thread()  # the store's thread (see ChatApp.session_call)
@@ -175,7 +195,7 @@ def test_chat_command_is_registered():
 @pytest.mark.asyncio
 async def test_send_streams_a_reply_and_stores_it(fake, store):
     fake.gate = threading.Event()
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         assert screen.task_name == "movielens-rating"  # the profile's default task
@@ -206,7 +226,7 @@ async def test_send_streams_a_reply_and_stores_it(fake, store):
 
 @pytest.mark.asyncio
 async def test_enter_sends_but_ctrl_j_adds_a_line(fake):
-    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         inp = chat(app).query_one(ChatInput)
         await pilot.press("h", "i", "ctrl+j", "y", "o")
@@ -220,7 +240,7 @@ async def test_enter_sends_but_ctrl_j_adds_a_line(fake):
 @pytest.mark.asyncio
 async def test_escape_cancels_the_reply(fake, store):
     fake.endless = True
-    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         screen.query_one(ChatInput).load_text("tell me a long story")
@@ -244,7 +264,7 @@ async def test_escape_cancels_the_reply(fake, store):
 
 @pytest.mark.asyncio
 async def test_free_chat_passes_the_transcript_and_cuts_at_the_next_turn(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "hi")
         assert fake.calls[-1]["task"] == "chat" and fake.calls[-1]["transcript"] == []
@@ -269,7 +289,7 @@ async def test_free_chat_passes_the_transcript_and_cuts_at_the_next_turn(fake, s
 
 @pytest.mark.asyncio
 async def test_personalization_toggle_and_scale_keys(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await pilot.press("ctrl+g")
@@ -292,7 +312,7 @@ async def test_personalization_toggle_and_scale_keys(fake, store):
 
 @pytest.mark.asyncio
 async def test_side_by_side_view(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await pilot.press("ctrl+b")
@@ -314,7 +334,7 @@ async def test_side_by_side_view(fake, store):
 
 @pytest.mark.asyncio
 async def test_loaded_conversation_continues_with_its_task(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
@@ -328,7 +348,7 @@ async def test_loaded_conversation_continues_with_its_task(fake, store):
 
 @pytest.mark.asyncio
 async def test_task_picker(fake):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await pilot.press("ctrl+t")
@@ -350,7 +370,7 @@ async def test_task_picker(fake):
 async def test_switch_profile(fake, store):
     store.create_profile("alice", task="popquorn-offensiveness")
     store.add_item("alice", None, "you are all idiots", "4")
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
@@ -382,7 +402,7 @@ async def test_switch_profile(fake, store):
 
 @pytest.mark.asyncio
 async def test_profile_panel_add_and_forget_an_item(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: fake.personalized_profiles, "first adapter")
         n_adapters = len(fake.personalized_profiles)
@@ -426,7 +446,7 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
 
 @pytest.mark.asyncio
 async def test_search_export_copy_and_resume(fake, store):
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
@@ -467,12 +487,12 @@ async def test_search_export_copy_and_resume(fake, store):
         assert "Zodiac (2007)" in text and "personalized" in text
 
     # A new app resumes the last conversation of the profile.
-    app2 = ChatApp(fake, profile=DEMO_PROFILE)
+    app2 = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app2.run_test(size=SIZE) as pilot:
         assert chat(app2).conversation_id == second
         assert [v.text for v in chat(app2).query(MessageView) if v.role == "user"] == [
             "Frozen (2013) | Genres: Animation"]
-    app3 = ChatApp(fake, profile=DEMO_PROFILE, resume=False)
+    app3 = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, resume=False)
     async with app3.run_test(size=SIZE) as pilot:
         assert chat(app3).conversation_id is None
 
@@ -485,7 +505,7 @@ async def test_a_failing_answer_is_shown_not_fatal(fake, store):
         raise EngineError("prompt does not fit the context", hint="shorten it")
 
     fake.answer = broken
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "Zodiac (2007) | Genres: Crime")
         view = replies(app)[-1]
@@ -496,7 +516,7 @@ async def test_a_failing_answer_is_shown_not_fatal(fake, store):
 @pytest.mark.asyncio
 async def test_new_conversation_while_streaming_keeps_the_reply_in_its_own_conversation(fake, store):
     fake.endless = True
-    app = ChatApp(fake, profile=DEMO_PROFILE, task=FREE_CHAT)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
         screen.query_one(ChatInput).load_text("a long one please")
@@ -518,7 +538,7 @@ async def test_resumed_side_by_side_survives_a_missing_half(fake, store):
     store.add_message(conv, "user", "q2", {"task": "movielens-rating"})
     store.add_message(conv, "assistant", "5", {"mode": "personalized", "compare": True, "scale": 1.0})
     store.add_message(conv, "assistant", "2", {"mode": "base", "compare": True})
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE):
         screen = chat(app)
         assert screen.conversation_id == conv
@@ -527,3 +547,269 @@ async def test_resumed_side_by_side_survives_a_missing_half(fake, store):
         pair = screen.query_one(ComparePair)
         assert (pair.personal.text, pair.base.text) == ("5", "2")
         assert "★★★★★" in str(pair.personal.body.source)
+
+
+# --- issue 10/12: the session protocol, honest free chat, the first run, the profile panel, rating charts,
+# --- bare movie titles ------------------------------------------------------------------------------
+def notes_of(app) -> list[tuple[str, str]]:
+    """Record the app's notifications as (title, message) (the toasts themselves time out)."""
+    notes: list[tuple[str, str]] = []
+    real = app.notify
+
+    def notify(message, *, title="", **kw):
+        notes.append((title, str(message)))
+        return real(message, title=title, **kw)
+
+    app.notify = notify
+    return notes
+
+
+def test_the_session_protocol(fake):
+    from p2p_local.personalize import Session
+    from p2p_local.tui.session import AdapterResult, ChatSession
+
+    assert isinstance(fake, ChatSession)
+    assert isinstance(fake.personalize(DEMO_PROFILE, "movielens-rating"), AdapterResult)
+    members = [n for n in vars(ChatSession) if not n.startswith("_")]
+    assert {"store", "answer", "label_distribution", "about", "free_chat_adapter"} <= set(members)
+    assert all(hasattr(Session, n) for n in members)  # the real one: isinstance in tests/test_tui_real.py
+
+
+def test_bar_chart_and_title_catalogue(store):
+    from p2p_local.tui.titles import Catalogue, needs_completion
+    from p2p_local.tui.widgets import bar, dist_chart
+
+    assert bar(1.0, 4) == "████" and bar(0.0, 4) == "    " and bar(0.5, 3) == "█▌ "
+    lines = dist_chart(DISTS[True], "4").plain.split("\n")
+    assert [ln.split()[0] for ln in lines] == ["5", "4", "3", "2", "1"] and lines[1].endswith("40%")
+
+    card = builtin_card("movielens-rating")
+    assert needs_completion(card, "Frozen") and not needs_completion(card, "Frozen (2013) | Genres: Animation")
+    assert not needs_completion(builtin_card("popquorn-offensiveness"), "Frozen") and not needs_completion(None, "x")
+    cat = Catalogue(store, "movielens-rating")
+    assert [m.text for m in cat.lookup("toy story")] == [
+        "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"]
+    assert [m.title for m in cat.lookup("The Matrix")] == ["Matrix, The (1999)"]  # articles either end
+    assert len(cat.lookup("Star Wars")) == 4  # no exact title: the titles that begin so
+    assert [m.title for m in cat.lookup("Star Wars (1980)")] == [
+        "Star Wars: Episode V - The Empire Strikes Back (1980)"]
+    assert cat.lookup("Frozen") == []
+    # Another profile's movies count too, the profile's own first; a new item is seen at once.
+    store.create_profile("alice", task="movielens-rating")
+    store.add_item("alice", None, "Frozen (2013) | Genres: Adventure|Animation|Comedy", "2")
+    assert [m.title for m in cat.lookup("frozen", "demo")] == ["Frozen (2013)"]
+
+
+@pytest.mark.asyncio
+async def test_free_chat_says_it_is_the_base_model_with_the_profile_summary(fake, store):
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        assert app.sub_title == "demo · free chat · base model + your profile summary"
+        status = str(screen.query_one("#status").render())
+        assert "base model + your profile summary" in status and "personalized" not in status
+        await until(pilot, lambda: screen.adapter_note == "no adapter in free chat", "the adapter note")
+        assert fake.personalized_profiles == []  # no task adapter is made for free chat
+        await send(pilot, "hi")
+        title = str(replies(app)[-1].query_one(".title").render())
+        assert title.startswith("base model + your profile summary") and "personalized" not in title
+        msg = store.messages(screen.conversation_id)[-1]
+        assert msg.meta["free_chat"] == "summary" and msg.meta["scale"] is None
+        assert "dist" not in msg.meta and fake.dist_calls == []
+        await pilot.press("ctrl+up")
+        assert screen.scale == 1.0  # no adapter: no strength to set
+        # Side by side: the base model alone vs the base model with the summary.
+        await pilot.press("ctrl+b")
+        await send(pilot, "and?")
+        pair = screen.query_one(ComparePair)
+        assert str(pair.personal.query_one(".title").render()).startswith("base model + your profile summary")
+        assert str(pair.base.query_one(".title").render()).startswith("base model ·")
+        await pilot.press("ctrl+g", "ctrl+b")  # personalization off: the base model, and it says so
+        assert app.sub_title.endswith("free chat · base model")
+
+    fake.chat_adapter = True  # a bundle trained for free chat: its adapter, and the title says so
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT, resume=False)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.sub_title == "demo · free chat · free-chat adapter"
+        await until(pilot, lambda: (DEMO_PROFILE, "chat") in fake.personalized_profiles, "the free-chat adapter")
+        await send(pilot, "hi")
+        assert str(replies(app)[-1].query_one(".title").render()).startswith("personalized ×1.00")
+
+
+@pytest.mark.asyncio
+async def test_rating_answers_show_their_label_distribution(fake, store):
+    from p2p_local.tui.widgets import DistChart
+
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, compare=True)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await send(pilot, "Zodiac (2007) | Genres: Crime|Drama|Thriller")
+        pair = screen.query_one(ComparePair)
+        # Each reply's own distribution: read right after it, under the adapter it was answered with.
+        assert pair.personal.dist == DISTS[True] and pair.base.dist == DISTS[False]
+        assert fake.dist_calls == [("Zodiac (2007) | Genres: Crime|Drama|Thriller", "movielens-rating")] * 2
+        chart = pair.personal.query_one(DistChart)
+        assert chart.has_class("-shown") and "40%" in str(chart.render())
+        msgs = store.messages(screen.conversation_id)
+        assert [m.meta.get("dist") for m in msgs[1:]] == [DISTS[True], DISTS[False]]
+        # A resumed conversation shows the charts again.
+        await screen.load_conversation(screen.conversation_id)
+        await pilot.pause()
+        assert screen.query_one(ComparePair).personal.query_one(DistChart).has_class("-shown")
+        # A generation task has no chart.
+        screen.task_name = "popquorn-email-rewrite"
+        await pilot.press("ctrl+b")
+        await send(pilot, "hey, send me the file")
+        assert not replies(app)[-1].query(DistChart) and len(fake.dist_calls) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_bare_movie_title_is_completed_from_the_profiles_movies(fake, store):
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        notes = notes_of(app)
+        screen = chat(app)
+        await send(pilot, "toy story")  # one match: completed at once, and said so
+        toy = "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"
+        assert fake.calls[-1]["text"] == toy and fake.dist_calls[-1][0] == toy
+        assert store.messages(screen.conversation_id)[-2].content == toy
+        assert notes[-1] == ("completed from your movies", toy)
+
+        screen.query_one(ChatInput).load_text("Star Wars")  # several: a picker
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the picker")
+        options = app.screen.query_one(OptionList)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert len(ids) == 5 and all("Star Wars" in i and "| Genres:" in i for i in ids[:4]) and ids[4] == "(send as typed)"
+        options.highlighted = 1
+        await pilot.press("enter")
+        await until(pilot, lambda: fake.calls[-1]["text"] == ids[1] and not screen.busy, "the chosen movie's answer")
+
+        screen.query_one(ChatInput).load_text("Star Wars")  # Esc: back to the input, nothing sent
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the picker")
+        n = len(fake.calls)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(fake.calls) == n and screen.query_one(ChatInput).text == "Star Wars"
+        screen.query_one(ChatInput).clear()
+
+        await send(pilot, "Frozen")  # unknown: sent as typed, with a notice
+        assert fake.calls[-1]["text"] == "Frozen" and notes[-1][0] == "no match"
+        await send(pilot, "Heat (1995) | Genres: Action|Crime|Thriller")  # a full query is left alone
+        assert fake.calls[-1]["text"] == "Heat (1995) | Genres: Action|Crime|Thriller"
+
+        await pilot.press("ctrl+t")
+        app.screen.query_one(OptionList).highlighted = 0  # free chat: a title is just text
+        await pilot.press("enter")
+        await send(pilot, "toy story")
+        assert fake.calls[-1]["text"] == "toy story"
+
+
+@pytest.mark.asyncio
+async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
+    import os
+    import subprocess
+
+    from p2p_local.tui.first_run_screen import FirstRunScreen
+
+    # Only the demo: the first-run screen opens; `d` goes on with the demo.
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
+        assert chat(app).profile == DEMO_PROFILE and not [p for p in store.list_profiles() if p.name != "demo"]
+
+    # A git repository: `g`, the path, Enter.
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Ada", "GIT_AUTHOR_EMAIL": "ada@example.org", "GIT_COMMITTER_NAME": "Ada",
+           "GIT_COMMITTER_EMAIL": "ada@example.org", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path)}
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "ada@example.org")
+    for i in range(3):
+        (repo / f"f{i}.py").write_text(f"x = {i}\n")
+        git("add", "-A")
+        git("commit", "-q", "-m", f"Add module {i}")
+    app = ChatApp(fake, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
+        screen = app.screen
+        await pilot.press("g")
+        assert screen.focused is screen.query_one("#git-path", Input) and screen.focused.value == "."
+        screen.focused.value = str(tmp_path / "nope")
+        await pilot.press("enter")
+        await until(pilot, lambda: "nope" in str(screen.query_one("#first-run-status").render()), "the error")
+        assert not store.profile_exists("me") and app.screen is screen  # nothing left behind
+        screen.query_one("#git-path", Input).value = str(repo)
+        screen.query_one("#git-path", Input).focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
+        assert chat(app).profile == "me" and chat(app).task_name == "pytest-commit-subject"
+        assert store.get_profile("me").n_items == 3
+
+    # Now there is a profile of one's own: no first-run screen, but the palette's "Import history" opens it.
+    # A file: `f`, the path, Enter (into another profile name).
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"user_id": "u", "task": "movielens-rating", "items": ['
+                    '{"input": "Heat (1995) | Genres: Action|Crime|Thriller", "output": "5", "time": 1}]}\n')
+    app = ChatApp(fake, profile="me")
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.screen, ChatScreen)
+        chat(app).action_import()
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the import screen")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#profile-name", Input).value = "films"
+        await pilot.press("f")
+        assert screen.focused is screen.query_one("#file-path", Input)
+        await pilot.press(*str(data), "enter")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
+        assert chat(app).profile == "films" and chat(app).task_name == "movielens-rating"
+        assert [it.input for it in store.items("films")] == ["Heat (1995) | Genres: Action|Crime|Thriller"]
+
+
+@pytest.mark.asyncio
+async def test_profile_panel_shows_what_the_adapter_is_built_from_exports_and_forgets(fake, store, monkeypatch):
+    from p2p_local.commands import adapter as adapter_cmd
+    from p2p_local.tui.ask_screen import AskScreen
+    from p2p_local.tui.first_run_screen import FirstRunScreen
+
+    exports = []
+
+    def export_adapter(session, profile, to, *, task=None, query=None, fmt="gguf", mode=0o600):
+        exports.append((session, profile, to, task))
+        return adapter_cmd.Export(to / "x.gguf", to / "x.README.md", task, profile, "f" * 16, to)
+
+    monkeypatch.setattr(adapter_cmd, "export_adapter", export_adapter)
+    app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        panel = app.screen
+        head = str(panel.query_one("#profile-head").render())
+        assert "119 items (movielens-rating 119)" in head and "last change 20" in head
+        assert "adapter for movielens-rating: built from 119 items · none made yet" in head
+
+        await pilot.press("e")  # export: the folder is asked, prefilled
+        assert isinstance(app.screen, AskScreen)
+        assert app.screen.query_one(Input).value == str(paths.data_dir() / "exports")
+        await pilot.press("enter")
+        await until(pilot, lambda: exports, "the export")
+        assert exports == [(fake, DEMO_PROFILE, paths.data_dir() / "exports", "movielens-rating")]
+
+        await pilot.press("ctrl+x")  # forget: the name must be typed
+        assert isinstance(app.screen, AskScreen)
+        await pilot.press(*"demx", "enter")
+        await pilot.pause()
+        assert app.screen is panel and store.profile_exists(DEMO_PROFILE)
+        await pilot.press("ctrl+x", *DEMO_PROFILE, "enter")
+        # Gone; no profile of one's own is left: the chat goes on without one and offers an import.
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
+        assert not store.profile_exists(DEMO_PROFILE) and chat(app).profile is None
+        await pilot.press("escape")
+        assert isinstance(app.screen, ChatScreen)

@@ -76,7 +76,7 @@ def no_error(view: MessageView) -> bool:
 @pytest.mark.asyncio
 async def test_real_rating_personalized_base_scale_and_side_by_side(session):
     engine = session.engine
-    app = ChatApp(session, profile=DEMO_PROFILE)
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat
         assert screen.task_name == "movielens-rating"
@@ -140,7 +140,7 @@ async def test_real_escape_stops_llama_cpp_and_the_chat_goes_on(session):
         return held()
 
     session.answer = held_answer
-    app = ChatApp(session, profile=DEMO_PROFILE, task=FREE_CHAT)
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat
         screen.query_one(ChatInput).load_text("Write a very long story about a dragon who learns to cook.")
@@ -169,7 +169,7 @@ async def test_real_profile_panel_and_profile_switch(session):
     store.create_profile("alice", task="popquorn-offensiveness")
     store.add_item("alice", None, "What a stupid idea, typical of people like you.", "4")
     store.add_item("alice", None, "Thanks for sharing, this helped me a lot.", "1")
-    app = ChatApp(session, profile=DEMO_PROFILE)
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat
         await pilot.press("ctrl+o")
@@ -199,3 +199,46 @@ async def test_real_profile_panel_and_profile_switch(session):
         assert no_error(replies(app)[-1])
         active = session.engine.active[0]
         assert active is not None and active.path.parent == store.adapter_dir("alice")
+
+
+@pytest.mark.asyncio
+async def test_real_bare_title_rating_chart_and_honest_free_chat(session):
+    import numpy as np
+
+    from p2p_local import pipeline
+    from p2p_local.tui.session import ChatSession
+    from p2p_local.tui.widgets import DistChart
+
+    assert isinstance(session, ChatSession)
+    card = session.card("movielens-rating")
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat
+        await send(pilot, "toy story")  # completed from the demo's own movies
+        toy = "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"
+        assert session.store.messages(screen.conversation_id)[0].content == toy
+        view = replies(app)[-1]
+        assert no_error(view) and list(view.dist) == card.labels
+        assert abs(sum(view.dist.values()) - 1.0) < 1e-3
+        assert view.query_one(DistChart).has_class("-shown")
+        # The chart is the distribution the answer was read off: the same adapter is still attached.
+        assert session.engine.active[0] is not None
+        exact = session.label_distribution(toy, "movielens-rating")
+        assert view.dist == pytest.approx(exact, abs=1e-3)
+        assert view.text == pipeline.decode_label(card, np.log(np.array(list(exact.values()))))
+
+        await send(pilot, "Frozen")  # not among the demo's movies: sent as typed
+        assert session.store.messages(screen.conversation_id)[-2].content == "Frozen"
+        assert no_error(replies(app)[-1]) and replies(app)[-1].dist
+
+        await pilot.press("ctrl+t")
+        app.screen.query_one("OptionList").highlighted = 0  # free chat
+        await pilot.press("enter")
+        await pilot.pause()
+        if not session.free_chat_adapter():
+            assert app.sub_title.endswith("free chat · base model + your profile summary")
+            await send(pilot, "Which movie should I watch tonight?")
+            view = replies(app)[-1]
+            assert no_error(view) and str(view.query_one(".title").render()).startswith(
+                "base model + your profile summary")
+            assert session.engine.active == (None, 0.0)  # no adapter was attached for it

@@ -4,13 +4,11 @@
     from p2p_local.tui import ChatApp
     ChatApp(Session.open(), profile="demo", task="movielens-rating").run()
 
-The session is what the chat needs from the rest of p2p-local:
-  .store                                   the profile store (used on the UI thread only)
-  .task_cards() -> {name: TaskCard}
-  .personalize(profile, task) -> PersonalizeResult(adapter_path, timings_ms, cached, neutral)
-  .answer(text, *, profile, task, personalized, scale, transcript) -> Iterator[str]  (close() cancels;
-        task "chat" = free chat, with `transcript` = earlier (role, text) turns)
-  .profile_text(profile, task) -> Profile(.summary, .text, .features)
+The session is what the chat needs from the rest of p2p-local: `p2p_local.tui.session.ChatSession`
+(store, task cards, personalize, answer, the label distribution, the profile text and summary).
+
+With no profile of the user's own (only the demo, or none) the chat opens on the first-run screen:
+import from git or a file, or use the demo.
 """
 
 from __future__ import annotations
@@ -23,7 +21,10 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from p2p_local.store import Store
 from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen
+from p2p_local.tui.first_run_screen import own_profiles
+from p2p_local.tui.session import ChatSession
 
 T = TypeVar("T")
 
@@ -37,19 +38,21 @@ class ChatApp(App[None]):
 
     def __init__(
         self,
-        session: Any,  # see the module docstring; `task=None`: the profile's task, "free chat": none
+        session: ChatSession,  # `task=None`: the profile's task; "free chat": none
         *,
-        store: Any = None,
+        store: Store | None = None,
         profile: str | None = None,
         task: str | None = None,
         personalized: bool = True,
         scale: float = 1.0,
         compare: bool = False,
         resume: bool = True,
+        first_run: bool | None = None,  # None: when the user has no profile of their own
     ) -> None:
         super().__init__()
         self.session = session
         self.store = store if store is not None else session.store
+        self.first_run = not own_profiles(self.store) if first_run is None else first_run
         self.cards = dict(session.task_cards())
         self.session_lock = threading.Lock()  # one engine: personalize and answer never run at once
         if task is None and profile is not None:  # the profile's default task
@@ -68,7 +71,7 @@ class ChatApp(App[None]):
         and the worker waits for it. `answer()` returns quickly (personalize + attach, then a
         generator); the generator, which holds llama.cpp for the whole reply, is iterated in the worker.
         """
-        if getattr(self.session, "threadsafe", False):
+        if self.session.threadsafe:
             return fn(*args, **kwargs)
         return self.call_from_thread(fn, *args, **kwargs)
 
@@ -88,6 +91,7 @@ class ChatApp(App[None]):
             for title, about, action in (
                 ("Task", "Pick the task (its prompt template) or free chat", chat.action_pick_task),
                 ("Switch profile", "Chat as another profile", chat.action_pick_profile),
+                ("Import history", "A profile from your git commits or a file, or the demo", chat.action_import),
                 ("Profile panel", "Items, summary and the exact encoder text", chat.action_open_profile),
                 ("Personalization on/off", "Answer with or without the adapter", chat.action_toggle_personal),
                 ("Side by side", "Base model and personalized answers next to each other", chat.action_toggle_compare),

@@ -5,6 +5,10 @@ to the UI at most every FLUSH_S seconds, so typing stays responsive whatever the
 Esc cancels: the worker notices between pieces and closes the generator, which stops llama.cpp.
 Store writes happen on the UI thread, and session calls go through `ChatApp.session_call` (a sqlite3
 connection belongs to the thread that opened it).
+
+A rating reply also shows the label distribution it was read off (one more forward pass of the prompt,
+with the adapter still attached); a bare movie title is completed from the movies the store holds
+(titles.py) before it is sent; free chat says what it is: the base model with the profile's summary.
 """
 
 from __future__ import annotations
@@ -24,15 +28,20 @@ from textual.worker import Worker, get_current_worker
 
 from p2p_local import paths
 from p2p_local.errors import P2PError
+from p2p_local.tui.first_run_screen import FirstRunScreen, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
-from p2p_local.tui.profile_screen import ProfileScreen
+from p2p_local.tui.profile_screen import FORGOTTEN, ProfileScreen
+from p2p_local.tui.session import SESSION_FREE_CHAT, AdapterResult, free_chat_mode
+from p2p_local.tui.titles import Catalogue, Movie, needs_completion
 from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
 
 FLUSH_S = 0.05  # hand streamed text to the UI at most this often
 SCALE_STEP, SCALE_MAX = 0.25, 2.0
 FREE_CHAT = "free chat"  # shown in the UI; the session's own name for it is SESSION_FREE_CHAT
-SESSION_FREE_CHAT = "chat"
+FREE_CHAT_MODES = {"summary": "base model + your profile summary", "adapter": "free-chat adapter",
+                   "base": "base model"}
+AS_TYPED = "(send as typed)"
 # The session stops free chat at the next turn; the same stops here keep a half-typed "\nUser:" off screen.
 CHAT_STOPS = ("\nUser:", "\n\n\n")
 LABEL_STOPS = ("\n",)
@@ -52,6 +61,7 @@ class Job:
     transcript: list[tuple[str, str]] | None  # free chat: earlier (role, text) turns
     stops: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    dist: bool = False  # a rating/label reply: also read the label distribution (the bar chart)
 
 
 def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -71,7 +81,12 @@ def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 def reply_title(meta: dict[str, Any]) -> str:
     mode = meta.get("mode", "base")
-    title = f"personalized ×{meta.get('scale', 1.0):.2f}" if mode == "personalized" else "base model"
+    if mode != "personalized":
+        title = "base model"
+    elif meta.get("free_chat") == "summary":
+        title = FREE_CHAT_MODES["summary"]  # free chat attaches no task adapter: never claim one
+    else:
+        title = f"personalized ×{meta.get('scale') or 1.0:.2f}"
     if meta.get("profile") and mode == "personalized":
         title += f" · {meta['profile']}"
     if meta.get("seconds") is not None:
@@ -123,6 +138,7 @@ class ChatScreen(Screen):
         self.busy = False
         self.adapter_note = ""
         self._app: Any = None  # the app, for worker threads (no active-app context there)
+        self._catalogue: Catalogue | None = None
 
     # --- layout -----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -155,11 +171,19 @@ class ChatScreen(Screen):
         self.refresh_status()
         self.query_one(ChatInput).focus()
         self.prepare_adapter()
+        if self.app.first_run:
+            self.action_import()
+
+    @property
+    def free_chat(self) -> str:
+        """How free chat answers now: "summary" (base model + profile summary), "adapter" or "base"."""
+        return free_chat_mode(self.app.session, self.profile, self.personalized)
 
     def refresh_status(self) -> None:
+        free = self.free_chat if self.task_name is None else None
         self.query_one(StatusBar).show(
             profile=self.profile, task=self.task_name, personalized=self.personalized, scale=self.scale,
-            compare=self.compare, adapter=self.adapter_note,
+            compare=self.compare, adapter=self.adapter_note, free_chat=free,
         )
         card = self.card
         inp = self.query_one(ChatInput)
@@ -168,7 +192,8 @@ class ChatScreen(Screen):
         else:
             example = "Zodiac (2007) | Genres: Crime|Drama|Thriller" if card.name == "movielens-rating" else ""
             inp.placeholder = f"{card.name}: {example or card.description}   ⏎ send · ^j newline"
-        self.app.sub_title = f"{self.profile or 'no profile'} · {self.task_name or FREE_CHAT}"
+        task = self.task_name or f"{FREE_CHAT} · {FREE_CHAT_MODES[free or 'base']}"
+        self.app.sub_title = f"{self.profile or 'no profile'} · {task}"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Greyed out in the footer when they cannot apply.
@@ -176,6 +201,8 @@ class ChatScreen(Screen):
             return True if self.busy else None
         if action in ("toggle_personal", "scale", "toggle_compare", "open_profile") and self.profile is None:
             return None
+        if action == "scale" and self.task_name is None and self.free_chat != "adapter":
+            return None  # free chat without an adapter: there is no strength to set
         return True
 
     def set_busy(self, busy: bool) -> None:
@@ -203,10 +230,13 @@ class ChatScreen(Screen):
         card = self.card
         if card is not None:
             lines.append(f"Task **{card.name}**: {card.description}")
+        elif self.free_chat == "summary":
+            lines.append("Free chat: the *base* model answers, with your profile's summary in its prompt (a task "
+                         "adapter would answer everything in its task's format). Tasks (`ctrl+t`) show the adapter.")
         else:
             lines.append("Free chat: the default model is a small *base* model, so tasks (`ctrl+t`) work best.")
         if self.profile == DEMO_PROFILE and self.task_name == "movielens-rating":
-            lines.append("Try: `" + "`  or  `".join(DEMO_QUESTIONS) + "`")
+            lines.append("Try: `" + "`  or  `".join(DEMO_QUESTIONS) + "`, or a bare title such as `Toy Story`.")
         lines.append("`ctrl+b` compares base vs personalized side by side; `ctrl+↑/↓` sets the adapter strength.")
         lines.append("`ctrl+n` new conversation · `ctrl+f` search · `ctrl+s` export as Markdown · `ctrl+l` copy the "
                      "last reply (or Tab to a message and press `c`) · `ctrl+p` every command.")
@@ -246,7 +276,8 @@ class ChatScreen(Screen):
             if m.role == "assistant" and m.meta.get("compare"):
                 if m.meta.get("mode") == "personalized":
                     flush_pair()
-                pair.append(MessageView("assistant", m.content, title=reply_title(m.meta), kind=kind))
+                pair.append(MessageView("assistant", m.content, title=reply_title(m.meta), kind=kind,
+                                        dist=m.meta.get("dist")))
                 if len(pair) == 2:
                     flush_pair()
                 continue
@@ -256,7 +287,7 @@ class ChatScreen(Screen):
                 views.append(MessageView("user", m.content, title=title))
             else:
                 title = reply_title(m.meta) if m.role == "assistant" else ""
-                views.append(MessageView(m.role, m.content, title=title, kind=kind))
+                views.append(MessageView(m.role, m.content, title=title, kind=kind, dist=m.meta.get("dist")))
         flush_pair()
         if views:
             await self.messages.mount_all(views)
@@ -295,7 +326,43 @@ class ChatScreen(Screen):
             self.notify("Still answering: press Esc to stop it first.", severity="warning")
             return
         self.query_one(ChatInput).clear()
-        await self.send(event.text)
+        await self.complete_and_send(event.text)
+
+    # --- a bare movie title -------------------------------------------------------------------------
+    def title_matches(self, text: str) -> list[Movie] | None:
+        """None: `text` needs no completion; else the movies of the store it may mean (maybe none)."""
+        card = self.card
+        if not needs_completion(card, text):
+            return None
+        if self._catalogue is None or self._catalogue.task != card.name:
+            self._catalogue = Catalogue(self.store, card.name)
+        return self._catalogue.lookup(text, self.profile)
+
+    async def complete_and_send(self, text: str) -> None:
+        """Send `text`, completed to "Title (Year) | Genres: ..." when it is a bare movie title: one match
+        at once, several through a picker, none as typed with a notice."""
+        matches = self.title_matches(text)
+        if matches is None:
+            await self.send(text)
+        elif len(matches) == 1:
+            self.notify(matches[0].text, title="completed from your movies", timeout=4)
+            await self.send(matches[0].text)
+        elif not matches:
+            self.notify(f"“{text}” is not among the movies in your profiles, so its year and genres are unknown: "
+                        "sent as typed. Add them yourself: Title (Year) | Genres: A|B", title="no match",
+                        severity="warning", timeout=8)
+            await self.send(text)
+        else:
+            options = [(m.text, "from your profiles' movies") for m in matches]
+            options.append((AS_TYPED, text))
+
+            async def picked(choice: str | None) -> None:
+                if choice is None:  # Esc: back to the input, with the text
+                    self.query_one(ChatInput).load_text(text)
+                    return
+                await self.send(text if choice == AS_TYPED else choice)
+
+            self.app.push_screen(PickerScreen(f"Which “{text}”?", options), picked)
 
     async def send(self, text: str) -> None:
         """Store the user's message, add the reply view(s) and start streaming."""
@@ -310,23 +377,33 @@ class ChatScreen(Screen):
         title = "you" + (f" · {self.task_name}" if self.task_name else "")
         await self.messages.mount(MessageView("user", text, title=title))
 
+        free = free_chat_mode(self.app.session, self.profile, True) if card is None else None
+
         def job(view: MessageView, personalized: bool) -> Job:
             meta = {"mode": "personalized" if personalized else "base", "task": self.task_name,
                     "profile": self.profile, "scale": self.scale if personalized else None}
+            if personalized and free is not None:
+                meta["free_chat"] = free  # "summary": the base model, the profile summary in the prompt
+                if free == "summary":
+                    meta["scale"] = None
             return Job(view, conv, text, self.profile, self.task_name or SESSION_FREE_CHAT, personalized, self.scale,
-                       transcript, stops, meta)
+                       transcript, stops, meta, dist=kind in ("rating", "label"))
+
+        def pending(personalized: bool) -> str:
+            if not personalized:
+                return "base model …"
+            return f"{FREE_CHAT_MODES['summary']} …" if free == "summary" else f"personalized ×{self.scale:.2f} …"
 
         if self.compare and self.profile is not None:
-            base = MessageView("assistant", title="base model …", kind=kind)
-            personal = MessageView("assistant", title=f"personalized ×{self.scale:.2f} …", kind=kind)
+            base = MessageView("assistant", title=pending(False), kind=kind)
+            personal = MessageView("assistant", title=pending(True), kind=kind)
             await self.messages.mount(ComparePair(base, personal))
             jobs = [job(personal, True), job(base, False)]
             for j in jobs:
                 j.meta["compare"] = True
         else:
             personalized = self.personalized and self.profile is not None
-            view = MessageView("assistant", title=(f"personalized ×{self.scale:.2f} …" if personalized else "base model …"),
-                               kind=kind)
+            view = MessageView("assistant", title=pending(personalized), kind=kind)
             await self.messages.mount(view)
             jobs = [job(view, personalized)]
         self.messages.scroll_end(animate=False)
@@ -347,7 +424,7 @@ class ChatScreen(Screen):
 
     def _stream_one(self, j: Job, worker: Worker) -> None:
         """Stream one reply (runs in the worker thread, holding the session for its whole length)."""
-        app, text, shown, stopped, error = self._app, "", "", False, None
+        app, text, shown, stopped, error, dist = self._app, "", "", False, None, None
         t0 = time.monotonic()
         last = t0 - FLUSH_S  # the first piece shows at once; later ones are batched
         with app.session_lock:
@@ -377,7 +454,19 @@ class ChatScreen(Screen):
             finally:
                 if pieces is not None and hasattr(pieces, "close"):
                     pieces.close()  # closing the generator stops llama.cpp mid-reply
-        self._call(self.finish_job, j, text.strip(), stopped, error, time.monotonic() - t0)
+            if j.dist and text.strip() and not (stopped or error):
+                dist = self._distribution(j)
+        self._call(self.finish_job, j, text.strip(), stopped, error, time.monotonic() - t0, dist)
+
+    def _distribution(self, j: Job) -> dict[str, float] | None:
+        """The label distribution the answer was read off: the adapter `answer` attached is still attached
+        (the session lock is held), so this is one forward pass of the prompt. None if it cannot be had."""
+        app = self._app
+        try:
+            dist = app.session_call(app.session.label_distribution, j.text, j.task)
+        except Exception:  # a chart is a nicety: the answer stands without it
+            return None
+        return {label: round(float(p), 4) for label, p in dist.items()}
 
     def _call(self, fn, *args, **kwargs) -> None:
         """From a worker thread: run `fn` on the UI thread and wait for it (a no-op once the app is closing)."""
@@ -386,8 +475,11 @@ class ChatScreen(Screen):
         except RuntimeError:
             pass
 
-    async def finish_job(self, j: Job, text: str, stopped: bool, error: str | None, seconds: float) -> None:
+    async def finish_job(self, j: Job, text: str, stopped: bool, error: str | None, seconds: float,
+                         dist: dict[str, float] | None = None) -> None:
         meta = {**j.meta, "seconds": round(seconds, 2)}
+        if dist:
+            meta["dist"] = dist
         if stopped:
             meta["stopped"] = True
         if error:
@@ -396,7 +488,7 @@ class ChatScreen(Screen):
         self.store.add_message(j.conversation_id, "assistant", text, meta)
         if j.view.is_attached:  # not when the user moved to another conversation meanwhile
             shown = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
-            await j.view.finish(shown, title=reply_title(meta), stopped=stopped)
+            await j.view.finish(shown, title=reply_title(meta), stopped=stopped, dist=dist)
 
     def action_stop(self) -> None:
         if self.busy:
@@ -411,6 +503,11 @@ class ChatScreen(Screen):
         if profile is None or not self.personalized and not self.compare:
             self._call(self.set_adapter_note, "")
             return
+        if task is None:  # free chat: an adapter only from a bundle trained for it
+            if free_chat_mode(self._app.session, profile, True) != "adapter":
+                self._call(self.set_adapter_note, "no adapter in free chat")
+                return
+            task = SESSION_FREE_CHAT
         self._call(self.set_adapter_note, "making adapter …")
         worker = get_current_worker()
         try:
@@ -426,7 +523,7 @@ class ChatScreen(Screen):
             self._call(self.set_adapter_note, "no adapter")
             self._call(self.notify, f"{type(e).__name__}: {e}", title="personalization failed", severity="error")
             return
-        if (profile, task) == (self.profile, self.task_name):
+        if (profile, task) == (self.profile, self.task_name or SESSION_FREE_CHAT):
             self._call(self.set_adapter_note, adapter_note(result))
 
     def set_adapter_note(self, note: str) -> None:
@@ -441,6 +538,8 @@ class ChatScreen(Screen):
             self.prepare_adapter()
 
     def action_scale(self, direction: int) -> None:
+        if self.check_action("scale", ()) is None:
+            return
         # Floor at one step: x0 would be the base model labelled "personalized" (ctrl+g is the base model).
         self.scale = min(SCALE_MAX, max(SCALE_STEP, round(self.scale + direction * SCALE_STEP, 2)))
         self.refresh_status()
@@ -494,11 +593,28 @@ class ChatScreen(Screen):
         if self.profile is None:
             return
 
-        def closed(changed: bool | None) -> None:
-            if changed:
+        async def closed(changed: bool | str | None) -> None:
+            if changed == FORGOTTEN:  # the profile is gone, with its conversations
+                own = own_profiles(self.store)
+                await self.switch_profile(own[0] if own else None)
+                if not own:
+                    self.action_import()
+            elif changed:
                 self.prepare_adapter()  # the history changed: a new adapter
 
         self.app.push_screen(ProfileScreen(self.profile, self.task_name), closed)
+
+    def action_import(self) -> None:
+        """The first-run screen: import from git or a file, or use the demo; the chat opens the result."""
+
+        async def done(profile: str | None) -> None:
+            if profile is not None and profile != self.profile:
+                await self.switch_profile(profile)
+            elif profile is not None:
+                self.prepare_adapter()  # imported into the current profile: a new adapter
+            self.query_one(ChatInput).focus()
+
+        self.app.push_screen(FirstRunScreen(), done)
 
     # --- conversations: new, search, export, copy -------------------------------------------------
     async def action_new_conversation(self) -> None:
@@ -535,14 +651,14 @@ class _NoCard:
     kind = None
 
 
-def adapter_note(result) -> str:
+def adapter_note(result: AdapterResult) -> str:
     """'adapter made in 264 ms' / 'adapter cached' (+ caveats) for the status line."""
-    timings = getattr(result, "timings_ms", None) or {}
+    timings = result.timings_ms or {}
     total = timings.get("total_ms", sum(timings.values()))
-    note = "adapter cached" if getattr(result, "cached", False) else f"adapter made in {total:.0f} ms"
-    if getattr(result, "empty", False):
+    note = "adapter cached" if result.cached else f"adapter made in {total:.0f} ms"
+    if result.empty:
         note += " · empty profile"
-    if getattr(result, "neutral", False):
+    if result.neutral:
         note += " · untrained bundle: no effect"
     return note
 

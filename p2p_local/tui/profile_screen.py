@@ -1,12 +1,15 @@
-"""The profile panel: the items behind the adapter, the summary, and the exact text the encoder sees.
+"""The profile panel: what the adapter is built from (items, tasks, last change), the items, the summary,
+and the exact text the encoder sees.
 
 Add an item (type its input and output, Enter) or forget one (select it, Delete). Every change makes
-the cached adapter stale; closing the panel makes a new one.
+the cached adapter stale; closing the panel makes a new one. `e` exports the adapter (what
+`p2p adapter export` does); `ctrl+x` forgets the whole profile, after its name is typed to confirm.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -16,7 +19,11 @@ from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static, TabbedContent, TabPane, TextArea
 
+from p2p_local import paths
 from p2p_local.errors import P2PError
+from p2p_local.pipeline import HISTORY_READ
+from p2p_local.tui.ask_screen import AskScreen
+from p2p_local.tui.session import export_profile_adapter
 
 MAX_ROWS = 500  # newest items shown; the store handles 100k-item profiles, a table should not
 
@@ -26,14 +33,24 @@ def _cell(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-class ProfileScreen(Screen[bool]):
-    """View, add and forget a profile's items; see its summary and encoder text. Dismisses with `changed`."""
+def when(t: float | None, with_time: bool = True) -> str:
+    return time.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d", time.localtime(t)) if t else "—"
+
+
+FORGOTTEN = "forgotten"  # what the panel dismisses with once the whole profile is gone
+
+
+class ProfileScreen(Screen[bool | str]):
+    """View, add and forget a profile's items; see its summary and encoder text; export the adapter or forget
+    the profile. Dismisses with `changed` (True: a new adapter is due), or FORGOTTEN."""
 
     BINDINGS = [
         Binding("escape", "close", "back"),
         Binding("delete,d", "forget", "forget item"),
         Binding("a", "add", "add item"),
         Binding("p", "personalize", "make adapter"),
+        Binding("e", "export", "export adapter"),
+        Binding("ctrl+x", "forget_profile", "forget profile"),
     ]
 
     def __init__(self, profile: str, task: str | None) -> None:
@@ -83,24 +100,39 @@ class ProfileScreen(Screen[bool]):
         self.refresh_profile_text()
 
     def refresh_items(self) -> None:
-        p = self.store.get_profile(self.profile)
-        if not self.store.adapters(self.profile):
-            stale = "none yet (made on the first question)"
-        else:
-            stale = "stale (changes since the last adapter)" if p.adapter_stale else "up to date"
-        shown = min(p.n_items, MAX_ROWS)
-        self.query_one("#profile-head", Static).update(
-            f"[b]{p.name}[/b] · {p.n_items} items{f' (newest {shown} shown)' if shown < p.n_items else ''}"
-            f" · default task {p.task or '—'} · adapter {stale}"
-        )
+        self.query_one("#profile-head", Static).update(self.head())
         table = self.query_one("#item-table", DataTable)
         row = table.cursor_row
         table.clear()
         for it in reversed(self.store.items(self.profile, limit=MAX_ROWS)):  # newest first
-            when = time.strftime("%Y-%m-%d", time.localtime(it.time)) if it.time else "—"
-            table.add_row(str(it.id), when, it.task, _cell(it.input, 60), _cell(it.output, 30), key=str(it.id))
+            table.add_row(str(it.id), when(it.time, with_time=False), it.task, _cell(it.input, 60), _cell(it.output, 30), key=str(it.id))
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
+
+    def head(self) -> Content:
+        """Two lines: the profile (items per task, last change) and what its adapter is built from."""
+        p = self.store.get_profile(self.profile)
+        counts = self.store.task_counts(self.profile)
+        tasks = ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda tn: -tn[1])) or "no items"
+        shown = min(p.n_items, MAX_ROWS)
+        line1 = Content.assemble((p.name, "bold"), f" · {p.n_items} items ({tasks})",
+                                 f" · newest {shown} shown" if shown < p.n_items else "",
+                                 f" · last change {when(p.updated)}")
+        task = self.item_task
+        adapters = self.store.adapters(self.profile)
+        if task is None:
+            built = "adapter: no task yet (pick one with ctrl+t in the chat)"
+        else:
+            n = counts.get(task, 0)
+            read = f", the newest {HISTORY_READ} read" if n > HISTORY_READ else ""
+            built = f"adapter for {task}: built from {n} items{read}"
+        if not adapters:
+            state = "none made yet (made on the first question)"
+        elif p.adapter_stale:
+            state = f"stale: the items changed after the last one ({when(adapters[0].created)})"
+        else:
+            state = f"up to date, made {when(adapters[0].created)}"
+        return Content("\n").join([line1, Content.assemble((built, "dim"), " · ", (state, "dim"))])
 
     def refresh_profile_text(self) -> None:
         task = self.item_task
@@ -163,6 +195,49 @@ class ProfileScreen(Screen[bool]):
         self.changed = True
         self.refresh_all()
         self.notify(f"forgot item #{key}", timeout=2)
+
+    def action_forget_profile(self) -> None:
+        p = self.store.get_profile(self.profile)
+
+        def answered(name: str | None) -> None:
+            if name is None:
+                return
+            if name != p.name:
+                self.notify(f"The name did not match: {p.name!r} is kept.", severity="warning")
+                return
+            report = self.store.forget_profile(p.name)
+            self.app.notify(f"{report.items} items, {report.adapters} adapters, {report.conversations} conversations",
+                            title=f"forgot '{p.name}'", timeout=6)
+            self.dismiss(FORGOTTEN)
+
+        self.app.push_screen(AskScreen(
+            f"Forget profile {p.name}?",
+            f"This deletes {p.name}, its {p.n_items} items, their change history, its adapters and its "
+            "conversations, on this device. Type the profile's name to confirm.",
+            placeholder=p.name), answered)
+
+    def action_export(self) -> None:
+        def answered(folder: str | None) -> None:
+            if folder:
+                self.notify("exporting the adapter …", timeout=2)
+                self.export_adapter(self.app, self.item_task, Path(folder).expanduser())
+
+        self.app.push_screen(AskScreen(
+            "Export the adapter to", "The adapter under a stable name, with a README of the llama.cpp, llama-server "
+            "and Ollama commands that use it (what `p2p adapter export` writes).",
+            value=str(paths.data_dir() / "exports")), answered)
+
+    @work(thread=True, exclusive=True, group="adapter", exit_on_error=False)
+    def export_adapter(self, app, task: str | None, folder: Path) -> None:
+        try:
+            with app.session_lock:
+                ex = app.session_call(export_profile_adapter, app.session, self.profile, folder, task)
+        except Exception as e:
+            app.call_from_thread(self.notify, str(e), title="export failed", severity="error", timeout=10)
+            return
+        app.call_from_thread(self.notify, f"{ex.path}\nhow to use it: {ex.readme}", title="adapter exported",
+                             timeout=10)
+        app.call_from_thread(self.refresh_items)
 
     def action_personalize(self) -> None:
         self.notify("making the adapter …", timeout=2)

@@ -36,7 +36,7 @@ async def capture(out: Path, size: tuple[int, int], questions: list[str]) -> Non
     session = Session.open()
     try:
         profile = import_demo(session.store)
-        app = ChatApp(session, profile=profile, compare=True, resume=False)
+        app = ChatApp(session, first_run=False, profile=profile, compare=True, resume=False)
         async with app.run_test(size=size) as pilot:
             screen = app.chat
             for q in questions:

@@ -1,4 +1,5 @@
-"""Small widgets of the chat: the multi-line input, one message, a base-vs-personalized pair, the status line."""
+"""Small widgets of the chat: the multi-line input, one message (with a rating's label distribution as a
+bar chart beside the stars), a base-vs-personalized pair, the status line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
@@ -62,19 +64,52 @@ def stars(label: str, top: int = 5) -> str:
     return "★" * n + "☆" * (top - n) if 1 <= n <= top else ""
 
 
+BAR_WIDTH = 12  # cells of the longest possible bar (probability 1)
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def bar(p: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of `p` in 0..1, to an eighth of a cell."""
+    eighths = round(max(0.0, min(1.0, p)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width)
+
+
+def dist_chart(dist: dict[str, float], answer: str = "") -> Content:
+    """The label distribution, highest label on top, one line each: `5 ███▌        29%`; the answer in bold."""
+    lines = []
+    for label in reversed(list(dist)):
+        p = dist[label]
+        style = "bold $success" if label == answer.strip() else "$text-muted"
+        lines.append(Content.assemble((f"{label:>2} ", "bold" if label == answer.strip() else ""),
+                                      (bar(p), style), f" {p * 100:3.0f}%"))
+    return Content("\n").join(lines)
+
+
+class DistChart(Static):
+    """The model's probabilities over the labels, beside a rating answer (what its median was read off)."""
+
+    def show(self, dist: dict[str, float] | None, answer: str = "") -> None:
+        self.set_class(bool(dist), "-shown")
+        self.update(dist_chart(dist, answer) if dist else "")
+
+
 class MessageView(Vertical, can_focus=True):
     """One message: a title line and a Markdown body that can grow while a reply streams in.
+    A rating/label reply shows its label distribution as a bar chart beside the stars (`dist`).
 
     Focus it (Tab, or click) and press `c` to copy its text.
     """
 
     BINDINGS = [Binding("c", "copy", "copy message")]
 
-    def __init__(self, role: str, text: str = "", *, title: str = "", kind: str | None = None, **kw) -> None:
+    def __init__(self, role: str, text: str = "", *, title: str = "", kind: str | None = None,
+                 dist: dict[str, float] | None = None, **kw) -> None:
         super().__init__(classes=f"message {role}", **kw)
         self.role = role
         self.text = text
         self.kind = kind  # task kind of the reply (rating answers are shown with stars)
+        self.dist = dist
         self._title = title or {"user": "you", "assistant": "assistant", "system": "note"}.get(role, role)
 
     def compose(self) -> ComposeResult:
@@ -82,6 +117,12 @@ class MessageView(Vertical, can_focus=True):
         if self.role == "user":
             # The user's text is shown as typed, never interpreted as Markdown.
             yield Static(self.text, classes="body", markup=False)
+        elif self.kind in ("rating", "label"):
+            with Horizontal(classes="answer-row"):
+                yield Markdown(self._shown(self.text), classes="body")
+                chart = DistChart(classes="dist")
+                chart.show(self.dist, self.text)
+                yield chart
         else:
             yield Markdown(self._shown(self.text), classes="body")
 
@@ -106,14 +147,20 @@ class MessageView(Vertical, can_focus=True):
         self.add_class("streaming")
         await self.body.append(delta)
 
-    async def finish(self, text: str, *, title: str | None = None, stopped: bool = False) -> None:
-        """Show the final text (re-rendered once, with the rating shown as stars)."""
+    async def finish(self, text: str, *, title: str | None = None, stopped: bool = False,
+                     dist: dict[str, float] | None = None) -> None:
+        """Show the final text (re-rendered once, with the rating shown as stars and its distribution)."""
         self.text = text
         self.remove_class("streaming")
         self.set_class(stopped, "stopped")
         if title is not None:
             self.set_title(title)
         await self.body.update(self._shown(text) if text else "_(no answer)_")
+        if dist is not None:
+            self.dist = dist
+        charts = self.query(DistChart)
+        if charts:
+            charts.first().show(self.dist, text)
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.text)
@@ -145,10 +192,16 @@ class StatusBar(Static):
         scale: float,
         compare: bool,
         adapter: str = "",
+        free_chat: str | None = None,
     ) -> None:
+        """`free_chat` (task None): how it answers, "adapter", "summary" (base model + profile summary) or "base"."""
         parts = [f"[b]profile[/b] {profile or '—'}", f"[b]task[/b] {task or 'free chat'}"]
         if profile is None:
             parts.append("[dim]base model only[/dim]")
+        elif task is None and free_chat == "summary":
+            parts.append("[b $success]base model + your profile summary[/] [dim](no adapter in free chat)[/dim]")
+        elif task is None and free_chat == "base":
+            parts.append("[b $warning]base model[/]")
         elif personalized:
             parts.append(f"[b $success]personalized[/] ×{scale:.2f}")
         else:

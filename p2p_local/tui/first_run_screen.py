@@ -1,0 +1,169 @@
+"""The first-run screen: where your profile comes from, when you have none of your own (only the demo, or nothing).
+
+    g  your commits in a git repository (path, optional author): what `p2p profile import NAME --git PATH` does
+    f  a file: JSONL / JSON / CSV / MovieLens ratings / Letterboxd export (`p2p profile import NAME FILE`)
+    d  the demo profile (a real MovieLens user)
+
+Each is at most two keys away: `g` then Enter imports the current directory's repository, `d` opens the demo.
+The import runs in a worker, on its own store connection (a sqlite3 connection belongs to one thread).
+Dismisses with the profile to open, or None to go on as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+from p2p_local.errors import P2PError
+
+OWN_PROFILE = "me"  # the name an import gets unless the user types another
+
+
+def own_profiles(store) -> list[str]:
+    """The user's profiles: every profile but the demo."""
+    from p2p_local.demo import DEMO_PROFILE
+
+    return [p.name for p in store.list_profiles() if p.name != DEMO_PROFILE]
+
+
+class FirstRunScreen(ModalScreen[str | None]):
+    """Import your history from git or a file, or use the demo; dismisses with the profile to open."""
+
+    BINDINGS = [
+        Binding("g", "git", "git repository"),
+        Binding("f", "file", "file"),
+        Binding("d", "demo", "demo"),
+        Binding("escape", "back", "back"),
+    ]
+    AUTO_FOCUS = "#sources"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="first-run"):
+            yield Label("[b]Welcome to p2p chat[/b]  [dim]g · f · d  ·  esc: go on as before[/dim]")
+            yield Static("Answers are personalized by a LoRA adapter made on this device from your own history; "
+                         "nothing leaves it. Where should your profile come from?", classes="about")
+            yield OptionList(
+                Option(self._line("g", "your commits in a git repository", "git log, no network; the "
+                                  "commit-subject task"), id="git"),
+                Option(self._line("f", "a file", "JSONL, JSON, CSV, MovieLens ratings or a Letterboxd export"),
+                       id="file"),
+                Option(self._line("d", "the demo", "a real MovieLens user's 119 ratings"), id="demo"),
+                id="sources",
+            )
+            with Horizontal(classes="form -hidden", id="git-form"):
+                yield Input(".", placeholder="repository path", id="git-path")
+                yield Input(placeholder="author e-mail (default: the repository's user.email)", id="git-author")
+            with Horizontal(classes="form -hidden", id="file-form"):
+                yield Input(placeholder="path to the file, e.g. ~/Downloads/ratings.csv", id="file-path")
+            with Horizontal(classes="form -hidden", id="name-form"):
+                yield Label("into profile", classes="field-label")
+                yield Input(OWN_PROFILE, id="profile-name")
+            yield Static(id="first-run-status")
+
+    @staticmethod
+    def _line(key: str, what: str, about: str) -> Content:
+        return Content.assemble((f" {key} ", "bold reverse"), "  ", (what, "bold"), "\n      ", (about, "dim"))
+
+    @property
+    def profile_name(self) -> str:
+        return self.query_one("#profile-name", Input).value.strip() or OWN_PROFILE
+
+    def say(self, text: str, error: bool = False) -> None:
+        self.query_one("#first-run-status", Static).update(Content(text).stylize("bold red" if error else "dim"))
+
+    def show_form(self, which: str) -> None:
+        """The git or the file form (and the profile name), the other one hidden."""
+        for form in ("git", "file"):
+            self.query_one(f"#{form}-form").set_class(form != which, "-hidden")
+        self.query_one("#name-form").remove_class("-hidden")
+
+    # --- the three ways -----------------------------------------------------------------------------
+    def action_git(self) -> None:
+        self.show_form("git")
+        path = self.query_one("#git-path", Input)
+        path.focus()
+        path.cursor_position = len(path.value)
+        self.say("Enter imports your commits from this repository (author optional).")
+
+    def action_file(self) -> None:
+        self.show_form("file")
+        self.query_one("#file-path", Input).focus()
+        self.say("Type the file's path, then Enter.")
+
+    def action_demo(self) -> None:
+        from p2p_local.demo import import_demo
+
+        self.dismiss(import_demo(self.app.store))
+
+    def action_back(self) -> None:
+        if isinstance(self.focused, Input):
+            self.query_one("#sources", OptionList).focus()
+        else:
+            self.dismiss(None)
+
+    @on(OptionList.OptionSelected, "#sources")
+    def chosen(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        {"git": self.action_git, "file": self.action_file, "demo": self.action_demo}[event.option.id or "demo"]()
+
+    @on(Input.Submitted, "#git-path")
+    @on(Input.Submitted, "#git-author")
+    def git_submitted(self) -> None:
+        repo = self.query_one("#git-path", Input).value.strip() or "."
+        author = self.query_one("#git-author", Input).value.strip()
+        self.say(f"reading the commits of {repo} …")
+        self.run_import(self.profile_name, "git", repo, author)
+
+    @on(Input.Submitted, "#file-path")
+    def file_submitted(self) -> None:
+        path = self.query_one("#file-path", Input).value.strip()
+        if not path:
+            self.say("Type the file's path first.", error=True)
+            return
+        self.say(f"reading {path} …")
+        self.run_import(self.profile_name, "file", path, "")
+
+    @work(thread=True, exclusive=True, group="import", exit_on_error=False)
+    def run_import(self, name: str, how: str, where: str, author: str) -> None:
+        """Import into profile `name` (created if new; removed again if the import fails)."""
+        from p2p_local.importers import import_file, import_git
+        from p2p_local.store import Store
+
+        app, path = self.app, Path(where).expanduser()
+        try:
+            with Store(app.store.path) as store:
+                created = not store.profile_exists(name)
+                if created:
+                    store.create_profile(name)
+                try:
+                    if how == "git":
+                        result = import_git(store, name, path, authors=[author] if author else ())
+                    else:
+                        result = import_file(store, name, path)
+                    if created and result.imported == 0:
+                        raise P2PError(f"nothing to import from {where}", hint="; ".join(result.notes) or None)
+                except BaseException:
+                    if created:  # all or nothing: a failed import leaves no empty profile behind
+                        store.forget_profile(name)
+                    raise
+        except P2PError as e:
+            app.call_from_thread(self.say, str(e), True)
+            return
+        except Exception as e:  # an unreadable path, a broken file: say it, stay on this screen
+            app.call_from_thread(self.say, f"{type(e).__name__}: {e}", True)
+            return
+        app.call_from_thread(self.imported, name, result)
+
+    def imported(self, name: str, result) -> None:
+        dups = f", {result.duplicates} already there" if result.duplicates else ""
+        self.app.notify(f"{result.imported} items ({result.task or 'no task'}{dups})\n" + "\n".join(result.notes),
+                        title=f"imported into '{name}'", timeout=8)
+        self.dismiss(name)

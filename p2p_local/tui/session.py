@@ -1,0 +1,78 @@
+"""What the chat needs of the rest of p2p-local: `ChatSession`, a Protocol that `p2p_local.personalize.Session`
+satisfies (and the tests' fake: tests/test_tui.py checks both with `isinstance`).
+
+Heavy objects come in from outside, so the chat never builds an engine itself and a test can hand it a
+scripted model. Beyond this surface, exporting an adapter (`p2p_local.commands.adapter.export_adapter`,
+the profile panel's `e`) needs the real `Session` (its engine's base model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from p2p_local.data.format import TaskCard
+from p2p_local.profile import Profile
+from p2p_local.store import Store
+
+SESSION_FREE_CHAT = "chat"  # the session's name for free chat (the UI says "free chat")
+
+
+@runtime_checkable
+class AdapterResult(Protocol):
+    """What `personalize` tells the status line (`PersonalizeResult`)."""
+
+    adapter_path: Path
+    timings_ms: dict[str, float]
+    cached: bool
+    neutral: bool  # the untrained stand-in bundle: the adapter changes nothing
+    empty: bool  # a profile without items: the hypernetwork's population adapter
+
+
+@runtime_checkable
+class ChatSession(Protocol):
+    """Exactly what the chat calls. `threadsafe`: its methods may run on worker threads (else they are
+    marshalled to the UI thread, where the store's sqlite3 connection lives: see `ChatApp.session_call`)."""
+
+    threadsafe: bool
+
+    @property
+    def store(self) -> Store: ...
+
+    def task_cards(self) -> dict[str, TaskCard]: ...
+
+    def personalize(self, profile: str, task: str | None = None) -> AdapterResult: ...
+
+    def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
+               scale: float = 1.0, transcript: list[tuple[str, str]] | None = None) -> Iterator[str]:
+        """Stream an answer; closing the iterator cancels. `task` "chat": free chat with `transcript`."""
+        ...
+
+    def label_distribution(self, text: str, task: str) -> dict[str, float]:
+        """Probabilities over a rating/label task's labels under the adapter attached now (after `answer`)."""
+        ...
+
+    def profile_text(self, profile: str, task: str | None = None) -> Profile: ...
+
+    def about(self, profile: str) -> str:
+        """The profile summary free chat puts in the base model's prompt."""
+        ...
+
+    def free_chat_adapter(self) -> bool:
+        """Whether the bundle was trained for free chat (else free chat is the base model + `about`)."""
+        ...
+
+
+def free_chat_mode(session: ChatSession, profile: str | None, personalized: bool) -> str:
+    """How free chat answers for this profile: "adapter", "summary" (base model + the profile summary) or "base"."""
+    if profile is None or not personalized:
+        return "base"
+    return "adapter" if session.free_chat_adapter() else "summary"
+
+
+def export_profile_adapter(session: Any, profile: str, to: Path, task: str | None) -> Any:
+    """`p2p adapter export PROFILE --to DIR [--task T]`: the same function, called from the profile panel."""
+    from p2p_local.commands import adapter
+
+    return adapter.export_adapter(session, profile, to, task=task)
