@@ -7,7 +7,7 @@ APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
 ARGS   ?=
 
-.PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean fuzz
+.PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean fuzz robustness
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,12 @@ recipes: $(DEV) data
 # The fuzz suite with its long budget (thousands of inputs per test; `make test` runs a short one).
 fuzz: $(DEV)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py $(ARGS)
+
+# The robustness catalogue: ~300 bad inputs through the real CLI, each in its own process and data dir
+# (reports/robustness.{md,json}; about 10 min on 2 cores). Tracebacks, aborts, hangs and lost files: 0.
+robustness: $(DEV)
+	$(BIN)/p2p models prepare --quiet
+	P2P_THREADS=1 $(BIN)/python -m p2p_lab.robustness $(ARGS)
 
 # Training throughput: today's step against the step at commit 6d4f086, interleaved on the same batches,
 # plus an equal-samples validation check (reports/train-bench.{json,md,png}; about 20 min on 2 cores).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,7 +113,7 @@ class Bundle:
             manifest = json.loads(manifest_bytes)
         except FileNotFoundError as e:
             raise BundleError(f"{manifest_path} is missing", hint="a bundle is a directory with manifest.json and hypernet.onnx") from e
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
             raise BundleError(f"{manifest_path} is not valid JSON ({e})", hint="the bundle is corrupt: re-export or reinstall it") from e
         _check_manifest(manifest, manifest_path)
         onnx_path = directory / manifest["onnx"]["file"]
@@ -252,13 +253,16 @@ _REQUIRED: Mapping[str, tuple[str, ...]] = {
 
 
 def _check_manifest(manifest: Any, path: Path) -> None:
+    """Every field the loader and the app read, with its type and range: a wrong one is a BundleError
+    naming the field, never a TypeError or KeyError later on."""
     hint = "the manifest is corrupt or from an incompatible version: re-export the bundle"
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: the manifest must be a JSON object", hint=hint)
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a p2p hypernetwork bundle manifest (format={manifest.get('format')!r})", hint=hint)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {manifest.get('format_version')!r}, this p2p-local reads {FORMAT_VERSION}",
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise BundleError(f"{path}: bundle format version {version!r}, this p2p-local reads {FORMAT_VERSION}",
                           hint="upgrade p2p-local or re-export the bundle")
     for section, keys in _REQUIRED.items():
         if not isinstance(manifest.get(section), dict):
@@ -268,12 +272,68 @@ def _check_manifest(manifest: Any, path: Path) -> None:
                 raise BundleError(f"{path}: missing {section}.{key}", hint=hint)
     if "feature_dim" not in manifest:
         raise BundleError(f"{path}: missing feature_dim", hint=hint)
-    lora = manifest["lora"]
-    try:
-        ok = (int(lora["rank"]) > 0 and float(lora["alpha"]) > 0 and lora["targets"]
-              and all(m in lora["shapes"] and len(lora["shapes"][m]) == 2 for m in lora["targets"])
-              and all(isinstance(x, int) for x in lora["layers"]))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise BundleError(f"{path}: the lora section is inconsistent (rank/alpha/targets/shapes/layers)", hint=hint)
+
+    def bad(field: str, value: Any, want: str) -> BundleError:
+        return BundleError(f"{path}: {field} must be {want}, got {_short(value)}", hint=hint)
+
+    def check(field: str, value: Any, ok: bool, want: str) -> None:
+        if not ok:
+            raise bad(field, value, want)
+
+    def is_int(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    def is_text(v: Any) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
+    base, encoder, lora, onnx = manifest["base"], manifest["encoder"], manifest["lora"], manifest["onnx"]
+    check("base.sha256", base["sha256"], is_text(base["sha256"]), "a sha256 string")
+    check("base.arch", base["arch"], is_text(base["arch"]), "an architecture name")
+    check("encoder.dim", encoder["dim"], is_int(encoder["dim"], 1, _MAX_DIM), f"an integer in 1..{_MAX_DIM}")
+    for key in ("id", "sha256"):
+        value = encoder.get(key)
+        check(f"encoder.{key}", value, value is None or isinstance(value, str), "a string")
+    check("feature_dim", manifest["feature_dim"], is_int(manifest["feature_dim"], 1, _MAX_DIM),
+          f"an integer in 1..{_MAX_DIM}")
+    names = manifest.get("feature_names")
+    check("feature_names", names, names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)),
+          "a list of strings")
+    fv = manifest.get("feature_version")
+    check("feature_version", fv, fv is None or is_int(fv, 0, 1 << 31) or isinstance(fv, str), "an integer")
+    check("neutral", manifest.get("neutral"), isinstance(manifest.get("neutral", False), bool), "true or false")
+    check("name", manifest.get("name"), isinstance(manifest.get("name", ""), str), "a string")
+    tasks = manifest.get("tasks", [])
+    check("tasks", tasks, isinstance(tasks, list), "a list")
+
+    check("lora.rank", lora["rank"], is_int(lora["rank"], 1, _MAX_RANK), f"an integer in 1..{_MAX_RANK}")
+    alpha = lora["alpha"]
+    check("lora.alpha", alpha, isinstance(alpha, int | float) and not isinstance(alpha, bool)
+          and math.isfinite(alpha) and alpha > 0, "a positive finite number")
+    targets = lora["targets"]
+    check("lora.targets", targets, isinstance(targets, list) and bool(targets) and len(set(map(str, targets))) == len(targets)
+          and all(is_text(t) for t in targets), "a non-empty list of distinct module names")
+    layers = lora["layers"]
+    check("lora.layers", layers, isinstance(layers, list) and bool(layers) and len(set(map(str, layers))) == len(layers)
+          and all(is_int(x, 0, _MAX_LAYER) for x in layers), f"a non-empty list of distinct integers in 0..{_MAX_LAYER}")
+    shapes = lora["shapes"]
+    check("lora.shapes", shapes, isinstance(shapes, dict), "an object of [n_out, n_in] per target")
+    for m in targets:
+        s = shapes.get(m)
+        check(f"lora.shapes.{m}", s, isinstance(s, list) and len(s) == 2 and all(is_int(x, 1, _MAX_DIM) for x in s),
+              f"[n_out, n_in], two integers in 1..{_MAX_DIM}")
+
+    file = onnx["file"]
+    check("onnx.file", file, is_text(file) and file == Path(file).name and file not in (".", ".."),
+          "a file name inside the bundle directory")
+    sha = onnx.get("sha256")
+    check("onnx.sha256", sha, sha is None or isinstance(sha, str), "a sha256 string")
+
+
+_MAX_DIM = 1 << 20  # far above any real width: bounds what a manifest can make us allocate
+_MAX_RANK = 4096
+_MAX_LAYER = 10_000
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

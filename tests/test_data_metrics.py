@@ -76,9 +76,13 @@ def test_bad_inputs_raise():
 
 
 def test_decode_distribution():
-    p = np.array([[0.1, 0.1, 0.2, 0.3, 0.3], [0.5, 0, 0, 0, 0.5], [0, 0, 0, 0.6, 0.4]])
-    assert decode_distribution(RATING, p, "argmax") == ["4", "1", "4"]
-    assert decode_distribution(RATING, p, "median") == ["4", "1", "4"]
-    assert decode_distribution(RATING, p, "mean") == ["4", "3", "4"]
+    # The last two rows tell the three rules apart: a median-decoder that fell back to argmax (or to the
+    # mean) fails here. Row 4: argmax 5, median 2 (the cdf reaches 0.5 at "2"), mean 3.01 -> 3.
+    # Row 5: argmax 1, median 3, mean 2.9 -> 3.
+    p = np.array([[0.1, 0.1, 0.2, 0.3, 0.3], [0.5, 0, 0, 0, 0.5], [0, 0, 0, 0.6, 0.4],
+                  [0.46, 0.05, 0, 0, 0.49], [0.4, 0.05, 0.3, 0.05, 0.2]])
+    assert decode_distribution(RATING, p, "argmax") == ["4", "1", "4", "5", "1"]
+    assert decode_distribution(RATING, p, "median") == ["4", "1", "4", "2", "3"]
+    assert decode_distribution(RATING, p, "mean") == ["4", "3", "4", "3", "3"]
     with pytest.raises(DataError):
         decode_distribution(RATING, p, "mode")

@@ -38,8 +38,9 @@ print("DONE", flush=True)
 
 
 def _big_jsonl(path: Path, n: int, tag: str) -> Path:
-    items = [{"input": f"{tag} movie {i} ({1950 + i % 70}) | Genres: Drama|Comedy", "output": str(1 + i % 5),
-              "time": 1e9 + i} for i in range(n)]
+    # Short items: one JSONL line holds the whole user and must stay under the importer's 4 MiB line limit.
+    items = [{"input": f"{tag} movie {i}", "output": str(1 + i % 5), "time": 1_000_000_000 + i}
+             for i in range(n)]
     path.write_text(json.dumps({"user_id": tag, "items": items}) + "\n")
     return path
 
@@ -88,31 +89,66 @@ def test_sigkill_mid_import_loses_nothing_committed_and_adds_nothing(p2p_home: P
     assert (ok, n_items, n_hist) == ("ok", 62_000, 62_000)
 
 
-@pytest.mark.parametrize("when", ["start", "write"])
-def test_sigkill_of_the_real_cli_is_all_or_nothing(p2p_home: Path, tmp_path: Path, when: str):
-    """The real `p2p profile import`, killed at whatever point it has reached: never half an import."""
-    assert main(["profile", "create", "alice", "--task", "t"]) == 0
-    big = _big_jsonl(tmp_path / "big.jsonl", 60_000, "big")
-    env = {**os.environ, "P2P_HOME": str(p2p_home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+# What a planted bug looks like: an importer that commits every 5,000 rows instead of once. Loaded into
+# the real CLI's process through sitecustomize, so the kill test below can be shown to catch it.
+CHUNKED = """
+import p2p_local.store.db as db
+real = db.Store.add_items
+def add_items(self, profile, items, task=None):
+    items, n, batch = list(items), 0, 5000
+    for i in range(0, len(items), batch):
+        n += real(self, profile, items[i:i + batch], task)
+    return n
+db.Store.add_items = add_items
+"""
+
+
+def kill_import_mid_write(p2p_home: Path, big: Path, wal_bytes: int, pythonpath: str = "") -> tuple:
+    """Run the real `p2p profile import`, SIGKILL it once the WAL holds `wal_bytes` (the write transaction
+    is under way), and return the store's (integrity, items, history). Fails if the import finished first:
+    a kill that hits nothing proves nothing."""
+    env = {**os.environ, "P2P_HOME": str(p2p_home),
+           "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(Path(__file__).resolve().parents[1])) if p)}
     child = subprocess.Popen([sys.executable, "-m", "p2p_local.cli", "profile", "import", "alice", str(big)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     db = p2p_home / "p2p.sqlite3"
     wal = db.with_name(db.name + "-wal")
     try:
-        if when == "write":  # wait until the transaction is writing (the WAL grows), then kill
-            for _ in range(3000):
-                if child.poll() is not None or (wal.exists() and wal.stat().st_size > 500_000):
-                    break
-                child_wait(child, 0.01)
+        for _ in range(30_000):
+            if child.poll() is not None or (wal.exists() and wal.stat().st_size > wal_bytes):
+                break
+            child_wait(child, 0.002)
         child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+        assert child.wait(timeout=30) == -signal.SIGKILL, f"the import ended before the kill: {child.stderr.read()}"
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    ok, n_items, n_hist = _counts(db)
+    return _counts(db)
+
+
+@pytest.mark.parametrize("wal_bytes", [50_000, 2_000_000])
+def test_sigkill_of_the_real_cli_is_all_or_nothing(p2p_home: Path, tmp_path: Path, wal_bytes: int):
+    """The real `p2p profile import`, killed early and late inside its write: never half an import."""
+    assert main(["profile", "create", "alice", "--task", "t"]) == 0
+    big = _big_jsonl(tmp_path / "big.jsonl", 60_000, "big")
+    ok, n_items, n_hist = kill_import_mid_write(p2p_home, big, wal_bytes)
     assert ok == "ok"
     assert (n_items, n_hist) in {(0, 0), (60_000, 60_000)}
+
+
+def test_the_kill_test_catches_an_import_committed_in_pieces(p2p_home: Path, tmp_path: Path):
+    """The planted bug: chunked commits. Killed late, the store holds part of the import, which the
+    all-or-nothing assertion above refuses."""
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(CHUNKED)
+    assert main(["profile", "create", "alice", "--task", "t"]) == 0
+    big = _big_jsonl(tmp_path / "big.jsonl", 60_000, "big")
+    ok, n_items, n_hist = kill_import_mid_write(p2p_home, big, 2_000_000, pythonpath=str(plant))
+    assert ok == "ok"
+    assert (n_items, n_hist) not in {(0, 0), (60_000, 60_000)}
+    assert n_items % 5000 == 0 and n_items == n_hist
 
 
 def child_wait(child: subprocess.Popen, seconds: float) -> None:

@@ -1,55 +1,157 @@
-"""Privacy, tested: import -> personalize -> ask with every socket blocked; profile data stays in the
-data dir; `p2p profile forget` removes items, cached adapters and chat history (checked on disk)."""
+"""Privacy, tested: import -> personalize -> ask -> a chat exchange in the Textual app, in a child process
+inside a network namespace with no interfaces up (`unshare -rn`: native code cannot reach a network either)
+and with an audit hook that refuses and records every socket and subprocess event, with torch blocked.
+Profile data stays in the data dir; `p2p profile forget` removes items, cached adapters and chat history
+(checked on disk).
+
+Each guard is shown failing against a planted bug (`PLANT`): a socket connect inside ask, an `import torch`
+inside personalize, a subprocess inside personalize.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 MARKER = "Zyzzogeton Quuxfilm"  # a title no file outside the data dir can contain by chance
 
+# The child: guards first (before anything of p2p_local is imported), then the whole flow.
 FLOW = textwrap.dedent(
     """
-    import socket, sys, json
+    import json, os, socket, sys
+    sys.modules["torch"] = None  # `import torch` now raises ImportError, loudly
     attempts = []
-    def refuse(*a, **k):
-        attempts.append(repr(a[:2]))
-        raise OSError("network blocked by test_privacy")
-    socket.socket.connect = refuse
-    socket.socket.connect_ex = refuse
-    socket.create_connection = refuse
-    socket.getaddrinfo = refuse
+    REFUSED = ("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.fork",
+               "os.forkpty", "pty.spawn", "urllib.Request", "http.client.connect", "ftplib.connect",
+               "smtplib.connect", "poplib.connect", "imaplib.open", "nntplib.connect", "telnetlib.Telnet.open")
+
+    def hook(event, args):
+        if not event.startswith(REFUSED):
+            return
+        # asyncio (the chat's event loop) makes an AF_UNIX socketpair for its self-pipe: local IPC inside
+        # this process, never a network. Every other socket is refused.
+        if event == "socket.__new__" and len(args) > 1 and args[1] == socket.AF_UNIX:
+            return
+        attempts.append(event + " " + repr(args)[:120])
+        raise PermissionError(f"test_privacy: {event} refused")
+
+    sys.addaudithook(hook)
+
+    plant = os.environ.get("PLANT", "")
+    if plant:
+        import p2p_local.personalize as personalize
+        real = personalize.Session.personalize
+
+        def planted(self, *a, **k):
+            if plant == "socket":
+                try:
+                    socket.create_connection(("198.51.100.7", 443), timeout=1).close()
+                except OSError:
+                    pass  # a careless library swallowing the error: the hook still saw it
+            elif plant == "torch":
+                import torch  # noqa: F401
+            elif plant == "subprocess":
+                import subprocess
+                try:
+                    subprocess.run(["true"])
+                except OSError:
+                    pass
+            return real(self, *a, **k)
+
+        personalize.Session.personalize = planted
+
+    import asyncio
     from p2p_local.cli import main
-    from p2p_local.store import Store
+
     codes = [
         main(["profile", "create", "priv", "--task", "movielens-rating"]),
         main(["profile", "import", "priv", sys.argv[1]]),
         main(["personalize", "priv", "--query", "Heat (1995) | Genres: Action", "--json"]),
         main(["ask", sys.argv[2], "--profile", "priv", "--task", "movielens-rating", "--json"]),
     ]
-    with Store() as s:  # a chat turn, as the TUI stores it
-        c = s.new_conversation("priv", "t")
-        s.add_message(c, "user", sys.argv[2])
-    print(json.dumps({"codes": codes, "attempts": attempts}))
+
+    async def chat():
+        from p2p_local.personalize import Session
+        from p2p_local.tui import ChatApp
+        from p2p_local.tui.widgets import ChatInput, MessageView
+
+        session = Session.open()
+        try:
+            app = ChatApp(session, profile="priv", task="movielens-rating")
+            async with app.run_test(size=(120, 40)) as pilot:
+                screen = app.chat
+                screen.query_one(ChatInput).load_text(sys.argv[2])
+                await pilot.press("enter")
+                for _ in range(2400):  # 120 s
+                    await pilot.pause(0.05)
+                    if not screen.busy and not screen.query(".streaming"):
+                        break
+                await pilot.pause()
+                views = [v for v in screen.query(MessageView) if v.role == "assistant"]
+                stored = session.store.messages(screen.conversation_id)
+                await pilot.press("ctrl+s")  # export the chat (forget must remove it too)
+                await pilot.pause()
+                return {"reply": views[-1].text if views else None, "stored": [m.role for m in stored]}
+        finally:
+            session.close()
+
+    chat_out = asyncio.run(chat())
+    interfaces = [ln.split(":")[0].strip() for ln in open("/proc/net/dev").read().splitlines()[2:]]
+    print(json.dumps({"codes": codes, "attempts": attempts, "chat": chat_out, "interfaces": interfaces,
+                      "torch_imported": sys.modules.get("torch") is not None}))
     """
 )
 
 
-def run_flow(sandbox: Path, home: Path, models: Path, ratings: Path) -> dict:
+def netns_prefix() -> list[str]:
+    """`unshare -rn` when this machine allows it (a network namespace with only a downed loopback)."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
+        return [unshare, "-rn"]
+    return []
+
+
+def run_flow(sandbox: Path, home: Path, models: Path, ratings: Path, plant: str = "") -> tuple[int, dict | None, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "P2P_"))}
     env.update(HOME=str(sandbox / "home"), TMPDIR=str(sandbox / "tmp"), XDG_DATA_HOME=str(sandbox / "xdg-data"),
                XDG_CACHE_HOME=str(sandbox / "xdg-cache"), XDG_CONFIG_HOME=str(sandbox / "xdg-config"),
-               P2P_HOME=str(home), P2P_MODELS=str(models))
+               P2P_HOME=str(home), P2P_MODELS=str(models), PLANT=plant)
     for d in ("home", "tmp"):
         (sandbox / d).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", FLOW, str(ratings), f"{MARKER} (2001) | Genres: Drama"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = [*netns_prefix(), sys.executable, "-c", FLOW, str(ratings), f"{MARKER} (2001) | Genres: Drama"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        out = None
+    return proc.returncode, out, proc.stderr[-3000:]
+
+
+def check_private_run(rc: int, out: dict | None, err: str) -> dict:
+    """What the test demands of one run; raises AssertionError naming what broke."""
+    assert rc == 0 and out is not None, err
+    assert out["codes"] == [0, 0, 0, 0], (out, err)
+    assert out["attempts"] == [], f"something tried to open a connection or a process: {out['attempts']}"
+    assert out["torch_imported"] is False, "torch was imported"
+    assert out["chat"]["reply"], out["chat"]
+    assert out["chat"]["stored"][-2:] == ["user", "assistant"], out["chat"]
+    return out
+
+
+def _user_file(tmp_path: Path) -> Path:
+    items = [{"input": f"{MARKER} {i} (2001) | Genres: Drama", "output": str(1 + i % 5), "time": 1e9 + i,
+              "meta": {"genres": ["Drama"]}} for i in range(30)]
+    ratings = tmp_path / "user.jsonl"
+    ratings.write_text(json.dumps({"user_id": "u1", "items": items}) + "\n")
+    return ratings
 
 
 def files_containing(root: Path, needle: bytes, skip: Path | None = None) -> list[Path]:
@@ -67,15 +169,12 @@ def test_offline_and_private_end_to_end(tmp_path: Path, base_model_path: Path) -
     models = paths.models_dir()
     sandbox = tmp_path / "sandbox"
     home = sandbox / "data"
-    items = [{"input": f"{MARKER} {i} (2001) | Genres: Drama", "output": str(1 + i % 5), "time": 1e9 + i,
-              "meta": {"genres": ["Drama"]}} for i in range(30)]
-    ratings = tmp_path / "user.jsonl"
-    ratings.write_text(json.dumps({"user_id": "u1", "items": items}) + "\n")
+    ratings = _user_file(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()}
 
-    out = run_flow(sandbox, home, models, ratings)
-    assert out["codes"] == [0, 0, 0, 0]
-    assert out["attempts"] == [], f"something tried to open a connection: {out['attempts']}"
+    out = check_private_run(*run_flow(sandbox, home, models, ratings))
+    if netns_prefix():
+        assert out["interfaces"] == ["lo"], f"the child was not in an empty network namespace: {out['interfaces']}"
 
     # the profile's text exists only inside the data dir (the input file aside) ...
     assert files_containing(home, MARKER.encode()), "the store should hold the profile"
@@ -84,13 +183,15 @@ def test_offline_and_private_end_to_end(tmp_path: Path, base_model_path: Path) -
     assert not any(MARKER.encode() in p.read_bytes() for p in changed)
     adapters = list((home / "adapters").rglob("*.gguf"))
     assert adapters, "personalize must have cached an adapter in the data dir"
+    exported = list((home / "exports").glob("conversation-*.md"))
+    assert exported and MARKER in exported[0].read_text(), "the chat export should hold the question"
 
     # ... and forget removes it: rows, adapter files, chat history
     env = dict(os.environ, P2P_HOME=str(home), P2P_MODELS=str(models))
     proc = subprocess.run([sys.executable, "-m", "p2p_local.cli", "profile", "forget", "priv", "--yes", "--json"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert not any(p.exists() for p in adapters)
+    assert not any(p.exists() for p in adapters + exported)
     assert files_containing(home, MARKER.encode()) == []
     import sqlite3
 
@@ -100,3 +201,17 @@ def test_offline_and_private_end_to_end(tmp_path: Path, base_model_path: Path) -
     assert con.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
     con.close()
     assert (os.stat(home / "p2p.sqlite3").st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("plant, broken", [("socket", "tried to open a connection"), ("torch", "codes"),
+                                           ("subprocess", "tried to open a connection or a process")])
+def test_the_privacy_guards_catch_a_planted_bug(tmp_path: Path, base_model_path: Path, plant: str,
+                                                broken: str) -> None:
+    """The same flow with a bug planted in personalize: the check above must fail, naming it.
+    (torch: personalize exits non-zero with the ImportError, so the exit codes differ.)"""
+    from p2p_local import paths
+
+    rc, out, err = run_flow(tmp_path / "sandbox", tmp_path / "sandbox" / "data", paths.models_dir(),
+                            _user_file(tmp_path), plant=plant)
+    with pytest.raises(AssertionError, match=broken):
+        check_private_run(rc, out, err)

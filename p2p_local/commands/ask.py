@@ -74,6 +74,10 @@ def query_text(text: str | None) -> str:
         if text is None and (sys.stdin is None or sys.stdin.isatty()):
             raise UsageError("no query given", hint="p2p ask \"...\"   or   echo \"...\" | p2p ask -")
         text = sys.stdin.read(MAX_STDIN_CHARS + 1) if sys.stdin is not None else ""
+        try:
+            text.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise UsageError("standard input is not valid UTF-8 text", hint="pipe UTF-8 text") from None
         if len(text) > MAX_STDIN_CHARS:
             raise UsageError(f"the query on standard input is longer than {MAX_STDIN_CHARS:,} characters",
                              hint="pipe a shorter text (for commits: git diff --cached --stat, or the diff itself)")

@@ -19,6 +19,7 @@ import re
 import shutil
 import sqlite3
 import time as _time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from p2p_local import paths
 from p2p_local.errors import StoreError
-from p2p_local.files import sha256_file
+from p2p_local.files import disk_error, sha256_file
 from p2p_local.store.migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -134,11 +135,18 @@ class Message:
 class Store:
     """`with Store() as s: s.create_profile("alice", task="movielens-rating")`."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, readonly: bool | None = None) -> None:
+        """Open (creating and upgrading) the store. `readonly=None`: read-only exactly when the database
+        or its folder cannot be written (a read-only mount, a chmod'ed data dir), so reading commands
+        still work there and writing ones fail with a StoreError saying why; True forces it."""
         self.path = Path(path) if path is not None else paths.store_path()
-        self.conn = _connect(self.path)
+        self.readonly = not store_writable(self.path) if readonly is None else bool(readonly)
+        self.conn = _connect_readonly(self.path) if self.readonly else _connect(self.path)
         try:
-            migrate(self.conn)
+            if self.readonly:
+                _check_schema_current(self.conn, self.path)
+            else:
+                migrate(self.conn)
         except BaseException:
             self.conn.close()
             raise
@@ -158,6 +166,10 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        if self.readonly:
+            raise StoreError(f"the profile store {self.path} is read-only here: this command changes it",
+                             hint="reading commands (profile list / show / export) work; to change profiles, "
+                                  "make the data dir writable or point P2P_HOME at a writable copy")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -426,7 +438,10 @@ class Store:
         `forget_profile` removes this whole directory."""
         d = paths.adapters_dir() / f"profile-{self._pid(profile)}"
         if create:
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise disk_error(e, d) from e
         return d
 
     def cached_adapter(self, profile: str, fingerprint: str, bundle_hash: str) -> Path | None:
@@ -623,6 +638,67 @@ def _connect(path: Path) -> sqlite3.Connection:
             hint="if the file is damaged, move it aside (your profiles are in it) and run the command again",
         ) from e
     return conn
+
+
+def store_writable(path: Path) -> bool:
+    """Whether the store at `path` can be written: the file (when it exists) and its folder (SQLite
+    creates the -wal and -shm files beside it). access(2) also says no on a read-only mount, for root too."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # a store not created yet: the first folder that exists decides
+    if path.exists() and not os.access(path, os.W_OK):
+        return False
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        return not (os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return True
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """The store opened read-only (sqlite `mode=ro`): no file is created, changed or chmod'ed."""
+    if not path.is_file():
+        raise StoreError(f"there is no profile store at {path}, and its folder is read-only",
+                         hint="set P2P_HOME to a writable directory (or make this one writable)")
+    uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+    last: sqlite3.Error | None = None
+    # A WAL database on a read-only folder without its -shm file only opens as `immutable` (nothing
+    # else can be writing it: the folder is read-only). Tried second, when plain mode=ro cannot read.
+    for suffix in ("", "&immutable=1"):
+        conn = None
+        try:
+            conn = sqlite3.connect(uri + suffix, uri=True, timeout=10.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error as e:
+            last = e
+            if conn is not None:
+                conn.close()
+    raise StoreError(f"cannot open the profile store {path} read-only: {last}",
+                     hint="check that the file is readable; if it is damaged, restore it from a backup")
+
+
+def _check_schema_current(conn: sqlite3.Connection, path: Path) -> None:
+    """A read-only store cannot be upgraded: refuse one this version would have to change first."""
+    from p2p_local.store.migrations import available_upgrades
+
+    try:
+        applied = {r[0] for r in conn.execute("SELECT version FROM schema_upgrades")}
+    except sqlite3.Error:
+        applied = set()
+    known = available_upgrades()
+    newest = max((u.version for u in known), default=0)
+    if applied and max(applied) > newest:
+        raise StoreError(f"this store has schema version {max(applied)}, newer than this p2p-local knows ({newest})",
+                         hint="upgrade p2p-local, or point P2P_HOME at another data dir")
+    pending = [u.version for u in known if u.version not in applied and not u.requires]
+    if pending:
+        raise StoreError(f"the profile store {path} is read-only and needs a schema upgrade first "
+                         f"({', '.join(f'{v:04d}' for v in pending)})",
+                         hint="run any p2p command once with the data dir writable")
 
 
 def conversation_export_path(conversation_id: int) -> Path:

@@ -1,0 +1,1032 @@
+"""The robustness catalogue: bad inputs through the real `p2p` CLI, each in its own process and data dir.
+
+`python -m p2p_lab.robustness` (or `make robustness`) runs every case and writes
+`reports/robustness.md` and `reports/robustness.json`. Each case copies one prepared template (a data dir
+with a profile, its cached adapter, a previous profile export and adapter export beside it), runs one
+`p2p ...` command in a subprocess with a timeout, and is classified:
+
+- clean error: exit code != 0, an `error:` line and a hint (`hint:` or argparse's `usage:`);
+- success: exit code 0;
+- unclear error: exit code != 0 without both (counted, should stay 0);
+- traceback: stderr holds "Traceback", or the CLI's guard reported an internal error (exit 70);
+- abort: a negative return code (the process died from a signal: a GGML_ASSERT, a segfault);
+- hang: the timeout passed;
+- files lost: afterwards the store fails `PRAGMA integrity_check`, lost the profile or items, or a file that
+  existed before (the previous exports) is gone or, when the command failed, changed.
+
+The last four must be 0. Cases that need a full disk or a read-only directory run inside `unshare -m`
+with a small tmpfs or a read-only bind mount (root in a container; elsewhere those cases are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT_MD = REPO / "reports" / "robustness.md"
+REPORT_JSON = REPO / "reports" / "robustness.json"
+COMMAND = "python -m p2p_lab.robustness"
+CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
+           "CLI arguments")
+PROFILE = "demo"
+TASK = "movielens-rating"
+QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
+N_ITEMS = 40
+INTERNAL_ERROR = 70
+
+# Placeholders in a case's argv: {W} the case's work dir (beside the data dir), {H} the data dir.
+Setup = Callable[["Ctx"], None]
+
+
+@dataclass
+class Case:
+    cls: str
+    name: str
+    argv: list[str | bytes]
+    setup: Setup | None = None
+    stdin: bytes | None = None
+    mount: str | None = None  # "full:<dir>" (a 64 KiB tmpfs over W/<dir>) or "ro:<dir>" (read-only bind)
+    timeout: float = 90.0
+    store_may_grow: bool = False  # a valid import may add items
+
+
+@dataclass
+class Ctx:
+    home: Path
+    work: Path
+    models: Path
+
+
+@dataclass
+class Result:
+    cls: str
+    name: str
+    outcome: str  # success | clean | unclear | traceback | abort | hang | skipped
+    rc: int | None
+    seconds: float
+    lost: list[str] = field(default_factory=list)
+    stderr_tail: str = ""
+
+
+# --- the template ------------------------------------------------------------------------------------
+def _env(home: Path, models: Path, tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("P2P_", "XDG_"))}
+    env.update(P2P_HOME=str(home), P2P_MODELS=str(models), P2P_THREADS=os.environ.get("P2P_THREADS", "1"),
+               HOME=str(tmp), TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _p2p(env: dict[str, str], *argv: str, stdin: bytes | None = None, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", "p2p_local.cli", *argv], env=env, input=stdin,
+                          capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"template step p2p {' '.join(argv)} failed: {proc.stderr.decode(errors='replace')}")
+    return proc.stdout.decode(errors="replace")
+
+
+def real_models_dir() -> Path:
+    from p2p_local.paths import models_dir
+
+    return models_dir()
+
+
+def build_template(root: Path, real_models: Path) -> Path:
+    """A data dir with profile `demo` (40 rated movies), its cached adapter, and previous exports in keep/."""
+    tpl = root / "template"
+    home, work, tmp = tpl / "home", tpl / "work", tpl / "tmp"
+    for d in (work / "keep", tmp):
+        d.mkdir(parents=True, exist_ok=True)
+    env = _env(home, real_models, tmp)
+    items = [{"input": f"Movie {i} ({1970 + i}) | Genres: {'Action|Crime' if i % 2 else 'Drama'}",
+              "output": str(1 + i % 5), "time": 1.0e9 + 86400 * i,
+              "meta": {"genres": ["Action", "Crime"] if i % 2 else ["Drama"]}} for i in range(N_ITEMS)]
+    data = work / "ratings.jsonl"
+    data.write_text(json.dumps({"user_id": "u1", "items": items}) + "\n")
+    _p2p(env, "profile", "create", PROFILE, "--task", TASK)
+    _p2p(env, "profile", "import", PROFILE, str(data))
+    _p2p(env, "personalize", PROFILE)
+    _p2p(env, "profile", "export", PROFILE, "-o", str(work / "keep" / "export.json"))
+    _p2p(env, "adapter", "export", PROFILE, "--to", str(work / "keep" / "adapter"))
+    return tpl
+
+
+def _keep_hashes(work: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted((work / "keep").rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(work))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _store_state(home: Path) -> tuple[str, int | None]:
+    db = home / "p2p.sqlite3"
+    if not db.is_file():
+        return "missing", None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            ok = con.execute("PRAGMA integrity_check").fetchone()[0]
+            row = con.execute("SELECT (SELECT COUNT(*) FROM items i WHERE i.profile_id = p.id) FROM profiles p"
+                              " WHERE name = ?", (PROFILE,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return f"unreadable: {e}", None
+    return ok, (row[0] if row else None)
+
+
+# --- running one case ----------------------------------------------------------------------------------
+def _fill(arg: str | bytes, ctx: Ctx) -> str | bytes:
+    if isinstance(arg, bytes):
+        return arg
+    return arg.replace("{W}", str(ctx.work)).replace("{H}", str(ctx.home))
+
+
+_UNSHARE = shutil.which("unshare")
+
+
+def mounts_available() -> bool:
+    if not _UNSHARE:
+        return False
+    try:
+        return subprocess.run([_UNSHARE, "-m", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _wrap(cmd: list[str | bytes], mount: str, ctx: Ctx) -> list[str | bytes]:
+    kind, _, sub = mount.partition(":")
+    target = ctx.work / sub
+    if kind == "full":
+        # A 64 KiB tmpfs holding what the folder held (a previous export), then filled to the last byte.
+        script = ('set -e; t="$1"; shift; cp -a "$t" "$t.orig"; '
+                  'mount -t tmpfs -o size=$(( $(du -sk "$t.orig" | cut -f1) + 64 ))k tmpfs "$t"; '
+                  'cp -a "$t.orig/." "$t/"; (cat /dev/zero > "$t/.fill") 2>/dev/null || true; exec "$@"')
+    elif kind == "ro":
+        script = 'set -e; t="$1"; shift; mount --bind "$t" "$t"; mount -o remount,bind,ro "$t"; exec "$@"'
+    else:
+        raise ValueError(mount)
+    return [_UNSHARE, "-m", "sh", "-c", script, "sh", str(target), *cmd]
+
+
+def run_case(case: Case, template: Path, scratch: Path, real_models: Path, can_mount: bool) -> Result:
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=scratch))
+    shutil.copytree(template, root, dirs_exist_ok=True, symlinks=True)
+    ctx = Ctx(root / "home", root / "work", real_models)
+    if case.mount and not can_mount:
+        return Result(case.cls, case.name, "skipped", None, 0.0, stderr_tail="needs unshare -m and mount")
+    _rehome(ctx)
+    if case.setup:
+        case.setup(ctx)
+    keep = _keep_hashes(ctx.work)
+    _, n_before = _store_state(ctx.home)
+    cmd: list[str | bytes] = [sys.executable, "-m", "p2p_local.cli", *(_fill(a, ctx) for a in case.argv)]
+    if case.mount:
+        cmd = _wrap(cmd, case.mount, ctx)
+    env = _env(ctx.home, ctx.models, root / "tmp")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ctx.work, stdin=subprocess.PIPE if case.stdin is not None
+                            else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out_b, err_b = proc.communicate(case.stdin, timeout=case.timeout)
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out_b, err_b = proc.communicate()
+        rc = None
+    seconds = time.perf_counter() - t0
+    err = err_b.decode("utf-8", errors="replace")
+    if rc is None:
+        outcome = "hang"
+    elif rc < 0:
+        outcome = "abort"
+    elif "Traceback" in err or rc == INTERNAL_ERROR:
+        outcome = "traceback"
+    elif rc == 0:
+        outcome = "success"
+    elif _clean(err) or (rc == 2 and out_b.decode("utf-8", errors="replace").startswith("usage:")):
+        outcome = "clean"  # (`p2p` or `p2p profile` alone: the help, with the usage exit code)
+    else:
+        outcome = "unclear"
+    lost = []
+    after = _keep_hashes(ctx.work)
+    for f, h in keep.items():
+        if f not in after:
+            lost.append(f"{f} is gone")
+        elif after[f] != h and rc != 0:
+            lost.append(f"{f} changed by a failed command")
+    state, n_after = _store_state(ctx.home)
+    if state != "ok":
+        lost.append(f"store: {state}")
+    elif n_after is None:
+        lost.append(f"store: profile {PROFILE} is gone")
+    elif n_after < (n_before or 0) or (n_after != n_before and not case.store_may_grow):
+        lost.append(f"store: {PROFILE} has {n_after} items, had {n_before}")
+    shutil.rmtree(root, ignore_errors=True)
+    return Result(case.cls, case.name, outcome, rc, seconds, lost, err[-600:])
+
+
+def _clean(err: str) -> bool:
+    lines = err.splitlines()
+    has_error = any(ln.startswith("error:") or ": error:" in ln for ln in lines)
+    has_hint = any("hint:" in ln or ln.startswith("usage:") for ln in lines)
+    return has_error and has_hint
+
+
+# --- building bad files -----------------------------------------------------------------------------------
+def _cached_adapter(ctx: Ctx) -> Path:
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        return Path(con.execute("SELECT path FROM adapters ORDER BY id DESC LIMIT 1").fetchone()[0])
+    finally:
+        con.close()
+
+
+def _rehome(ctx: Ctx) -> None:
+    """The copied store names the template's adapter paths: point them at this case's copy."""
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        for rid, p in con.execute("SELECT id, path FROM adapters").fetchall():
+            rel = Path(p).relative_to(Path(p).parents[2])  # adapters/profile-N/file.gguf
+            con.execute("UPDATE adapters SET path = ? WHERE id = ?", (str(ctx.home / rel), rid))
+        con.commit()
+    finally:
+        con.close()
+
+
+def _trust(ctx: Ctx, path: Path) -> None:
+    """Record the planted file's sha256, as if this app had written it (the checksum passes; only the
+    validator stands between the file and llama.cpp)."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        con.execute("UPDATE adapters SET sha256 = ? WHERE path = ?", (digest, str(path)))
+        con.commit()
+    finally:
+        con.close()
+
+
+def _write_gguf_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha=16.0,
+                        arch="gemma3", base_sha="", rank=None, alpha_as_int=False, extra=None) -> None:
+    import gguf
+
+    from p2p_local import adapter as A
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string(A.KEY_GENERAL_TYPE, "adapter")
+    w.add_string(A.KEY_ADAPTER_TYPE, "lora")
+    if alpha is not None:
+        (w.add_uint32 if alpha_as_int else w.add_float32)(A.KEY_LORA_ALPHA, alpha)
+    if base_sha:
+        w.add_string(A.KEY_BASE_SHA256, base_sha)
+    if rank is not None:
+        w.add_uint32(A.KEY_RANK, rank)
+    for name in sorted(tensors):
+        a, b = tensors[name]
+        if a is not None:
+            w.add_tensor(name + A.SUFFIX_A, a)
+        if b is not None:
+            w.add_tensor(name + A.SUFFIX_B, b)
+    for n, t in (extra or {}).items():
+        w.add_tensor(n, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _good_tensors(ctx: Ctx) -> tuple[dict, float, str]:
+    from p2p_local.adapter import read_adapter
+
+    ad = read_adapter(_cached_adapter(ctx))
+    tensors = {k: (a.astype(np.float16), b.astype(np.float16)) for k, (a, b) in ad.tensors.items()}
+    return tensors, ad.alpha, str(ad.meta.get("p2p.base.sha256", ""))
+
+
+def _adapter_mutation(kind: str) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        path = _cached_adapter(ctx)
+        good = path.read_bytes()
+        t, alpha, sha = _good_tensors(ctx)
+        first = sorted(t)[0]
+        a0, b0 = t[first]
+        r = a0.shape[0]
+        path.unlink()
+        if kind == "junk":
+            path.write_bytes(os.urandom(4096))
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind.startswith("truncated-"):
+            frac = int(kind.split("-")[1]) / 100
+            path.write_bytes(good[: int(len(good) * frac)])
+        elif kind == "magic-only":
+            path.write_bytes(b"GGUF\x03\x00\x00\x00")
+        elif kind == "huge-counts":
+            path.write_bytes(b"GGUF\x03\x00\x00\x00" + (2**62).to_bytes(8, "little") * 2)
+        elif kind == "flipped-bytes":
+            b = bytearray(good)
+            for i in range(64, len(b), max(1, len(b) // 97)):
+                b[i] ^= 0xFF
+            path.write_bytes(bytes(b))
+        elif kind == "directory":
+            path.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dev-zero-link":
+            path.symlink_to("/dev/zero")
+        elif kind == "dangling-link":
+            path.symlink_to(ctx.work / "nowhere.gguf")
+        else:
+            tensors = dict(t)
+            kw: dict = {"alpha": alpha, "base_sha": sha}
+            if kind == "wrong-shape-a":
+                tensors[first] = (np.zeros((r, a0.shape[1] + 1), np.float16), b0)
+            elif kind == "wrong-shape-b":
+                tensors[first] = (a0, np.zeros((b0.shape[0] * 2, r), np.float16))
+            elif kind == "transposed":
+                tensors[first] = (np.ascontiguousarray(a0.T), np.ascontiguousarray(b0.T))
+            elif kind == "rank-0":
+                tensors = {k: (np.zeros((0, a.shape[1]), np.float16), np.zeros((b.shape[0], 0), np.float16))
+                           for k, (a, b) in t.items()}
+            elif kind == "rank-mismatch":
+                tensors[first] = (np.zeros((r + 1, a0.shape[1]), np.float16), np.zeros((b0.shape[0], r + 1),
+                                                                                       np.float16))
+            elif kind == "nan":
+                a = a0.copy()
+                a[0, 0] = np.nan
+                tensors[first] = (a, b0)
+            elif kind == "inf":
+                b = b0.copy()
+                b[-1, -1] = np.inf
+                tensors[first] = (a0, b)
+            elif kind == "3d-a":
+                tensors[first] = (a0.reshape(1, *a0.shape), b0)
+            elif kind == "1d-b":
+                tensors[first] = (a0, b0.reshape(-1))
+            elif kind == "f64":
+                tensors = {k: (a.astype(np.float64), b.astype(np.float64)) for k, (a, b) in t.items()}
+            elif kind == "int32":
+                tensors = {k: (a.astype(np.int32), b.astype(np.int32)) for k, (a, b) in t.items()}
+            elif kind == "missing-b":
+                tensors[first] = (a0, None)
+            elif kind == "unknown-target":
+                tensors["blk.0.attn_zzz.weight"] = (a0, b0)
+            elif kind == "layer-out-of-range":
+                tensors[first.replace("blk.0.", "blk.999.", 1) if first.startswith("blk.0.")
+                        else "blk.999.attn_q.weight"] = (a0, b0)
+            elif kind == "non-lora-tensor":
+                kw["extra"] = {"token_embd.weight": np.zeros((4, 4), np.float16)}
+            elif kind == "no-tensors":
+                tensors = {}
+            elif kind == "alpha-nan":
+                kw["alpha"] = float("nan")
+            elif kind == "alpha-negative":
+                kw["alpha"] = -8.0
+            elif kind == "alpha-missing":
+                kw["alpha"] = None
+            elif kind == "alpha-int":
+                kw.update(alpha=16, alpha_as_int=True)
+            elif kind == "wrong-arch":
+                kw["arch"] = "llama"
+            elif kind == "other-base":
+                kw["base_sha"] = "0" * 64
+            elif kind == "huge-values":
+                tensors[first] = (np.full_like(a0, 60000), np.full_like(b0, 60000))
+            else:
+                raise ValueError(kind)
+            _write_gguf_adapter(path, tensors, **kw)
+        _trust(ctx, path)
+    return setup
+
+
+ADAPTER_KINDS = ("junk", "empty", "truncated-10", "truncated-50", "truncated-99", "magic-only", "huge-counts",
+                 "flipped-bytes", "directory", "fifo", "dev-zero-link", "dangling-link", "wrong-shape-a",
+                 "wrong-shape-b", "transposed", "rank-0", "rank-mismatch", "nan", "inf", "3d-a", "1d-b", "f64",
+                 "int32", "missing-b", "unknown-target", "layer-out-of-range", "non-lora-tensor", "no-tensors",
+                 "alpha-nan", "alpha-negative", "alpha-missing", "alpha-int", "wrong-arch", "other-base",
+                 "huge-values")
+
+
+def _adapter_cases() -> list[Case]:
+    cases = []
+    for i, kind in enumerate(ADAPTER_KINDS):
+        setup = _adapter_mutation(kind)
+        cases.append(Case("adapters", f"{kind} cached adapter -> ask",
+                          ["ask", QUERY, "--profile", PROFILE, "--task", TASK], setup))
+        if i % 6 == 0:
+            cases.append(Case("adapters", f"{kind} cached adapter -> personalize", ["personalize", PROFILE],
+                              setup))
+        elif i % 6 == 3:
+            cases.append(Case("adapters", f"{kind} cached adapter -> adapter export",
+                              ["adapter", "export", PROFILE, "--to", "{W}/out"], setup))
+    return cases
+
+
+# --- base models ------------------------------------------------------------------------------------------
+def _models_copy(ctx: Ctx) -> None:
+    """A private models dir (links to the real files) so `models add` writes nowhere shared."""
+    own = ctx.work / "models"
+    own.mkdir()
+    for p in ctx.models.iterdir():
+        (own / p.name).symlink_to(p)
+    ctx.models = own
+
+
+def _gguf_base(path: Path, *, block_count: int | None = 0, arch: str = "gemma3", tensors: bool = True,
+               kv_only: bool = False) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    if block_count is not None:
+        w.add_block_count(block_count)
+    if not kv_only:
+        w.add_context_length(128)
+        w.add_embedding_length(8)
+        w.add_feed_forward_length(16)
+        w.add_head_count(1)
+    if tensors:
+        w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+        if block_count:
+            for i in range(block_count):
+                w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((8, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _base_file(kind: str) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        _models_copy(ctx)
+        f = ctx.work / "base.gguf"
+        real = next(p for p in ctx.models.iterdir() if p.name.endswith(".gguf"))
+        if kind == "junk":
+            f.write_bytes(os.urandom(1 << 16))
+        elif kind == "empty":
+            f.write_bytes(b"")
+        elif kind == "text":
+            f.write_text("this is not a model\n" * 100)
+        elif kind.startswith("truncated-"):
+            n = int(kind.split("-")[1])
+            with open(real, "rb") as src:
+                f.write_bytes(src.read(n))
+        elif kind == "magic-only":
+            f.write_bytes(b"GGUF\x03\x00\x00\x00")
+        elif kind == "huge-counts":
+            f.write_bytes(b"GGUF\x03\x00\x00\x00" + (2**62).to_bytes(8, "little") * 2)
+        elif kind == "block-count-0":
+            _gguf_base(f, block_count=0)
+        elif kind == "no-block-count":
+            _gguf_base(f, block_count=None)
+        elif kind == "block-count-huge":
+            _gguf_base(f, block_count=2, kv_only=True)
+        elif kind == "no-tensors":
+            _gguf_base(f, block_count=2, tensors=False)
+        elif kind == "unknown-arch":
+            _gguf_base(f, block_count=1, arch="zzzarch")
+        elif kind == "two-layers-missing-weights":
+            _gguf_base(f, block_count=2)
+        elif kind == "directory":
+            f.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(f)
+        elif kind == "dev-zero":
+            f.symlink_to("/dev/zero")
+        elif kind == "sparse-huge":
+            with open(f, "wb") as h:
+                h.truncate(200 << 30)
+        elif kind == "missing":
+            pass
+        else:
+            raise ValueError(kind)
+    return setup
+
+
+BASE_KINDS = ("junk", "empty", "text", "truncated-4", "truncated-100000", "truncated-5000000", "magic-only",
+              "huge-counts", "block-count-0", "no-block-count", "block-count-huge", "no-tensors", "unknown-arch",
+              "two-layers-missing-weights", "directory", "fifo", "dev-zero", "sparse-huge", "missing")
+
+
+def _damaged_default(kind: str) -> Setup:
+    """The prepared default base replaced (in this case's models dir) by a damaged copy."""
+    def setup(ctx: Ctx) -> None:
+        _models_copy(ctx)
+        real = next(p for p in ctx.models.iterdir() if p.name.endswith(".gguf"))
+        src = real.resolve()
+        real.unlink()
+        if kind == "truncated":
+            with open(src, "rb") as s:
+                real.write_bytes(s.read(1 << 20))
+        elif kind == "junk":
+            real.write_bytes(os.urandom(1 << 16))
+        elif kind == "missing":
+            pass
+        elif kind == "block-count-0":
+            _gguf_base(real, block_count=0)
+        elif kind == "directory":
+            real.mkdir()
+        else:
+            raise ValueError(kind)
+    return setup
+
+
+def _base_cases() -> list[Case]:
+    cases = [Case("base models", f"models add {k}", ["models", "add", "{W}/base.gguf", "--name", "mine"],
+                  _base_file(k), timeout=120) for k in BASE_KINDS]
+    for name in ("../evil", "a/b", "", "x\ny", ".hidden", "gemma3-270m", "x" * 80):
+        cases.append(Case("base models", f"models add name {name[:12]!r}",
+                          ["models", "add", "{W}/base.gguf", "--name", name], _base_file("junk")))
+    # (a missing default base is re-assembled from its package: 250 MB per case, left out)
+    for kind in ("truncated", "junk", "block-count-0", "directory"):
+        cases.append(Case("base models", f"default base {kind} -> ask --base",
+                          ["ask", QUERY, "--base", "--task", TASK], _damaged_default(kind), timeout=120))
+    cases.append(Case("base models", "default base truncated -> personalize", ["personalize", PROFILE, "--force"],
+                      _damaged_default("truncated"), timeout=120))
+    return cases
+
+
+# --- bundles ----------------------------------------------------------------------------------------------
+def _shipped_bundle() -> Path:
+    from p2p_local.bundle import DEFAULT_BUNDLE, find_bundle
+
+    return find_bundle(DEFAULT_BUNDLE)
+
+
+def _set(d: dict, path: str, value) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d[k]
+    if value is _DELETE:
+        d.pop(keys[-1], None)
+    else:
+        d[keys[-1]] = value
+
+
+_DELETE = object()
+
+
+def _bundle(change: str | None = None, value=None, *, raw: bytes | None = None, onnx: str | None = None) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        src = _shipped_bundle()
+        d = ctx.work / "bundle"
+        d.mkdir()
+        for f in src.iterdir():
+            if f.name != "manifest.json" and not (onnx and f.name == "hypernet.onnx"):
+                (d / f.name).symlink_to(f)
+        manifest = json.loads((src / "manifest.json").read_text())
+        if change:
+            _set(manifest, change, value)
+        (d / "manifest.json").write_bytes(raw if raw is not None else json.dumps(manifest).encode())
+        if onnx == "missing":
+            pass
+        elif onnx == "junk":
+            (d / "hypernet.onnx").write_bytes(os.urandom(4096))
+        elif onnx == "truncated":
+            (d / "hypernet.onnx").write_bytes((src / "hypernet.onnx").read_bytes()[:100_000])
+        elif onnx == "empty":
+            (d / "hypernet.onnx").write_bytes(b"")
+        elif onnx == "directory":
+            (d / "hypernet.onnx").mkdir()
+        elif onnx == "fifo":
+            os.mkfifo(d / "hypernet.onnx")
+    return setup
+
+
+def _bundle_cases() -> list[Case]:
+    argv = ["personalize", PROFILE, "--force", "--bundle", "{W}/bundle"]
+    changes = [
+        ("format", "nope"), ("format_version", "1"), ("format_version", None),
+        ("lora.rank", "8"), ("lora.rank", 0), ("lora.rank", -1), ("lora.rank", None), ("lora.rank", 2**70),
+        ("lora.alpha", "x"), ("lora.alpha", None), ("lora.alpha", float("inf")),
+        ("lora.targets", None), ("lora.targets", []), ("lora.targets", [1]), ("lora.targets", "attn_q"),
+        ("lora.shapes", None), ("lora.shapes", {}), ("lora.shapes", []), ("lora.layers", ["a"]),
+        ("lora.layers", [999]), ("lora.layers", None), ("feature_dim", None),
+        ("feature_dim", "x"), ("feature_dim", -1), ("feature_dim", _DELETE),
+        ("onnx", None), ("onnx", "hypernet.onnx"), ("onnx.file", None), ("onnx.file", 5),
+        ("onnx.file", "../../../../etc/passwd"), ("onnx.file", "/dev/zero"), ("onnx.file", ""),
+        ("onnx.sha256", "0" * 64), ("lora", _DELETE), ("lora", []),
+    ]
+    cases = [Case("bundles", f"manifest {path} = {value!r}"[:70] if value is not _DELETE else f"manifest {path} removed",
+                  argv, _bundle(path, value)) for path, value in changes]
+    for name, raw in (("manifest not JSON", b"{"), ("manifest a list", b"[]"), ("manifest empty", b""),
+                      ("manifest deep nesting", b"[" * 100_000), ("manifest invalid UTF-8", b'{"format": "\xff"}'),
+                      ("manifest NaN", b'{"format": NaN}')):
+        cases.append(Case("bundles", name, argv, _bundle(raw=raw)))
+    for onnx in ("missing", "junk", "truncated", "empty", "directory", "fifo"):
+        cases.append(Case("bundles", f"hypernet.onnx {onnx}", argv, _bundle(onnx=onnx)))
+    cases.append(Case("bundles", "bundle dir missing", ["personalize", PROFILE, "--bundle", "{W}/nope"]))
+    cases.append(Case("bundles", "bundle is a file", ["personalize", PROFILE, "--bundle", "{W}/keep/export.json"]))
+    return cases
+
+
+# --- imports ----------------------------------------------------------------------------------------------
+def _item(inp="Movie X (1999) | Genres: Drama", out="4", t=1.0e9) -> dict:
+    return {"input": inp, "output": out, "time": t}
+
+
+def _file(name: str, content: bytes | Callable[[Path], None]) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        p = ctx.work / name
+        if callable(content):
+            content(p)
+        else:
+            p.write_bytes(content)
+    return setup
+
+
+def _jsonl(*items: dict | str) -> bytes:
+    its = [i for i in items]
+    return (json.dumps({"user_id": "u", "items": its}, allow_nan=True) + "\n").encode()
+
+
+def _import_cases() -> list[Case]:
+    argv = ["profile", "import", PROFILE, "{W}/in.jsonl"]
+    big = "x" * (2 << 20)
+    files: list[tuple[str, bytes | Callable[[Path], None]]] = [
+        ("oversize input field", _jsonl(_item(inp=big))),
+        ("oversize output field", _jsonl(_item(out=big))),
+        ("10 MB line", _jsonl(*[_item(inp="y" * 100_000) for _ in range(100)])),
+        ("deep JSON nesting", b'{"user_id": "u", "items": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"),
+        ("deep meta nesting", _jsonl({**_item(), "meta": json.loads("[" * 500 + "]" * 500)})),
+        ("huge int time", b'{"user_id": "u", "items": [{"input": "a", "output": "4", "time": 1' + b"0" * 5000
+         + b"}]}\n"),
+        ("huge int rating", _jsonl(_item(out=10**400))),
+        ("inf time", _jsonl(_item(t=float("inf")))),
+        ("-inf time", _jsonl(_item(t=float("-inf")))),
+        ("NaN time", _jsonl(_item(t=float("nan")))),
+        ("1e300 time", _jsonl(_item(t=1e300))),
+        ("time as string", _jsonl(_item(t="yesterday"))),
+        ("time as list", _jsonl(_item(t=[1]))),
+        ("rating 0", _jsonl(_item(out="0"))),
+        ("rating 99", _jsonl(_item(out="99"))),
+        ("rating -1", _jsonl(_item(out="-1"))),
+        ("rating abc", _jsonl(_item(out="abc"))),
+        ("rating null", _jsonl(_item(out=None))),
+        ("rating NaN", _jsonl(_item(out=float("nan")))),
+        ("lone surrogate input", b'{"user_id": "u", "items": [{"input": "a\\ud800b", "output": "4"}]}\n'),
+        ("lone surrogate user", b'{"user_id": "\\udfff", "items": [{"input": "a", "output": "4"}]}\n'),
+        ("invalid UTF-8", b'{"user_id": "u", "items": [{"input": "\xff\xfe\xc3", "output": "4"}]}\n'),
+        ("NUL bytes", b'{"user_id": "u", "items": [{"input": "a\x00b", "output": "4"}]}\n'),
+        ("escaped NUL", b'{"user_id": "u", "items": [{"input": "a\\u0000b", "output": "4"}]}\n'),
+        ("binary junk", os.urandom(65536)),
+        ("empty file", b""),
+        ("whitespace only", b"\n\n   \n"),
+        ("top-level string", b'"hello"\n'),
+        ("top-level number", b"12345\n"),
+        ("items not a list", b'{"user_id": "u", "items": {"a": 1}}\n'),
+        ("item not an object", b'{"user_id": "u", "items": [5, "x", null]}\n'),
+        ("meta not an object", _jsonl({**_item(), "meta": [1, 2]})),
+        ("missing input", _jsonl({"output": "4"})),
+        ("input a number", _jsonl(_item(inp=5))),
+        ("duplicate keys", b'{"user_id": "u", "items": [{"input": "a", "input": "b", "output": "4"}]}\n'),
+        ("100k items", _jsonl(*[_item(inp=f"M{i}") for i in range(100_000)])),
+        ("BOM", b"\xef\xbb\xbf" + _jsonl(_item())),
+        ("CRLF + trailing garbage", _jsonl(_item()).replace(b"\n", b"\r\n") + b"}}}"),
+        ("sparse 5 GB file", lambda p: open(p, "wb").truncate(5 << 30)),
+        ("FIFO", lambda p: os.mkfifo(p)),
+        ("/dev/zero", lambda p: p.symlink_to("/dev/zero")),
+        ("/dev/urandom", lambda p: p.symlink_to("/dev/urandom")),
+        ("directory", lambda p: p.mkdir()),
+        ("dangling symlink", lambda p: p.symlink_to(p.with_name("nowhere"))),
+        ("unreadable (mode 000)", lambda p: (p.write_bytes(_jsonl(_item())), p.chmod(0))),
+    ]
+    cases = [Case("imports", n, argv, _file("in.jsonl", c), store_may_grow=True, timeout=120) for n, c in files]
+    csv_files = [
+        ("CSV missing columns", b"a,b\n1,2\n"),
+        ("CSV 10k columns", (",".join(f"c{i}" for i in range(10_000)) + "\n").encode() * 3),
+        ("CSV huge field", b"userId,movieId,rating,timestamp\n1,1,4," + b"9" * 2_000_000 + b"\n"),
+        ("CSV rating out of range", b"userId,movieId,rating,timestamp\n1,1,42,964982703\n"),
+        ("CSV rating inf", b"userId,movieId,rating,timestamp\n1,1,inf,964982703\n"),
+        ("CSV time inf", b"userId,movieId,rating,timestamp\n1,1,4,inf\n"),
+        ("CSV time 1e400", b"userId,movieId,rating,timestamp\n1,1,4,1e400\n"),
+        ("CSV unterminated quote", b'userId,movieId,rating,timestamp\n1,"1,4,964982703\n'),
+        ("CSV invalid UTF-8", b"userId,movieId,rating,timestamp\n\xff\xfe,1,4,964982703\n"),
+    ]
+    cases += [Case("imports", n, ["profile", "import", PROFILE, "{W}/in.csv"], _file("in.csv", c),
+                   store_may_grow=True, timeout=120) for n, c in csv_files]
+    cases.append(Case("imports", "missing file", argv))
+    cases.append(Case("imports", "stdin /dev/zero via -", ["profile", "import", PROFILE, "/dev/stdin"],
+                      stdin=b"\x00" * (1 << 20)))
+    cases.append(Case("imports", "--format json on JSONL", ["profile", "import", PROFILE, "{W}/in.jsonl",
+                                                           "--format", "json"], _file("in.jsonl", _jsonl(_item())),
+                      store_may_grow=True))
+    cases.append(Case("imports", "--user unknown", argv + ["--user", "nobody"], _file("in.jsonl", _jsonl(_item()))))
+    cases.append(Case("imports", "--git not a repo", ["profile", "import", PROFILE, "--git", "{W}/keep"]))
+    return cases
+
+
+# --- profile names ----------------------------------------------------------------------------------------
+NAMES = ["a\nb", "alice\n", "a/b", "../x", "/etc", "", " ", "\t", "x" * 65, "a b", "-", ".", "..", ".hidden",
+         "💥", "a;rm -rf", "é" * 70, "\u202eevil", "con:", "a\\b"]
+
+
+def _name_cases() -> list[Case]:
+    cases = []
+    for i, n in enumerate(NAMES):
+        label = repr(n[:12])
+        cases.append(Case("profile names", f"create {label}", ["profile", "create", n, "--task", TASK]))
+        if i % 2:
+            cases.append(Case("profile names", f"show {label}", ["profile", "show", n]))
+        else:
+            cases.append(Case("profile names", f"import --create {label}",
+                              ["profile", "import", n, "{W}/in.jsonl", "--create"], _file("in.jsonl", _jsonl(_item()))))
+    for n in ("a\nb", "../x", ""):
+        cases.append(Case("profile names", f"personalize {n!r}", ["personalize", n]))
+        cases.append(Case("profile names", f"forget {n!r}", ["profile", "forget", n, "--yes"]))
+        cases.append(Case("profile names", f"ask --profile {n!r}", ["ask", QUERY, "--profile", n]))
+    return cases
+
+
+# --- exports ----------------------------------------------------------------------------------------------
+def _export_cases() -> list[Case]:
+    keep = "{W}/keep/export.json"
+    c = [
+        ("profile export to a directory", ["profile", "export", PROFILE, "-o", "{W}/keep"], None),
+        ("profile export missing parent", ["profile", "export", PROFILE, "-o", "{W}/no/such/dir/x.json"], None),
+        ("profile export to /dev/full", ["profile", "export", PROFILE, "-o", "/dev/full"], None),
+        ("profile export to /proc", ["profile", "export", PROFILE, "-o", "/proc/p2p-x.json"], None),
+        ("profile export over a FIFO", ["profile", "export", PROFILE, "-o", "{W}/fifo"],
+         lambda ctx: os.mkfifo(ctx.work / "fifo")),
+        ("profile export through a file as parent", ["profile", "export", PROFILE, "-o", keep + "/x.json"], None),
+        ("profile export --mode 999", ["profile", "export", PROFILE, "-o", keep, "--mode", "999"], None),
+        ("profile export --mode abc", ["profile", "export", PROFILE, "-o", keep, "--mode", "abc"], None),
+        ("profile export --mode 7777", ["profile", "export", PROFILE, "-o", keep, "--mode", "7777"], None),
+        ("profile export unknown profile over keep", ["profile", "export", "ghost", "-o", keep], None),
+        ("adapter export to a file", ["adapter", "export", PROFILE, "--to", keep], None),
+        ("adapter export to /dev/null", ["adapter", "export", PROFILE, "--to", "/dev/null"], None),
+        ("adapter export missing parent", ["adapter", "export", PROFILE, "--to", "{W}/a/b/c"], None),
+        ("adapter export --mode 999", ["adapter", "export", PROFILE, "--to", "{W}/out", "--mode", "999"], None),
+        ("adapter export --format peft to a file", ["adapter", "export", PROFILE, "--to", keep, "--format", "peft"],
+         None),
+        ("personalize --peft-out a file", ["personalize", PROFILE, "--peft-out", keep], None),
+        ("personalize --peft-out /dev/full", ["personalize", PROFILE, "--peft-out", "/dev/full"], None),
+    ]
+    cases = [Case("exports", n, a, s) for n, a, s in c]
+    mounted = [
+        ("profile export over keep, full disk", ["profile", "export", PROFILE, "-o", keep], "full:keep"),
+        ("profile export new file, full disk", ["profile", "export", PROFILE, "-o", "{W}/keep/new.json"], "full:keep"),
+        ("adapter export over keep, full disk", ["adapter", "export", PROFILE, "--to", "{W}/keep/adapter"],
+         "full:keep"),
+        ("adapter export peft, full disk", ["adapter", "export", PROFILE, "--to", "{W}/keep/peft", "--format", "peft"],
+         "full:keep"),
+        ("personalize --peft-out, full disk", ["personalize", PROFILE, "--peft-out", "{W}/keep/peft"], "full:keep"),
+        ("profile export read-only dir", ["profile", "export", PROFILE, "-o", keep], "ro:keep"),
+        ("adapter export read-only dir", ["adapter", "export", PROFILE, "--to", "{W}/keep/adapter"], "ro:keep"),
+        ("personalize --peft-out read-only dir", ["personalize", PROFILE, "--peft-out", "{W}/keep/peft"], "ro:keep"),
+        ("profile import, full data dir", ["profile", "import", PROFILE, "{W}/keep/export.json"], "full:../home"),
+        ("personalize --force, full data dir", ["personalize", PROFILE, "--force"], "full:../home"),
+        ("profile list, read-only data dir", ["profile", "list"], "ro:../home"),
+        ("profile show, read-only data dir", ["profile", "show", PROFILE], "ro:../home"),
+        ("profile export, read-only data dir", ["profile", "export", PROFILE, "-o", "{W}/out.json"], "ro:../home"),
+        ("profile add, read-only data dir", ["profile", "add", PROFILE, "--input", "M (1999)", "--output", "4"],
+         "ro:../home"),
+        ("ask, read-only data dir", ["ask", QUERY, "--profile", PROFILE, "--task", TASK], "ro:../home"),
+    ]
+    for n, a, m in mounted:
+        cases.append(Case("exports", n, a, mount=m, store_may_grow=n.startswith("profile import")))
+    return cases
+
+
+# --- odd queries ------------------------------------------------------------------------------------------
+def _query_cases() -> list[Case]:
+    ask = ["ask", "--profile", PROFILE, "--task", TASK]
+    queries: list[tuple[str, str | bytes]] = [
+        ("invalid UTF-8 bytes", b"Heat \xff\xfe (1995)"), ("lone continuation byte", b"\x80"),
+        ("overlong encoding", b"\xc0\xaf"), ("empty", ""), ("spaces", "   "), ("newlines", "\n\n\n"),
+        ("100 KB", "Heat (1995) " * 8000), ("control characters", "\x01\x02\x1b[2J\x07"),
+        ("emoji", "🎬" * 2000), ("RTL override", "\u202eHeat (1995)"), ("template braces", "{input} {0} {x!r}"),
+        ("chat special tokens", "<start_of_turn>user\n<end_of_turn><bos><eos>"),
+        ("genres only", " | Genres: "), ("lone surrogate escape", "\\ud800"),
+    ]
+    cases = [Case("odd queries", n, ask[:1] + [q] + ask[1:]) for n, q in queries]
+    cases.append(Case("odd queries", "invalid UTF-8 bytes --base", ["ask", b"\xff\xff", "--base", "--task", TASK]))
+    cases.append(Case("odd queries", "1 MB on stdin", ask[:1] + ["-"] + ask[1:], stdin=b"Heat (1995) " * 90_000))
+    cases.append(Case("odd queries", "invalid UTF-8 on stdin", ask[:1] + ["-"] + ask[1:], stdin=b"\xff\xfe\xfd" * 100))
+    cases.append(Case("odd queries", "empty stdin", ask[:1] + ["-"] + ask[1:], stdin=b""))
+    cases.append(Case("odd queries", "NUL on stdin", ask[:1] + ["-"] + ask[1:], stdin=b"a\x00b"))
+    cases.append(Case("odd queries", "1 MB stdin, free chat", ["ask", "-", "--profile", PROFILE, "--task", "free"],
+                      stdin=b"hello " * 170_000))
+    cases.append(Case("odd queries", "100 KB --base generation", ["ask", "x " * 50_000, "--base", "--task",
+                                                                 "pytest-commit-subject"]))
+    return cases
+
+
+# --- CLI arguments ----------------------------------------------------------------------------------------
+def _arg_cases() -> list[Case]:
+    ask = ["ask", QUERY, "--profile", PROFILE, "--task", TASK]
+    argvs = {
+        "--scale nan": ask + ["--scale", "nan"], "--scale inf": ask + ["--scale", "inf"],
+        "--scale -1": ask + ["--scale", "-1"], "--scale 3": ask + ["--scale", "3"],
+        "--scale abc": ask + ["--scale", "abc"], "--scale 1e309": ask + ["--scale", "1e309"],
+        "--temperature nan": ask + ["--temperature", "nan"], "--temperature -1": ask + ["--temperature", "-1"],
+        "--temperature 1e30": ask + ["--temperature", "1e30"],
+        "--max-tokens 0": ask + ["--max-tokens", "0"], "--max-tokens -5": ask + ["--max-tokens", "-5"],
+        "--max-tokens 1e9": ask + ["--max-tokens", "1000000000"],
+        "--items -1": ["profile", "show", PROFILE, "--items", "-1"],
+        "--items abc": ["profile", "show", PROFILE, "--items", "abc"],
+        "--items 10**30": ["profile", "show", PROFILE, "--items", "1" + "0" * 30],
+        "--items 5000 digits": ["profile", "show", PROFILE, "--items", "9" * 5000],
+        "ask unknown task": ["ask", QUERY, "--task", "no-such-task"],
+        "ask task path": ["ask", QUERY, "--task", "../../etc/passwd"],
+        "personalize unknown task": ["personalize", PROFILE, "--task", "no-such-task"],
+        "create unknown task": ["profile", "create", "bob", "--task", "no such task"],
+        "unknown subcommand": ["frobnicate"], "no arguments": [], "profile alone": ["profile"],
+        "unknown option": ["ask", QUERY, "--frob"], "ask without text": ["ask"],
+        "edit item 0": ["profile", "edit", PROFILE, "0", "--output", "1"],
+        "edit item 2**70": ["profile", "edit", PROFILE, str(2**70), "--output", "1"],
+        "history item -1": ["profile", "history", PROFILE, "-1"],
+        "add --time inf": ["profile", "add", PROFILE, "--input", "M (1999)", "--output", "4", "--time", "inf"],
+        "add --time garbage": ["profile", "add", PROFILE, "--input", "M (1999)", "--output", "4", "--time", "soon"],
+        "add --meta not JSON": ["profile", "add", PROFILE, "--input", "M", "--output", "4", "--meta", "{"],
+        "add --meta list": ["profile", "add", PROFILE, "--input", "M", "--output", "4", "--meta", "[1]"],
+        "add --meta deep": ["profile", "add", PROFILE, "--input", "M", "--output", "4", "--meta", "[" * 50000],
+        "forget without --yes": ["profile", "forget", PROFILE],
+        "models prepare unknown": ["models", "prepare", "no-such-model"],
+        "chat unknown profile": ["chat", "--profile", "ghost"],
+        "chat unknown task": ["chat", "--profile", PROFILE, "--task", "no-such-task"],
+        "hook run missing file": ["hook", "run", "{W}/nope", "--profile", PROFILE],
+        "eval unknown task": ["eval", "--task", "no-such-task"],
+        "data stats bad flag": ["data", "stats", "--frob"],
+    }
+    return [Case("CLI arguments", n, a, timeout=120, store_may_grow=n.startswith("add ")) for n, a in argvs.items()]
+
+
+def catalogue() -> list[Case]:
+    return (_adapter_cases() + _base_cases() + _bundle_cases() + _import_cases() + _name_cases() + _export_cases()
+            + _query_cases() + _arg_cases())
+
+
+def sample(cases: list[Case], per_class: int) -> list[Case]:
+    """The first `per_class` cases of each class, then every ~nth so the sample spreads over the class."""
+    out = []
+    for cls in CLASSES:
+        mine = [c for c in cases if c.cls == cls]
+        step = max(1, len(mine) // per_class)
+        out += mine[::step][:per_class]
+    return out
+
+
+# --- run and report ---------------------------------------------------------------------------------------
+COLUMNS = ("tried", "clean", "success", "unclear", "traceback", "abort", "hang", "files lost", "skipped")
+
+
+def tally(results: list[Result]) -> dict[str, dict[str, int]]:
+    table = {cls: dict.fromkeys(COLUMNS, 0) for cls in CLASSES}
+    for r in results:
+        row = table[r.cls]
+        if r.outcome == "skipped":
+            row["skipped"] += 1
+            continue
+        row["tried"] += 1
+        row[r.outcome] += 1
+        row["files lost"] += bool(r.lost)
+    table["total"] = {k: sum(table[c][k] for c in CLASSES) for k in COLUMNS}
+    return table
+
+
+def bad(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.outcome in ("traceback", "abort", "hang") or r.lost]
+
+
+def run(cases: list[Case], jobs: int = 2, progress: bool = False) -> list[Result]:
+    real = real_models_dir()
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in real.rglob("*") if p.is_file()}
+    with tempfile.TemporaryDirectory(prefix="p2p-robustness-") as tmp:
+        scratch = Path(tmp)
+        template = build_template(scratch, real)
+        can_mount = mounts_available()
+        results: list[Result] = []
+
+        def one(case: Case) -> Result:
+            r = run_case(case, template, scratch, real, can_mount)
+            if progress:
+                flag = "" if r.outcome in ("clean", "success", "skipped") and not r.lost else "   <-- !"
+                print(f"[{r.cls}] {r.name}: {r.outcome} rc={r.rc} {r.seconds:.1f}s{flag}", flush=True)
+            return r
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, cases))
+    after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in real.rglob("*") if p.is_file()}
+    if before != after:
+        changed = sorted(str(p) for p in set(before) | set(after) if before.get(p) != after.get(p))
+        results.append(Result("base models", "the shared models dir is untouched", "success", 0, 0.0,
+                              [f"shared models dir changed: {changed}"]))
+    return results
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return out + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def write_report(results: list[Result], seconds: float, jobs: int) -> None:
+    table = tally(results)
+    meta = {"command": COMMAND, "machine": machine(), "commit": _git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1), "jobs": jobs}
+    REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    REPORT_JSON.write_text(json.dumps({**meta, "table": table,
+                                       "cases": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
+    lines = ["# Robustness catalogue", "",
+             f"`{COMMAND}` (or `make robustness`): {table['total']['tried']} bad inputs through the real `p2p` CLI,",
+             "each in a subprocess with its own copy of a prepared data dir (a profile, its cached adapter, a previous",
+             "profile export and adapter export) and a timeout. Machine: " + meta["machine"] + f"; commit {meta['commit']};",
+             f"{meta['date']}; {seconds:.0f} s with {jobs} cases at a time.", "",
+             "clean: exit code != 0 with an `error:` line and a hint (or, for `p2p` / `p2p profile` alone, the help with",
+             "exit code 2). traceback: a Python traceback on stderr or the",
+             "CLI's internal-error guard (exit 70). abort: killed by a signal (GGML_ASSERT, segfault). hang: the timeout",
+             "passed. files lost: afterwards the store fails `PRAGMA integrity_check` or lost items, or a previous",
+             "export is gone or was changed by a failed command.", "",
+             "| class | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for cls, row in table.items():
+        name = f"**{cls}**" if cls == "total" else cls
+        lines.append(f"| {name} | " + " | ".join(str(row[k]) for k in COLUMNS) + " |")
+    lines += ["", "What each class feeds the app:", "",
+              "- adapters: a cached adapter replaced by a damaged one whose checksum is recorded as valid (junk,",
+              "  truncated, wrong shapes, rank 0, NaN/Inf, 3-D A, f64/int32, unknown targets, bad alpha, other base...),",
+              "  then `ask`, `personalize` or `adapter export`;",
+              "- base models: `models add` with junk, truncated GGUFs, block_count 0, no tensors, FIFO, /dev/zero,",
+              "  a sparse 200 GB file, bad names; a damaged default base under `ask --base` and `personalize`;",
+              "- bundles: `personalize --bundle` with manifest fields of the wrong type or range, a missing or damaged",
+              "  hypernet.onnx;",
+              "- imports: oversize fields, deep JSON, huge ints, inf/NaN times, out-of-range ratings, lone surrogates,",
+              "  invalid UTF-8, NUL, FIFO, /dev/zero, a sparse 5 GB file, malformed CSV;",
+              "- profile names: newlines, path separators, empty, too long, control characters, for create / show /",
+              "  import / personalize / forget / ask;",
+              "- exports: to a directory, a missing parent, /dev/full, a read-only directory, over an existing file on a",
+              "  full disk (a 64 KiB tmpfs), and reading commands on a read-only data dir;",
+              "- odd queries: invalid UTF-8 in argv and stdin, empty, 100 KB in argv, 1 MB on stdin, special tokens;",
+              "- CLI arguments: bad --scale / --temperature / --max-tokens / --items, unknown tasks and commands.", ""]
+    outcomes: dict[str, list[str]] = {}
+    for r in results:
+        outcomes.setdefault(r.outcome, []).append(f"{r.cls}: {r.name}")
+    if outcomes.get("success"):
+        lines += ["Cases that succeeded (the app repaired or accepted the input, e.g. regenerated a refused cached",
+                  f"adapter): {len(outcomes['success'])}; the full list with exit codes is in `reports/robustness.json`.",
+                  ""]
+    problems = bad(results) + [r for r in results if r.outcome == "unclear"]
+    if problems:
+        lines += ["## Cases to fix", ""]
+        for r in problems:
+            lines.append(f"- {r.cls}: {r.name}: {r.outcome} (rc {r.rc}) {'; '.join(r.lost)}")
+        lines.append("")
+    REPORT_MD.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2, help="cases at a time (default 2)")
+    ap.add_argument("--per-class", type=int, default=0, help="only a sample of N cases per class (no report)")
+    ap.add_argument("--only", help="only cases whose class or name contains this")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args(argv)
+    cases = catalogue()
+    if args.only:
+        cases = [c for c in cases if args.only in c.cls or args.only in c.name]
+    if args.per_class:
+        cases = sample(cases, args.per_class)
+    t0 = time.perf_counter()
+    results = run(cases, jobs=args.jobs, progress=True)
+    seconds = time.perf_counter() - t0
+    table = tally(results)
+    print(json.dumps(table["total"]))
+    if not (args.no_report or args.per_class or args.only):
+        write_report(results, seconds, args.jobs)
+        print(f"wrote {REPORT_MD} and {REPORT_JSON}")
+    problems = bad(results)
+    for r in problems:
+        print(f"FAIL {r.cls}: {r.name}: {r.outcome} rc={r.rc} {r.lost}\n{r.stderr_tail}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
