@@ -25,7 +25,7 @@ from p2p_local.paths import cache_dir
 from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name, split_tensor_name
 
 __all__ = ["load_base", "default_base_path", "hf_cache_dir", "hf_module_name", "hf_gguf_module_map", "linear",
-           "merged_lora"]
+           "merged_lora", "hidden_entering", "lower_layers_skipped"]
 
 SOURCE_FILE = "p2p_source.json"  # what the cache was made from
 
@@ -167,3 +167,60 @@ def merged_lora(
         with torch.no_grad():
             for name, w in saved.items():
                 linear(model, name).weight.copy_(w)
+
+
+# ------------------------------------------------------------------------------------- frozen lower layers
+# When only upper layers are adapted, the frozen base's hidden states entering the first adapted layer
+# depend on the sample alone: the trainer computes them once per sample (`hidden_entering`) and later runs
+# only the upper layers on them (`lower_layers_skipped` + `inputs_embeds`), through the model's own forward
+# (its masks, rotary embeddings and layer types), so the upper layers see exactly what they would see.
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped decoder layer: hands the hidden states on unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class _Stop(Exception):
+    pass
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+@torch.no_grad()
+def hidden_entering(model: nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """The hidden states [B, T, H] entering decoder layer `layer` (0 = the scaled token embeddings); the
+    layers from `layer` up are not run. Unpadded input: no attention mask."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(mod, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = _decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+@contextlib.contextmanager
+def lower_layers_skipped(model: nn.Module, layer: int) -> Iterator[None]:
+    """Decoder layers below `layer` hand their input on unchanged: pass the hidden states entering
+    `layer` as `inputs_embeds` and the model runs only the layers from `layer` up."""
+    layers = _decoder_layers(model)
+    saved = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, mod in enumerate(saved):
+            layers[i] = mod

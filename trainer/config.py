@@ -79,7 +79,15 @@ class TrainConfig:
     stop_after: int = 0  # run at most this many steps in this invocation, then checkpoint and exit (0 = to the end)
     save_rank_weights: bool = False  # tests: each DDP rank saves its final weights
     bf16: bool = True  # CUDA only: autocast bf16 (CPU runs float32)
+    bf16_cpu: bool = False  # training steps autocast to bf16 on CPU too (measured in reports/train-bench.md)
     threads: int = 0  # torch threads on CPU; 0 = leave torch's default
+    # Throughput (none of these changes what is computed, only how; see reports/train-bench.md):
+    bucket: bool = True  # split each micro-batch into length buckets (no padding of short samples to long ones)
+    bucket_overhead: int = 16  # cost of one more forward pass, in padded tokens (the bucketing's trade-off)
+    cache_hidden: bool = True  # adapted layers start above 0: compute the frozen layers below once per sample
+    cache_hidden_gb: float = 6.0  # memory cap of that cache (samples beyond it are recomputed each time)
+    max_wall_s: float = 0.0  # stop training after this many seconds of this invocation, then evaluate (0 = off)
+    samples_file: str = ""  # prebuilt (train_sets, val_sets, cards) pickle (trainer.gpu); "" = build/cache here
     hyper: HyperConfig = field(default_factory=HyperConfig)
 
     def to_dict(self) -> dict:

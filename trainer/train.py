@@ -11,7 +11,12 @@ cross-entropy of the target tokens only (the LM head runs at target positions on
 vocabulary would dominate the step otherwise), averaged per sample, so a 1-token rating counts as
 much as a 20-token subject line. Gradients reach the hypernetwork only. Autograd keeps no activations
 below the first adapted layer (nothing there needs a gradient), so adapting only upper layers
-(`hyper.layers`) makes the backward pass cheaper by itself.
+(`hyper.layers`) makes the backward pass cheaper by itself, and the frozen layers below it run once per
+sample: their output is cached (`cache_hidden`) and later steps run the adapted layers only.
+
+Throughput (reports/train-bench.md, `make bench-train`): the hypernetwork runs once per micro-batch, then
+the base runs on length buckets of it (`bucket`): a 1-token rating is no longer padded to the length of
+the email beside it. Same samples, same per-sample losses, same gradient: only the padding goes.
 
 Checkpoints (`<out_dir>/last.pt`: model, optimiser, scheduler, sampler position, step, RNG states) are
 written every `ckpt_every` steps; re-running the same command resumes exactly where it stopped
@@ -24,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import time
@@ -39,6 +45,7 @@ from torch import nn
 
 from p2p_local.pipeline import median_index
 from p2p_local.profile import FEATURE_NAMES
+from trainer.base import hidden_entering, lower_layers_skipped
 from trainer.config import RECIPES, TrainConfig, recipe
 from trainer.hypernet import HyperNet
 from trainer.lora import FunctionalLoRA, SharedLoRA
@@ -130,6 +137,8 @@ class Batch:
     tgt_pos: torch.Tensor  # [N] position whose output predicts it
     tgt_ids: torch.Tensor  # [N]
     n_samples: int
+    hidden: torch.Tensor | None = None  # [B, T, H] cached frozen hidden states entering layer `start`
+    start: int = 0
 
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
@@ -158,9 +167,95 @@ def collate(sets: Sequence[SampleSet], picks: Sequence[tuple[int, int]], pad_id:
 
 
 def target_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits [N, V] at the target positions only (the LM head never sees the other positions)."""
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    """Logits [N, V] at the target positions only (the LM head never sees the other positions). With
+    `batch.hidden` the layers below `batch.start` are skipped: their output is given."""
+    if batch.hidden is not None:
+        with lower_layers_skipped(model, batch.start):
+            hidden = model.model(inputs_embeds=batch.hidden, attention_mask=batch.attention_mask,
+                                 use_cache=False).last_hidden_state
+    else:
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).last_hidden_state
     return model.lm_head(hidden[batch.tgt_b, batch.tgt_pos])
+
+
+def length_buckets(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Split samples into groups, each padded to its own longest, minimising sum(group size x longest)
+    + overhead per group (the fixed cost of one more forward pass, in tokens). Optimal over the sorted
+    lengths (a small dynamic programme: n is a micro-batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    srt = [lengths[i] for i in order]
+    best = [0.0] + [math.inf] * len(srt)
+    cut = [0] * (len(srt) + 1)
+    for j in range(1, len(srt) + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * srt[j - 1] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(srt)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+class LowerCache:
+    """The frozen base's hidden states entering the first adapted layer, per training sample: computed
+    once, each sample alone (so the value does not depend on the batch it first came in: resume stays
+    exact), then reused whenever the sample comes back. Up to `max_bytes`; beyond that, recomputed."""
+
+    def __init__(self, model: nn.Module, start: int, device: torch.device, max_bytes: float) -> None:
+        self.model, self.start, self.device, self.max_bytes = model, start, device, max_bytes
+        self.store: dict[tuple[int, int], torch.Tensor] = {}
+        self.bytes = 0
+        self.computed = 0
+
+    def hidden(self, sets: Sequence[SampleSet], picks: Sequence[tuple[int, int]], width: int) -> torch.Tensor:
+        rows = []
+        for t, i in picks:
+            h = self.store.get((t, i))
+            if h is None:
+                ids = torch.tensor([sets[t].prompt_ids[i] + sets[t].target_ids[i]], device=self.device)
+                h = hidden_entering(self.model, ids, self.start)[0]
+                self.computed += 1
+                size = h.numel() * h.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.store[(t, i)] = h
+                    self.bytes += size
+            rows.append(h)
+        out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+        for b, h in enumerate(rows):
+            out[b, : h.shape[0]] = h
+        return out
+
+
+def adapters_rows(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: Sequence[int]):
+    idx = torch.as_tensor(list(rows), device=next(iter(adapters.values()))[0].device)
+    return {m: (a.index_select(0, idx), b.index_select(0, idx)) for m, (a, b) in adapters.items()}
+
+
+def micro_batch_losses(net: nn.Module, lora: FunctionalLoRA, model: nn.Module, sets: Sequence[SampleSet],
+                       picks: Sequence[tuple[int, int]], device: torch.device, *, label_smoothing: float = 0.0,
+                       bucket_overhead: int | None = 16, cache: LowerCache | None = None):
+    """(per-sample losses [B] in `picks` order, adapters) for one micro-batch: the hypernetwork once, then
+    the base on each length bucket (`bucket_overhead` None: one padded batch, as before buckets)."""
+    first = collate(sets, picks)
+    adapters = net(first.embedding.to(device), first.features.to(device))
+    lengths = [len(sets[t].prompt_ids[i]) + len(sets[t].target_ids[i]) for t, i in picks]
+    groups = [] if bucket_overhead is None else length_buckets(lengths, bucket_overhead)
+    if len(groups) <= 1:  # one padded batch
+        groups = [list(range(len(picks)))]
+    losses = torch.zeros(len(picks), device=device)
+    for g in groups:
+        sub = [picks[k] for k in g]
+        batch = first if len(groups) == 1 else collate(sets, sub)
+        if cache is not None:
+            batch.hidden, batch.start = cache.hidden(sets, sub, batch.input_ids.shape[1]), cache.start
+        batch = batch.to(device)
+        with lora.applied(adapters if len(groups) == 1 else adapters_rows(adapters, g)):
+            logits = target_logits(model, batch)
+        losses = losses.index_put((torch.as_tensor(g, device=device),), per_sample_loss(logits, batch, label_smoothing))
+    return losses, adapters
 
 
 def per_sample_loss(logits: torch.Tensor, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -176,9 +271,10 @@ def l2_penalty(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.
     return torch.stack(sq).mean()
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA; a no-op on CPU (float32). One code path for both."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+def autocast(device: torch.device, bf16: bool, cpu: bool = False):
+    """bf16 autocast on CUDA; a no-op on CPU (float32) unless `cpu` (TrainConfig.bf16_cpu). One code path."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=bf16 and (device.type == "cuda" or cpu))
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -284,6 +380,34 @@ def evaluate(net: HyperNet | None, lora: FunctionalLoRA, model: nn.Module, sets:
 # ------------------------------------------------------------------------------------- the run
 
 
+def optimizer_step(cfg: TrainConfig, ddp_net: nn.Module, net: nn.Module, lora: FunctionalLoRA, model: nn.Module,
+                   sets: Sequence[SampleSet], picks: Sequence[tuple[int, int]], opt, sched, d: Dist, *,
+                   micro: int, cache: LowerCache | None = None) -> tuple[float, float]:
+    """One optimiser step on this rank's `picks` (micro-batches of `micro`, gradients accumulated; DDP
+    syncs on the last): returns (loss, pre-clip gradient norm)."""
+    per_rank = len(picks)
+    n_micro = math.ceil(per_rank / micro)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for k in range(n_micro):
+        mb = picks[k * micro:(k + 1) * micro]
+        sync = k == n_micro - 1 or d.world == 1
+        ctx = ddp_net.no_sync() if (d.world > 1 and not sync) else _null()
+        with ctx, autocast(d.device, cfg.bf16, cfg.bf16_cpu):
+            losses, adapters = micro_batch_losses(ddp_net, lora, model, sets, mb, d.device,
+                                                  label_smoothing=cfg.label_smoothing, cache=cache,
+                                                  bucket_overhead=cfg.bucket_overhead if cfg.bucket else None)
+            loss = losses.mean()
+            if cfg.l2_ab:
+                loss = loss + cfg.l2_ab * l2_penalty(adapters)
+            (loss * len(mb) / per_rank).backward()
+        loss_sum += float(loss.detach()) * len(mb) / per_rank
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
+    opt.step()
+    sched.step()
+    return loss_sum, grad_norm
+
+
 def lr_lambda(cfg: TrainConfig):
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
 
@@ -348,7 +472,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 # What may change when a run is resumed; everything else (data, model, optimiser) comes from the checkpoint.
 RUNTIME_FIELDS = ("steps", "stop_after", "threads", "eval_every", "ckpt_every", "log_every", "out_dir",
-                  "save_rank_weights", "eval_users", "eval_items_per_user", "bf16")
+                  "save_rank_weights", "eval_users", "eval_items_per_user", "bf16", "bucket", "bucket_overhead",
+                  "cache_hidden", "cache_hidden_gb", "max_wall_s", "samples_file")
 
 
 def resume_config(current: TrainConfig, saved: TrainConfig, verbose: bool = True) -> TrainConfig:
@@ -387,9 +512,16 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
             d.barrier()
     model, tokenizer = base
     model.to(d.device)
-    train_sets, val_sets, cards = load_data(cfg, tokenizer, d)
+    if cfg.samples_file:
+        with open(cfg.samples_file, "rb") as f:  # prebuilt elsewhere (scripts/gpu_bundle.sh)
+            train_sets, val_sets, cards = pickle.load(f)
+    else:
+        train_sets, val_sets, cards = load_data(cfg, tokenizer, d)
     net = build_hypernet(cfg, model, train_sets).to(d.device)
     lora = FunctionalLoRA(model, cfg.hyper.targets, cfg.hyper.layers, cfg.hyper.scale)
+    start_layer = min(cfg.hyper.layers)
+    cache = (LowerCache(model, start_layer, d.device, cfg.cache_hidden_gb * 2**30)
+             if cfg.cache_hidden and start_layer > 0 else None)
     ddp_net = nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
     opt = torch.optim.AdamW(net.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -415,7 +547,6 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
     if per_rank * d.world != cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     micro = min(cfg.micro_batch, per_rank)
-    n_micro = math.ceil(per_rank / micro)
     if d.main and step == 0:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     log = open(out / "metrics.jsonl", "a") if d.main else None
@@ -427,30 +558,14 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
     t_start = time.time()
     last = {}
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    wall_stop = False
     net.train()
     while step < stop_at:
         t0 = time.time()
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)  # dropout noise: a function of (seed, step, rank)
         picks = sampler.batch(step, cfg.batch_size)[d.rank::d.world]
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for k in range(n_micro):
-            mb = picks[k * micro:(k + 1) * micro]
-            batch = collate(train_sets, mb).to(d.device)
-            sync = k == n_micro - 1 or d.world == 1
-            ctx = ddp_net.no_sync() if (d.world > 1 and not sync) else _null()
-            with ctx, autocast(d.device, cfg.bf16):
-                adapters = ddp_net(batch.embedding, batch.features)
-                with lora.applied(adapters):
-                    logits = target_logits(model, batch)
-                loss = per_sample_loss(logits, batch, cfg.label_smoothing).mean()
-                if cfg.l2_ab:
-                    loss = loss + cfg.l2_ab * l2_penalty(adapters)
-                (loss * len(mb) / per_rank).backward()
-            loss_sum += float(loss.detach()) * len(mb) / per_rank
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
-        opt.step()
-        sched.step()
+        loss_sum, grad_norm = optimizer_step(cfg, ddp_net, net, lora, model, train_sets, picks, opt, sched, d,
+                                             micro=micro, cache=cache)
         step += 1
         dt = time.time() - t0
         if d.world > 1:
@@ -473,16 +588,27 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
                 log.flush()
                 print(_eval_line(ev))
             d.barrier()
-        if d.main and (step % cfg.ckpt_every == 0 or step == stop_at):
+        if cfg.max_wall_s:  # every rank stops at the same step
+            wall_stop = _agree(time.time() - t_start >= cfg.max_wall_s, d) and step < stop_at
+        if d.main and (step % cfg.ckpt_every == 0 or step == stop_at or wall_stop):
             save_checkpoint(ckpt_path, _state(cfg, net, opt, sched, sampler, step,
                                               elapsed_before + time.time() - t_start, cards, last))
         d.barrier()
+        if wall_stop:
+            break
     if bar is not None:
         bar.close()
-    summary = {"steps": step, "last": last, "cards": cards, "finished": step >= cfg.steps}
+    # A wall-clock budget ends the run as if it were complete: final evaluation and export metadata
+    # (the checkpoint says how many steps it got; running the same command again trains on).
+    summary = {"steps": step, "last": last, "cards": cards, "finished": step >= cfg.steps or wall_stop}
+    if wall_stop:
+        summary["stopped"] = f"max_wall_s={cfg.max_wall_s:g}"
+    if cache is not None:
+        summary["hidden_cache"] = {"samples": len(cache.store), "computed": cache.computed,
+                                   "mib": round(cache.bytes / 2**20, 1)}
     if cfg.save_rank_weights:
         torch.save(net.state_dict(), out / f"weights-rank{d.rank}.pt")
-    if d.main and step < cfg.steps:
+    if d.main and not summary["finished"]:
         log.close()
         print(f"stopped at step {step}/{cfg.steps}; run the same command again to resume")
     elif d.main:
@@ -494,6 +620,8 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
             print(_eval_line(ev))
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         ck["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
+        if wall_stop:
+            ck["export_meta"]["training"]["stopped"] = summary["stopped"]
         save_checkpoint(ckpt_path, ck)
     lora.remove()
     if d.world > 1:
@@ -532,6 +660,15 @@ def _eval_line(ev: dict) -> str:
             s += f" | MAE(E) true {r['mae_expected_true']:.3f} shuffled {r['mae_expected_shuffled']:.3f} base {r['mae_expected_base']:.3f}"
         parts.append(s)
     return "\n".join(parts)
+
+
+def _agree(flag: bool, d: Dist) -> bool:
+    """True on every rank when rank 0 says so (clocks differ across processes)."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 class _null:
