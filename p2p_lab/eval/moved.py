@@ -42,11 +42,13 @@ def compare(before_dir: Path, after_dir: Path) -> str:
     before, after = _load(before_dir), _load(after_dir)
     lines = [f"# Which figures moved: `{after_dir}` against `{before_dir}`", "",
              f"Command: `python -m p2p_lab.eval.moved {before_dir} {after_dir}`. A change is marked **moved** when "
-             "the new point estimate lies outside the earlier run's 95% CI over users.", "",
-             "| report | method | users (before → after) | metric | before [95% CI] | after [95% CI] | change | |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "the new point estimate lies outside the earlier run's 95% CI over users; \"same users\" says whether both "
+             "runs evaluated the same users (a re-prepared split can differ).", "",
+             "| report | method | users (before → after) | same users | metric | before [95% CI] | after [95% CI] | change | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in sorted(set(before) & set(after)):
         b, a = before[key], after[key]
+        same = "yes" if b.get("data", {}).get("users") == a.get("data", {}).get("users") else "**no**"
         metrics = [b["primary_metric"]]
         if SECONDARY.get(b.get("kind", "")):
             metrics.append(SECONDARY[b["kind"]])
@@ -59,12 +61,12 @@ def compare(before_dir: Path, after_dir: Path) -> str:
                 if ma is None:
                     continue
                 if mb is None:
-                    lines.append(f"| {key} | {method} | {ea.get('n_users')} | {name} | - | {ma[0]:.3f} "
+                    lines.append(f"| {key} | {method} | {ea.get('n_users')} | {same} | {name} | - | {ma[0]:.3f} "
                                  f"[{ma[1][0]:.3f}, {ma[1][1]:.3f}] | new | |")
                     continue
                 moved = not (mb[1][0] <= ma[0] <= mb[1][1])
                 lines.append(
-                    f"| {key} | {method} | {eb.get('n_users')} → {ea.get('n_users')} | {name} | {mb[0]:.3f} "
+                    f"| {key} | {method} | {eb.get('n_users')} → {ea.get('n_users')} | {same} | {name} | {mb[0]:.3f} "
                     f"[{mb[1][0]:.3f}, {mb[1][1]:.3f}] | {ma[0]:.3f} [{ma[1][0]:.3f}, {ma[1][1]:.3f}] | "
                     f"{ma[0] - mb[0]:+.3f} | {'**moved**' if moved else ''} |")
     return "\n".join(lines) + "\n"
