@@ -17,7 +17,7 @@ from typing import Any
 from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git, parse_time
-from p2p_local.store import Item, Store
+from p2p_local.store import Store, StoredItem
 from p2p_local.store.db import check_name
 
 EPILOG = """examples:
@@ -427,7 +427,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _item_of(s: Store, name: str, item_id: int) -> Item:
+def _item_of(s: Store, name: str, item_id: int) -> StoredItem:
     prof = s.get_profile(name)
     try:
         item = s.get_item(item_id)
@@ -473,7 +473,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _item_row(i: Item) -> tuple[str, ...]:
+def _item_row(i: StoredItem) -> tuple[str, ...]:
     return (str(i.id), _date(i.time) if i.time is not None else "-", i.task, _short(i.input, 60), _short(i.output, 30))
 
 

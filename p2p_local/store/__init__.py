@@ -11,11 +11,11 @@ from p2p_local.store.db import (
     Conversation,
     ForgetReport,
     HistoryEntry,
-    Item,
     Message,
     NewItem,
-    Profile,
+    ProfileRecord,
     Store,
+    StoredItem,
 )
 
 __all__ = [
@@ -23,10 +23,10 @@ __all__ = [
     "Conversation",
     "ForgetReport",
     "HistoryEntry",
-    "Item",
+    "StoredItem",
     "Message",
     "NewItem",
-    "Profile",
+    "ProfileRecord",
     "Store",
 ]
 

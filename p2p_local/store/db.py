@@ -45,7 +45,7 @@ ROLES = ("system", "user", "assistant")
 
 # --- records -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Profile:
+class ProfileRecord:
     id: int
     name: str
     task: str | None  # default task for new items
@@ -68,7 +68,7 @@ class NewItem:
 
 
 @dataclass(frozen=True)
-class Item:
+class StoredItem:
     id: int
     profile_id: int
     task: str
@@ -182,7 +182,7 @@ class Store:
         self.conn.execute("COMMIT")
 
     # --- profiles --------------------------------------------------------------------------------
-    def create_profile(self, name: str, task: str | None = None) -> Profile:
+    def create_profile(self, name: str, task: str | None = None) -> ProfileRecord:
         name = check_name(name)
         task = _check_task(task) if task is not None else None
         now = _time.time()
@@ -195,13 +195,13 @@ class Store:
             raise StoreError(f"profile {name!r} already exists", hint="pick another name (see `p2p profile list`)") from e
         return self.get_profile(name)
 
-    def list_profiles(self) -> list[Profile]:
+    def list_profiles(self) -> list[ProfileRecord]:
         rows = self.conn.execute(
             "SELECT p.*, (SELECT COUNT(*) FROM items WHERE profile_id = p.id) AS n_items FROM profiles p ORDER BY name"
         ).fetchall()
         return [_profile(r) for r in rows]
 
-    def get_profile(self, name: str) -> Profile:
+    def get_profile(self, name: str) -> ProfileRecord:
         """The profile with its item count; StoreError (with a did-you-mean hint) if unknown."""
         pid = self._pid(name)
         row = self.conn.execute(
@@ -228,7 +228,7 @@ class Store:
     def profile_exists(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
 
-    def set_profile_task(self, name: str, task: str | None) -> Profile:
+    def set_profile_task(self, name: str, task: str | None) -> ProfileRecord:
         """Set (or clear, with None) the default task of new items."""
         pid = self._pid(name)
         task = _check_task(task) if task is not None else None
@@ -266,7 +266,7 @@ class Store:
         output: str,
         time: float | None = None,
         meta: dict[str, Any] | None = None,
-    ) -> Item:
+    ) -> StoredItem:
         """Add one item. `task=None`: the profile's default task; `time=None`: now."""
         when = _time.time() if time is None else time
         first_id, _ = self._insert(profile, [NewItem(input, output, when, meta or {}, task)])
@@ -320,13 +320,13 @@ class Store:
         first_id = last_id + 1
         return first_id, n
 
-    def get_item(self, item_id: int) -> Item:
+    def get_item(self, item_id: int) -> StoredItem:
         row = self.conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise StoreError(f"no item with id {item_id}", hint="see ids with: p2p profile show NAME --items 20")
         return _item(row)
 
-    def edit_item(self, item_id: int, **fields: Any) -> Item:
+    def edit_item(self, item_id: int, **fields: Any) -> StoredItem:
         """Change some of task/time/input/output/meta; records the old and new item in the history."""
         unknown = set(fields) - set(ITEM_FIELDS)
         if unknown:
@@ -355,7 +355,7 @@ class Store:
             c.execute("DELETE FROM items WHERE id = ?", (item_id,))
             self._history(c, old, "delete", _snapshot(old), None, now)
 
-    def items(self, profile: str, task: str | None = None, limit: int | None = None) -> list[Item]:
+    def items(self, profile: str, task: str | None = None, limit: int | None = None) -> list[StoredItem]:
         """The profile's items in time order (unknown times first); `limit`: only the most recent ones."""
         where, args = "profile_id = ?", [self._pid(profile)]
         if task is not None:
@@ -379,7 +379,7 @@ class Store:
             HistoryEntry(r["id"], r["item_id"], r["action"], _load(r["old"]), _load(r["new"]), r["at"]) for r in rows
         ]
 
-    def _history(self, c: sqlite3.Connection, item: Item, action: str, old: dict | None, new: dict | None,
+    def _history(self, c: sqlite3.Connection, item: StoredItem, action: str, old: dict | None, new: dict | None,
                  now: float) -> None:
         c.execute(
             "INSERT INTO item_history (item_id, profile_id, action, old, new, at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -607,7 +607,7 @@ class Store:
 _SNAPSHOT_SQL = "json_object('task', task, 'time', time, 'input', input, 'output', output, 'meta', json(meta))"
 
 
-def _snapshot(item: Item) -> dict[str, Any]:
+def _snapshot(item: StoredItem) -> dict[str, Any]:
     return {"task": item.task, "time": item.time, "input": item.input, "output": item.output, "meta": item.meta}
 
 
@@ -805,13 +805,13 @@ def _iso(t: float) -> str:
     return _time.strftime("%Y-%m-%d %H:%M", _time.localtime(t))
 
 
-def _profile(r: sqlite3.Row) -> Profile:
-    return Profile(r["id"], r["name"], r["task"], r["created"], r["updated"], bool(r["adapter_stale"]), r["n_items"])
+def _profile(r: sqlite3.Row) -> ProfileRecord:
+    return ProfileRecord(r["id"], r["name"], r["task"], r["created"], r["updated"], bool(r["adapter_stale"]), r["n_items"])
 
 
-def _item(r: sqlite3.Row) -> Item:
+def _item(r: sqlite3.Row) -> StoredItem:
     meta = r["meta"]
-    return Item(r["id"], r["profile_id"], r["task"], r["time"], r["input"], r["output"],
+    return StoredItem(r["id"], r["profile_id"], r["task"], r["time"], r["input"], r["output"],
                 json.loads(meta) if meta != "{}" else {}, r["created"], r["updated"])
 
 
