@@ -827,7 +827,7 @@ def _query_cases() -> list[Case]:
     cases.append(Case("odd queries", "1 MB stdin, free chat", ["ask", "-", "--profile", PROFILE, "--task", "free"],
                       stdin=b"hello " * 170_000))
     cases.append(Case("odd queries", "100 KB --base generation", ["ask", "x " * 50_000, "--base", "--task",
-                                                                 "pytest-commit-subject"]))
+                                                                 "commit-subject"]))
     return cases
 
 

@@ -21,7 +21,7 @@ from p2p_local.data.records import commit_item
 from p2p_local.errors import DataError, UsageError
 from p2p_local.store import NewItem
 
-COMMIT_TASK = "pytest-commit-subject"  # the commit-subject task card (see data/cards)
+COMMIT_TASK = "commit-subject"  # the commit-subject task card (see data/cards)
 MAX_COMMITS = 1_000_000
 PROGRESS_EVERY = 2_000  # commits between progress reports
 GIT_TIMEOUT_S = 600.0

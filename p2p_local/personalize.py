@@ -19,7 +19,7 @@ import numpy as np
 
 from p2p_local import pipeline
 from p2p_local.bundle import Bundle
-from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards
+from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards, canonical_task
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
 from p2p_local.errors import AdapterError, StoreError, UsageError
@@ -94,6 +94,7 @@ class Session:
         return dict(self._cards)
 
     def card(self, task: str) -> TaskCard:
+        task = canonical_task(task)
         if task not in self._cards:
             raise UsageError(f"unknown task {task!r}", hint=f"known tasks: {', '.join(self._cards)}")
         return self._cards[task]
@@ -121,7 +122,7 @@ class Session:
 
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
-        task = task or self.default_task(profile)
+        task = canonical_task(task) if task else self.default_task(profile)
         card = self.card(task)
         history, n_total = self.history(profile, task)
         q = pipeline.query_item(card, query) if query else None
@@ -141,7 +142,7 @@ class Session:
     def _personalize(self, profile: str, task: str | None, query: str | None, force: bool,
                      scale: float) -> PersonalizeResult:
         t0 = time.perf_counter()
-        task = task or self.default_task(profile)
+        task = canonical_task(task) if task else self.default_task(profile)
         prof = self.profile_text(profile, task, query)
         t1 = time.perf_counter()
         timings = {"profile_ms": (t1 - t0) * 1e3}
@@ -235,7 +236,7 @@ class Session:
 
     def _answer(self, text: str, profile: str | None, task: str | None, personalized: bool, scale: float,
                 temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
-        task = task or (self.default_task(profile) if profile else FREE_CHAT)
+        task = canonical_task(task) if task else (self.default_task(profile) if profile else FREE_CHAT)
         self.last_result = None
         about = ""
         if task == FREE_CHAT:

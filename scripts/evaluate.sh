@@ -36,12 +36,12 @@ run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
 
 run movielens-rating test "$ML_TEST"
 run popquorn-offensiveness test "$OFF_TEST"
-run pytest-commit-subject test "$GIT_TEST"
+run commit-subject test "$GIT_TEST"
 # Email rewrites are long: every method gets the same 64-token generation budget.
 run popquorn-email-rewrite test "$MAIL_TEST" --max-tokens 64
 run movielens-rating ood "$ML_OOD"
 run popquorn-offensiveness ood "$OFF_OOD"
-run pytest-commit-subject ood "$GIT_OOD"
+run commit-subject ood "$GIT_OOD"
 run popquorn-email-rewrite ood "$MAIL_OOD" --max-tokens 64
 if [ "${SUMMARY:-1}" != 0 ]; then $P2P eval --summary --out "$OUT" --card models/gemma3-270m-p2p --readme README.md; fi
 if [ "${COST:-1}" != 0 ]; then $P2P bench cost --json-out "$OUT/cost.json"; fi

@@ -15,7 +15,7 @@ git clone -q "$ROOT" "$WORK/p2p-local"
 AUTHOR="$(git -C "$ROOT" log -1 --format=%aE)"
 git -C "$WORK/p2p-local" config user.email "$AUTHOR"
 git -C "$WORK/p2p-local" config user.name "$(git -C "$ROOT" log -1 --format=%aN)"
-TASK=pytest-commit-subject
+TASK=commit-subject
 # Until p2p_local/profile.py orders tied "Recurring words" deterministically, the profile text (and so the
 # adapter) of a history with tied word counts depends on Python's string hashing: fix the seed for the record.
 export PYTHONHASHSEED=0

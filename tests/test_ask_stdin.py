@@ -61,5 +61,5 @@ def test_diff_as_commit_query(monkeypatch):
             "-a\n+b\ndiff --git a/old name.txt b/new name.txt\nsimilarity index 100%\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(diff))
     text = query_text("-")
-    assert task_query(text, "pytest-commit-subject") == "files: src/app.py, new name.txt"
+    assert task_query(text, "commit-subject") == "files: src/app.py, new name.txt"
     assert task_query(text, "movielens-rating") == text  # other tasks read the text as it is

@@ -68,7 +68,7 @@ def test_popquorn_and_commits_real(shared_data):
     assert email.stats["rows_skipped_missing_user"] == 80  # rows with an empty user_id
     assert all(it.input and it.output for u in email.users for it in u.items)
     assert not any(u.user_id.endswith(".0") for u in email.users)
-    commits = convert("pytest-commit-subject", shared_data)
+    commits = convert("commit-subject", shared_data)
     assert all(len(u.items) >= MIN_COMMITS for u in commits.users)
     assert commits.stats["users"] == len(commits.users) > 50
     assert all(it.input.startswith("files: ") for u in commits.users for it in u.items)
@@ -76,8 +76,8 @@ def test_popquorn_and_commits_real(shared_data):
 
 
 def test_conversion_is_deterministic(shared_data):
-    a = convert("pytest-commit-subject", shared_data)
-    b = convert("pytest-commit-subject", shared_data)
+    a = convert("commit-subject", shared_data)
+    b = convert("commit-subject", shared_data)
     assert a.users == b.users and a.stats == b.stats
 
 

@@ -97,7 +97,7 @@ def test_builtin_cards_follow_the_label_convention():
         "movielens-rating",
         "popquorn-offensiveness",
         "popquorn-email-rewrite",
-        "pytest-commit-subject",
+        "commit-subject",
     }
     for name in names:
         card = builtin_card(name)
@@ -133,3 +133,34 @@ def test_card_load_errors(tmp_path):
         TaskCard.load(tmp_path / "bad.json")
     with pytest.raises(DataError, match="unknown task"):
         builtin_card("no-such-task")
+
+
+def test_the_commit_task_keeps_its_former_name_as_an_alias(tmp_path) -> None:
+    """`pytest-commit-subject` became `commit-subject`: the old name still finds the card, the CLI takes
+    it, and a store written under it is renamed by migration 0004 (and new rows are stored renamed)."""
+    import argparse
+    import sqlite3
+
+    from p2p_local.commands.args import task_arg
+    from p2p_local.data.format import builtin_card, builtin_cards, canonical_task
+    from p2p_local.store import Store
+    from p2p_local.store.migrations import migrate
+
+    assert "commit-subject" in builtin_cards() and "pytest-commit-subject" not in builtin_cards()
+    assert builtin_card("pytest-commit-subject") == builtin_card("commit-subject")
+    assert canonical_task("pytest-commit-subject") == "commit-subject" == task_arg("pytest-commit-subject")
+    with pytest.raises(argparse.ArgumentTypeError):
+        task_arg("pytest-commit")
+    db = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(db)
+    migrate(conn, upto=3)
+    conn.execute("INSERT INTO profiles (name, task, created, updated) VALUES ('me', 'pytest-commit-subject', 0, 0)")
+    conn.execute("INSERT INTO items (profile_id, task, input, output, created, updated) "
+                 "VALUES (1, 'pytest-commit-subject', 'files: a.py', 'Fix a', 0, 0)")
+    conn.commit()
+    conn.close()
+    with Store(db) as s:
+        assert s.get_profile("me").task == "commit-subject"
+        assert [i.task for i in s.items("me")] == ["commit-subject"]
+        s.add_item("me", "pytest-commit-subject", "files: b.py", "Fix b")
+        assert s.task_counts("me") == {"commit-subject": 2}

@@ -13,7 +13,7 @@ from p2p_local.data.format import builtin_card
 from p2p_local.errors import DataError
 
 RATING = builtin_card("movielens-rating")
-GEN = builtin_card("pytest-commit-subject")
+GEN = builtin_card("commit-subject")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from p2p_local.profile import build_profile
 
 @pytest.fixture(scope="module")
 def commits(shared_data):
-    return convert("pytest-commit-subject", shared_data).users
+    return convert("commit-subject", shared_data).users
 
 
 def _ids(users):
@@ -21,7 +21,7 @@ def _ids(users):
 
 
 def test_splits_are_user_disjoint_and_complete(commits):
-    sp = split_users(commits, builtin_card("pytest-commit-subject"), SplitConfig(seed=3))
+    sp = split_users(commits, builtin_card("commit-subject"), SplitConfig(seed=3))
     parts = [set(_ids(getattr(sp, n))) for n in ("train", "val", "test", "ood")]
     for i in range(4):
         for j in range(i + 1, 4):
@@ -34,7 +34,7 @@ def test_splits_are_user_disjoint_and_complete(commits):
 
 
 def test_splits_are_seeded(commits):
-    card = builtin_card("pytest-commit-subject")
+    card = builtin_card("commit-subject")
     a = split_users(commits, card, SplitConfig(seed=1))
     b = split_users(list(reversed(commits)), card, SplitConfig(seed=1))  # input order does not matter
     c = split_users(commits, card, SplitConfig(seed=2))

@@ -56,7 +56,7 @@ def test_label_f1_matches_sklearn():
 
 
 def test_generation_rouge_agrees_with_data_metrics():
-    card = builtin_card("pytest-commit-subject")
+    card = builtin_card("commit-subject")
     s = Scorer(card)
     pred, gold = "Fixes the capturing of stderr", "fix capture of stderr output"
     v = s.query_stats({"text": pred, "target": gold})

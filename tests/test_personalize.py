@@ -67,7 +67,7 @@ def test_free_chat_and_generation_answers_stream_text(session: Session) -> None:
     pieces = list(session.answer("The capital of France is", profile="demo", task=FREE_CHAT, max_tokens=8))
     assert pieces and "".join(pieces).strip()
     subject = "".join(session.answer("files: src/_pytest/python.py\nFix the fixture scope error message.",
-                                     task="pytest-commit-subject", max_tokens=12))
+                                     task="commit-subject", max_tokens=12))
     assert subject.strip() and session.engine.active == (None, 0.0)
 
 

@@ -19,7 +19,7 @@ from p2p_local.profile import (
 )
 
 MOVIES = builtin_card("movielens-rating")
-COMMITS = builtin_card("pytest-commit-subject")
+COMMITS = builtin_card("commit-subject")
 
 
 def f(profile, name):

@@ -18,7 +18,7 @@ from p2p_local.store import Store
 def store(p2p_home: Path):
     s = Store()
     s.create_profile("alice", task="movielens-rating")
-    s.create_profile("gen", task="pytest-commit-subject")
+    s.create_profile("gen", task="commit-subject")
     yield s
     s.close()
 

@@ -750,7 +750,7 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         screen.query_one("#git-path", Input).focus()
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
-        assert chat(app).profile == "me" and chat(app).task_name == "pytest-commit-subject"
+        assert chat(app).profile == "me" and chat(app).task_name == "commit-subject"
         assert store.get_profile("me").n_items == 3
 
     # Now there is a profile of one's own: no first-run screen, but the palette's "Import history" opens it.

@@ -46,15 +46,15 @@ def test_peft_export_never_replaces_a_folder_of_other_files(tmp_path: Path, monk
 def test_generation_decoding_matches_the_task_shape(session: Session) -> None:
     """A commit subject is one line (it used to run on for 96 tokens of 'Description: ...'); an email
     rewrite keeps its paragraphs (it used to stop at the first blank line)."""
-    subject = session.decoding("pytest-commit-subject", "Fix the fixture scope error message.")
+    subject = session.decoding("commit-subject", "Fix the fixture scope error message.")
     assert subject["stop"] == ["\n"]
     email = "hey\n\ncan u send me the report by friday thx " * 20
     rewrite = session.decoding("popquorn-email-rewrite", email)
     assert "\n\n" not in rewrite["stop"] and "\nEmail:" in rewrite["stop"]
     assert rewrite["max_tokens"] >= 1.5 * len(session.engine.tokenize(email, add_bos=False))
     # The card decides (`one_line`), the same for every user and in the evaluation: one rule.
-    assert session.decoding("pytest-commit-subject", "x") == pipeline.generation_settings(
-        session.engine, builtin_card("pytest-commit-subject"), "x")
+    assert session.decoding("commit-subject", "x") == pipeline.generation_settings(
+        session.engine, builtin_card("commit-subject"), "x")
 
 
 def test_query_aware_adapters_do_not_pile_up(session: Session, monkeypatch) -> None:
@@ -79,7 +79,7 @@ def test_cli_refuses_items_that_personalization_would_ignore(p2p_home: Path, cap
     item = Store().items("alice")[0]
     assert main(["profile", "edit", "alice", str(item.id), "--output", "3.5"]) == DataError.exit_code
     assert main(["profile", "edit", "alice", str(item.id), "--output", "5"]) == 0
-    assert main(["profile", "create", "dev", "--task", "pytest-commit-subject"]) == 0
+    assert main(["profile", "create", "dev", "--task", "commit-subject"]) == 0
     assert main(["profile", "add", "dev", "--input", "body", "--output", "Fix the thing"]) == 0  # free text
 
 

@@ -12,7 +12,7 @@ from p2p_local.errors import P2PError
 EPILOG = """examples:
   p2p eval --task movielens-rating --users 50            # every method that applies, 50 test users
   p2p eval --task movielens-rating --methods base,user-mean,p2p --split ood
-  p2p eval --task pytest-commit-subject --methods base,rag,pag,all-history --users 20
+  p2p eval --task commit-subject --methods base,rag,pag,all-history --users 20
   p2p eval --data users.jsonl --task-card card.json      # your own data (generic format, docs/DATA.md)
   p2p eval --summary --card models/gemma3-270m-p2p        # gather reports/ into SUMMARY.md (+ the bundle's EVAL.md)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from p2p_local.data.format import Item, User, time_ordered
+from p2p_local.data.format import Item, User, canonical_task, time_ordered
 from p2p_local.data.records import (
     MAX_COMMENT_CHARS,
     MAX_EMAIL_CHARS,
@@ -301,12 +301,13 @@ CONVERTERS: dict[str, Callable[[Path], Converted]] = {
     "movielens-rating": convert_movielens,
     "popquorn-offensiveness": convert_offensiveness,
     "popquorn-email-rewrite": convert_email_rewrite,
-    "pytest-commit-subject": convert_commits,
+    "commit-subject": convert_commits,
 }
 
 
 def convert(task: str, src: Path | None = None) -> Converted:
     """Run the converter of a built-in task over the shared data (or `src`)."""
+    task = canonical_task(task)
     if task not in CONVERTERS:
         raise DataError(f"no converter for task {task!r}", hint=f"known: {', '.join(CONVERTERS)}")
     return CONVERTERS[task](Path(src) if src is not None else shared_data_dir())

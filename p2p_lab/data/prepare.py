@@ -20,7 +20,14 @@ import numpy as np
 from p2p_lab.data.converters import CONVERTERS, convert
 from p2p_lab.data.splits import EVAL_LAST_N, Embed, SplitConfig, count_samples, split_users
 from p2p_local import paths
-from p2p_local.data.format import TaskCard, User, builtin_card, read_users_jsonl, write_users_jsonl
+from p2p_local.data.format import (
+    TaskCard,
+    User,
+    builtin_card,
+    canonical_task,
+    read_users_jsonl,
+    write_users_jsonl,
+)
 from p2p_local.errors import DataError, P2PError
 
 DATA_VERSION = 1  # bump when conversion or splitting changes: cached sets are rebuilt
@@ -50,7 +57,7 @@ class TaskData:
 
 
 def task_dir(task: str) -> Path:
-    return paths.cache_dir() / "data" / task
+    return paths.cache_dir() / "data" / canonical_task(task)
 
 
 def default_embedder(log: Log = _stderr) -> tuple[Embed | None, str]:
@@ -149,6 +156,7 @@ def read_stats(task: str) -> dict[str, Any] | None:
 
 def load_task(task: str, build: bool = True, log: Log = _stderr) -> TaskData:
     """A prepared task set (card + user splits), building it first when missing or stale."""
+    task = canonical_task(task)
     stats = read_stats(task)
     if stats is None:
         if not build:

@@ -105,7 +105,7 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
 
 
 def export_name(profile: str, task: str, query: str | None) -> str:
-    """`me-pytest-commit-subject`, plus a short hash of the query for a query-aware adapter: the same
+    """`me-commit-subject`, plus a short hash of the query for a query-aware adapter: the same
     profile, task and query always give the same name (re-exporting replaces the file)."""
     import hashlib
 

@@ -23,9 +23,11 @@ def scale_arg(value: str) -> float:
 
 def task_arg(value: str) -> str:
     """A built-in task card's name, or free chat."""
-    from p2p_local.data.format import builtin_cards
+    from p2p_local.data.format import builtin_cards, canonical_task
 
     known = builtin_cards()
-    if value in known or value in CHAT_TASKS:
+    if value in CHAT_TASKS:
         return value
+    if canonical_task(value) in known:
+        return canonical_task(value)
     raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat)")

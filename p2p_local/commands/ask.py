@@ -1,7 +1,7 @@
 """`p2p ask "..."`: one answer, streamed to stdout, personalized by a profile's adapter.
 
 The query may come from standard input (`-`, or nothing given while stdin is a pipe):
-`git diff --cached | p2p ask - --task pytest-commit-subject --profile me`. For the commit-subject task a
+`git diff --cached | p2p ask - --task commit-subject --profile me`. For the commit-subject task a
 diff is read as the task reads a commit: its changed files (and no body yet), the training items' format.
 """
 
@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ask", help="answer one prompt (streams), personalized with a profile",
         epilog="examples:\n  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --task movielens-rating\n"
                "  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --base     # no adapter\n"
-               "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task pytest-commit-subject --json\n"
-               "  git diff --cached | p2p ask - --task pytest-commit-subject --profile me   # the query from stdin",
+               "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task commit-subject --json\n"
+               "  git diff --cached | p2p ask - --task commit-subject --profile me   # the query from stdin",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
     p.add_argument("--profile", help="profile to personalize with (default: the only / first profile)")
@@ -95,4 +95,4 @@ def task_query(text: str, task: str | None) -> str:
     return text
 
 
-COMMIT_TASKS = ("pytest-commit-subject", "commit-subject")
+COMMIT_TASKS = ("commit-subject",)  # former names resolve through data.format.canonical_task

@@ -181,6 +181,15 @@ class TaskCard:
         )
 
 
+# Former names of built-in tasks, still accepted wherever a task is named (stored profiles, bundles, files).
+TASK_ALIASES = {"pytest-commit-subject": "commit-subject"}  # a developer's commit subject, not pytest's
+
+
+def canonical_task(name: str) -> str:
+    """A task's current name (a former name maps to it; any other name is returned as it is)."""
+    return TASK_ALIASES.get(name, name)
+
+
 def builtin_cards() -> list[str]:
     """Names of the task cards shipped with the package."""
     root = resources.files("p2p_local.data") / "cards"
@@ -188,7 +197,8 @@ def builtin_cards() -> list[str]:
 
 
 def builtin_card(name: str) -> TaskCard:
-    """A shipped task card by name (`movielens-rating`, ...)."""
+    """A shipped task card by name (`movielens-rating`, ...; a former name gives today's card)."""
+    name = canonical_task(name)
     res = resources.files("p2p_local.data") / "cards" / f"{name}.json"
     if not res.is_file():
         raise DataError(f"unknown task {name!r}", hint=f"known tasks: {', '.join(builtin_cards())}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local import paths
+from p2p_local.data.format import canonical_task
 from p2p_local.errors import StoreError
 from p2p_local.files import disk_error, sha256_file
 from p2p_local.store.migrations import migrate
@@ -176,10 +177,22 @@ class Store:
             raise StoreError(f"the profile store is busy: {e}", hint="another p2p process is writing; retry") from e
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as e:
+            # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK here would fail
+            # and hide the real error behind "cannot rollback - no transaction is active".
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower():
+                raise StoreError(f"disk full: cannot write the profile store {self.path} ({e})",
+                                 hint="free some space and try again; nothing was changed") from e
+            if isinstance(e, sqlite3.OperationalError):
+                raise StoreError(f"the profile store {self.path} could not be written: {e}",
+                                 hint="check the data dir's disk and permissions; nothing was changed") from e
             raise
-        self.conn.execute("COMMIT")
 
     # --- profiles --------------------------------------------------------------------------------
     def create_profile(self, name: str, task: str | None = None) -> ProfileRecord:
@@ -761,7 +774,7 @@ def check_name(name: str) -> str:
 def _check_task(task: Any) -> str:
     if not isinstance(task, str) or not task.strip():
         raise StoreError(f"invalid task {task!r}", hint="a task is a non-empty name, e.g. movielens-rating")
-    return task.strip()
+    return canonical_task(task.strip())
 
 
 def _check_time(t: Any) -> float | None:
