@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if "history" in results:
             from p2p_lab.bench import plot_history
 
-            plot_history(results["history"], args.json_out.with_name(args.json_out.stem + "-history.png"))
+            stem = args.json_out.stem if args.json_out.stem.endswith("history") else args.json_out.stem + "-history"
+            plot_history(results["history"], args.json_out.with_name(stem + ".png"))
         args.json_out.with_suffix(".md").write_text(
             f"# Benchmarks\n\n`{results['machine']['command']}` on {results['machine']['platform']}, "
             f"{results['machine']['cpus']} CPUs, {results['machine']['date']}\n\n{table(results)}\n")
