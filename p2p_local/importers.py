@@ -23,7 +23,7 @@ import json.decoder
 import json.scanner
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -84,8 +84,10 @@ def import_file(
     movies: Path | str | None = None,
     task: str | None = None,
     dry_run: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> ImportResult:
-    """Parse `path` and add its items to `profile` in one transaction.
+    """Parse `path` and add its items to `profile` in one transaction. `progress(stage)` hears of each
+    stage of a large import (reading, checking and writing), so a long one is never silent.
 
     Task of each item: its own (CSV column / item "task" / meta "task"), else `task`, else the
     file's, else the profile's default. A profile without a default task takes the import's.
@@ -93,7 +95,11 @@ def import_file(
     """
     prof = _import_target(store, profile, dry_run)  # fail before parsing a big file
     t0 = time.perf_counter()
+    if progress:
+        progress(f"reading {Path(path).name}")
     parsed = read_import(path, fmt, user=user, movies=movies)
+    if progress:
+        progress(f"{len(parsed.items):,} items read; checking and {'counting' if dry_run else 'writing'} them")
     return add_parsed(store, prof, parsed, task=task, dry_run=dry_run, parse_seconds=time.perf_counter() - t0)
 
 

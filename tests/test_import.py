@@ -228,3 +228,13 @@ def test_import_task_resolution(store: Store, tmp_path: Path):
     import_file(store, "p", f, task="cli")
     assert store.task_counts("p") == {"cli": 1, "own": 1}
     assert store.get_profile("p").task == "cli"
+
+
+def test_a_file_import_reports_its_stages(store: Store, tmp_path: Path):
+    """A long import is never silent: the CLI shows these stages for large files on a terminal."""
+    path = _write(tmp_path / "items.jsonl", "".join(
+        json.dumps({"input": f"q{i}", "output": "4", "time": 1.6e9 + i}) + "\n" for i in range(50)))
+    store.create_profile("p", task="movielens-rating")
+    stages: list[str] = []
+    import_file(store, "p", path, progress=stages.append)
+    assert stages == ["reading items.jsonl", "50 items read; checking and writing them"]

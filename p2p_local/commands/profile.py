@@ -207,7 +207,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                                     dry_run=args.dry_run, progress=_progress("commits read"))
             else:
                 result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
-                                     task=args.task, dry_run=args.dry_run)
+                                     task=args.task, dry_run=args.dry_run, progress=_stage_progress(args.file))
         except BaseException:
             if created:  # all or nothing: a failed import leaves no empty profile behind
                 s.forget_profile(args.name)
@@ -230,6 +230,20 @@ def cmd_import(args: argparse.Namespace) -> int:
             when = _date(it["time"]) if it["time"] is not None else "-"
             print(f"  {when}  {_short(it['input'], 70)}  ->  {_short(it['output'], 50)}")
     return 0
+
+
+LARGE_IMPORT_BYTES = 4 << 20  # files above this say what they are doing (on a terminal)
+
+
+def _stage_progress(path: Path):
+    """Stage lines on stderr for a large file import (a terminal only: logs and pipes stay clean)."""
+    try:
+        large = Path(path).stat().st_size > LARGE_IMPORT_BYTES
+    except OSError:
+        return None  # the importer says what is wrong with the path
+    if not large or not sys.stderr.isatty():
+        return None
+    return lambda stage: print(f"  {stage}…", file=sys.stderr, flush=True)
 
 
 def _progress(what: str):
