@@ -44,12 +44,9 @@ def disk_error(e: OSError, path: Path, need: int | None = None) -> StoreError:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True) -> Iterator[IO]:
-    """Open a temporary file beside `path`; on a clean exit fsync it and rename it over `path`.
-
-    On any error the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
+def _replacing(path: Path, mode: int) -> Iterator[tuple[int, Path]]:
+    """A temp file beside `path` (its fd and name, `mode` set); renamed over `path` on a clean exit,
+    removed on any error, with OS errors said plainly (`disk_error`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,10 +54,7 @@ def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True)
         raise disk_error(e, path) from e
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield fd, Path(tmp)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +62,19 @@ def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit fsync it and rename it over `path`.
+
+    On any error the temporary file is removed and `path` is untouched.
+    """
+    with _replacing(Path(path), mode) as (fd, _), \
+            os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: str | Path, data: bytes | str, mode: int = PRIVATE_FILE) -> Path:
@@ -81,22 +88,10 @@ def atomic_write(path: str | Path, data: bytes | str, mode: int = PRIVATE_FILE) 
 def atomic_write_with(path: str | Path, write: Callable[[Path], None], mode: int = PRIVATE_FILE) -> Path:
     """For writers that want a file name (gguf, safetensors): `write(tmp)` fills a temp path, then rename."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _replacing(path, mode) as (fd, tmp):
         os.close(fd)
-    except OSError as e:
-        raise disk_error(e, path) from e
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, mode)
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer may have made the file anew
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise disk_error(e, path) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
