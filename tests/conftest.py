@@ -73,3 +73,17 @@ def session(engine, p2p_home: Path):
     for st in s._stores:
         st.close()
     engine.use(None)
+
+
+@pytest.fixture(scope="module")
+def torch_base(base_model_path):
+    """The frozen base as torch weights (de-quantized from the GGUF), torch on one thread meanwhile: on
+    2 shared cores its OpenMP threads spin against llama.cpp's (10x slower with 2)."""
+    import torch
+
+    from trainer.base import load_base
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_base(base_model_path)
+    torch.set_num_threads(threads)

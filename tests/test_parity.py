@@ -15,7 +15,7 @@ import torch
 
 from p2p_local.adapter import BaseInfo, write_adapter
 from p2p_local.peft_export import gguf_to_hf_name
-from trainer.base import hf_gguf_module_map, linear, load_base, merged_lora
+from trainer.base import hf_gguf_module_map, linear, merged_lora
 
 RANK = 8
 SCALE = 0.5  # W + SCALE * B @ A on q/v of every layer: logit deltas with std 2-4
@@ -29,14 +29,6 @@ PROMPTS = [
     "Ingredients: flour, sugar, eggs, and",
 ]
 
-
-@pytest.fixture(scope="module")
-def torch_base(base_model_path):
-    # One thread: on 2 shared cores, torch's OpenMP threads spin against llama.cpp's (10x slower with 2).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_base(base_model_path)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

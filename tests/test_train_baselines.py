@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from p2p_lab.data.converters import convert
 from p2p_local.adapter import validate_adapter
@@ -19,15 +18,6 @@ from trainer.baselines import OPPUConfig, run_mtlora, train_oppu
 
 TASK = "popquorn-offensiveness"
 
-
-@pytest.fixture(scope="module")
-def torch_base(base_model_path):
-    from trainer.base import load_base
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_base(base_model_path)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,6 @@ from trainer.samples import SampleSet
 from trainer.train import LowerCache, length_buckets, micro_batch_losses
 
 
-@pytest.fixture(scope="module")
-def torch_base(base_model_path):
-    from trainer.base import load_base
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_base(base_model_path)
-    torch.set_num_threads(threads)
-
-
 def two_tasks(tok) -> list[SampleSet]:
     """A rating task (1-token targets) and a generation task (long targets) of different lengths."""
     rng = np.random.default_rng(0)

@@ -23,15 +23,6 @@ MIN_CORR = 0.9
 SLOPE_TOL = 0.25
 
 
-@pytest.fixture(scope="module")
-def torch_base(base_model_path):
-    from trainer.base import load_base
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_base(base_model_path)
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(torch_base, tmp_path_factory):
