@@ -223,5 +223,4 @@ def generate_answer(engine: Any, card: TaskCard, prompt: str, text: str, *, seed
     kw = generation_settings(engine, card, text)
     if max_tokens:
         kw["max_tokens"] = max_tokens
-    kw["max_tokens"] = max(1, min(kw["max_tokens"], engine.n_ctx - len(engine.tokenize(prompt)) - 1))
     return finish_text(card, engine.complete(prompt, temperature=0.0, seed=seed, **kw))
