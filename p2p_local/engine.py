@@ -224,15 +224,17 @@ class Engine:
             first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
             out[0] = _log_softmax_at(first, cont[0])
             rest = cont[:-1]
-            if rest:
-                batch = LlamaBatch(n_tokens=len(rest), embd=0, n_seq_max=1)
-                batch.set_batch(rest, n_past=len(tokens), logits_all=True)
+            step = max(1, self.llm.n_batch)  # llama.cpp asserts (aborts) on a batch over n_batch tokens
+            for start in range(0, len(rest), step):
+                chunk = rest[start:start + step]
+                batch = LlamaBatch(n_tokens=len(chunk), embd=0, n_seq_max=1)
+                batch.set_batch(chunk, n_past=len(tokens) + start, logits_all=True)
                 rc = llama_cpp.llama_decode(self.llm.ctx, batch.batch)
                 if rc != 0:
                     raise EngineError(f"llama_decode returned {rc}: {recent_llama_errors()}")
-                for i, tok in enumerate(cont[1:]):
+                for i in range(len(chunk)):
                     row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(self.n_vocab,))
-                    out[i + 1] = _log_softmax_at(row, tok)
+                    out[start + i + 1] = _log_softmax_at(row, cont[start + i + 1])
             self.llm.reset()
         return out
 

@@ -203,3 +203,13 @@ def test_thread_count_defaults_to_all_cores_and_env_overrides(monkeypatch) -> No
     assert default_threads() == (os.cpu_count() or 1)
     monkeypatch.setenv("P2P_THREADS", "1")
     assert default_threads() == 1
+
+
+def test_a_continuation_longer_than_a_batch_is_scored_in_pieces(engine: Engine) -> None:
+    """llama.cpp aborts on a batch over n_batch tokens: a long continuation goes in pieces, same numbers."""
+    engine.use(None)
+    cont = engine.tokenize(" one two three" * 300, add_bos=False)[: engine.llm.n_batch + 40]
+    lp = engine.continuation_logprobs("Count:", cont)
+    assert lp.shape == (len(cont),) and np.isfinite(lp).all()
+    head = engine.continuation_logprobs("Count:", cont[:20])
+    assert np.abs(lp[:20] - head).max() < 0.2
