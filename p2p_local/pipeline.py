@@ -66,6 +66,18 @@ def make_profile(card: TaskCard, history: list[Item], query: Item | None = None,
 
 
 # --- 4: profile -> adapter -------------------------------------------------------------------------
+def pool_embeddings(vectors: np.ndarray) -> np.ndarray:
+    """Per-item vectors [n, E] -> the profile embedding [1, E]: their mean (float64, in order), L2-normalised."""
+    v = np.asarray(vectors, dtype=np.float64).mean(axis=0)
+    return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)[None]
+
+
+def profile_embedding(encoder: Encoder, profile: Profile) -> np.ndarray:
+    """The profile's embedding [1, E]: each pooled item (profile.item_texts) embedded alone, then pooled.
+    The trainer embeds each item once and pools the same way (trainer/samples.py), bit for bit."""
+    return pool_embeddings(encoder.embed_each(profile.item_texts))
+
+
 class Personalizer:
     """Profile -> LoRA tensors -> GGUF adapter, one forward pass. Checks bundle/base/encoder agree up front."""
 
@@ -75,7 +87,7 @@ class Personalizer:
 
     def tensors(self, profile: Profile) -> tuple[Tensors, dict[str, float]]:
         t0 = time.perf_counter()
-        emb = self.encoder.embed([profile.text])
+        emb = profile_embedding(self.encoder, profile)
         t1 = time.perf_counter()
         tensors = self.tensors_from(emb, profile.features[None])
         t2 = time.perf_counter()

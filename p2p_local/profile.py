@@ -17,6 +17,7 @@ retrieval indexes the most recent MAX_RETRIEVAL_ITEMS.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -27,16 +28,20 @@ import numpy as np
 
 from p2p_local.data.format import Item, TaskCard
 
-MAX_SUMMARY_ITEMS = 2000
-MAX_RETRIEVAL_ITEMS = 300  # BM25 index build is ~linear: ~10 ms for 300 short items on a laptop core
+# A profile describes the user's recent self: statistics over the latest MAX_SUMMARY_ITEMS items, retrieval
+# over the latest MAX_RETRIEVAL_ITEMS. The trainer builds every training sample with the same windows
+# (max_history = MAX_SUMMARY_ITEMS), so a sample's profile is the device's, not an approximation.
+MAX_SUMMARY_ITEMS = 256
+MAX_RETRIEVAL_ITEMS = 128  # a BM25 index is built per query: ~3.5 ms for 128 short items on a laptop core
 MAX_ITEM_CHARS = 160  # per retrieved item in the profile text / baseline prompts
 RETRIEVED_K = 2  # history items retrieved into the profile text
+POOL_ITEMS = 16  # items embedded one by one and pooled into the profile embedding: the retrieved, then the latest
 WRAPPER = "extract personalization features relevant to: {description}"
 
 # The feature contract. A bundle records FEATURE_VERSION and FEATURE_NAMES (manifest "features") and
 # `Bundle.check` refuses one trained on another contract: bump the version whenever a name, an order,
 # a constant below or the way a feature is computed changes.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 RECENT = 20  # "recent" window for the recent-mean feature
 HIST_BINS = 5  # rating histogram bins over the value range
 QUERY_PRIOR_WEIGHT = 2.0  # the query-genre mean is shrunk to the user's mean with this many pseudo-items
@@ -60,8 +65,16 @@ _TEXT = (
     "t_comma_rate", "t_contraction", "t_caps_words", "t_multiline", "t_type_token", "t_word_len",
     "t_copy_rate", "t_prefix_tag", "t_has_digit", "t_first_person", "t_greeting",
     "t_query_in_len", "t_neighbour_out_len", "t_neighbour_match",
+    "t_opening_share", "t_open_past", "t_open_third", "t_issue_ref", "t_backtick",
 )  # fmt: skip
-FEATURE_NAMES: tuple[str, ...] = _COMMON + _RATING + _TEXT
+# How a user opens an output (commit subjects: "Add", "fix", "Updated"...): the share of each common
+# opening verb, any inflection. Style the summary states and the adapter must carry (issue 16).
+OPENINGS = (
+    "add", "fix", "update", "remove", "use", "make", "improve", "refactor", "bump", "support",
+    "allow", "move", "rename", "revert", "change", "clean", "drop", "implement", "document", "test",
+)  # fmt: skip
+_OPEN = tuple(f"t_open_{w}" for w in OPENINGS)
+FEATURE_NAMES: tuple[str, ...] = _COMMON + _RATING + _TEXT + _OPEN
 FEATURE_DIM = len(FEATURE_NAMES)
 _IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
@@ -78,6 +91,7 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|\d+")
 _CONTRACTION = re.compile(r"[A-Za-z](?:'|’)(?:s|re|t|ll|ve|m|d)\b", re.I)
 _FIRST_PERSON = re.compile(r"\b(?:i|me|my|mine|we|our|us)\b", re.I)
 _GREETING = re.compile(r"^\s*(?:hi|hello|hey|dear|greetings|good (?:morning|afternoon|evening))\b", re.I)
+_ISSUE_REF = re.compile(r"#\d")
 _PREFIX_TAG = re.compile(r"^\s*(?:\[[^\]]{1,30}\]|[A-Za-z][\w\-/.]{0,24}:\s)")
 
 
@@ -91,6 +105,7 @@ class Profile:
     empty: bool = False
     n_history: int = 0
     stats: dict[str, float] = field(default_factory=dict)  # the numbers behind the summary (for UIs)
+    item_texts: list[str] = field(default_factory=list)  # what the encoder embeds, one item each (pooled)
 
 
 # ---------------------------------------------------------------- small text helpers
@@ -227,37 +242,90 @@ def label_frequency(card: TaskCard, history: list[Item]) -> str:
 # ---------------------------------------------------------------- text (generation)
 
 
+def opening_verb(word: str) -> str | None:
+    """The OPENINGS verb a (lower-cased) first word inflects ("fixes", "fixed", "updating" -> fix, update)."""
+    for stem in (word, word[:-1], word[:-2], word[:-3], word[:-3] + "e", word[:-2] + "e"):
+        if stem in _OPENING_SET:
+            return stem
+    return None
+
+
+_OPENING_SET = frozenset(OPENINGS)
+
+
+def starts_lowercase(text: str) -> bool:
+    """Whether a text opens with a lower-case letter (quotes and brackets skipped): the case of a style."""
+    return text.lstrip("\"'([").strip()[:1].islower()
+
+
+def first_word(text: str) -> str | None:
+    """The first word of a text, lower-cased (None for a text without words)."""
+    m = _WORD.search(text)
+    return m.group().lower() if m else None
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the text block reads of one history item, computed once per distinct (input, output)."""
+
+    out: str
+    out_words: tuple[str, ...]
+    lower_words: tuple[str, ...]
+    in_len: int
+    flags: tuple[bool, ...]  # _FLAG_NAMES, in order
+    commas: int
+    caps: int
+    chars: int
+    copy: float | None
+    content: tuple[str, ...]
+    first: str | None  # the first word, lower-cased
+    opening: str | None  # the "typical opening" token (a prefix tag whole)
+
+
+_FLAG_NAMES = ("t_starts_lower", "t_ends_period", "t_ends_other_punct", "t_has_exclaim", "t_has_question",
+               "t_contraction", "t_multiline", "t_prefix_tag", "t_has_digit", "t_first_person", "t_greeting",
+               "t_issue_ref", "t_backtick")
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _facts(input: str, output: str) -> _Facts:
+    o = output.strip()
+    ow = tuple(_words(o))
+    iw = _words(input)
+    flags = (starts_lowercase(o), o.endswith("."), o[-1:] in "!?", "!" in o,
+             "?" in o, bool(_CONTRACTION.search(o)), "\n" in o, bool(_PREFIX_TAG.match(o)),
+             any(c.isdigit() for c in o), bool(_FIRST_PERSON.search(o)), bool(_GREETING.match(o)),
+             bool(_ISSUE_REF.search(o)), "`" in o)
+    in_lower = {x.lower() for x in iw}
+    copy = sum(1 for w in ow if w.lower() in in_lower) / len(ow) if ow and iw else None
+    opening = (ow[0] if not _PREFIX_TAG.match(o) else o.split()[0]) if ow else None
+    return _Facts(o, ow, tuple(w.lower() for w in ow), len(iw), flags, o.count(","),
+                  sum(1 for w in ow if len(w) >= 2 and w.isupper()), sum(len(w) for w in ow), copy,
+                  tuple(sorted(_content_words(o))), ow[0].lower() if ow else None, opening)
+
+
 def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
-    outs = [it.output.strip() for it in hist]
-    out_w = [_words(o) for o in outs]
-    in_w = [_words(it.input) for it in hist]
-    n = len(outs)
-    out_len = np.array([len(w) for w in out_w], dtype=np.float64)
-    in_len = np.array([len(w) for w in in_w], dtype=np.float64)
+    facts = [_facts(it.input, it.output) for it in hist]
+    n = len(facts)
+    out_len = np.array([len(x.out_words) for x in facts], dtype=np.float64)
+    in_len = np.array([x.in_len for x in facts], dtype=np.float64)
     lo_out = np.log1p(out_len)
-    rate = lambda pred: sum(1 for o in outs if pred(o)) / n  # noqa: E731
-    starts_lower = rate(lambda o: bool(o) and o.lstrip("\"'([").strip()[:1].islower())
-    ends_period = rate(lambda o: o.endswith("."))
-    ends_other = rate(lambda o: o[-1:] in "!?")
-    exclaim, question = rate(lambda o: "!" in o), rate(lambda o: "?" in o)
-    contraction = rate(lambda o: bool(_CONTRACTION.search(o)))
-    multiline = rate(lambda o: "\n" in o)
-    prefix_tag = rate(lambda o: bool(_PREFIX_TAG.match(o)))
-    digit = rate(lambda o: any(c.isdigit() for c in o))
-    first_person = rate(lambda o: bool(_FIRST_PERSON.search(o)))
-    greeting = rate(lambda o: bool(_GREETING.match(o)))
-    all_words = [w for ws in out_w for w in ws]
-    n_words = max(len(all_words), 1)
-    commas = sum(o.count(",") for o in outs) / n_words
-    caps = sum(1 for w in all_words if len(w) >= 2 and w.isupper()) / n_words
-    window = [w.lower() for w in all_words[-STYLE_WINDOW:]]
+    share = {name: sum(1 for x in facts if x.flags[k]) / n for k, name in enumerate(_FLAG_NAMES)}
+    starts_lower, ends_period = share["t_starts_lower"], share["t_ends_period"]
+    exclaim, question, contraction = share["t_has_exclaim"], share["t_has_question"], share["t_contraction"]
+    multiline, greeting, copies_of = share["t_multiline"], share["t_greeting"], [x.copy for x in facts]
+    n_words = max(int(out_len.sum()), 1)
+    commas = sum(x.commas for x in facts) / n_words
+    caps = sum(x.caps for x in facts) / n_words
+    window: list[str] = []
+    for x in reversed(facts):  # the latest STYLE_WINDOW words
+        if len(window) >= STYLE_WINDOW:
+            break
+        window[:0] = x.lower_words
+    window = window[-STYLE_WINDOW:]
     ttr = len(set(window)) / max(len(window), 1)
-    word_len = sum(len(w) for w in all_words) / n_words
-    copies = [
-        sum(1 for w in ow if w.lower() in iw) / len(ow)
-        for ow, iw in ((o, {x.lower() for x in i}) for o, i in zip(out_w, in_w, strict=True))
-        if ow and iw
-    ]
+    word_len = sum(x.chars for x in facts) / n_words
+    copies = [c for c in copies_of if c is not None]
     copy_rate = float(np.mean(copies)) if copies else 0.0
     has_input = bool(in_len.sum())
     ratio = float(np.mean(np.log((out_len + 1) / (in_len + 1)))) if has_input else 0.0
@@ -267,14 +335,9 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
     f[_IDX["t_out_len_std"]] = float(lo_out.std())
     f[_IDX["t_in_len"]] = float(np.log1p(in_len).mean()) / log200
     f[_IDX["t_len_ratio"]] = float(np.clip(ratio / LEN_RATIO_DIV, -LEN_RATIO_CLIP, LEN_RATIO_CLIP))
-    for name, x in (
-        ("t_starts_lower", starts_lower), ("t_ends_period", ends_period), ("t_ends_other_punct", ends_other),
-        ("t_has_exclaim", exclaim), ("t_has_question", question), ("t_contraction", contraction),
-        ("t_multiline", multiline), ("t_type_token", ttr), ("t_copy_rate", copy_rate),
-        ("t_prefix_tag", prefix_tag), ("t_has_digit", digit), ("t_first_person", first_person),
-        ("t_greeting", greeting),
-    ):  # fmt: skip
+    for name, x in share.items():
         f[_IDX[name]] = x
+    f[_IDX["t_type_token"]], f[_IDX["t_copy_rate"]] = ttr, copy_rate
     f[_IDX["t_comma_rate"]] = min(commas * RATE_GAIN, RATE_CLIP)
     f[_IDX["t_caps_words"]] = min(caps * RATE_GAIN, RATE_CLIP)
     f[_IDX["t_word_len"]] = word_len / WORD_LEN_DIV
@@ -300,13 +363,20 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
         f"'!' in {_pct(exclaim)}, '?' in {_pct(question)}, contractions in {_pct(contraction)}, "
         f"multi-line {_pct(multiline)}, greeting {_pct(greeting)}, copies {_pct(copy_rate)} of input words.",
     ]
-    openings = Counter(
-        ws[0] if not _PREFIX_TAG.match(o) else o.split()[0] for o, ws in zip(outs, out_w, strict=True) if ws
-    )
+    firsts = [x.first for x in facts if x.first is not None]
+    first_counts = Counter(firsts)
+    n_first = max(len(firsts), 1)
+    f[_IDX["t_opening_share"]] = first_counts.most_common(1)[0][1] / n_first if firsts else 0.0
+    f[_IDX["t_open_past"]] = sum(1 for w in firsts if len(w) > 3 and w.endswith("ed")) / n_first
+    f[_IDX["t_open_third"]] = sum(1 for w in firsts if len(w) > 3 and w.endswith("s") and not w.endswith("ss")) / n_first
+    for w, c in Counter(opening_verb(w) for w in firsts).items():
+        if w is not None:
+            f[_IDX[f"t_open_{w}"]] = c / n_first
+    openings = Counter(x.opening for x in facts if x.opening is not None)
     common = [(w, c) for w, c in openings.most_common(3) if c >= 2]
     if common:
         lines.append("Typical openings: " + ", ".join(f'"{w}" {_pct(c / n)}' for w, c in common) + ".")
-    doc_freq = Counter(w for o in outs for w in sorted(_content_words(o)))  # sorted: ties keep one order in every process
+    doc_freq = Counter(w for x in facts for w in x.content)  # sorted per item: ties keep one order in every process
     recurring = [w for w, c in doc_freq.most_common(8) if c >= 2]
     if recurring:
         lines.append("Recurring words: " + ", ".join(recurring) + ".")
@@ -319,6 +389,14 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
 def _doc(card: TaskCard, item: Item) -> str:
     # Rating/label outputs are single tokens with no retrieval value; text outputs carry the topic.
     return item.input if card.kind != "generation" else f"{item.input} {item.output}"
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _bm25_tokens(doc: str) -> tuple[str, ...]:
+    """bm25s' tokens of one document (per document: the same as tokenizing the pool at once), once per text."""
+    import bm25s
+
+    return tuple(bm25s.tokenize([doc], stopwords="en", show_progress=False, return_ids=False)[0])
 
 
 def retrieve(card: TaskCard, history: list[Item], query: Item | None, k: int = 2) -> list[Item]:
@@ -337,9 +415,7 @@ def _retrieve(card: TaskCard, history: list[Item], query: Item | None, k: int) -
     recent = pool[::-1]
     if query is None or not query.input.strip():
         return recent[:k], 0
-    tokens = bm25s.tokenize(
-        [_doc(card, it) for it in pool], stopwords="en", show_progress=False, return_ids=False
-    )
+    tokens = [list(_bm25_tokens(_doc(card, it))) for it in pool]
     keep = [i for i, t in enumerate(tokens) if t]
     q = bm25s.tokenize([query.input], stopwords="en", show_progress=False, return_ids=False)
     picked: list[int] = []
@@ -365,6 +441,25 @@ def render_history(items: list[Item], max_chars: int = MAX_ITEM_CHARS) -> str:
     return "\n".join(
         f"Input: {_flat(it.input, max_chars)} Output: {_flat(it.output, max_chars)}" for it in items
     )
+
+
+def item_text(card: TaskCard, item: Item) -> str:
+    """One history item as the encoder embeds it: a generated text (its style is the point) or a rated
+    input with its label."""
+    if card.kind == "generation":
+        return _flat(item.output)
+    return f"{_flat(item.input)} | {item.output.strip()}"
+
+
+def pooled_items(history: list[Item], retrieved: list[Item], n: int = POOL_ITEMS) -> list[Item]:
+    """The items pooled into the profile embedding: the retrieved ones, then the latest others."""
+    out = list(retrieved[:n])
+    for it in reversed(history):
+        if len(out) >= n:
+            break
+        if not any(it is o for o in out):
+            out.append(it)
+    return out
 
 
 def build_profile(card: TaskCard, history: list[Item], query: Item | None = None, k: int = RETRIEVED_K,
@@ -404,10 +499,12 @@ def build_profile(card: TaskCard, history: list[Item], query: Item | None = None
         parts.append(label_frequency(card, hist))
     if retrieved:
         parts.append("Relevant past items:\n" + render_history(retrieved))
-    return _finish(summary, retrieved, "\n".join(parts), f, False, n_total, stats)
+    items = [item_text(card, it) for it in pooled_items(hist, retrieved)]
+    return _finish(summary, retrieved, "\n".join(parts), f, False, n_total, stats, items)
 
 
-def _finish(summary, retrieved, text, f, empty, n, stats) -> Profile:
+def _finish(summary, retrieved, text, f, empty, n, stats, items=None) -> Profile:
     feats = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-    digest = hashlib.sha256(text.encode("utf-8") + feats.tobytes()).hexdigest()
-    return Profile(summary, retrieved, text, feats, digest, empty, n, stats)
+    items = items or [text]  # no history: the (empty) profile text stands for it
+    digest = hashlib.sha256("\n".join([text, *items]).encode("utf-8") + feats.tobytes()).hexdigest()
+    return Profile(summary, retrieved, text, feats, digest, empty, n, stats, items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ from p2p_lab.data.converters import (
     convert_movielens,
     convert_offensiveness,
 )
-from p2p_local.data.records import MAX_BODY_CHARS, MAX_COMMENT_CHARS, commit_input, truncate
+from p2p_local.data.records import (
+    MAX_BODY_CHARS,
+    MAX_COMMENT_CHARS,
+    MAX_FILES_CHARS,
+    PR_SUFFIX,
+    commit_input,
+    truncate,
+)
 from p2p_local.errors import DataError
 
 # ------------------------------------------------------------------ real data
@@ -72,7 +80,9 @@ def test_popquorn_and_commits_real(shared_data):
     assert all(len(u.items) >= MIN_COMMITS for u in commits.users)
     assert commits.stats["users"] == len(commits.users) > 50
     assert all(it.input.startswith("files: ") for u in commits.users for it in u.items)
-    assert not any(it.output.endswith(")") and "(#" in it.output for u in commits.users for it in u.items)
+    # GitHub's merge-button suffix "(#123)" is gone; an author's own "(#871, #976)" stays (their words).
+    assert not any(PR_SUFFIX.search(it.output) for u in commits.users for it in u.items)
+    assert {it.meta["repo"] for u in commits.users for it in u.items} >= {"pytest-dev/pytest", "pypa/pip", "numpy/numpy"}
 
 
 def test_conversion_is_deterministic(shared_data):
@@ -256,12 +266,20 @@ def test_commits_bad_lines_and_filters(tmp_path):
     ]
     lines.append(lines[1])  # duplicate commit
     (d / "pytest.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"author_id": "\xff"}\n')
+    # A second repository: the same person (one id across repositories) and a commit hash seen in both.
+    other = [{**_commit("big", 50 + i, f"2020-02-{i + 1:02d}T10:00:00+00:00", f"Other {i}"), "repo": "o/other"}
+             for i in range(2)]
+    other.append({**_commit("big", 1, "2020-01-02T10:00:00+00:00"), "repo": "o/other"})  # same hash, other repo
+    (d / "other.jsonl").write_text("\n".join(json.dumps(r) for r in other) + "\n")
     res = convert_commits(tmp_path)
     (u,) = res.users
-    assert u.user_id == "big" and len(u.items) == MIN_COMMITS
+    assert u.user_id == "big" and len(u.items) == MIN_COMMITS + 3
+    assert {it.meta["repo"] for it in u.items} == {"pytest", "o/other"}  # the file's stem when a record has none
+    assert [it.output for it in u.items if it.meta["repo"] == "o/other"] == ["Fix it", "Other 0", "Other 1"]
+    u.items[:] = [it for it in u.items if it.meta["repo"] == "pytest"]
     assert [it.output for it in u.items] == [f"Change {i}" for i in range(MIN_COMMITS)]  # "(#12i)" removed
     first = u.items[0]
-    assert first.input.startswith("files: f0.py, f1.py, f2.py, f3.py (+3 more)\nBody")
+    assert first.input.startswith("files: f0.py, f1.py, f2.py, f3.py, f4.py, f5.py, f6.py\nBody")  # every file
     assert len(first.input.split("\n", 1)[1]) <= MAX_BODY_CHARS
     assert u.items[1].input == "files: a.py"  # empty body: files only
     s = res.stats
@@ -274,6 +292,14 @@ def test_commits_bad_lines_and_filters(tmp_path):
 
 def test_commit_input_and_truncate():
     assert commit_input("", []) == "files: none"
+    # Every changed file is named (a new file must not hide behind "+N more") up to the character budget.
+    assert commit_input("", ["b.py", "a/new.py", "c.py", "d.py", "e.py"]) == "files: b.py, a/new.py, c.py, d.py, e.py"
+    many = [f"src/module_{i:04d}.py" for i in range(200)]
+    stats: Counter = Counter()
+    line = commit_input("", many, stats)
+    shown = line.removeprefix("files: ").split(" (+")[0].split(", ")
+    assert shown == many[: len(shown)] and len(line) <= MAX_FILES_CHARS + 40
+    assert line.endswith(f"(+{200 - len(shown)} more)") and stats["commits_files_cut"] == 1
     assert truncate("short", 10) == "short"
     t = truncate("word " * 50, 40)
     assert len(t) <= 40 and t.endswith("…") and not t[:-1].endswith(" ")

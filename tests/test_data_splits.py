@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from p2p_lab.data.converters import convert
-from p2p_lab.data.splits import EVAL_LAST_N, SplitConfig, count_samples, eval_samples, samples, split_users
+from p2p_lab.data.splits import (
+    EVAL_LAST_N,
+    RepoSplitConfig,
+    SplitConfig,
+    count_samples,
+    eval_samples,
+    samples,
+    split_by_repo,
+    split_users,
+)
 from p2p_local.data.format import Item, User, builtin_card
 from p2p_local.profile import build_profile
 
@@ -110,3 +119,36 @@ def test_samples_options():
     assert samples(short) == [] and eval_samples(short) == [] and count_samples(short) == 0
     two = User("t", [Item("a", "1"), Item("b", "2")])
     assert [(len(h), q.input) for h, q in eval_samples(two)] == [(1, "b")]
+
+
+def _repo_user(uid: str, repos: list[str]) -> User:
+    return User(uid, [Item(f"files: {r}", "Fix", float(k), {"repo": r}) for k, r in enumerate(repos)])
+
+
+def test_repository_split_holds_out_whole_repositories_and_drops_authors_on_both_sides():
+    users = ([_repo_user(f"ood{i}", ["a/held", "b/held"]) for i in range(5)]
+             + [_repo_user(f"both{i}", ["a/held", "c/kept"]) for i in range(3)]
+             + [_repo_user(f"in{i:02d}", ["c/kept", "d/kept"]) for i in range(30)])
+    cfg = RepoSplitConfig(ood_repos=("a/held", "b/held"), n_test=6, n_val=4, seed=3)
+    sp = split_by_repo(users[::-1], cfg)  # input order does not matter
+    assert [u.user_id for u in sp.ood] == [f"ood{i}" for i in range(5)]
+    assert sp.info["users_dropped_both_sides"] == 3
+    ids = [u.user_id for part in (sp.train, sp.val, sp.test) for u in part]
+    assert len(sp.test) == 6 and len(sp.val) == 4 and len(sp.train) == 20 and len(set(ids)) == 30
+    assert not any(u.user_id.startswith("both") for u in sp.train + sp.val + sp.test + sp.ood)
+    assert all(it.meta["repo"] not in cfg.ood_repos for u in sp.train + sp.val + sp.test for it in u.items)
+    again = split_by_repo(users, cfg)
+    assert [u.user_id for u in again.test] == [u.user_id for u in sp.test]
+    other = split_by_repo(users, RepoSplitConfig(ood_repos=cfg.ood_repos, n_test=6, n_val=4, seed=4))
+    assert [u.user_id for u in other.test] != [u.user_id for u in sp.test]
+
+
+def test_the_commit_task_has_its_acceptance_sizes(shared_data):
+    """Issue 16: >= 200 test and >= 100 validation authors, a repository-disjoint OOD split of >= 150."""
+    from p2p_lab.data.converters import convert
+
+    sp = split_by_repo(convert("commit-subject", shared_data).users)
+    assert len(sp.test) >= 200 and len(sp.val) >= 100 and len(sp.ood) >= 150 and len(sp.info["ood_repos"]) >= 2
+    held = set(sp.info["ood_repos"])
+    assert all({it.meta["repo"] for it in u.items} <= held for u in sp.ood)
+    assert not any(it.meta["repo"] in held for u in sp.train + sp.val + sp.test for it in u.items)

@@ -1,4 +1,4 @@
-"""scripts/gpu_bundle.sh: parts of <= 60 MiB with a sha256 manifest (split), and the `run` phase's CPU path
+"""scripts/gpu_bundle.sh: parts that fit one device call beside the working tree, with a sha256 manifest (split), and the `run` phase's CPU path
 with the tiny recipe and a budget of seconds: reassemble, verify, train, stop at the budget, export."""
 
 from __future__ import annotations
@@ -9,7 +9,19 @@ import subprocess
 
 import pytest
 
-from trainer.gpu import MANIFEST, join_files, split_file
+from trainer.gpu import CALL_BYTES, MANIFEST, call_plan, join_files, part_budget, split_file, tree_bytes
+
+
+def test_call_plan_fits_the_device_limit():
+    budget = part_budget()
+    assert tree_bytes() + budget <= CALL_BYTES  # the working tree travels with every call
+    files = [{"parts": [{"file": f"a.{k}", "size": budget} for k in range(3)] + [{"file": "a.3", "size": 100}]},
+             {"parts": [{"file": "b.0", "size": budget - 100}, {"file": "b.1", "size": 1}]}]
+    calls = call_plan(files, budget)
+    assert calls == [["a.0"], ["a.1"], ["a.2"], ["a.3", "b.0"], ["b.1"]]
+    sizes = {p["file"]: p["size"] for f in files for p in f["parts"]}
+    assert all(sum(sizes[x] for x in call) <= budget for call in calls)
+    assert sorted(x for call in calls for x in call) == sorted(sizes)
 
 
 def test_split_and_join_verify_every_part(tmp_path):
@@ -56,7 +68,9 @@ def test_run_phase_on_cpu_with_the_tiny_recipe(real_hf_cache, base_model_path, p
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((carry / MANIFEST).read_text())
     parts = [p for f in manifest["files"] for p in f["parts"]]
-    assert all((carry / p["file"]).stat().st_size <= 60 * 2**20 for p in parts)
+    assert all(sum((carry / x).stat().st_size for x in call) + manifest["tree_bytes"] <= CALL_BYTES
+               for call in manifest["calls"])
+    assert sorted(x for call in manifest["calls"] for x in call) == sorted([p["file"] for p in parts] + [MANIFEST])
     assert sum(f["size"] for f in manifest["files"] if f["name"] == manifest["base"]) == base_model_path.stat().st_size
 
     env_run = {**env, "BUDGET": "2", "OUT": str(out), "WORK": str(tmp_path / "work")}

@@ -61,8 +61,8 @@ def _trainer_profile(card, user: User, i: int, encoder):
     from trainer.samples import build_samples
 
     s = build_samples(card, [User(user.user_id, user.items[: i + 1])], lambda *a, **k: TRAINER_TOKENS,
-                      encoder.embed, items_per_user=1, last=True, seed=0, max_prompt_tokens=64,
-                      max_target_tokens=24)
+                      lambda texts: dict(zip(texts, encoder.embed_each(texts), strict=True)), items_per_user=1,
+                      last=True, seed=0, max_prompt_tokens=64, max_target_tokens=24)
     assert len(s) == 1
     return s.embeddings[0], s.features[0]
 
@@ -91,7 +91,7 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         assert app.fingerprint == ev.fingerprint
         emb_t, feats_t = _trainer_profile(card, user, i, session.encoder)
         assert feats_t.tobytes() == app.features.tobytes(), "the trainer's sample has other features"
-        emb_app = session.encoder.embed([app.text])[0]
+        emb_app = pipeline.profile_embedding(session.encoder, app)[0]
         assert emb_t.tobytes() == emb_app.tobytes(), "the trainer embeds the profile differently"
 
         # 2. the adapter tensors

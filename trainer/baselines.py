@@ -77,7 +77,8 @@ def train_oppu(card: TaskCard, items: list[Item], model, tokenizer, cfg: OPPUCon
     shapes = {m: tuple(model.get_submodule(f"model.layers.0.{_hf_leaf(m)}").weight.shape) for m in cfg.targets}
     hcfg = HyperConfig(n_layers=n_layers, layers=list(range(n_layers)), targets=list(cfg.targets),
                        shapes=shapes, rank=cfg.rank, scale=cfg.scale, init_seed=cfg.seed)
-    lora_model = SharedLoRA(hcfg, init=init)
+    device = next(model.parameters()).device  # the GPU path trains every OPPU user on the loaded base
+    lora_model = SharedLoRA(hcfg, init=init).to(device)
     hooks = FunctionalLoRA(model, hcfg.targets, hcfg.layers, hcfg.scale)
     opt = torch.optim.AdamW(lora_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -87,7 +88,7 @@ def train_oppu(card: TaskCard, items: list[Item], model, tokenizer, cfg: OPPUCon
             order = rng.permutation(len(data))
             for lo in range(0, len(order), cfg.batch_size):
                 picks = [(0, int(i)) for i in order[lo:lo + cfg.batch_size]]
-                batch = collate([data], picks)
+                batch = collate([data], picks).to(device)
                 with hooks.applied(lora_model(batch.embedding)):
                     loss = per_sample_loss(target_logits(model, batch), batch).mean()
                 opt.zero_grad(set_to_none=True)

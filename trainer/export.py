@@ -160,7 +160,9 @@ def export_bundle(
         # The feature contract (p2p_local.profile): Bundle.check refuses a bundle whose contract differs.
         "feature_version": feature_version(),
         "feature_names": feature_names or default_feature_names(),
-        "inputs": {"embedding": "float32 [B, E], L2-normalised encoder output", "features": "float32 [B, F], raw profile features"},
+        "inputs": {"embedding": "float32 [B, E], the L2-normalised mean of the profile's pooled items, each embedded "
+                                "alone by the encoder (p2p_local.pipeline.profile_embedding)",
+                   "features": "float32 [B, F], raw profile features"},
         "lora": {"rank": cfg.rank, "alpha": float(cfg.scale * cfg.rank), "scale": cfg.scale, "targets": list(cfg.targets),
                  "layers": list(cfg.layers), "shapes": {m: list(cfg.shapes[m]) for m in cfg.targets},
                  "outputs": {m: list(output_names(m)) for m in cfg.targets}},
@@ -238,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.neutral and args.checkpoint:
         ap.error("pass --checkpoint or --neutral, not both")
     if not args.neutral and not args.checkpoint:
-        args.checkpoint = repo_root() / "runs" / "full" / "last.pt"  # what `make train` writes
+        from trainer.train import result_checkpoint
+
+        args.checkpoint = result_checkpoint(repo_root() / "runs" / "full")  # what `make train` writes
         if not args.checkpoint.is_file():
             ap.error(f"no checkpoint at {args.checkpoint}: run `make train` first, or pass --checkpoint / --neutral")
     if args.neutral:

@@ -27,17 +27,25 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-PART_BYTES = 60 * 2**20
+# One device call carries at most CALL_BYTES, the checkout's working tree included (~16 MB tracked): a part
+# is what is left after the tree and a margin, so that every call of the plan fits (tests/test_gpu_script.py).
+CALL_BYTES = 64 * 2**20
+MARGIN_BYTES = 3 * 2**20
 MANIFEST = "MANIFEST.json"
-DATA_FILE = "samples.pkl"
+DATA_FILE = "samples.pkl.z"
 WHEELS = "wheels"
 # Imported by trainer.train / trainer.export beyond torch, transformers (and their numpy, safetensors,
 # tokenizers, tqdm, pyyaml): module name -> distribution.
 NEEDED = {"gguf": "gguf", "onnx": "onnx", "ml_dtypes": "ml_dtypes", "google.protobuf": "protobuf",
           "platformdirs": "platformdirs", "yaml": "pyyaml", "requests": "requests"}
+# What the lent nvidia-h200 image lacks of NEEDED (its package list: .library/device/KINDS.md): only these
+# travel by default, every MiB of a call being precious (`split --wheel NAME` adds others).
+CARRIED_WHEELS = ("gguf", "platformdirs")
 
 
 def _sha256(path: Path) -> str:
@@ -48,7 +56,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def split_file(src: Path, dest: Path, name: str, part_bytes: int = PART_BYTES) -> dict:
+def tree_bytes(repo: Path | None = None) -> int:
+    """Bytes of what a device call sends besides its carry: tracked files and untracked, unignored ones."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout
+    return sum((repo / p).stat().st_size for p in out.decode().split("\0") if p and (repo / p).is_file())
+
+
+def part_budget(repo: Path | None = None) -> int:
+    """The largest part that fits one call beside the working tree (whole MiB)."""
+    free = CALL_BYTES - tree_bytes(repo) - MARGIN_BYTES
+    if free < 4 * 2**20:
+        raise SystemExit(f"the working tree leaves {free / 2**20:.1f} MiB of a {CALL_BYTES / 2**20:.0f} MiB call: too little")
+    return free // 2**20 * 2**20
+
+
+def call_plan(files: list[dict], budget: int) -> list[list[str]]:
+    """Parts grouped into calls: each call's parts sum to at most `budget` bytes (first fit, in order)."""
+    calls: list[list[str]] = []
+    sizes: list[int] = []
+    for entry in files:
+        for p in entry["parts"]:
+            for k, used in enumerate(sizes):
+                if used + p["size"] <= budget:
+                    calls[k].append(p["file"])
+                    sizes[k] += p["size"]
+                    break
+            else:
+                calls.append([p["file"]])
+                sizes.append(p["size"])
+    return calls
+
+
+def split_file(src: Path, dest: Path, name: str, part_bytes: int) -> dict:
     """Cut `src` into dest/<name>.NNN parts; {name, size, sha256, parts: [{file, sha256}]}."""
     whole, parts = hashlib.sha256(), []
     with open(src, "rb") as f:
@@ -90,9 +131,10 @@ def join_files(carry: Path, dest: Path) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------- split (here)
 
 
-def split(recipe_name: str, carry: Path, sets: list[str], wheels: bool) -> dict:
+def split(recipe_name: str, carry: Path, sets: list[str], wheels: bool, wheel_names: Sequence[str] = CARRIED_WHEELS) -> dict:
     from trainer.base import default_base_path, load_base
     from trainer.config import recipe
+    from trainer.samples import pack_samples
     from trainer.train import Dist, load_data
 
     cfg = recipe(recipe_name, **_overrides(sets))
@@ -104,27 +146,32 @@ def split(recipe_name: str, carry: Path, sets: list[str], wheels: bool) -> dict:
     gguf = default_base_path()
     _, tok = load_base(gguf)
     data = load_data(cfg, tok, Dist())
-    with open(stage / DATA_FILE, "wb") as f:
-        pickle.dump(data, f)
-    files = [split_file(gguf, carry, gguf.name), split_file(stage / DATA_FILE, carry, DATA_FILE)]
+    (stage / DATA_FILE).write_bytes(pack_samples(data))
+    budget = part_budget()
+    files = [split_file(gguf, carry, gguf.name, budget), split_file(stage / DATA_FILE, carry, DATA_FILE, budget)]
     if wheels:
         wdir = stage / WHEELS
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wdir),
-                               *sorted(set(NEEDED.values()))], capture_output=True, text=True)
+                               *sorted(set(wheel_names))], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"warning: pip download failed, no wheels travel:\n{proc.stderr[-2000:]}")
         for w in sorted(wdir.glob("*.whl")) if wdir.is_dir() else []:
-            files.append(split_file(w, carry, f"{WHEELS}/{w.name}".replace("/", "__")))
+            files.append(split_file(w, carry, f"{WHEELS}/{w.name}".replace("/", "__"), budget))
             files[-1]["name"] = f"{WHEELS}/{w.name}"
     shutil.rmtree(stage)
     manifest = {"recipe": recipe_name, "overrides": sets, "base": gguf.name, "data": DATA_FILE,
-                "part_bytes": PART_BYTES, "files": files,
+                "part_bytes": budget, "call_bytes": CALL_BYTES, "tree_bytes": tree_bytes(), "files": files,
                 "samples": {c["name"]: c["train_samples"] for c in data[2]}}
+    manifest["calls"] = call_plan(files, budget)
+    manifest["calls"][-1].append(MANIFEST)  # a few KiB: rides with the last call
     (carry / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     parts = sorted(p for p in carry.iterdir() if p.name != MANIFEST)
-    print(f"{len(parts)} parts in {carry} ({sum(p.stat().st_size for p in parts) / 2**20:.0f} MiB), "
-          f"each <= {PART_BYTES / 2**20:.0f} MiB; carry each part (and {MANIFEST}) to one folder there, then "
+    print(f"{len(parts)} parts in {carry} ({sum(p.stat().st_size for p in parts) / 2**20:.0f} MiB) in "
+          f"{len(manifest['calls'])} calls of <= {budget / 2**20:.0f} MiB beside a {manifest['tree_bytes'] / 2**20:.1f} MiB "
+          f"working tree; call k carries {carry}/<each file of calls[k]> and copies it to one folder there, then "
           f"`scripts/gpu_bundle.sh run <folder>`")
+    for k, call in enumerate(manifest["calls"]):
+        print(f"  call {k}: {' '.join(call)}")
     return manifest
 
 
@@ -150,7 +197,8 @@ def _importable(module: str) -> bool:
         return False
 
 
-def run(carry: Path, out: Path, budget: float, work: Path, sets: list[str], steps: int | None) -> dict:
+def run(carry: Path, out: Path, budget: float, work: Path, sets: list[str], steps: int | None,
+        mtlora_budget: float = 0.0, oppu: Sequence[str] = ()) -> dict:
     t0 = time.time()
     manifest = json.loads((carry / MANIFEST).read_text())
     work.mkdir(parents=True, exist_ok=True)
@@ -166,10 +214,16 @@ def run(carry: Path, out: Path, budget: float, work: Path, sets: list[str], step
     os.environ.setdefault("P2P_CACHE", str(work / "cache"))
     import torch
 
+    from trainer.samples import unpack_samples
+
+    data_file = work / "samples.pkl"
+    with open(data_file, "wb") as f:
+        pickle.dump(unpack_samples(files[manifest["data"]].read_bytes()), f, protocol=pickle.HIGHEST_PROTOCOL)
+
     from trainer.base import load_base
     from trainer.config import recipe
     from trainer.export import export_bundle, load_checkpoint
-    from trainer.train import train
+    from trainer.train import result_checkpoint, train
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -178,14 +232,15 @@ def run(carry: Path, out: Path, budget: float, work: Path, sets: list[str], step
     prep_s = time.time() - t0
     overrides = _overrides(manifest.get("overrides", []) + sets)
     overrides.setdefault("bf16", True)
-    if cuda:
-        overrides.setdefault("bucket_overhead", 256)  # a kernel launch costs more than padding on a GPU
+    if cuda:  # one padded batch per micro-batch: a kernel launch costs more than padding on a GPU
+        overrides.setdefault("bucket", False)
+        overrides.setdefault("time_schedule", True)  # the budget, not a step count, ends the run
     if steps:
         overrides["steps"] = steps
-    cfg = recipe(manifest["recipe"], out_dir=str(work / "run"), samples_file=str(files[manifest["data"]]),
+    cfg = recipe(manifest["recipe"], out_dir=str(work / "run"), samples_file=str(data_file),
                  max_wall_s=float(budget), **overrides)
     summary = train(cfg, resume=False, base=base)
-    net, ckpt = load_checkpoint(Path(cfg.out_dir) / "last.pt")
+    net, ckpt = load_checkpoint(result_checkpoint(cfg.out_dir))
     meta = ckpt["export_meta"]
     meta["training"]["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     meta["training"]["budget_s"] = budget
@@ -194,12 +249,98 @@ def run(carry: Path, out: Path, budget: float, work: Path, sets: list[str], step
                            evaluation=meta.get("evaluation"), feature_names=meta["feature_names"])
     shutil.copy(Path(cfg.out_dir) / "metrics.jsonl", out / "metrics.jsonl")
     report = {"steps": summary["steps"], "finished": summary["finished"], "stopped": summary.get("stopped"),
+              "selected": summary.get("selected"),
               "samples": summary["steps"] * cfg.batch_size, "last": summary["last"], "device": meta["training"]["device"],
               "prep_s": round(prep_s, 1), "total_s": round(time.time() - t0, 1), "installed": installed,
               "bundle": str(bundle), "eval": summary.get("eval", {})}
+    (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")  # a later stage may not finish
+    if mtlora_budget > 0:  # the MT-LoRA baseline: one shared LoRA, same samples, loss and loop
+        report["mtlora"] = train_mtlora(manifest["recipe"], overrides, data_file, work / "mtlora", mtlora_budget,
+                                        base, out / "mt-lora.gguf")
+        report["total_s"] = round(time.time() - t0, 1)
+        (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+    for spec in oppu:  # NAME:TASK:FILE -> OUT/oppu-NAME.tar, one adapter per user of FILE
+        name, task, path = spec.split(":", 2)
+        report.setdefault("oppu", {})[name] = train_oppu_users(task, Path(path), base, out / f"oppu-{name}.tar")
+        (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "eval"}))
     return report
+
+
+def train_oppu_users(task: str, users_file: Path, base, dest: Path) -> dict:
+    """OPPU for every user of `users_file` (each user's items = what the evaluation trains on), the
+    adapters (f16 GGUF, named as the evaluation looks them up) in one tar for the evaluation's --oppu-dir."""
+    import tarfile
+
+    from p2p_local.adapter import write_adapter
+    from p2p_local.data.format import builtin_card, read_users_jsonl
+    from trainer.baselines import OPPUConfig, train_oppu
+    from trainer.export import base_info
+
+    card, users = builtin_card(task), read_users_jsonl(users_file)
+    model, tok = base
+    info, _ = base_info()
+    folder = Path(tempfile.mkdtemp(prefix="oppu-"))  # not under OUT: only the tar travels back
+    stats, t0 = {}, time.time()
+    cfg = OPPUConfig(max_items=0)  # the file holds exactly the items to train on
+    for u in users:
+        tensors, st = train_oppu(card, u.items, model, tok, cfg)
+        write_adapter(folder / f"{_safe_name(u.user_id)}.gguf", tensors, alpha=cfg.scale * cfg.rank, base=info,
+                      dtype="f16", generator="p2p-local oppu")
+        stats[u.user_id] = st
+    with tarfile.open(dest, "w") as tar:
+        for f in sorted(folder.glob("*.gguf")):
+            tar.add(f, arcname=f.name)
+    return {"users": len(users), "seconds": round(time.time() - t0, 1), "per_user": stats}
+
+
+def _safe_name(user_id: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:100]  # p2p_lab.eval.methods.safe_name's rule
+
+
+def train_mtlora(recipe_name: str, overrides: dict, data_file: Path, run_dir: Path, budget: float, base,
+                 dest: Path) -> dict:
+    """Train the MT-LoRA baseline for `budget` seconds and write its GGUF adapter to `dest`."""
+    import torch
+
+    from trainer.baselines import write_gguf
+    from trainer.config import recipe
+    from trainer.lora import SharedLoRA
+    from trainer.train import result_checkpoint, train
+
+    cfg = recipe(recipe_name, **{**overrides, "method": "mtlora", "out_dir": str(run_dir),
+                                 "samples_file": str(data_file), "max_wall_s": float(budget)})
+    summary = train(cfg, resume=False, base=base)
+    ck = torch.load(result_checkpoint(cfg.out_dir), map_location="cpu", weights_only=False)
+    model = SharedLoRA(cfg.hyper)
+    model.load_state_dict(ck["model"])
+    write_gguf(dest, model.tensors(), cfg.hyper.scale, cfg.hyper.rank, "p2p-local mt-lora")
+    shutil.copy(run_dir / "metrics.jsonl", dest.with_name("mtlora-metrics.jsonl"))
+    return {"steps": summary["steps"], "selected": summary.get("selected"), "last": summary["last"],
+            "eval": summary.get("eval", {})}
+
+
+def oppu_users_file(task: str, split: str, users: int, queries: int, oppu_users: int, max_items: int,
+                    dest: Path) -> list[str]:
+    """The OPPU training data of an evaluation run (`p2p eval --task T --split S --users N --queries Q
+    --oppu-users K --oppu-max-items M`): its first K users by id, each with the items before their first
+    query (the latest M), written as users JSONL for `run --oppu`. Returns the user ids."""
+    from p2p_lab.eval.runner import EvalConfig, build_queries, load
+    from p2p_local.data.format import User, write_users_jsonl
+
+    loaded = load(EvalConfig(task=task, split=split, users=users, queries=queries))
+    qs = build_queries(loaded.users, queries)
+    chosen = [u for u in loaded.users if qs[u.user_id]][:oppu_users]
+    rows = []
+    for u in chosen:
+        history = qs[u.user_id][0].history
+        rows.append(User(u.user_id, list(history[-max_items:] if max_items else history)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_users_jsonl(dest, rows)
+    return [u.user_id for u in rows]
 
 
 def _overrides(sets: list[str]) -> dict:
@@ -225,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--carry", type=Path, default=Path("runs/gpu-carry"))
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override (data too)")
     sp.add_argument("--no-wheels", action="store_true", help="carry no wheels (the machine has the packages)")
+    sp.add_argument("--wheel", action="append", default=None, metavar="DIST",
+                    help=f"a distribution to carry as a wheel (default: {', '.join(CARRIED_WHEELS)})")
     rp = sub.add_parser("run", help="there: reassemble, verify, train for the budget, export")
     rp.add_argument("--carry", type=Path, required=True, help="the folder holding every part and the manifest")
     rp.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
@@ -233,11 +376,27 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--work", type=Path, default=Path(os.environ.get("WORK", "/tmp/p2p-gpu")))
     rp.add_argument("--steps", type=int, help="planned steps (the LR schedule's length; the budget may stop earlier)")
     rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rp.add_argument("--oppu", action="append", default=[], metavar="NAME:TASK:USERS_JSONL",
+                    help="then train OPPU for each user of the file; adapters in OUT/oppu-NAME.tar")
+    rp.add_argument("--mtlora-budget", type=float, default=float(os.environ.get("MTLORA_BUDGET", "0")),
+                    help="then train the MT-LoRA baseline for this many seconds (0 = no)")
+    op = sub.add_parser("oppu-data", help="here: an evaluation run's OPPU training data, for run --oppu")
+    op.add_argument("--task", required=True)
+    op.add_argument("--split", default="test")
+    op.add_argument("--users", type=int, required=True)
+    op.add_argument("--queries", type=int, required=True)
+    op.add_argument("--oppu-users", type=int, required=True)
+    op.add_argument("--max-items", type=int, default=64)
+    op.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.phase == "oppu-data":
+        ids = oppu_users_file(args.task, args.split, args.users, args.queries, args.oppu_users, args.max_items, args.out)
+        print(f"{len(ids)} users -> {args.out}")
+        return 0
     if args.phase == "split":
-        split(args.recipe, args.carry, args.set, not args.no_wheels)
+        split(args.recipe, args.carry, args.set, not args.no_wheels, args.wheel or CARRIED_WHEELS)
     else:
-        run(args.carry, args.out, args.budget, args.work, args.set, args.steps)
+        run(args.carry, args.out, args.budget, args.work, args.set, args.steps, args.mtlora_budget, args.oppu)
     return 0
 
 

@@ -13,10 +13,12 @@ one-line tasks at the newline).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,10 @@ import numpy as np
 
 from p2p_local.data.format import Item, TaskCard, User, builtin_cards
 from p2p_local.paths import cache_dir
-from p2p_local.pipeline import make_profile
+from p2p_local.pipeline import make_profile, pool_embeddings
 from p2p_local.profile import FEATURE_DIM
 
-CACHE_VERSION = 4  # bump when the sample construction below changes
+CACHE_VERSION = 5  # bump when the sample construction below changes
 
 
 @dataclass
@@ -113,11 +115,73 @@ def truncate_prompt(ids: list[int], max_tokens: int, keep_head: int = 8) -> list
     return ids[:keep_head] + ids[len(ids) - (max_tokens - keep_head):]
 
 
+def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int, last: bool, seed: int,
+                  max_prompt_tokens: int, max_target_tokens: int, max_history: int, min_history: int) -> list[tuple]:
+    """One user's samples: (prompt ids, target ids, user id, item texts, features, label). The profile is the
+    app's (pipeline.make_profile) over the user's items before the query; with `max_history` only the latest
+    that many are read (the true count still sets the count feature, as the store's bounded read does)."""
+    rng = np.random.default_rng([seed, *user.user_id.encode()])  # per user: independent of worker order
+    out = []
+    for i in pick_queries(user, items_per_user, rng, min_history, last):
+        query = user.items[i]
+        history = user.items[:i] if max_history <= 0 else user.items[max(0, i - max_history):i]
+        profile = make_profile(card, history, query, n_total=i)  # the app's route (p2p_local.pipeline)
+        p_ids = tokenizer(card.prompt(query.input), add_special_tokens=True)["input_ids"]
+        t_ids = tokenizer(target_text(card, query), add_special_tokens=False)["input_ids"]
+        if card.kind != "generation":
+            t_ids = t_ids[:1]  # the label's first token, as the evaluation scores it
+        if not t_ids:
+            continue
+        out.append((truncate_prompt(p_ids, max_prompt_tokens), t_ids[:max_target_tokens], user.user_id,
+                    profile.item_texts, profile.features, query.output))
+    return out
+
+
+_FORK_STATE: dict = {}
+
+
+def _worker(chunk: list[User]) -> list[tuple]:
+    card, tokenizer, kw = _FORK_STATE["args"]
+    return [row for u in chunk for row in _user_samples(card, u, tokenizer, **kw)]
+
+
+def _map_users(card: TaskCard, users: list[User], tokenizer, kw: dict, workers: int, log: Callable[[str], None]) -> list[tuple]:
+    """Samples of every user, in user order; `workers` forked processes share the profile building."""
+    chunks = [users[i:i + 8] for i in range(0, len(users), 8)]
+    rows: list[tuple] = []
+    t0 = time.time()
+    if workers <= 1 or len(chunks) < 2:
+        results = (_worker_direct(card, c, tokenizer, kw) for c in chunks)
+    else:
+        import multiprocessing as mp
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _FORK_STATE["args"] = (card, tokenizer, kw)
+        pool = mp.get_context("fork").Pool(workers)
+        results = pool.imap(_worker, chunks)
+    try:
+        for k, part in enumerate(results, 1):
+            rows.extend(part)
+            if k % 20 == 0 or k == len(chunks):
+                log(f"  [{card.name}] profiles: {min(k * 8, len(users))}/{len(users)} users, {len(rows)} samples, "
+                    f"{time.time() - t0:.0f} s")
+    finally:
+        if workers > 1 and len(chunks) >= 2:
+            pool.close()
+            pool.join()
+            _FORK_STATE.clear()
+    return rows
+
+
+def _worker_direct(card: TaskCard, chunk: list[User], tokenizer, kw: dict) -> list[tuple]:
+    return [row for u in chunk for row in _user_samples(card, u, tokenizer, **kw)]
+
+
 def build_samples(
     card: TaskCard,
     users: list[User],
     tokenizer,
-    embed: Callable[[list[str]], np.ndarray],
+    embed_items: Callable[[list[str]], np.ndarray],
     *,
     items_per_user: int,
     last: bool,
@@ -126,37 +190,95 @@ def build_samples(
     max_target_tokens: int,
     max_history: int = 0,
     min_history: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> SampleSet:
-    """Samples for `users` (uncached; see `cached_samples`)."""
-    rng = np.random.default_rng(seed)
-    prompts, targets, uids, texts, feats, labels = [], [], [], [], [], []
-    for user in users:
-        for i in pick_queries(user, items_per_user, rng, min_history, last):
-            query = user.items[i]
-            history = user.items[:i] if max_history <= 0 else user.items[max(0, i - max_history):i]
-            profile = make_profile(card, history, query)  # the app's route (p2p_local.pipeline)
-            p_ids = tokenizer(card.prompt(query.input), add_special_tokens=True)["input_ids"]
-            t_ids = tokenizer(target_text(card, query), add_special_tokens=False)["input_ids"]
-            if card.kind != "generation":
-                t_ids = t_ids[:1]  # the label's first token, as the evaluation scores it
-            if not t_ids:
-                continue
-            prompts.append(truncate_prompt(p_ids, max_prompt_tokens))
-            targets.append(t_ids[:max_target_tokens])
-            uids.append(user.user_id)
-            texts.append(profile.text)
-            feats.append(profile.features)
-            labels.append(query.output)
-    emb = np.asarray(embed(texts), dtype=np.float32) if texts else np.zeros((0, 0), np.float32)
+    """Samples for `users` (uncached; see `cached_samples`). Each profile's items are embedded once per
+    distinct text (`embed_items`, the encoder's `embed_each`: one text at a time, so a vector never depends
+    on its batch) and pooled with the app's `pool_embeddings`: the embedding equals the device's bit for bit."""
+    log = log or (lambda msg: None)
+    kw = dict(items_per_user=items_per_user, last=last, seed=seed, max_prompt_tokens=max_prompt_tokens,
+              max_target_tokens=max_target_tokens, max_history=max_history, min_history=min_history)
+    rows = _map_users(card, users, tokenizer, kw, workers, log)
+    vectors = embed_items(sorted({t for r in rows for t in r[3]})) if rows else {}
+    if not isinstance(vectors, dict):
+        raise TypeError("embed_items must return {text: vector}")
+    emb = (np.concatenate([pool_embeddings(np.stack([vectors[t] for t in r[3]])) for r in rows])
+           if rows else np.zeros((0, 0), np.float32))
     label_ids = []
     if card.kind != "generation":
         label_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"][0] for lab in card.labels]
-    return SampleSet(card.name, card.kind, prompts, targets, uids, emb,
-                     np.asarray(feats, dtype=np.float32).reshape(-1, FEATURE_DIM),
-                     labels if card.kind != "generation" else [], label_ids, list(card.labels))
+    return SampleSet(card.name, card.kind, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], emb,
+                     np.asarray([r[4] for r in rows], dtype=np.float32).reshape(-1, FEATURE_DIM),
+                     [r[5] for r in rows] if card.kind != "generation" else [], label_ids, list(card.labels))
 
 
-def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, split: str, **kw) -> SampleSet:
+class ItemVectors:
+    """The per-item embedding cache: {text: vector} for one encoder, on disk under cache_dir()/trainer/.
+    Every distinct item text is embedded once (`Encoder.embed_each`), in `workers` processes, with progress."""
+
+    def __init__(self, encoder, workers: int = 1, log: Callable[[str], None] | None = None) -> None:
+        self.encoder, self.workers = encoder, workers
+        self.log = log or (lambda msg: None)
+        self.path = cache_dir() / "trainer" / f"items-{encoder.sha256[:16]}.pkl"
+        self.table: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            try:
+                with open(self.path, "rb") as f:
+                    self.table = pickle.load(f)
+            except (OSError, pickle.UnpicklingError, EOFError):
+                self.table = {}
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.table]
+        if missing:
+            self.log(f"  embedding {len(missing)} new item texts ({len(self.table)} cached)")
+            self.table.update(zip(missing, _embed_parallel(self.encoder, missing, self.workers, self.log), strict=True))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(self.table, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, self.path)
+        return {t: self.table[t] for t in texts}
+
+
+def _embed_worker(texts: list[str]) -> np.ndarray:
+    enc = _FORK_STATE.get("encoder")
+    if enc is None:
+        from p2p_local.encoder import Encoder
+
+        enc = _FORK_STATE["encoder"] = Encoder.load(threads=1)
+    return enc.embed_each(texts)
+
+
+def _embed_parallel(encoder, texts: list[str], workers: int, log: Callable[[str], None]) -> list[np.ndarray]:
+    """`encoder.embed_each` over many texts, in pieces with progress (forked workers, one thread each)."""
+    pieces = [texts[i:i + 512] for i in range(0, len(texts), 512)]
+    out: list[np.ndarray] = []
+    t0 = time.time()
+    if workers <= 1 or len(pieces) < 2:
+        results = (encoder.embed_each(p) for p in pieces)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        _FORK_STATE.pop("encoder", None)
+        pool = mp.get_context("fork").Pool(workers)
+        results = pool.imap(_embed_worker, pieces)
+    try:
+        for k, vecs in enumerate(results, 1):
+            out.extend(vecs)
+            if k % 10 == 0 or k == len(pieces):
+                log(f"  embedded {len(out)}/{len(texts)} item texts, {time.time() - t0:.0f} s")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return out
+
+
+def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, split: str, workers: int = 1,
+                   log: Callable[[str], None] | None = None, **kw) -> SampleSet:
     """`build_samples` through an on-disk cache keyed by task, users, settings, tokenizer and encoder."""
     key = {
         "v": CACHE_VERSION, "task": card.to_dict(), "split": split, "encoder": encoder.sha256,
@@ -173,13 +295,40 @@ def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, spl
                 return pickle.load(f)
         except (OSError, pickle.UnpicklingError, EOFError):
             pass  # a broken cache file is rebuilt
-    samples = build_samples(card, users, tokenizer, encoder.embed, **kw)
+    t0 = time.time()
+    samples = build_samples(card, users, tokenizer, ItemVectors(encoder, workers, log), workers=workers, log=log, **kw)
+    if log:
+        log(f"  [{card.name}/{split}] {len(samples)} samples in {time.time() - t0:.0f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(samples, f)
+        pickle.dump(samples, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
     return samples
+
+
+def pack_samples(data) -> bytes:
+    """(train_sets, val_sets, cards) as compressed bytes for a device that cannot build them: embeddings
+    travel as float16 (relative error ~5e-4; the hypernetwork L2-normalises them), the rest as it is."""
+    import zlib
+
+    def half(s: SampleSet) -> SampleSet:
+        return dataclasses.replace(s, embeddings=s.embeddings.astype(np.float16))
+
+    train_sets, val_sets, cards = data
+    raw = pickle.dumps(([half(s) for s in train_sets], [half(s) for s in val_sets], cards),
+                       protocol=pickle.HIGHEST_PROTOCOL)
+    return zlib.compress(raw, 6)
+
+
+def unpack_samples(blob: bytes):
+    """`pack_samples`' bytes -> (train_sets, val_sets, cards) with float32 embeddings."""
+    import zlib
+
+    train_sets, val_sets, cards = pickle.loads(zlib.decompress(blob))
+    for s in (*train_sets, *val_sets):
+        s.embeddings = s.embeddings.astype(np.float32)
+    return train_sets, val_sets, cards
 
 
 ENCODERS = ("minilm", "gemma-mean")

@@ -32,6 +32,7 @@ import os
 import pickle
 import platform
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,12 +87,12 @@ def setup_dist() -> Dist:
 
 
 class TaskMixture:
-    """Deterministic batches: tasks drawn in proportion to sqrt(size), samples walk a per-task
+    """Deterministic batches: tasks drawn in proportion to size ** power (sqrt by default; 0 = balanced), samples walk a per-task
     permutation (re-shuffled each pass). The whole state is a few integers, so resume is exact."""
 
-    def __init__(self, sizes: Sequence[int], seed: int) -> None:
+    def __init__(self, sizes: Sequence[int], seed: int, power: float = 0.5) -> None:
         self.sizes = list(sizes)
-        w = np.sqrt(np.asarray(self.sizes, dtype=np.float64))
+        w = np.asarray(self.sizes, dtype=np.float64) ** power * (np.asarray(self.sizes) > 0)
         self.weights = w / w.sum()
         self.seed = seed
         self.pos = [0] * len(sizes)
@@ -408,10 +409,18 @@ def optimizer_step(cfg: TrainConfig, ddp_net: nn.Module, net: nn.Module, lora: F
     return loss_sum, grad_norm
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig, clock: dict | None = None):
+    """Warmup then cosine over the planned steps; with `clock["progress"]` set (a wall-clock budget whose
+    step count is unknown ahead, as on a lent GPU) the same shape over the fraction of time spent."""
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
 
     def f(step: int) -> float:
+        t = None if clock is None else clock.get("progress")
+        if t is not None:
+            if t < cfg.warmup_frac:
+                return max(t / cfg.warmup_frac, 1e-3)
+            progress = min(1.0, (t - cfg.warmup_frac) / max(1e-9, 1 - cfg.warmup_frac))
+            return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if step < warm:
             return (step + 1) / warm
         progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
@@ -428,7 +437,7 @@ def load_data(cfg: TrainConfig, tokenizer, d: Dist) -> tuple[list[SampleSet], li
         d.barrier()  # wait until rank 0 has built (and cached) everything, then read the caches
     encoder = load_encoder(cfg.encoder, cfg.threads)
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-                  max_history=cfg.max_history)
+                  max_history=cfg.max_history, workers=cfg.workers, log=_progress if d.main else None)
     for name in names:
         td = load_task(name)
         users = td.train[: cfg.max_users_train] if cfg.max_users_train else td.train
@@ -442,6 +451,10 @@ def load_data(cfg: TrainConfig, tokenizer, d: Dist) -> tuple[list[SampleSet], li
     if d.main:
         d.barrier()
     return train_sets, val_sets, cards
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSet]) -> nn.Module:
@@ -473,7 +486,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # What may change when a run is resumed; everything else (data, model, optimiser) comes from the checkpoint.
 RUNTIME_FIELDS = ("steps", "stop_after", "threads", "eval_every", "ckpt_every", "log_every", "out_dir",
                   "save_rank_weights", "eval_users", "eval_items_per_user", "bf16", "bucket", "bucket_overhead",
-                  "cache_hidden", "cache_hidden_gb", "max_wall_s", "samples_file")
+                  "cache_hidden", "cache_hidden_gb", "max_wall_s", "samples_file", "workers", "time_schedule",
+                  "eval_every_s")
+
+
+def result_checkpoint(out_dir: str | Path) -> Path:
+    """The run's result: best.pt (an earlier step validated better than the last) or else last.pt."""
+    best = Path(out_dir) / "best.pt"
+    return best if best.is_file() else Path(out_dir) / "last.pt"
 
 
 def resume_config(current: TrainConfig, saved: TrainConfig, verbose: bool = True) -> TrainConfig:
@@ -524,8 +544,11 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
              if cfg.cache_hidden and start_layer > 0 else None)
     ddp_net = nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
     opt = torch.optim.AdamW(net.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult), lr=cfg.lr, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    sampler = TaskMixture([len(s) for s in train_sets], cfg.seed)
+    clock: dict = {"progress": 0.0 if cfg.time_schedule and cfg.max_wall_s else None}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, clock))
+    sampler = TaskMixture([len(s) for s in train_sets], cfg.seed, cfg.task_power)
+    best_path = out / "best.pt"
+    best = {"score": math.inf, "step": 0}
     step, elapsed_before = 0, 0.0
     if ck is not None:
         net.load_state_dict(ck["model"])
@@ -533,6 +556,7 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
         sched.load_state_dict(ck["scheduler"])
         sampler.load_state_dict(ck["sampler"])
         step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
+        best = ck.get("best", best)
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
@@ -555,7 +579,8 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.recipe, dynamic_ncols=True)
-    t_start = time.time()
+    t_start = last_eval = time.time()
+    eval_batch = 128 if d.device.type == "cuda" else 32
     last = {}
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     wall_stop = False
@@ -564,6 +589,8 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
         t0 = time.time()
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)  # dropout noise: a function of (seed, step, rank)
         picks = sampler.batch(step, cfg.batch_size)[d.rank::d.world]
+        if clock["progress"] is not None:
+            clock["progress"] = min(1.0, (time.time() - t_start) / cfg.max_wall_s)
         loss_sum, grad_norm = optimizer_step(cfg, ddp_net, net, lora, model, train_sets, picks, opt, sched, d,
                                              micro=micro, cache=cache)
         step += 1
@@ -581,18 +608,30 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
             if step % cfg.log_every == 0 or step == 1:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16) if d.main else {}
+        eval_due = ((cfg.eval_every and step % cfg.eval_every == 0)
+                    or (cfg.eval_every_s and time.time() - last_eval >= cfg.eval_every_s))
+        if cfg.eval_every_s:  # a wall-clock cadence: every rank must agree on it
+            eval_due = _agree(bool(eval_due), d)
+        if eval_due and step < cfg.steps:
+            last_eval = time.time()
+            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch) if d.main else {}
             if d.main:
-                log.write(json.dumps({"step": step, "eval": ev}) + "\n")
+                score = val_score(ev)
+                log.write(json.dumps({"step": step, "eval": ev, "val_score": score}) + "\n")
                 log.flush()
-                print(_eval_line(ev))
+                print(_eval_line(ev) + f" | val loss sum {score:.4f}")
+                if cfg.select_best and score < best["score"]:
+                    best = {"score": score, "step": step}
+                    save_checkpoint(best_path, {"config": cfg.to_dict(), "model": net.state_dict(), "step": step,
+                                                "best": best, "export_meta": _state(cfg, net, opt, sched, sampler, step, 0.0,
+                                                                                   cards, last)["export_meta"]})
             d.barrier()
         if cfg.max_wall_s:  # every rank stops at the same step
             wall_stop = _agree(time.time() - t_start >= cfg.max_wall_s, d) and step < stop_at
         if d.main and (step % cfg.ckpt_every == 0 or step == stop_at or wall_stop):
-            save_checkpoint(ckpt_path, _state(cfg, net, opt, sched, sampler, step,
-                                              elapsed_before + time.time() - t_start, cards, last))
+            state = _state(cfg, net, opt, sched, sampler, step, elapsed_before + time.time() - t_start, cards, last)
+            state["best"] = best
+            save_checkpoint(ckpt_path, state)
         d.barrier()
         if wall_stop:
             break
@@ -612,7 +651,21 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
         log.close()
         print(f"stopped at step {step}/{cfg.steps}; run the same command again to resume")
     elif d.main:
-        ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16) if cfg.eval_users else {}
+        ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch) if cfg.eval_users else {}
+        final_score = val_score(ev) if ev else math.inf
+        if cfg.select_best and best_path.is_file() and best["score"] < final_score:
+            # An earlier checkpoint validated better: it is the run's result (training past it overfit).
+            bk = torch.load(best_path, map_location="cpu", weights_only=False)
+            net.load_state_dict(bk["model"])
+            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch)
+            bk["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
+            bk["export_meta"]["training"]["selected"] = {"step": best["step"], "of": step, "by": "validation loss",
+                                                         "val_score": best["score"], "last_val_score": final_score}
+            save_checkpoint(best_path, bk)
+            summary["selected"] = bk["export_meta"]["training"]["selected"]
+            print(f"selected step {best['step']} (validation loss sum {best['score']:.4f} < last {final_score:.4f})")
+        else:
+            best_path.unlink(missing_ok=True)  # the last step is the best: export it
         summary["eval"] = ev
         log.write(json.dumps({"step": step, "eval": ev, "final": True}) + "\n")
         log.close()
@@ -627,6 +680,11 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
     if d.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def val_score(ev: dict) -> float:
+    """What checkpoint selection minimises: the validation target loss with the true profile, summed over tasks."""
+    return float(sum(r["loss_true"] for r in ev.values() if "loss_true" in r))
 
 
 def _state(cfg, net, opt, sched, sampler, step, elapsed, cards, last) -> dict:

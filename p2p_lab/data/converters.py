@@ -245,56 +245,74 @@ def convert_email_rewrite(src: Path) -> Converted:
 # ---------------------------------------------------------------- commits
 
 
+COMMIT_FILES = "commits/*.jsonl"  # every repository of ../shared/data/commits (one author id per person across them)
+
+
 def convert_commits(src: Path) -> Converted:
-    """pytest commits: output = subject line, input = changed files + body. Authors with >= MIN_COMMITS."""
+    """Commits of every repository: output = subject line, input = changed files + body, meta["repo"] =
+    the repository. One user per author id across repositories (their items in time order); authors with
+    fewer than MIN_COMMITS commits in all are dropped."""
     stats: Counter = Counter()
-    path = src / "commits" / "pytest.jsonl"
-    text = _read_text(path, stats)
+    paths = sorted(src.glob(COMMIT_FILES))
+    if not paths:
+        raise DataError(f"no commit files at {src / COMMIT_FILES}", hint="the real data must sit at ../shared/data")
     by_user: dict[str, list[Item]] = {}
-    seen: set[str] = set()
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        stats["rows_read"] += 1
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            stats["rows_skipped_malformed"] += 1
-            continue
-        if not isinstance(rec, dict):
-            stats["rows_skipped_malformed"] += 1
-            continue
-        uid, subject, date = rec.get("author_id"), rec.get("subject"), rec.get("date")
-        body, files = rec.get("body") or "", rec.get("files") or []
-        if not isinstance(uid, str) or not uid.strip():
-            stats["rows_skipped_missing_user"] += 1
-            continue
-        if not isinstance(subject, str) or not isinstance(body, str) or not isinstance(files, list):
-            stats["rows_skipped_malformed"] += 1
-            continue
-        try:
-            t = datetime.fromisoformat(str(date)).timestamp()
-        except ValueError:
-            stats["rows_skipped_bad_time"] += 1
-            continue
-        sha = str(rec.get("commit") or "")
-        if sha and sha in seen:
-            stats["rows_skipped_duplicate"] += 1
-            continue
-        seen.add(sha)
-        made = commit_item(subject, body, files, sha, stats)  # the git importer's rule too
-        if made is None:
-            stats["rows_skipped_empty_text"] += 1
-            continue
-        if not body.strip():
-            stats["commits_empty_body"] += 1
-        inp, out, meta = made
-        by_user.setdefault(uid.strip(), []).append(Item(inp, out, t, meta))
+    seen: set[tuple[str, str]] = set()
+    for path in paths:
+        for line in _read_text(path, stats).splitlines():
+            rec = _commit_record(line, stats)
+            if rec is None:
+                continue
+            uid, t, subject, body, files, sha, repo = rec
+            repo = repo or path.stem
+            if sha and (repo, sha) in seen:
+                stats["rows_skipped_duplicate"] += 1
+                continue
+            seen.add((repo, sha))
+            made = commit_item(subject, body, files, sha, stats)  # the git importer's rule too
+            if made is None:
+                stats["rows_skipped_empty_text"] += 1
+                continue
+            if not body.strip():
+                stats["commits_empty_body"] += 1
+            inp, out, meta = made
+            stats[f"repo_commits:{repo}"] += 1
+            by_user.setdefault(uid, []).append(Item(inp, out, t, {**meta, "repo": repo}))
     few = [u for u, items in by_user.items() if MIN_USER_ITEMS <= len(items) < MIN_COMMITS]
     stats["users_dropped_few_commits"] = len(few)
     for u in few:
         del by_user[u]
     return Converted(_finish(by_user, stats), stats)
+
+
+def _commit_record(line: str, stats: Counter) -> tuple[str, float, str, str, list, str, str] | None:
+    """One JSONL line -> (author, time, subject, body, files, sha, repo), or None (counted) when unusable."""
+    if not line.strip():
+        return None
+    stats["rows_read"] += 1
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        stats["rows_skipped_malformed"] += 1
+        return None
+    if not isinstance(rec, dict):
+        stats["rows_skipped_malformed"] += 1
+        return None
+    uid, subject, date = rec.get("author_id"), rec.get("subject"), rec.get("date")
+    body, files = rec.get("body") or "", rec.get("files") or []
+    if not isinstance(uid, str) or not uid.strip():
+        stats["rows_skipped_missing_user"] += 1
+        return None
+    if not isinstance(subject, str) or not isinstance(body, str) or not isinstance(files, list):
+        stats["rows_skipped_malformed"] += 1
+        return None
+    try:
+        t = datetime.fromisoformat(str(date)).timestamp()
+    except ValueError:
+        stats["rows_skipped_bad_time"] += 1
+        return None
+    repo = rec.get("repo")
+    return uid.strip(), t, subject, body, files, str(rec.get("commit") or ""), repo if isinstance(repo, str) else ""
 
 
 CONVERTERS: dict[str, Callable[[Path], Converted]] = {

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from p2p_lab.data.converters import CONVERTERS, convert
-from p2p_lab.data.splits import EVAL_LAST_N, Embed, SplitConfig, count_samples, split_users
+from p2p_lab.data.splits import (
+    EVAL_LAST_N,
+    Embed,
+    RepoSplitConfig,
+    SplitConfig,
+    count_samples,
+    split_by_repo,
+    split_users,
+)
 from p2p_local import paths
 from p2p_local.data.format import (
     TaskCard,
@@ -30,9 +38,10 @@ from p2p_local.data.format import (
 )
 from p2p_local.errors import DataError, P2PError
 
-DATA_VERSION = 1  # bump when conversion or splitting changes: cached sets are rebuilt
+DATA_VERSION = 2  # bump when conversion or splitting changes: cached sets are rebuilt
 TASKS: tuple[str, ...] = tuple(CONVERTERS)
 SPLITS = ("train", "val", "test", "ood")
+REPO_SPLIT_TASKS = ("commit-subject",)  # OOD = whole held-out repositories (splits.RepoSplitConfig)
 
 Log = Callable[[str], None]
 
@@ -109,10 +118,15 @@ def prepare_task(
     conv = convert(task, src)
     log(f"[{task}] {len(conv.users)} users, {sum(len(u.items) for u in conv.users)} items")
     encoder = embed_name
-    if embed == "auto":
-        embed, encoder = default_embedder(log)
-    log(f"[{task}] splitting by user (OOD clusters on {'embeddings' if embed else 'features'})")
-    sp = split_users(conv.users, card, SplitConfig(seed=seed), embed=embed)
+    if task in REPO_SPLIT_TASKS:  # whole repositories held out: no clustering, no encoder needed
+        embed, encoder = None, "none (repository split)"
+        log(f"[{task}] splitting by repository (OOD) and by user")
+        sp = split_by_repo(conv.users, RepoSplitConfig(seed=seed))
+    else:
+        if embed == "auto":
+            embed, encoder = default_embedder(log)
+        log(f"[{task}] splitting by user (OOD clusters on {'embeddings' if embed else 'features'})")
+        sp = split_users(conv.users, card, SplitConfig(seed=seed), embed=embed)
     out = task_dir(task)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").unlink(missing_ok=True)  # incomplete until written again below

@@ -167,3 +167,40 @@ def split_users(
         ood=pick(ood_idx),
         info=info,
     )
+
+
+@dataclass
+class RepoSplitConfig:
+    """The commit task's split: whole repositories held out as the OOD split, then a random user split."""
+
+    ood_repos: tuple[str, ...] = ("ansible/ansible", "tox-dev/tox")
+    n_test: int = 210
+    n_val: int = 105
+    seed: int = 0
+
+
+def item_repos(user: User) -> set[str]:
+    return {str(it.meta.get("repo", "")) for it in user.items}
+
+
+def split_by_repo(users: list[User], cfg: RepoSplitConfig | None = None) -> Splits:
+    """OOD = authors whose every commit is in a held-out repository; authors with commits on both sides
+    are dropped (they would carry the held-out repositories' style into training); the rest are split
+    user-disjointly at random into test / val / train. Deterministic for a given seed and input."""
+    cfg = cfg or RepoSplitConfig()
+    held = set(cfg.ood_repos)
+    users = sorted(users, key=lambda u: u.user_id)
+    ood, rest, dropped = [], [], []
+    for u in users:
+        repos = item_repos(u)
+        (ood if repos <= held else dropped if repos & held else rest).append(u)
+    order = np.random.default_rng(cfg.seed).permutation(len(rest))
+    n_test = min(cfg.n_test, len(rest))
+    n_val = min(cfg.n_val, len(rest) - n_test)
+    test = sorted((rest[j] for j in order[:n_test]), key=lambda u: u.user_id)
+    val = sorted((rest[j] for j in order[n_test:n_test + n_val]), key=lambda u: u.user_id)
+    train = sorted((rest[j] for j in order[n_test + n_val:]), key=lambda u: u.user_id)
+    info = {"seed": cfg.seed, "n_users": len(users), "ood_space": "repository",
+            "ood_repos": sorted(held), "users_dropped_both_sides": len(dropped),
+            "dropped_items": sum(len(u.items) for u in dropped)}
+    return Splits(train=train, val=val, test=test, ood=ood, info=info)

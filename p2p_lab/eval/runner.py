@@ -37,7 +37,7 @@ from p2p_local.data.format import TaskCard, User
 from p2p_local.errors import DataError, P2PError
 
 SPLITS = ("test", "ood", "val", "all")
-RECORDS_VERSION = 2  # bump when prompts or stored records change: earlier results are then not reused (2: one route, NLL)
+RECORDS_VERSION = 3  # bump when prompts or stored records change: earlier results are then not reused (2: one route, NLL; 3: the history's case style)
 Log = Callable[[str], None]
 
 
@@ -250,6 +250,14 @@ def _engine_info(ctx: EvalContext) -> dict[str, Any] | None:
             "n_gpu_layers": e.n_gpu_layers}
 
 
+def history_lower_share(history: list) -> float | None:
+    """Share of the latest history outputs (the profile's window) that open in lower case."""
+    from p2p_local.profile import MAX_SUMMARY_ITEMS, starts_lowercase
+
+    outs = [it.output.strip() for it in history[-MAX_SUMMARY_ITEMS:] if it.output.strip()]
+    return sum(starts_lowercase(o) for o in outs) / len(outs) if outs else None
+
+
 def _run_method(ctx: EvalContext, m, res: MethodResult, users: list[User], queries: dict[str, list[Query]],
                 store: ResultStore, log: Log) -> dict[str, dict]:
     out: dict[str, dict] = {}
@@ -273,6 +281,8 @@ def _run_method(ctx: EvalContext, m, res: MethodResult, users: list[User], queri
                 for q in qs:
                     rec = m.predict(ctx, q)
                     rec.update(i=q.index, n_hist=len(q.history), target=q.item.output)
+                    if ctx.card.kind == "generation":  # the history's case style (stats: case_hist)
+                        rec["hist_lower"] = history_lower_share(q.history)
                     records.append(rec)
             except Skip as e:
                 res.skipped_users[user.user_id] = str(e)

@@ -21,11 +21,13 @@ import numpy as np
 
 from p2p_local.data.format import TaskCard
 from p2p_local.pipeline import median_index
+from p2p_local.profile import first_word, starts_lowercase
 
 # Metric name -> True when higher is better.
 HIGHER_IS_BETTER = {
     "mae": False, "rmse": False, "mae_argmax": False, "mae_ev": False, "rmse_ev": False, "ce": False,
     "acc": True, "f1": True, "rouge1": True, "rougeL": True, "nll": False,
+    "first_word": True, "case": True, "case_hist": True,
 }
 PRIMARY = {"rating": "mae", "label": "acc", "generation": "rougeL"}
 METRIC_DOC = {
@@ -40,7 +42,11 @@ METRIC_DOC = {
     "rouge1": "ROUGE-1 F-measure",
     "rougeL": "ROUGE-L F-measure",
     "nll": "per-token negative log-likelihood of the user's real output, teacher-forced (nats/token)",
+    "first_word": "share of answers whose first word is the real output's (case-insensitive)",
+    "case": "share of answers that open in the real output's case (lower-case or not)",
+    "case_hist": "for users whose history opens >= 90% in one case: share of answers that open in that case",
 }
+CASE_CONSISTENT = 0.9  # a history that opens in one case this often has a case style an answer should keep
 
 
 def metric_names(kind: str) -> list[str]:
@@ -48,7 +54,7 @@ def metric_names(kind: str) -> list[str]:
         return ["mae", "rmse", "mae_argmax", "mae_ev", "rmse_ev", "ce", "acc"]
     if kind == "label":
         return ["acc", "f1", "ce"]
-    return ["rouge1", "rougeL", "nll"]
+    return ["rouge1", "rougeL", "nll", "first_word", "case", "case_hist"]
 
 
 # --- per-query statistics ------------------------------------------------------------------------
@@ -71,7 +77,8 @@ class Scorer:
         if self.kind == "label":
             per_label = [f"{s}_{i}" for i in range(len(self.labels)) for s in ("tp", "fp", "fn")]
             return ["n", "n_ce", "nll", "correct", "unparseable", *per_label]
-        return ["n", "rouge1", "rougeL", "unparseable", "tok_nll", "n_tok"]
+        return ["n", "rouge1", "rougeL", "unparseable", "tok_nll", "n_tok", "first_match", "case_match",
+                "n_case_hist", "case_hist_ok"]
 
     def query_stats(self, rec: Mapping) -> np.ndarray:
         v = np.zeros(len(self.keys))
@@ -84,6 +91,13 @@ class Scorer:
             v[ix["rouge1"]], v[ix["rougeL"]] = r1, rl
             if rec.get("n_tok"):  # records made before the NLL was measured have none
                 v[ix["tok_nll"]], v[ix["n_tok"]] = float(rec["nll_sum"]), float(rec["n_tok"])
+            text, target = rec.get("text", "") or "", str(rec["target"])
+            v[ix["first_match"]] = float(first_word(text) is not None and first_word(text) == first_word(target))
+            v[ix["case_match"]] = float(starts_lowercase(text) == starts_lowercase(target))
+            lower = rec.get("hist_lower")  # the history's share of lower-case openings (runner)
+            if lower is not None and (lower >= CASE_CONSISTENT or lower <= 1 - CASE_CONSISTENT):
+                v[ix["n_case_hist"]] = 1.0
+                v[ix["case_hist_ok"]] = float(starts_lowercase(text) == (lower >= CASE_CONSISTENT))
             return v
         lp = np.asarray(rec["lp"], dtype=np.float64)
         p = np.exp(lp - lp.max())
@@ -125,6 +139,8 @@ class Scorer:
         if self.kind == "generation":
             out["rouge1"], out["rougeL"] = col["rouge1"] / n, col["rougeL"] / n
             out["nll"] = col["tok_nll"] / np.where(col["n_tok"] > 0, col["n_tok"], np.nan)
+            out["first_word"], out["case"] = col["first_match"] / n, col["case_match"] / n
+            out["case_hist"] = col["case_hist_ok"] / np.where(col["n_case_hist"] > 0, col["n_case_hist"], np.nan)
             return out
         n_ce = np.where(col["n_ce"] > 0, col["n_ce"], np.nan)
         if self.kind == "rating":

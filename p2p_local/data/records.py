@@ -15,7 +15,7 @@ MAX_COMMENT_CHARS = 400
 MAX_EMAIL_CHARS = 500
 MAX_SUBJECT_CHARS = 120
 MAX_BODY_CHARS = 300
-MAX_FILES = 4
+MAX_FILES_CHARS = 600  # every changed file is named up to this budget; only huge commits say "+N more"
 NO_GENRES = "(no genres listed)"  # MovieLens' own spelling of "none"
 
 PR_SUFFIX = re.compile(r"(?:\s*\(#\d+\))+\s*$")  # "(#123)", also stacked "(#123) (#130)"
@@ -54,15 +54,24 @@ def movie_item(title: str, genres: list[str], movie_id: int | str) -> tuple[str,
 
 
 def commit_input(body: str, files: list[str], stats: Counter | None = None) -> str:
-    """Compact commit description: changed files first (never cut), then the body (truncated).
+    """Compact commit description: every changed file first, then the body (truncated).
 
-    An empty body gives the files line alone: half of pytest's commits have no body, and the files
-    still say what the commit touched.
+    Every file name is shown (a new file must not hide behind "+2 more"), up to MAX_FILES_CHARS; past
+    that budget (vendored trees, mass renames) the rest is counted. An empty body gives the files line
+    alone: half of pytest's commits have no body, and the files still say what the commit touched.
     """
-    shown = ", ".join(files[:MAX_FILES])
-    if len(files) > MAX_FILES:
-        shown += f" (+{len(files) - MAX_FILES} more)"
-    head = f"files: {shown}" if files else "files: none"
+    shown, used = [], 0
+    for f in files:
+        if shown and used + len(f) + 2 > MAX_FILES_CHARS:
+            break
+        shown.append(f)
+        used += len(f) + 2
+    line = ", ".join(shown)
+    if len(files) > len(shown):
+        line += f" (+{len(files) - len(shown)} more)"
+        if stats is not None:
+            stats["commits_files_cut"] += 1
+    head = f"files: {line}" if files else "files: none"
     body = truncate(body, MAX_BODY_CHARS, stats) if body else ""
     return f"{head}\n{body}" if body else head
 
