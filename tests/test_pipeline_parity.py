@@ -3,7 +3,8 @@ profile, the same adapter and the same answer, bit for bit where the code is sha
 
 Real users of every built-in task (../shared/data through the converters), the real encoder, the shipped
 bundle and llama.cpp. The app's side goes the way a user's data does: `p2p profile import` of a file
-(MovieLens' own ratings.csv + movies.csv for the rating task, the generic JSONL for the others) into a
+(MovieLens' own ratings.csv + movies.csv for the rating task, a real git repository replaying the author's
+commits for the commit task, the generic JSONL for the others) into a
 real SQLite store, then `Session`. The evaluation's side is `p2p_lab.eval`'s P2P method on the converter's
 users; the trainer's is `trainer.samples.build_samples`.
 """
@@ -21,7 +22,7 @@ from p2p_lab.data.converters import convert
 from p2p_lab.eval.methods import P2P, EvalContext, MethodOptions, Query
 from p2p_local import pipeline
 from p2p_local.data.format import User, builtin_card, builtin_cards, write_users_jsonl
-from p2p_local.importers import import_file
+from p2p_local.importers import import_file, import_git
 from p2p_local.profile import FEATURE_NAMES
 
 pytestmark = pytest.mark.real
@@ -30,9 +31,47 @@ TRAINER_TOKENS = {"input_ids": [2, 3]}  # the sample's token ids are not compare
 
 
 def _users(task: str) -> list[User]:
-    """Real users with a history of 8+ items, the same ones every run (sorted by id)."""
+    """Real users with a history of 8+ items, the same ones every run (sorted by id). Commit authors whose
+    history a test repository can replay exactly: no address for the importer's scrub to remove, no file
+    list cut short, one commit per second of history."""
     users = sorted((u for u in convert(task).users if len(u.items) >= 9), key=lambda u: u.user_id)
+    if task == "commit-subject":
+        users = [u for u in users if len(u.items) <= 40 and _replayable(u)]
     return users[:USERS_PER_TASK]
+
+
+def _replayable(user: User) -> bool:
+    times = [it.time for it in user.items]
+    return (all(t is not None for t in times) and len(set(times)) == len(times)
+            and not any("@" in it.input or "@" in it.output or "(+" in it.input.split("\n")[0] for it in user.items))
+
+
+def _git_repo(user: User, n: int, tmp: Path) -> Path:
+    """A real git repository whose author me@example.org made the user's first `n` commits: each commit
+    touches the files its item names, with the item's subject, body and date."""
+    import subprocess
+
+    repo = tmp / f"repo-{user.user_id}"
+    repo.mkdir()
+    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp), "PATH": "/usr/bin:/bin"}
+    run = lambda *a, **kw: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,  # noqa: E731
+                                          env={**env, **kw})
+    run("init", "-q", "-b", "main")
+    run("config", "user.email", "me@example.org")
+    run("config", "user.name", "Me")
+    for k, it in enumerate(user.items[:n]):
+        head, _, body = it.input.partition("\n")
+        files = [] if head == "files: none" else head.removeprefix("files: ").split(", ")
+        for f in files:
+            path = repo / f
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(f"{k}\n")
+            run("add", "--", f)
+        date = f"@{int(it.time)} +0000"
+        run("commit", "-q", "--allow-empty", "-m", it.output + (f"\n\n{body}" if body else ""),
+            GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date)
+    return repo
 
 
 def _import(store, name: str, task: str, user: User, history_n: int, shared: Path, tmp: Path) -> None:
@@ -51,6 +90,8 @@ def _import(store, name: str, task: str, user: User, history_n: int, shared: Pat
             w.writerows(rows)
         shutil.copy(src / "movies.csv", tmp / "movies.csv")
         import_file(store, name, out, user=user.user_id, movies=tmp / "movies.csv")
+    elif task == "commit-subject":  # the author's own repository, read by `p2p profile import --git`
+        import_git(store, name, _git_repo(user, history_n, tmp), authors=["me@example.org"])
     else:
         out = tmp / f"{name}.jsonl"
         write_users_jsonl(out, [User(user.user_id, user.items[:history_n])])
