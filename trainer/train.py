@@ -623,8 +623,9 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
                 if cfg.select_best and score < best["score"]:
                     best = {"score": score, "step": step}
                     save_checkpoint(best_path, {"config": cfg.to_dict(), "model": net.state_dict(), "step": step,
-                                                "best": best, "export_meta": _state(cfg, net, opt, sched, sampler, step, 0.0,
-                                                                                   cards, last)["export_meta"]})
+                                                "best": best, "export_meta": _state(
+                                                    cfg, net, opt, sched, sampler, step,
+                                                    elapsed_before + time.time() - t_start, cards, last)["export_meta"]})
             d.barrier()
         if cfg.max_wall_s:  # every rank stops at the same step
             wall_stop = _agree(time.time() - t_start >= cfg.max_wall_s, d) and step < stop_at
