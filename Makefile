@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
+LAB    := $(VENV)/.stamp-lab
 ARGS   ?=
 
 .PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean fuzz robustness
@@ -27,6 +28,11 @@ $(APP): setup.cfg | $(BIN)/python
 $(DEV): setup.cfg $(APP)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[train,lab,dev]'
+	touch $(LAB) $@
+
+# What studies the app (p2p_lab: `p2p data | bench | eval`): the app plus the lab extra, no torch.
+$(LAB): setup.cfg $(APP)
+	$(BIN)/pip install -e '.[lab]'
 	touch $@
 
 prepare: $(APP)
@@ -41,11 +47,11 @@ test: $(DEV)
 	$(BIN)/p2p models prepare
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: $(APP)
+bench: $(LAB)
 	$(BIN)/p2p models prepare
 	$(BIN)/p2p bench all --json-out reports/bench.json
 
-data: $(APP)
+data: $(LAB)
 	$(BIN)/p2p data prepare
 
 train: $(DEV) data
@@ -54,7 +60,7 @@ train: $(DEV) data
 export: $(DEV)
 	$(BIN)/python -m trainer.export $(ARGS)
 
-eval: $(APP) data
+eval: $(LAB) data
 	$(BIN)/p2p eval $(ARGS)
 
 # The shipped evaluation (about an hour on 2 cores): every method on every task's test and OOD users,

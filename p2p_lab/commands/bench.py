@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from p2p_lab.commands import needs_lab
 
+
+@needs_lab("bench", "measure speed and memory (JSON + table)")
 def register(sub: argparse._SubParsersAction) -> None:
     from p2p_lab.bench import SUITES
 
