@@ -103,6 +103,7 @@ class Engine:
         self.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self._lock = threading.RLock()
         self._adapters: list[Adapter] = []
+        self.last_finish: str | None = None  # how the last generation ended: "stop" or "length" (its budget)
         self.active: tuple[Adapter | None, float] = (None, 0.0)
         _quiet_llama()
         try:
@@ -172,8 +173,10 @@ class Engine:
         stop: Sequence[str] = (),
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Stream text pieces. temperature 0 = greedy. Closing the iterator cancels generation."""
+        """Stream text pieces. temperature 0 = greedy. Closing the iterator cancels generation.
+        `last_finish` then says why it ended: "stop" (a stop string or end of text) or "length" (max_tokens)."""
         with self._lock:
+            self.last_finish = None
             n_prompt = len(self.tokenize(prompt))
             max_tokens = max(1, min(max_tokens, self.n_ctx - n_prompt - 1))
             if n_prompt >= self.n_ctx - 1:
@@ -185,9 +188,10 @@ class Engine:
                     stop=list(stop) or None, stream=True, seed=seed,
                 )
                 for chunk in stream:
-                    text = chunk["choices"][0]["text"]
-                    if text:
-                        yield text
+                    choice = chunk["choices"][0]
+                    self.last_finish = choice.get("finish_reason") or self.last_finish
+                    if choice["text"]:
+                        yield choice["text"]
             except (RuntimeError, ValueError) as e:
                 raise EngineError(f"generation failed: {e}: {recent_llama_errors()}") from e
 

@@ -65,6 +65,7 @@ class Session:
         self._stores = [store]
         self.lock = threading.RLock()
         self.last_result: PersonalizeResult | None = None  # what the last personalized answer used
+        self.last_finish: str | None = None  # how the last generated answer ended (`pipeline.GuardedStream`)
         self.personalizer = Personalizer(bundle, encoder, engine.base)
         self._loaded: OrderedDict[Path, Adapter] = OrderedDict()
         self._cards = {name: builtin_card(name) for name in builtin_cards()}
@@ -237,7 +238,7 @@ class Session:
     def _answer(self, text: str, profile: str | None, task: str | None, personalized: bool, scale: float,
                 temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
         task = canonical_task(task) if task else (self.default_task(profile) if profile else FREE_CHAT)
-        self.last_result = None
+        self.last_result, self.last_finish = None, None
         about = ""
         if task == FREE_CHAT:
             if profile and personalized and scale > 0 and self.free_chat_adapter():
@@ -255,7 +256,10 @@ class Session:
         kw = self.decoding(task, text)
         if max_tokens:
             kw["max_tokens"] = max_tokens
-        yield from self.engine.generate(self.prompt(text, task, transcript, about), temperature=temperature, **kw)
+        stream = pipeline.GuardedStream(self.engine, self.engine.generate(
+            self.prompt(text, task, transcript, about), temperature=temperature, **kw))
+        yield from stream
+        self.last_finish = stream.finish
 
     def close(self) -> None:
         self._loaded.clear()

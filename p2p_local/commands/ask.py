@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from p2p_local.personalize import FREE_CHAT, Session
+    from p2p_local.pipeline import CUT_MARK
 
     text = query_text(args.text)
     with Session.open() as s:
@@ -54,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         adapter, scale = s.engine.active
+        finish = s.last_finish
     if args.json:
         print(json.dumps({"text": "".join(pieces), "query": text, "profile": profile, "task": task,
-                          "adapter": str(adapter.path) if adapter else None, "scale": scale}))
+                          "adapter": str(adapter.path) if adapter else None, "scale": scale, "finish": finish}))
     else:
-        sys.stdout.write("\n")
+        sys.stdout.write((CUT_MARK if finish == "length" else "") + "\n")
+        if finish == "length":
+            print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0
 
 

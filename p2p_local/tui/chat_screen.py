@@ -28,6 +28,7 @@ from textual.worker import Worker, get_current_worker
 
 from p2p_local import paths
 from p2p_local.errors import P2PError
+from p2p_local.pipeline import CUT_MARK
 from p2p_local.tui.first_run_screen import FirstRunScreen, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
@@ -447,6 +448,8 @@ class ChatScreen(Screen):
                         shown, last = visible, now
                 else:
                     text = visible_text(text, j.stops)[0]
+                    if getattr(app.session, "last_finish", None) == "length":
+                        j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
             except P2PError as e:
                 error = str(e)
             except Exception as e:  # keep the chat alive; show what went wrong in the message
@@ -487,7 +490,8 @@ class ChatScreen(Screen):
             self.notify(error, title="answer failed", severity="error", timeout=8)
         self.store.add_message(j.conversation_id, "assistant", text, meta)
         if j.view.is_attached:  # not when the user moved to another conversation meanwhile
-            shown = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
+            shown = text + (CUT_MARK if meta.get("cut") else "")
+            shown = shown if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
             await j.view.finish(shown, title=reply_title(meta), stopped=stopped, dist=dist)
 
     def action_stop(self) -> None:
