@@ -252,14 +252,15 @@ def _norm(unit: str) -> str:
 
 
 def repeat_scan(text: str) -> tuple[int | None, int]:
-    """(where a looping answer should end, else None; how much of `text` may be shown now). A trailing
-    unfinished sentence that could be the start of an earlier one is held back until it is decided."""
+    """(where a looping answer should end, else None; how much of `text` may be shown now). A sentence
+    repeats when an earlier one ends with it; a trailing unfinished sentence that could be such a repeat
+    is held back until it is decided."""
     seen: set[str] = set()
     end = 0
     for m in _UNIT.finditer(text):
         unit = _norm(m.group())
         if len(unit) >= REPEAT_MIN_CHARS:
-            if unit in seen:
+            if any(u.endswith(unit) for u in seen):  # "Hi, I'm sorry." then "I'm sorry." repeats too
                 return m.start(), m.start()
             seen.add(unit)
         end = m.end()
@@ -268,7 +269,7 @@ def repeat_scan(text: str) -> tuple[int | None, int]:
         if text[n - p:] == text[n - 2 * p:n - p] == text[n - 3 * p:n - 2 * p]:
             return n - 2 * p, n - 2 * p
     tail = _norm(text[end:])
-    if tail and any(u.startswith(tail) for u in seen):
+    if tail and any(tail in u for u in seen):
         return None, end
     return None, n
 

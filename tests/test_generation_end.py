@@ -21,6 +21,7 @@ def test_repeat_scan_cuts_at_the_first_verbatim_repeat() -> None:
     assert repeat_scan(looped)[0] == len(once)  # the answer ends before the second copy
     # An unfinished sentence that may be an earlier one starting over is held back, not shown yet.
     assert repeat_scan(once + " I'm sorry for")[1] == len(once)
+    assert repeat_scan("Hi, I'm sorry for the late notice. I'm sorry for the late notice.")[0] == 34  # a tail of one
     assert repeat_scan("Thanks. Thanks. Thanks. ") == (None, 24)  # short units repeat legitimately
     assert repeat_scan("abc def ghi jkl " * 3)[0] == len("abc def ghi jkl ")  # a loop with no sentence end
 
