@@ -192,6 +192,7 @@ class Session:
         return path
 
     def _attach(self, path: Path, scale: float) -> None:
+        """Attach at the user's strength `scale` (`pipeline.lora_scale`: x1 is the trained adapter)."""
         adapter = self._loaded.get(path)
         if adapter is None:
             adapter = self.engine.load_adapter(path)
@@ -200,7 +201,7 @@ class Session:
                 _, old = self._loaded.popitem(last=False)
                 self.engine.free_adapter(old)
         self._loaded.move_to_end(path)
-        self.engine.use(adapter, scale)
+        self.engine.use(adapter, pipeline.lora_scale(scale))
 
     # --- answer ------------------------------------------------------------------------------------
     def prompt(self, text: str, task: str | None = None, transcript: list[tuple[str, str]] | None = None,

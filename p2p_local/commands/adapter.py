@@ -122,7 +122,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
     prompt = card.prompt(example)
     rating = card.kind in ("rating", "label")
     n = 1 if rating else 32
-    from p2p_local.pipeline import stop_strings
+    from p2p_local.pipeline import lora_scale, stop_strings
 
     jprompt = json.dumps(prompt)
     stops = [] if rating else stop_strings(card)
@@ -164,7 +164,7 @@ The prompt is the task card's template around your input (no chat template):
 
 ```sh
 llama-completion -m {base} --lora {adapter} -p {_sh(prompt)} -n {n} --temp 0
-llama-completion -m {base} --lora-scaled {adapter}:0.5 -p {_sh(prompt)} -n {n} --temp 0   # half strength
+llama-completion -m {base} --lora-scaled {adapter}:{lora_scale(0.5):g} -p {_sh(prompt)} -n {n} --temp 0   # the app's x0.5
 ```
 (`llama-cli -no-cnv ...` in builds before llama-completion existed.)
 
@@ -176,6 +176,8 @@ curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and promp
 curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict": {n}, "temperature": 0{jstop}, "lora": [{{"id": 0, "scale": 1.0}}]}}'
 ```
 The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
+The app's strength xS is llama.cpp scale S at or above x1 and `0.01 ** (1 - S)` below it (x0.5: 0.1),
+since the adapter's effect saturates early.
 
 ## Ollama
 

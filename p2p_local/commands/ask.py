@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         finish = s.last_finish
     if args.json:
         print(json.dumps({"text": "".join(pieces), "query": text, "profile": profile, "task": task,
-                          "adapter": str(adapter.path) if adapter else None, "scale": scale, "finish": finish}))
+                          "adapter": str(adapter.path) if adapter else None, "scale": args.scale if adapter else 0.0,
+                          "lora_scale": scale, "finish": finish}))
     else:
         sys.stdout.write((CUT_MARK if finish == "length" else "") + "\n")
         if finish == "length":
