@@ -736,7 +736,8 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         (repo / f"f{i}.py").write_text(f"x = {i}\n")
         git("add", "-A")
         git("commit", "-q", "-m", f"Add module {i}")
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    assert not ChatApp(fake, profile=DEMO_PROFILE).first_run  # answered once: the chat opens next time
+    app = ChatApp(fake, profile=DEMO_PROFILE, first_run=True)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
         screen = app.screen
