@@ -97,8 +97,10 @@ class Engine:
         try:
             self.base = BaseInfo.from_gguf(self.model_path, sha256)
         except Exception as e:
+            from p2p_local.models import repair_hint
+
             raise EngineError(f"{self.model_path} is not a loadable GGUF model: {e}",
-                              hint="delete it and run `p2p models prepare`") from e
+                              hint=repair_hint(self.model_path)) from e
         self.n_threads = n_threads or default_threads()
         self.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self._lock = threading.RLock()

@@ -125,7 +125,14 @@ def model_path(spec: ModelSpec) -> Path:
     return models_dir() / spec.filename
 
 
-def read_arch(path: Path) -> str:
+def repair_hint(path: Path) -> str:
+    """What to do about a damaged model file: a built-in one is prepared again, a user's own added again."""
+    if any(s.filename == Path(path).name for s in BUILTIN.values()):
+        return "the file is corrupt or truncated: delete it and run `p2p models prepare`"
+    return "the file is corrupt or not a GGUF model: add a good copy with `p2p models add FILE --name N --replace`"
+
+
+def read_arch(path: Path, hint: str | None = None) -> str:
     """The GGUF's `general.architecture`, or a ModelError for a file that is not a readable GGUF."""
     try:
         reader = gguf.GGUFReader(str(path), "r")
@@ -133,7 +140,7 @@ def read_arch(path: Path) -> str:
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})",
-                         hint="the file is corrupt or truncated: delete it and run `p2p models prepare`") from e
+                         hint=hint or repair_hint(path)) from e
 
 
 def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> None:
@@ -253,7 +260,7 @@ def add_model(file: Path, name: str, progress: Progress | None = None, *, replac
     """
     name = check_model_name(name, replace=replace)
     file = regular_file(file, "model file", MAX_MODEL_BYTES, ModelError)
-    arch = read_arch(file)
+    arch = read_arch(file, hint="pass a llama.cpp model in GGUF format (a .gguf file); nothing was registered")
     if progress:
         progress(f"loading {file.name} once with llama.cpp in a child process")
     check_loads(file)

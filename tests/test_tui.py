@@ -484,7 +484,9 @@ async def test_search_export_copy_and_resume(fake, store):
         await pilot.press("ctrl+s")
         out = paths.data_dir() / "exports" / f"conversation-{first}.md"
         text = out.read_text(encoding="utf-8")
-        assert "Zodiac (2007)" in text and "personalized" in text
+        assert "Zodiac (2007)" in text and "(movielens-rating, personalized x1)" in text
+        assert "_label distribution: " in text  # the rating's bars, as numbers
+        assert out.stat().st_mode & 0o777 == 0o600 and out.parent.stat().st_mode & 0o777 == 0o700
 
     # A new app resumes the last conversation of the profile.
     app2 = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)

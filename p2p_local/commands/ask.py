@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         task = args.task or (FREE_CHAT if args.model or not profile else s.default_task(profile))  # say which
         task = FREE_CHAT if task in CHAT_TASKS else task
         text = task_query(text, task)
+        if task != FREE_CHAT:
+            text = complete_title(s, text, task, profile, quiet=args.json)
         pieces = []
         stream = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
@@ -106,6 +108,23 @@ def task_query(text: str, task: str | None) -> str:
     if task in COMMIT_TASKS and looks_like_diff(text):
         return commit_query(diff_files(text))
     return text
+
+
+def complete_title(session, text: str, task: str, profile: str | None, quiet: bool = False) -> str:
+    """A bare movie title ("Toy Story") completed as the chat completes it (`tui.titles.Catalogue`: the
+    movies the store holds, the profile's own first); the first match when several, said on stderr."""
+    from p2p_local.tui.titles import Catalogue, needs_completion
+
+    card = session.card(task)
+    if not needs_completion(card, text):
+        return text
+    matches = Catalogue(session.store, card.name).lookup(text, profile)
+    if not matches:
+        return text
+    if not quiet:
+        more = f" (also: {', '.join(m.title for m in matches[1:4])})" if len(matches) > 1 else ""
+        print(f"read as: {matches[0].text}{more}", file=sys.stderr)
+    return matches[0].text
 
 
 COMMIT_TASKS = ("commit-subject",)  # former names resolve through data.format.canonical_task

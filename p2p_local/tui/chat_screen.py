@@ -679,8 +679,8 @@ def adapter_note(result: AdapterResult) -> str:
 
 def export_conversation(store, conversation_id: int) -> Path:
     """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
-    out = paths.data_dir() / "exports"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"conversation-{conversation_id}.md"
-    path.write_text(store.export_conversation_markdown(conversation_id), encoding="utf-8")
-    return path
+    from p2p_local.files import PRIVATE_DIR, atomic_write
+
+    path = paths.data_dir() / "exports" / f"conversation-{conversation_id}.md"
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store
