@@ -244,6 +244,8 @@ def chat_template(path: Path) -> str | None:
 
 def prepare_chat_model(name: str, progress: Progress | None = None) -> tuple[ModelSpec, Path]:
     """The model free chat runs on with `--model NAME`: known, prepared, verified, with a chat template."""
+    if not name:
+        raise UsageError("--model needs a model name", hint="see `p2p models list`")
     spec = get_spec(name)
     path = prepare_base(spec, progress)
     if not chat_template(path):

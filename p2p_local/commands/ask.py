@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from p2p_local.pipeline import CUT_MARK
 
     text = query_text(args.text)
-    if args.model and args.task and args.task not in CHAT_TASKS:
+    if args.model is not None and args.task and args.task not in CHAT_TASKS:
         raise UsageError(f"--model is for free chat; {args.task} answers come from the bundle's base",
                          hint="drop --model, or ask with --task chat")
     with Session.open(chat_model=args.model) as s:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if profile is None and not args.base:
             names = [p.name for p in s.profiles()]
             profile = names[0] if names else None
-        task = args.task or (FREE_CHAT if args.model or not profile else s.default_task(profile))  # say which
+        task = args.task or (FREE_CHAT if args.model is not None or not profile else s.default_task(profile))
         task = FREE_CHAT if task in CHAT_TASKS else task
         text = task_query(text, task)
         if task != FREE_CHAT:

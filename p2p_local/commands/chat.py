@@ -12,7 +12,6 @@ import sys
 from p2p_local.commands.args import task_arg
 from p2p_local.errors import StoreError
 
-
 EPILOG = """examples:
   p2p chat                                   # the profile used last (the demo on a first run)
   p2p chat --profile me --task commit-subject

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from p2p_local import models
 
-
 EPILOG = """examples:
   p2p models prepare                 # the default base (Gemma 3 270M) and the profile encoder, offline
   p2p models list                    # what is known, and whether it is ready
