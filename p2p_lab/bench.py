@@ -232,6 +232,95 @@ def plot_history(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# A fixed query set per task, asked of the demo profile (a MovieLens user: its adapters for the other
+# tasks are made from an empty history, the hypernetwork's population adapter for the task).
+STRENGTH_QUERIES = {
+    "movielens-rating": QUERIES,
+    "popquorn-offensiveness": ["You are an idiot and nobody likes you.", "Thanks for sharing, great post!",
+                               "Women should stay out of politics.", "This team plays like garbage tonight."],
+    "popquorn-email-rewrite": ["hey, cant make it to the meeting tmrw, something came up. sorry for the late notice",
+                               "hi all, the party is moved to saturday, hope you can still come",
+                               "can u send me the report by friday? thx"],
+    "commit-subject": ["files: p2p_local/engine.py, tests/test_engine.py",
+                       "files: README.md, docs/ARCHITECTURE.md",
+                       "files: p2p_local/store/db.py, p2p_local/store/upgrades/0004.sql, tests/test_store.py"],
+}
+
+
+def bench_strength(strengths: tuple[float, ...] = STRENGTHS) -> dict:
+    """The strength control's effect across its range, per task, on a fixed query set, through
+    `Session.answer` as the chat calls it. Rating/label tasks: the label distribution's total-variation
+    distance from the base model's (`effect`); generation tasks: the share of answers that differ from
+    the base model's. Both: the share of answers that differ from the x1 answer."""
+    from p2p_local.pipeline import lora_scale
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _session_with(len(_demo_items()), Path(tmp))
+        try:
+            tasks = {}
+            for task, queries in STRENGTH_QUERIES.items():
+                card = s.card(task)
+                answers: dict[float, list] = {x: [] for x in strengths}
+                effect: dict[float, list[float]] = {x: [] for x in strengths}
+                for q in queries:
+                    base_dist = None
+                    for x in strengths:
+                        text = "".join(s.answer(q, profile="u", task=task, scale=x, personalized=x > 0))
+                        answers[x].append(text.strip())
+                        if card.kind != "generation":
+                            dist = np.array(list(s.label_distribution(q, task).values()))
+                            base_dist = dist if base_dist is None else base_dist
+                            effect[x].append(0.5 * float(np.abs(dist - base_dist).sum()))
+                ref, base = answers[1.0], answers[0.0]
+                n = len(queries)
+                tasks[task] = {
+                    "effect_measure": "label distribution's distance from the base (TV)" if card.kind != "generation"
+                    else "share of answers unlike the base's",
+                    "effect": [round(float(np.mean(effect[x])), 3) if effect[x] else
+                               round(sum(a != b for a, b in zip(answers[x], base, strict=True)) / n, 3) for x in strengths],
+                    "differs_from_x1": [round(sum(a != b for a, b in zip(answers[x], ref, strict=True)) / n, 3)
+                                        for x in strengths],
+                    "answers": {f"x{x:g}": answers[x] for x in strengths},
+                    "queries": n,
+                }
+        finally:
+            s.close()
+    return {"strengths": list(strengths), "lora_scales": [round(lora_scale(x), 4) for x in strengths], "tasks": tasks}
+
+
+def strength_rows(result: dict) -> list[str]:
+    """Table rows of `bench_strength`: per task, the effect and the change from x1 at each strength."""
+    rows = []
+    for task, r in result["tasks"].items():
+        for key, what in (("effect", r["effect_measure"]), ("differs_from_x1", "share of answers unlike x1's")):
+            curve = ", ".join(f"x{x:g} {v:.2f}" for x, v in zip(result["strengths"], r[key], strict=True))
+            rows.append(f"| strength | {task}: {what} | {curve} | |")
+    return rows
+
+
+def plot_strength(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True)
+    for ax, (task, r) in zip(np.atleast_1d(axes), tasks.items(), strict=True):
+        ax.plot(result["strengths"], r["effect"], marker="o", label="effect (vs base)")
+        ax.plot(result["strengths"], r["differs_from_x1"], marker="s", ls="--", label="answers unlike x1")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("strength (xS)")
+        ax.set_ylim(-0.02, 1.02)
+    np.atleast_1d(axes)[0].set_ylabel("share / TV distance")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle("Strength control (p2p bench strength, demo profile)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 FIRST_TOKEN = r"""
 import json, sys, time
 t0 = float(sys.argv[1])
@@ -300,15 +389,19 @@ SUITES: dict[str, Callable[[], dict]] = {
     "history": bench_history,
     "encoder": bench_encoder,
     "app": bench_app,
+    "strength": bench_strength,
     "cost": bench_cost,  # minutes (OPPU trains per user): not part of `all`
 }
-ALL = ("runtime", "personalize", "history", "encoder", "app")
+ALL = ("runtime", "personalize", "history", "encoder", "app", "strength")
 
 
 def table(results: dict[str, dict]) -> str:
     lines = ["| suite | figure | value | target |", "| --- | --- | --- | --- |"]
     for suite, figures in results.items():
         if suite == "machine":
+            continue
+        if suite == "strength":
+            lines += strength_rows(figures)
             continue
         targets = figures.get("targets", {})
         for k, v in figures.items():

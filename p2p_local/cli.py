@@ -30,7 +30,7 @@ EPILOG = """examples:
   p2p profile create alice
   p2p profile import alice ratings.csv    # MovieLens-style ratings, CSV / JSON / JSONL
   p2p personalize alice                   # profile -> LoRA adapter, with timings
-  p2p ask "Movie: Heat (1995) | Genres: Action|Crime" --task movielens-rating
+  p2p ask "Heat (1995) | Genres: Action|Crime" --task movielens-rating   # the task frames it
   p2p chat                                # the terminal chat
 """
 

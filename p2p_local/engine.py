@@ -97,12 +97,15 @@ class Engine:
         try:
             self.base = BaseInfo.from_gguf(self.model_path, sha256)
         except Exception as e:
+            from p2p_local.models import repair_hint
+
             raise EngineError(f"{self.model_path} is not a loadable GGUF model: {e}",
-                              hint="delete it and run `p2p models prepare`") from e
+                              hint=repair_hint(self.model_path)) from e
         self.n_threads = n_threads or default_threads()
         self.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self._lock = threading.RLock()
         self._adapters: list[Adapter] = []
+        self.last_finish: str | None = None  # how the last generation ended: "stop" or "length" (its budget)
         self.active: tuple[Adapter | None, float] = (None, 0.0)
         _quiet_llama()
         try:
@@ -117,6 +120,8 @@ class Engine:
         _quiet_llama()  # Llama() installs its own callback
         self.n_ctx = n_ctx
         self.n_vocab = self.llm.n_vocab()
+        # An instruct model's own chat template (llama.cpp's chat completion applies it); None for a base.
+        self.chat_template: str | None = self.llm.metadata.get("tokenizer.chat_template") or None
 
     # --- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, *, check_base_hash: bool = True) -> Adapter:
@@ -172,8 +177,10 @@ class Engine:
         stop: Sequence[str] = (),
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Stream text pieces. temperature 0 = greedy. Closing the iterator cancels generation."""
+        """Stream text pieces. temperature 0 = greedy. Closing the iterator cancels generation.
+        `last_finish` then says why it ended: "stop" (a stop string or end of text) or "length" (max_tokens)."""
         with self._lock:
+            self.last_finish = None
             n_prompt = len(self.tokenize(prompt))
             max_tokens = max(1, min(max_tokens, self.n_ctx - n_prompt - 1))
             if n_prompt >= self.n_ctx - 1:
@@ -185,11 +192,35 @@ class Engine:
                     stop=list(stop) or None, stream=True, seed=seed,
                 )
                 for chunk in stream:
-                    text = chunk["choices"][0]["text"]
-                    if text:
-                        yield text
+                    choice = chunk["choices"][0]
+                    self.last_finish = choice.get("finish_reason") or self.last_finish
+                    if choice["text"]:
+                        yield choice["text"]
             except (RuntimeError, ValueError) as e:
                 raise EngineError(f"generation failed: {e}: {recent_llama_errors()}") from e
+
+    def chat(self, messages: Sequence[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> Iterator[str]:
+        """Stream a reply to `messages` ({"role", "content"}) through the GGUF's own chat template
+        (llama.cpp's chat completion). Sets `last_finish` as `generate` does; closing cancels."""
+        if not self.chat_template:
+            raise EngineError(f"{self.model_path.name} has no chat template (tokenizer.chat_template)",
+                              hint="free chat needs an instruct model with one: `p2p models add FILE --name N`")
+        with self._lock:
+            self.last_finish = None
+            try:
+                stream = self.llm.create_chat_completion(
+                    list(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stream=True, seed=seed)
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    self.last_finish = choice.get("finish_reason") or self.last_finish
+                    piece = choice.get("delta", {}).get("content")
+                    if piece:
+                        yield piece
+            except (RuntimeError, ValueError) as e:
+                raise EngineError(f"chat generation failed: {e}",
+                                  hint="a long conversation may not fit the context: start a new one") from e
 
     def complete(self, prompt: str, **kw) -> str:
         return "".join(self.generate(prompt, **kw))

@@ -27,7 +27,9 @@ PROGRESS_EVERY = 2_000  # commits between progress reports
 GIT_TIMEOUT_S = 600.0
 
 _SEP = "\x1e"  # record separator before each commit; fields are NUL-separated (`-z`)
-_FORMAT = _SEP + "%H%x00%P%x00%aN%x00%aE%x00%at%x00%s%x00%b%x00"
+# %B, not %s: %s joins a multi-line first paragraph into one line, while the subject is the first line
+# (`records.commit_item` keeps it, as the training converter does with the raw message).
+_FORMAT = _SEP + "%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00%b%x00"
 _N_FIELDS = 7
 # Trailers that name people or review tooling: whole lines, dropped from the body.
 TRAILER = re.compile(r"^[ \t]*(?:[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*-by|Cc|Change-Id|Reviewed-on)[ \t]*:.*$",

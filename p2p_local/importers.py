@@ -23,6 +23,7 @@ import json.decoder
 import json.scanner
 import math
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,7 +39,7 @@ from p2p_local.store.db import MAX_TIME, MIN_TIME
 # Bounds on what a file may hold: past them a hostile or broken file gets a clear error, not a
 # MemoryError, a RecursionError or a field that breaks every later screen.
 MAX_FILE_BYTES = 256 << 20  # 256 MiB: ~2M MovieLens rows; a real history is far smaller
-MAX_LINE_CHARS = 4 << 20  # one JSONL line (one user with all their items)
+MAX_LINE_CHARS = 64 << 20  # one JSONL line: one user with all their items (100k ratings: ~12 MiB)
 MAX_FIELD_CHARS = 100_000  # one input / output / meta value
 MAX_DEPTH = 16  # nesting of JSON containers (meta values)
 MAX_ITEMS = 1_000_000
@@ -573,9 +574,10 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
 
 
 def normal_title(title: str) -> str:
-    """A title for matching: case, accents' absence, punctuation and a leading or trailing article ignored
-    ("The American President" and MovieLens' "American President, The" are one key)."""
-    t = " ".join("".join(ch if ch.isalnum() or ch == "'" else " " for ch in title.casefold()).split())
+    """A title for matching: case, accents, punctuation and a leading or trailing article ignored
+    ("The American President" and MovieLens' "American President, The" are one key; "Amélie" is "Amelie")."""
+    bare = "".join(ch for ch in unicodedata.normalize("NFKD", title.casefold()) if not unicodedata.combining(ch))
+    t = " ".join("".join(ch if ch.isalnum() or ch == "'" else " " for ch in bare).split())
     words = t.split(" ")
     if len(words) > 1 and words[-1] in _ARTICLES:
         words = words[:-1]
@@ -743,7 +745,7 @@ def _num_text(v: float) -> str:
 def _read_text(path: Path, hint: str | None = None) -> str:
     """A regular file of bounded size, as UTF-8 text (no FIFOs, devices or directories: they hang or never end)."""
     if not path.exists():
-        raise DataError(f"{path}: no such file", hint=hint)
+        raise DataError(f"{path}: no such file", hint=hint or "check the path (a relative one starts in the current folder)")
     try:
         regular_file(path, "import file", MAX_FILE_BYTES, DataError)
     except DataError as e:

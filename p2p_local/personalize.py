@@ -23,7 +23,7 @@ from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards, c
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
 from p2p_local.errors import AdapterError, StoreError, UsageError
-from p2p_local.models import get_spec, prepare_base
+from p2p_local.models import get_spec, prepare_base, prepare_chat_model
 from p2p_local.pipeline import FREE_CHAT, Personalizer
 from p2p_local.profile import Profile
 from p2p_local.store import Store
@@ -57,27 +57,43 @@ class Session:
 
     threadsafe = True
 
-    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store) -> None:
+    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store,
+                 chat_engine: Engine | None = None) -> None:
         self.engine, self.bundle, self.encoder = engine, bundle, encoder
+        # Free chat on an instruct model of the user's choice (`--model`); None: the base, as before.
+        self.chat_engine = chat_engine
         self._store_path = store.path
         self._local = threading.local()
         self._local.store = store
         self._stores = [store]
         self.lock = threading.RLock()
         self.last_result: PersonalizeResult | None = None  # what the last personalized answer used
+        self.last_finish: str | None = None  # how the last generated answer ended (`pipeline.GuardedStream`)
         self.personalizer = Personalizer(bundle, encoder, engine.base)
         self._loaded: OrderedDict[Path, Adapter] = OrderedDict()
         self._cards = {name: builtin_card(name) for name in builtin_cards()}
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
-             store_path: Path | None = None) -> Session:
+             store_path: Path | None = None, chat_model: str | None = None) -> Session:
+        """`model`: the bundle's base (task answers); `chat_model`: an instruct model for free chat."""
+        chat = None
+        if chat_model is not None:
+            chat_spec, chat_path = prepare_chat_model(chat_model)
+            chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
         spec = get_spec(model)
-        engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
         try:
-            return cls(engine, Bundle.load(bundle), Encoder.load(), Store(store_path))
+            engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
+        except BaseException:
+            if chat is not None:
+                chat.close()
+            raise
+        try:
+            return cls(engine, Bundle.load(bundle), Encoder.load(), Store(store_path), chat)
         except BaseException:
             engine.close()
+            if chat is not None:
+                chat.close()
             raise
 
     @property
@@ -176,6 +192,7 @@ class Session:
         return path
 
     def _attach(self, path: Path, scale: float) -> None:
+        """Attach at the user's strength `scale` (`pipeline.lora_scale`: x1 is the trained adapter)."""
         adapter = self._loaded.get(path)
         if adapter is None:
             adapter = self.engine.load_adapter(path)
@@ -184,7 +201,7 @@ class Session:
                 _, old = self._loaded.popitem(last=False)
                 self.engine.free_adapter(old)
         self._loaded.move_to_end(path)
-        self.engine.use(adapter, scale)
+        self.engine.use(adapter, pipeline.lora_scale(scale))
 
     # --- answer ------------------------------------------------------------------------------------
     def prompt(self, text: str, task: str | None = None, transcript: list[tuple[str, str]] | None = None,
@@ -237,7 +254,7 @@ class Session:
     def _answer(self, text: str, profile: str | None, task: str | None, personalized: bool, scale: float,
                 temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
         task = canonical_task(task) if task else (self.default_task(profile) if profile else FREE_CHAT)
-        self.last_result = None
+        self.last_result, self.last_finish = None, None
         about = ""
         if task == FREE_CHAT:
             if profile and personalized and scale > 0 and self.free_chat_adapter():
@@ -255,10 +272,25 @@ class Session:
         kw = self.decoding(task, text)
         if max_tokens:
             kw["max_tokens"] = max_tokens
-        yield from self.engine.generate(self.prompt(text, task, transcript, about), temperature=temperature, **kw)
+        if task == FREE_CHAT and self.chat_engine is not None and self.last_result is None:
+            stream = self._chat_model_stream(text, transcript, about, temperature, kw["max_tokens"])
+        else:
+            stream = pipeline.GuardedStream(self.engine, self.engine.generate(
+                self.prompt(text, task, transcript, about), temperature=temperature, **kw))
+        yield from stream
+        self.last_finish = stream.finish
+
+    def _chat_model_stream(self, text: str, transcript: list[tuple[str, str]] | None, about: str,
+                           temperature: float, max_tokens: int) -> pipeline.GuardedStream:
+        """Free chat on the chosen instruct model: its chat template, the profile summary as system prompt."""
+        messages = pipeline.chat_messages(text, transcript or [], about)
+        return pipeline.GuardedStream(self.chat_engine, self.chat_engine.chat(
+            messages, max_tokens=max_tokens, temperature=temperature))
 
     def close(self) -> None:
         self._loaded.clear()
+        if self.chat_engine is not None:
+            self.chat_engine.close()
         self.engine.close()
         for store in self._stores:
             try:

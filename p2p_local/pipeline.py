@@ -15,8 +15,9 @@ figure measured in the evaluation is a figure of what the user runs (tests/test_
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,24 @@ class Personalizer:
         return timings
 
 
+# --- the strength control ---------------------------------------------------------------------------
+# llama.cpp's LoRA scale saturates early: on the demo user's ratings the answer distribution's distance
+# from the base reaches ~90% of its x1 value by scale 0.25 (`p2p bench strength`). So below x1 the
+# user's strength maps log-linearly onto [STRENGTH_FLOOR, 1] (x0.25 -> 0.032, x0.5 -> 0.1, x0.75 -> 0.32),
+# x1 is the trained adapter exactly, and above it the scale is the strength (x2 -> 2; at 4 rewrites
+# turned to noise).
+STRENGTH_FLOOR = 0.01
+
+
+def lora_scale(strength: float) -> float:
+    """The llama.cpp LoRA scale of a user strength (0 = the base model, 1 = the trained adapter)."""
+    if strength <= 0:
+        return 0.0
+    if strength >= 1:
+        return float(strength)
+    return STRENGTH_FLOOR ** (1.0 - strength)
+
+
 # --- 5: the answer ---------------------------------------------------------------------------------
 def answer_tokens(engine: Any, card: TaskCard, text: str) -> int:
     """Tokens an answer may take: one label token, or the generation budget of the card's kind."""
@@ -147,6 +166,18 @@ def chat_prompt(text: str, transcript: Sequence[tuple[str, str]] = (), about: st
     turns = "".join(f"{'User' if role == 'user' else 'Assistant'}: {content}\n"
                     for role, content in list(transcript)[-CHAT_TURNS:])
     return f"{head}{turns}User: {text}\nAssistant:"
+
+
+CHAT_SYSTEM = "You are a helpful assistant. Answer briefly."
+
+
+def chat_messages(text: str, transcript: Sequence[tuple[str, str]] = (), about: str = "") -> list[dict[str, str]]:
+    """Free chat for an instruct model (its own chat template applies them): what is known of the user as
+    the system prompt, the last turns, the new message."""
+    system = CHAT_SYSTEM + (f" About the user: {about}" if about else "")
+    turns = [{"role": "user" if role == "user" else "assistant", "content": content}
+             for role, content in list(transcript)[-CHAT_TURNS:]]
+    return [{"role": "system", "content": system}, *turns, {"role": "user", "content": text}]
 
 
 def label_token_ids(engine: Any, labels: Sequence[str]) -> list[int]:
@@ -208,19 +239,88 @@ def decode_label(card: TaskCard, lp: Sequence[float]) -> str:
     return decode_distribution(card, np.exp(np.asarray(lp, dtype=np.float64))[None], how)[0]
 
 
-def generation_settings(engine: Any, card: TaskCard | None, text: str) -> dict[str, Any]:
-    """max_tokens and stop strings of a generated answer (greedy in the evaluation and by default).
-
-    One-line tasks stop at the newline; multi-line ones where a new example would begin (the template's
-    first line) or at two blank lines; free chat at the next turn.
-    """
+def stop_strings(card: TaskCard | None) -> list[str]:
+    """Where a generated answer of this card ends (the app, the evaluation and the exported adapter's
+    llama.cpp / Ollama usage alike): one-line tasks at the newline; multi-line ones where a new example
+    would begin (the template's first line) or at two blank lines; free chat at the next turn."""
     if card is None:
-        return {"max_tokens": CHAT_TOKENS, "stop": list(CHAT_STOP)}
+        return list(CHAT_STOP)
     if card.one_line:
-        return {"max_tokens": ONE_LINE_TOKENS, "stop": ["\n"]}
+        return ["\n"]
     head = card.template.split("{input}")[0].strip().splitlines()
-    stop = (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
-    return {"max_tokens": answer_tokens(engine, card, text), "stop": stop}
+    return (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
+
+
+def generation_settings(engine: Any, card: TaskCard | None, text: str) -> dict[str, Any]:
+    """max_tokens and stop strings of a generated answer (greedy in the evaluation and by default)."""
+    if card is None:
+        return {"max_tokens": CHAT_TOKENS, "stop": stop_strings(None)}
+    return {"max_tokens": answer_tokens(engine, card, text), "stop": stop_strings(card)}
+
+
+# A small base model can loop ("I'm sorry for the late notice." five times over): the answer ends at
+# the first verbatim repeat of a sentence or line, or when its tail is one chunk three times over.
+REPEAT_MIN_CHARS = 12  # shorter units repeat legitimately ("Thanks.", "- ok")
+_UNIT = re.compile(r"[^.!?\n]*(?:[.!?]+|\n)")  # a sentence or a line, with its end
+CUT_MARK = " […]"  # shown after an answer its token budget cut (never part of the stored text)
+
+
+def _norm(unit: str) -> str:
+    return " ".join(unit.split()).lower()
+
+
+def repeat_scan(text: str) -> tuple[int | None, int]:
+    """(where a looping answer should end, else None; how much of `text` may be shown now). A sentence
+    repeats when an earlier one ends with it; a trailing unfinished sentence that could be such a repeat
+    is held back until it is decided."""
+    seen: set[str] = set()
+    end = 0
+    for m in _UNIT.finditer(text):
+        unit = _norm(m.group())
+        if len(unit) >= REPEAT_MIN_CHARS:
+            if any(u.endswith(unit) for u in seen):  # "Hi, I'm sorry." then "I'm sorry." repeats too
+                return m.start(), m.start()
+            seen.add(unit)
+        end = m.end()
+    n = len(text)
+    for p in range(REPEAT_MIN_CHARS, n // 3 + 1):
+        if text[n - p:] == text[n - 2 * p:n - p] == text[n - 3 * p:n - 2 * p]:
+            return n - 2 * p, n - 2 * p
+    tail = _norm(text[end:])
+    if tail and any(tail in u for u in seen):
+        return None, end
+    return None, n
+
+
+class GuardedStream:
+    """A generated answer's pieces, ended well: cut at the first repeat (`repeat_scan`). After iteration
+    `finish` says how it ended: "stop" (a stop rule or end of text), "repeat" (the guard) or "length"
+    (its token budget: the app shows `CUT_MARK`). Closing it closes (cancels) the generation."""
+
+    def __init__(self, engine: Any, pieces: Iterator[str]) -> None:
+        self.engine, self.pieces, self.finish = engine, pieces, None
+
+    def __iter__(self) -> Iterator[str]:
+        text, shown = "", 0
+        try:
+            for piece in self.pieces:
+                text += piece
+                cut, safe = repeat_scan(text)
+                if safe > shown:
+                    yield text[shown:safe]
+                    shown = safe
+                if cut is not None:
+                    self.finish = "repeat"
+                    return
+            self.finish = getattr(self.engine, "last_finish", None) or "stop"
+            if len(text) > shown and self.finish == "length":
+                self.finish = "repeat"  # the budget cut a sentence that was starting over: drop it
+            elif len(text) > shown:
+                yield text[shown:]
+        finally:
+            close = getattr(self.pieces, "close", None)
+            if close is not None:
+                close()
 
 
 def finish_text(card: TaskCard | None, text: str) -> str:
@@ -235,4 +335,4 @@ def generate_answer(engine: Any, card: TaskCard, prompt: str, text: str, *, seed
     kw = generation_settings(engine, card, text)
     if max_tokens:
         kw["max_tokens"] = max_tokens
-    return finish_text(card, engine.complete(prompt, temperature=0.0, seed=seed, **kw))
+    return finish_text(card, "".join(GuardedStream(engine, engine.generate(prompt, temperature=0.0, seed=seed, **kw))))

@@ -63,7 +63,7 @@ def test_exported_adapter_loads_in_llama_cpp_with_the_apps_effect(session, tmp_p
 
     readme = ex.readme.read_text()
     base_path = str(session.engine.model_path.resolve())
-    for line in (f"--lora {ex.path}", f"--lora-scaled {ex.path}:0.5", '"lora": [{"id": 0, "scale": 1.0}]',
+    for line in (f"--lora {ex.path}", f"--lora-scaled {ex.path}:0.1", '"lora": [{"id": 0, "scale": 1.0}]',
                  f"FROM {base_path}", f"ADAPTER {ex.path}", "median", "/lora-adapters"):
         assert line in readme, line
     assert (out / f"{ex.path.stem}.Modelfile").read_text().startswith(f"FROM {base_path}\nADAPTER {ex.path}\n")

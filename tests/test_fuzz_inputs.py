@@ -268,6 +268,24 @@ def test_fuzz_cli_arguments(p2p_home, tmp_path_factory, capsys, action: str, wor
     db.close()
 
 
+@given(st.sampled_from(["no-such", "../x", "/etc/passwd", "", "-", "a" * 70, "\ud800"])
+       | st.text(max_size=12))
+def test_fuzz_chat_model_names(p2p_home, capsys, name: str) -> None:
+    """`--model NAME` (free chat on a model of the user's choice): anything but a registered instruct
+    model is a clear error before a model loads (a known base without a template: tests/test_chat_model.py)."""
+    from p2p_local.cli import main
+    from p2p_local.models import known_models
+
+    assume(name not in known_models())
+    try:
+        code = main(["ask", "hi", "--model", name, "--task", "chat"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert code in (2, 3), (code, err)
+
+
 @pytest.fixture(autouse=True)
 def _keep_cwd():
     cwd = os.getcwd()

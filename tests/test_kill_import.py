@@ -38,7 +38,7 @@ print("DONE", flush=True)
 
 
 def _big_jsonl(path: Path, n: int, tag: str) -> Path:
-    # Short items: one JSONL line holds the whole user and must stay under the importer's 4 MiB line limit.
+    # Short items: one JSONL line holds the whole user and must stay under the importer's line limit.
     items = [{"input": f"{tag} movie {i}", "output": str(1 + i % 5), "time": 1_000_000_000 + i}
              for i in range(n)]
     path.write_text(json.dumps({"user_id": tag, "items": items}) + "\n")

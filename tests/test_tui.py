@@ -484,7 +484,9 @@ async def test_search_export_copy_and_resume(fake, store):
         await pilot.press("ctrl+s")
         out = paths.data_dir() / "exports" / f"conversation-{first}.md"
         text = out.read_text(encoding="utf-8")
-        assert "Zodiac (2007)" in text and "personalized" in text
+        assert "Zodiac (2007)" in text and "(movielens-rating, personalized x1)" in text
+        assert "_label distribution: " in text  # the rating's bars, as numbers
+        assert out.stat().st_mode & 0o777 == 0o600 and out.parent.stat().st_mode & 0o777 == 0o700
 
     # A new app resumes the last conversation of the profile.
     app2 = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
@@ -736,7 +738,8 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         (repo / f"f{i}.py").write_text(f"x = {i}\n")
         git("add", "-A")
         git("commit", "-q", "-m", f"Add module {i}")
-    app = ChatApp(fake, profile=DEMO_PROFILE)
+    assert not ChatApp(fake, profile=DEMO_PROFILE).first_run  # answered once: the chat opens next time
+    app = ChatApp(fake, profile=DEMO_PROFILE, first_run=True)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
         screen = app.screen

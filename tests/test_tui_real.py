@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Input, TextArea
 
 from p2p_local import paths
 from p2p_local.demo import DEMO_PROFILE, DEMO_QUESTIONS, import_demo
+from p2p_local.pipeline import lora_scale
 from p2p_local.tui import ChatApp
 from p2p_local.tui.chat_screen import FREE_CHAT
 from p2p_local.tui.profile_screen import ProfileScreen
@@ -90,7 +91,7 @@ async def test_real_rating_personalized_base_scale_and_side_by_side(session):
 
         await pilot.press("ctrl+down", "ctrl+down")  # 0.5
         await send(pilot, DEMO_QUESTIONS[1])
-        assert engine.active[1] == 0.5 and no_error(replies(app)[-1])
+        assert engine.active[1] == pytest.approx(lora_scale(0.5)) and no_error(replies(app)[-1])  # x0.5
 
         await pilot.press("ctrl+g")  # personalization off: no adapter attached
         await send(pilot, DEMO_QUESTIONS[1])

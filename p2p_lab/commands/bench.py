@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from p2p_lab.commands import needs_lab
 
+
+@needs_lab("bench", "measure speed and memory (JSON + table)")
 def register(sub: argparse._SubParsersAction) -> None:
     from p2p_lab.bench import SUITES
 
@@ -50,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
             stem = args.json_out.stem if args.json_out.stem.endswith("history") else args.json_out.stem + "-history"
             plot_history(results["history"], args.json_out.with_name(stem + ".png"))
+        if "strength" in results:
+            from p2p_lab.bench import plot_strength
+
+            stem = args.json_out.stem if args.json_out.stem.endswith("strength") else args.json_out.stem + "-strength"
+            plot_strength(results["strength"], args.json_out.with_name(stem + ".png"))
         args.json_out.with_suffix(".md").write_text(
             f"# Benchmarks\n\n`{results['machine']['command']}` on {results['machine']['platform']}, "
             f"{results['machine']['cpus']} CPUs, {results['machine']['date']}\n\n{table(results)}\n")

@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from p2p_lab.commands import needs_lab
 from p2p_local.errors import DataError
 
 
+@needs_lab("data", "prepare and inspect the per-user task sets")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "data",

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from p2p_lab.commands import needs_lab
 from p2p_local.errors import P2PError
 
 EPILOG = """examples:
@@ -22,6 +23,7 @@ Results are appended per (method, user) under OUT/runs/: an interrupted run cont
 """
 
 
+@needs_lab("eval", "evaluate every method on held-out users (reports with CIs)")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate every method on held-out users (reports with CIs)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

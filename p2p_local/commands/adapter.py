@@ -100,7 +100,7 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
     readme = to / f"{stem}.README.md"
     atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
     modelfile = to / f"{stem}.Modelfile"
-    atomic_write(modelfile, ollama_modelfile(dest, base_path), mode=mode)
+    atomic_write(modelfile, ollama_modelfile(dest, base_path, card), mode=mode)
     return Export(dest, readme, r.task, profile, r.fingerprint, r.adapter_path)
 
 
@@ -122,7 +122,11 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
     prompt = card.prompt(example)
     rating = card.kind in ("rating", "label")
     n = 1 if rating else 32
+    from p2p_local.pipeline import lora_scale, stop_strings
+
     jprompt = json.dumps(prompt)
+    stops = [] if rating else stop_strings(card)
+    jstop = f', "stop": {json.dumps(stops)}' if stops else ""
     labels = ", ".join(card.labels)
     decode = (f"""
 ## Reading the answer ({card.kind} task)
@@ -140,7 +144,10 @@ curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict":
 """) if rating else f"""
 ## Reading the answer
 
-`p2p ask` decodes greedily (temperature 0) and keeps the first line{' (one-line task: it stops at the newline)' if card.one_line else ''}.
+`p2p ask` decodes greedily (temperature 0) and stops at {' or '.join(json.dumps(x) for x in stops)}
+(the task card's stop rule; the llama-server request and the Modelfile above carry it too), or where the
+answer starts repeating itself. `llama-completion` has no stop string: read its output up to the first
+{json.dumps(stops[0]) if stops else 'stop'}.
 """
     return f"""# {adapter.name}
 
@@ -157,7 +164,7 @@ The prompt is the task card's template around your input (no chat template):
 
 ```sh
 llama-completion -m {base} --lora {adapter} -p {_sh(prompt)} -n {n} --temp 0
-llama-completion -m {base} --lora-scaled {adapter}:0.5 -p {_sh(prompt)} -n {n} --temp 0   # half strength
+llama-completion -m {base} --lora-scaled {adapter}:{lora_scale(0.5):g} -p {_sh(prompt)} -n {n} --temp 0   # the app's x0.5
 ```
 (`llama-cli -no-cnv ...` in builds before llama-completion existed.)
 
@@ -166,16 +173,18 @@ llama-completion -m {base} --lora-scaled {adapter}:0.5 -p {_sh(prompt)} -n {n} -
 ```sh
 llama-server -m {base} --lora {adapter} --lora-init-without-apply
 curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and prompt_prefix of each adapter
-curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict": {n}, "temperature": 0, "lora": [{{"id": 0, "scale": 1.0}}]}}'
+curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict": {n}, "temperature": 0{jstop}, "lora": [{{"id": 0, "scale": 1.0}}]}}'
 ```
 The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
+The app's strength xS is llama.cpp scale S at or above x1 and `0.01 ** (1 - S)` below it (x0.5: 0.1),
+since the adapter's effect saturates early.
 
 ## Ollama
 
 `{adapter.stem}.Modelfile` beside this file:
 
 ```
-{ollama_modelfile(adapter, base)}```
+{ollama_modelfile(adapter, base, card)}```
 ```sh
 ollama create {adapter.stem} -f {adapter.with_suffix('.Modelfile')}
 ollama run {adapter.stem} {_sh(prompt)}
@@ -183,10 +192,14 @@ ollama run {adapter.stem} {_sh(prompt)}
 {decode}"""
 
 
-def ollama_modelfile(adapter: Path, base: Path) -> str:
-    """FROM the base + ADAPTER; the raw prompt passes through (the base has no chat template to apply)."""
+def ollama_modelfile(adapter: Path, base: Path, card: Any = None) -> str:
+    """FROM the base + ADAPTER; the raw prompt passes through (the base has no chat template to apply);
+    a generation task's stop rule as `PARAMETER stop` (in triple quotes: a stop may be a newline)."""
+    from p2p_local.pipeline import stop_strings
+
+    stops = stop_strings(card) if card is not None and card.kind == "generation" else []
     return (f"FROM {base}\nADAPTER {adapter}\nTEMPLATE \"\"\"{{{{ .Prompt }}}}\"\"\"\n"
-            "PARAMETER temperature 0\n")
+            "PARAMETER temperature 0\n" + "".join(f'PARAMETER stop """{x}"""\n' for x in stops))
 
 
 def _peft_card(profile: str, r: Any, card: Any, adapter: Any, spec_name: str, query: str | None) -> str:

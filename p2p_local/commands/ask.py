@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from p2p_local.commands.args import scale_arg, task_arg
+from p2p_local.commands.args import CHAT_TASKS, scale_arg, task_arg
+from p2p_local.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --task movielens-rating\n"
                "  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --base     # no adapter\n"
                "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task commit-subject --json\n"
-               "  git diff --cached | p2p ask - --task commit-subject --profile me   # the query from stdin",
+               "  git diff --cached | p2p ask - --task commit-subject --profile me   # the query from stdin\n"
+               "  p2p ask 'what should I watch tonight?' --profile demo --model smollm2-135m  # free chat, instruct model",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
     p.add_argument("--profile", help="profile to personalize with (default: the only / first profile)")
     p.add_argument("--task", type=task_arg, help="task card whose template frames the prompt (default: the profile's task; "
                                   "'chat' for a plain transcript)")
+    p.add_argument("--model", metavar="NAME", help="free chat on this instruct model (see `p2p models list`; "
+                   "add your own with `p2p models add FILE --name N`); task answers stay on the bundle's base")
     p.add_argument("--base", action="store_true", help="answer with the base model, no adapter")
     p.add_argument("--scale", type=scale_arg, default=1.0, help="adapter strength 0-2 (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -36,15 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from p2p_local.personalize import FREE_CHAT, Session
+    from p2p_local.pipeline import CUT_MARK
 
     text = query_text(args.text)
-    with Session.open() as s:
+    if args.model is not None and args.task and args.task not in CHAT_TASKS:
+        raise UsageError(f"--model is for free chat; {args.task} answers come from the bundle's base",
+                         hint="drop --model, or ask with --task chat")
+    with Session.open(chat_model=args.model) as s:
         profile = args.profile
         if profile is None and not args.base:
             names = [p.name for p in s.profiles()]
             profile = names[0] if names else None
-        task = args.task or (s.default_task(profile) if profile else FREE_CHAT)  # as answer() picks it: say which
+        task = args.task or (FREE_CHAT if args.model is not None or not profile else s.default_task(profile))
+        task = FREE_CHAT if task in CHAT_TASKS else task
         text = task_query(text, task)
+        if task != FREE_CHAT:
+            text = complete_title(s, text, task, profile, quiet=args.json)
         pieces = []
         stream = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
@@ -54,11 +65,15 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         adapter, scale = s.engine.active
+        finish = s.last_finish
     if args.json:
         print(json.dumps({"text": "".join(pieces), "query": text, "profile": profile, "task": task,
-                          "adapter": str(adapter.path) if adapter else None, "scale": scale}))
+                          "adapter": str(adapter.path) if adapter else None, "scale": args.scale if adapter else 0.0,
+                          "lora_scale": scale, "finish": finish}))
     else:
-        sys.stdout.write("\n")
+        sys.stdout.write((CUT_MARK if finish == "length" else "") + "\n")
+        if finish == "length":
+            print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0
 
 
@@ -93,6 +108,23 @@ def task_query(text: str, task: str | None) -> str:
     if task in COMMIT_TASKS and looks_like_diff(text):
         return commit_query(diff_files(text))
     return text
+
+
+def complete_title(session, text: str, task: str, profile: str | None, quiet: bool = False) -> str:
+    """A bare movie title ("Toy Story") completed as the chat completes it (`tui.titles.Catalogue`: the
+    movies the store holds, the profile's own first); the first match when several, said on stderr."""
+    from p2p_local.tui.titles import Catalogue, needs_completion
+
+    card = session.card(task)
+    if not needs_completion(card, text):
+        return text
+    matches = Catalogue(session.store, card.name).lookup(text, profile)
+    if not matches:
+        return text
+    if not quiet:
+        more = f" (also: {', '.join(m.title for m in matches[1:4])})" if len(matches) > 1 else ""
+        print(f"read as: {matches[0].text}{more}", file=sys.stderr)
+    return matches[0].text
 
 
 COMMIT_TASKS = ("commit-subject",)  # former names resolve through data.format.canonical_task

@@ -12,6 +12,14 @@ import sys
 from p2p_local.commands.args import task_arg
 from p2p_local.errors import StoreError
 
+EPILOG = """examples:
+  p2p chat                                   # the profile used last (the demo on a first run)
+  p2p chat --profile me --task commit-subject
+  p2p chat --profile demo --compare          # base and personalized answers side by side
+  p2p chat --task free --model smollm2-135m  # free chat on an instruct model (p2p models list)
+  p2p chat --new                             # a new conversation instead of resuming the last
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,9 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the terminal chat: personalized answers, side by side with the base model",
         description="Chat with the local model, personalized by an adapter made from a profile. "
         "Keys are shown at the bottom of the screen; ctrl+p lists every command.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", help="profile to chat as (default: the one used last)")
     p.add_argument("--task", type=task_arg, help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
+    p.add_argument("--model", metavar="NAME", help="free chat on this instruct model (`p2p models list`; your own: "
+                   "`p2p models add FILE --name N`); task answers stay on the bundle's base")
     p.add_argument("--demo", action="store_true", help="open the demo profile (imported on first use)")
     p.add_argument("--base", action="store_true", help="start with personalization off")
     p.add_argument("--compare", action="store_true", help="start in the side-by-side view")
@@ -48,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from p2p_local.tui import ChatApp
 
     print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
-    session = Session.open()
+    session = Session.open(chat_model=args.model)
     try:
         profile = pick_profile(session.store, args.profile, args.demo)
         cards = session.task_cards()

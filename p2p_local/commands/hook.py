@@ -22,14 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     hsub = p.add_subparsers(dest="hook_command", metavar="ACTION")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    ins = hsub.add_parser("install", help="install (or update) the hook in a repository")
+    ins = hsub.add_parser("install", help="install (or update) the hook in a repository", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     ins.add_argument("--repo", type=Path, default=Path("."), help="the repository (default: the current folder)")
     ins.add_argument("--profile", help="profile to personalize with (default: the one holding commit subjects)")
     ins.add_argument("--task", help="task card (default: the commit-subject task)")
     ins.add_argument("--timeout", type=float, default=None, help="seconds before the hook gives up (default 10)")
     ins.set_defaults(func=cmd_install)
 
-    un = hsub.add_parser("uninstall", help="remove the hook and restore the one that was there")
+    un = hsub.add_parser("uninstall", help="remove the hook and restore the one that was there", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     un.add_argument("--repo", type=Path, default=Path("."))
     un.set_defaults(func=cmd_uninstall)
 

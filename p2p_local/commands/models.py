@@ -9,13 +9,22 @@ from pathlib import Path
 
 from p2p_local import models
 
+EPILOG = """examples:
+  p2p models prepare                 # the default base (Gemma 3 270M) and the profile encoder, offline
+  p2p models list                    # what is known, and whether it is ready
+  p2p models add my-instruct.gguf --name mine && p2p chat --model mine   # free chat on your model
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list, prepare and add base models",
-                       description="Base models live in the data dir; each is checked by sha256 and architecture.")
+                       description="Base models live in the data dir; each is checked by sha256 and architecture.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
 
-    ls = msub.add_parser("list", help="show known base models and whether they are ready")
+    ls = msub.add_parser("list", help="show known base models and whether they are ready",
+                         epilog="examples:\n  p2p models list\n  p2p models list --json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
@@ -25,8 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(func=cmd_prepare)
 
-    add = msub.add_parser("add", help="register another llama.cpp GGUF base model",
-                          epilog="example: p2p models add ~/models/qwen2.5-0.5b-q4_k_m.gguf --name qwen-0.5b")
+    add = msub.add_parser("add", help="register another llama.cpp GGUF model (an instruct one: for free chat)",
+                          epilog="examples:\n  p2p models add ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --name qwen\n"
+                                 "  p2p chat --model qwen          # free chat with its chat template\n"
+                                 "  p2p models add ~/models/new.gguf --name qwen --replace",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add.add_argument("file", type=Path)
     add.add_argument("--name", required=True, help="a plain name (never a path), e.g. qwen-0.5b")
     add.add_argument("--replace", action="store_true", help="replace a model you added before under this name")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.profile}: {r.n_items} {r.task} items -> {r.adapter_path}")
+    print(f"{args.profile}: {r.n_items:,} {r.task} items -> {r.adapter_path}")
     print("  " + "  ".join(f"{k[:-3]} {v:.1f} ms" for k, v in out["timings_ms"].items()) + ("  (cached)" if r.cached else ""))
     if r.neutral:
         print("  note: the loaded bundle is the neutral stand-in; its adapter changes nothing yet")

@@ -165,7 +165,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     adapter = "none yet" if not adapters else ("stale (items changed since)" if prof.adapter_stale else "up to date")
     print(f"profile {prof.name}")
     print(f"  task:          {prof.task or '-'}")
-    print(f"  items:         {prof.n_items}" + (f"  ({', '.join(f'{t}: {n}' for t, n in tasks.items())})" if tasks else ""))
+    print(f"  items:         {prof.n_items:,}" + (f"  ({', '.join(f'{t}: {n:,}' for t, n in tasks.items())})" if tasks else ""))
     print(f"  adapter:       {adapter}")
     print(f"  conversations: {n_conv}")
     print(f"  created:       {_date(prof.created, True)}   updated: {_date(prof.updated, True)}")
@@ -215,12 +215,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         return _print_json(asdict(result))
     where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
-    dups = f", {result.duplicates} already there" if result.duplicates else ""
+    dups = f", {result.duplicates:,} already there" if result.duplicates else ""
     if result.dry_run:
-        print(f"dry run: would import {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}"
+        print(f"dry run: would import {result.imported:,} items into {args.name!r} ({where}; task {result.task or '-'}"
               f"{dups}); nothing written")
     else:
-        print(f"imported {result.imported} items into {args.name!r} ({where}; task {result.task or '-'}{dups}) in "
+        print(f"imported {result.imported:,} items into {args.name!r} ({where}; task {result.task or '-'}{dups}) in "
               f"{result.parse_seconds + result.write_seconds:.2f} s")
     for note in result.notes:
         print(f"  {note}")
@@ -322,7 +322,7 @@ def confirm_forget(name: str, n_items: int) -> bool:
     if not sys.stdin or not sys.stdin.isatty():
         raise StoreError(f"refusing to forget {name!r} without confirmation (stdin is not a terminal)",
                          hint=f"p2p profile forget {name} --yes")
-    print(f"This deletes profile {name!r}, its {n_items} items, their history, adapters and conversations.")
+    print(f"This deletes profile {name!r}, its {n_items:,} items, their history, adapters and conversations.")
     print("Type the profile name to confirm: ", end="", flush=True)
     return sys.stdin.readline().strip() == name
 
@@ -341,7 +341,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     msg = {"profile": args.name, "path": str(out), "items": len(data["items"])}
     if args.json:
         return _print_json(msg)
-    print(f"wrote {len(data['items'])} items of {args.name!r} to {out}", file=sys.stderr)
+    print(f"wrote {len(data['items']):,} items of {args.name!r} to {out}", file=sys.stderr)
     return 0
 
 

@@ -168,7 +168,7 @@ class TaskCard:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DataError(f"task card not found: {path}") from None
+            raise DataError(f"task card not found: {path}", hint="check the path of the task card JSON") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"task card {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
@@ -211,7 +211,7 @@ def iter_users_jsonl(path: str | Path) -> Iterator[User]:
     try:
         fh = path.open("rb")  # bytes: decode line by line so a bad byte is reported at its own line
     except FileNotFoundError:
-        raise DataError(f"users file not found: {path}") from None
+        raise DataError(f"users file not found: {path}", hint="check the path of the users JSONL") from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:

@@ -598,9 +598,11 @@ class Store:
         lines = [f"# {title}", "", f"_{who} · started {_iso(conv.created)}_", ""]
         for m in self.messages(conversation_id):
             head = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
-            details = [str(m.meta[k]) if k == "mode" else f"{k} {m.meta[k]}"
-                       for k in ("mode", "scale") if m.meta.get(k) is not None]
+            details = _message_details(m.role, m.meta)
             lines += [f"**{head}**" + (f" ({', '.join(details)})" if details else "") + ":", "", m.content, ""]
+            if m.role == "assistant" and isinstance(m.meta.get("dist"), dict) and m.meta["dist"]:
+                dist = " · ".join(f"{label}: {100 * float(p):.0f}%" for label, p in m.meta["dist"].items())
+                lines += [f"_label distribution: {dist}_", ""]
         return "\n".join(lines)
 
     def _conversation_row(self, conversation_id: int) -> sqlite3.Row:
@@ -616,6 +618,24 @@ class Store:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _message_details(role: str, meta: dict[str, Any]) -> list[str]:
+    """What an exported message says of how it was answered: the task (or free chat), and how."""
+    task = meta.get("task") or "free chat"
+    if role == "user":
+        return [task]
+    if role != "assistant":
+        return []
+    if meta.get("free_chat") == "summary":
+        how = "base model + profile summary"  # free chat never attaches a task adapter
+    elif meta.get("mode") == "personalized":
+        how = "personalized" + (f" x{meta['scale']:g}" if isinstance(meta.get("scale"), (int, float)) else "")
+    else:
+        how = str(meta.get("mode") or "")
+    details = [d for d in (task, how) if d]
+    return details + [k for k in ("cut", "stopped") if meta.get(k)]
+
+
+
 # The JSON snapshot of an item, as SQL (bulk 'add' history) and as Python (edits): same keys.
 _SNAPSHOT_SQL = "json_object('task', task, 'time', time, 'input', input, 'output', output, 'meta', json(meta))"
 

@@ -23,7 +23,7 @@ from textual.screen import Screen
 
 from p2p_local.store import Store
 from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen
-from p2p_local.tui.first_run_screen import own_profiles
+from p2p_local.tui.first_run_screen import first_run_done, own_profiles
 from p2p_local.tui.session import ChatSession
 
 T = TypeVar("T")
@@ -47,12 +47,14 @@ class ChatApp(App[None]):
         scale: float = 1.0,
         compare: bool = False,
         resume: bool = True,
-        first_run: bool | None = None,  # None: when the user has no profile of their own
+        first_run: bool | None = None,  # None: no profile of the user's own, and the screen never answered
     ) -> None:
         super().__init__()
         self.session = session
         self.store = store if store is not None else session.store
-        self.first_run = not own_profiles(self.store) if first_run is None else first_run
+        if first_run is None:
+            first_run = not own_profiles(self.store) and not first_run_done(self.store)
+        self.first_run = first_run
         self.cards = dict(session.task_cards())
         self.session_lock = threading.Lock()  # one engine: personalize and answer never run at once
         if task is None and profile is not None:  # the profile's default task

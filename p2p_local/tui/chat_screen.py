@@ -28,7 +28,8 @@ from textual.worker import Worker, get_current_worker
 
 from p2p_local import paths
 from p2p_local.errors import P2PError
-from p2p_local.tui.first_run_screen import FirstRunScreen, own_profiles
+from p2p_local.pipeline import CUT_MARK
+from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
 from p2p_local.tui.profile_screen import FORGOTTEN, ProfileScreen
@@ -102,6 +103,8 @@ class ChatScreen(Screen):
     """Chat with the base model, personalized by the current profile's adapter."""
 
     BINDINGS = [
+        # The app's ^q, listed first here so that a narrow footer (80 columns) still shows it.
+        Binding("ctrl+q", "app.quit", "quit"),
         Binding("escape", "stop", "stop"),
         Binding("ctrl+t", "pick_task", "task"),
         Binding("ctrl+r", "pick_profile", "switch"),
@@ -165,7 +168,9 @@ class ChatScreen(Screen):
         self.messages.anchor()  # follow new text until the user scrolls up
         last = self.store.conversations(self.profile) if self.profile else []
         if self.resume and last:
-            await self.load_conversation(last[0].id)
+            # The task asked for at start (`--task`, else the profile's own) stays: `p2p chat --profile
+            # demo` opens on the demo's task even if its last conversation ended in free chat.
+            await self.load_conversation(last[0].id, keep_task=True)
         else:
             await self.show_welcome()
         self.refresh_status()
@@ -242,17 +247,18 @@ class ChatScreen(Screen):
                      "last reply (or Tab to a message and press `c`) · `ctrl+p` every command.")
         return "\n\n".join(lines)
 
-    async def load_conversation(self, conversation_id: int) -> None:
-        """Show a stored conversation (its profile becomes the current one)."""
+    async def load_conversation(self, conversation_id: int, keep_task: bool = False) -> None:
+        """Show a stored conversation (its profile becomes the current one; its last task too, unless
+        `keep_task`)."""
         conv = next((c for c in self.store.conversations() if c.id == conversation_id), None)
         if conv is None:
             return
         messages = self.store.messages(conversation_id)
         tasks = [m.meta.get("task") for m in messages if m.role == "user"]
         # Continue the conversation as it was going: its profile and the task of its last question.
-        changed = conv.profile != self.profile or (bool(tasks) and tasks[-1] != self.task_name)
+        changed = conv.profile != self.profile or (bool(tasks) and tasks[-1] != self.task_name and not keep_task)
         self.profile = conv.profile
-        if tasks:
+        if tasks and not keep_task:
             self.task_name = tasks[-1]
         if changed:
             self.prepare_adapter()
@@ -447,6 +453,8 @@ class ChatScreen(Screen):
                         shown, last = visible, now
                 else:
                     text = visible_text(text, j.stops)[0]
+                    if getattr(app.session, "last_finish", None) == "length":
+                        j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
             except P2PError as e:
                 error = str(e)
             except Exception as e:  # keep the chat alive; show what went wrong in the message
@@ -487,7 +495,8 @@ class ChatScreen(Screen):
             self.notify(error, title="answer failed", severity="error", timeout=8)
         self.store.add_message(j.conversation_id, "assistant", text, meta)
         if j.view.is_attached:  # not when the user moved to another conversation meanwhile
-            shown = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
+            shown = text + (CUT_MARK if meta.get("cut") else "")
+            shown = shown if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
             await j.view.finish(shown, title=reply_title(meta), stopped=stopped, dist=dist)
 
     def action_stop(self) -> None:
@@ -607,14 +616,19 @@ class ChatScreen(Screen):
     def action_import(self) -> None:
         """The first-run screen: import from git or a file, or use the demo; the chat opens the result."""
 
+        first = self.app.first_run
+
         async def done(profile: str | None) -> None:
+            if first:  # answered once (any way): a demo-only store now opens on the chat
+                mark_first_run_done(self.store)
+                self.app.first_run = False
             if profile is not None and profile != self.profile:
                 await self.switch_profile(profile)
             elif profile is not None:
                 self.prepare_adapter()  # imported into the current profile: a new adapter
             self.query_one(ChatInput).focus()
 
-        self.app.push_screen(FirstRunScreen(), done)
+        self.app.push_screen(FirstRunScreen(first=first), done)
 
     # --- conversations: new, search, export, copy -------------------------------------------------
     async def action_new_conversation(self) -> None:
@@ -665,8 +679,8 @@ def adapter_note(result: AdapterResult) -> str:
 
 def export_conversation(store, conversation_id: int) -> Path:
     """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
-    out = paths.data_dir() / "exports"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"conversation-{conversation_id}.md"
-    path.write_text(store.export_conversation_markdown(conversation_id), encoding="utf-8")
-    return path
+    from p2p_local.files import PRIVATE_DIR, atomic_write
+
+    path = paths.data_dir() / "exports" / f"conversation-{conversation_id}.md"
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store

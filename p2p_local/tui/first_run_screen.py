@@ -16,7 +16,7 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList, Static
@@ -34,20 +34,45 @@ def own_profiles(store) -> list[str]:
     return [p.name for p in store.list_profiles() if p.name != DEMO_PROFILE]
 
 
+def _first_run_marker(store) -> Path:
+    return Path(store.path).parent / ".first-run-done"  # beside the store it is about
+
+
+def first_run_done(store) -> bool:
+    """Whether the first-run screen was answered once (then a demo-only store opens on the chat)."""
+    return _first_run_marker(store).exists()
+
+
+def mark_first_run_done(store) -> None:
+    from p2p_local.files import atomic_write
+
+    try:
+        atomic_write(_first_run_marker(store), b"")
+    except (P2PError, OSError):
+        pass  # a read-only data dir: the screen shows again next time, nothing worse
+
+
 class FirstRunScreen(ModalScreen[str | None]):
     """Import your history from git or a file, or use the demo; dismisses with the profile to open."""
 
     BINDINGS = [
-        Binding("g", "git", "git repository"),
+        Binding("g", "git", "git"),
         Binding("f", "file", "file"),
         Binding("d", "demo", "demo"),
         Binding("escape", "back", "back"),
     ]
     AUTO_FOCUS = "#sources"
 
+    def __init__(self, first: bool = False) -> None:
+        """`first`: shown because the user has no profile of their own yet (else: "Import history")."""
+        super().__init__()
+        self.first = first
+
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog", id="first-run"):
-            yield Label("[b]Welcome to p2p chat[/b]  [dim]g · f · d  ·  esc: go on as before[/dim]")
+        # Scrolls on a small terminal (80x24): the form that gets the focus is scrolled into view.
+        with VerticalScroll(classes="dialog", id="first-run"):
+            yield Label(f"[b]{'Welcome to p2p chat' if self.first else 'Import history'}[/b]  "
+                        f"[dim]g · f · d  ·  esc: {'chat with the demo for now' if self.first else 'back'}[/dim]")
             yield Static("Answers are personalized by a LoRA adapter made on this device from your own history; "
                          "nothing leaves it. Where should your profile come from?", classes="about")
             yield OptionList(
