@@ -8,6 +8,7 @@
 # per (method, user) under reports/runs/: an interrupted run continues where it stopped.
 # Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
 #   ML_TEST=122:10:10 scripts/evaluate.sh
+# ONLY="commit-subject:test commit-subject:ood" runs only those task:split rows.
 # COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
 # METHODS=a,b,... runs only those methods (those that do not apply to a task's kind are skipped);
 # SUMMARY=0 skips the summary page, the bundle card and the README splice (e.g. OUT=reports/unified).
@@ -17,14 +18,17 @@ P2P=.venv/bin/p2p
 OUT=${OUT:-reports}
 N_CTX=${N_CTX:-1024}
 OPPU_MAX_ITEMS=${OPPU_MAX_ITEMS:-64}  # the latest 64 items per user (minutes saved per user on a CPU)
-MTLORA=${MTLORA:-$(.venv/bin/python -c 'from p2p_local.paths import data_dir; print(data_dir() / "baselines" / "mt-lora-all.gguf")')}
+# The MT-LoRA baseline ships beside the bundle (trained with it: trainer.gpu run --mtlora-budget).
+MTLORA=${MTLORA:-models/gemma3-270m-p2p/mt-lora.gguf}
 ML_TEST=${ML_TEST:-40:5:4};   ML_OOD=${ML_OOD:-16:5:0}
 OFF_TEST=${OFF_TEST:-24:5:3}; OFF_OOD=${OFF_OOD:-16:5:0}
-GIT_TEST=${GIT_TEST:-16:3:3};  GIT_OOD=${GIT_OOD:-12:3:0}
+GIT_TEST=${GIT_TEST:-210:2:12};  GIT_OOD=${GIT_OOD:-150:2:12}  # every test author; OOD: 150 of 499
 MAIL_TEST=${MAIL_TEST:-16:3:3}; MAIL_OOD=${MAIL_OOD:-12:3:0}
 
 run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
   local task=$1 split=$2 users queries oppu
+  # ONLY="task:split ..." runs just those rows (e.g. two processes, one per split, on a 2-core machine).
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $task:$split "* ]]; then return 0; fi
   IFS=: read -r users queries oppu <<<"$3"
   shift 3
   local args=(--task "$task" --split "$split" --users "$users" --queries "$queries" --out "$OUT" --n-ctx "$N_CTX")

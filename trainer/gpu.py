@@ -343,6 +343,67 @@ def oppu_users_file(task: str, split: str, users: int, queries: int, oppu_users:
     return [u.user_id for u in rows]
 
 
+def write_report(run_dir: Path, command: str) -> Path:
+    """A run's summary.json + metrics.jsonl -> README.md (throughput, the validation table, the selected
+    step) and val-loss.png (true vs shuffled validation loss per task against samples seen)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [e for e in evals if not e.get("final")]  # the final line re-evaluates the selected weights
+    batch = summary["samples"] // max(1, summary["steps"])
+    sel = (summary.get("selected") or {}).get("step", summary["steps"])
+    tasks = sorted(evals[0]["eval"]) if evals else []
+    lines = [f"# GPU training run ({summary['device']})", "",
+             f"Command: `{command}`", "",
+             f"- {summary['steps']:,} steps of {batch} samples ({summary['samples']:,} samples) in "
+             f"{summary['last']['elapsed']:.0f} s of training; {summary['last']['samples_per_s']:,.0f} samples/s at the end; "
+             f"preparation (reassembly, install, de-quantizing the base) {summary['prep_s']:.0f} s.",
+             f"- Selected: step {sel} by the validation loss summed over tasks"
+             + (f" ({summary['selected']['val_score']:.3f} against {summary['selected']['last_val_score']:.3f} at the last step)."
+                if summary.get("selected") else " (the last step)."), "",
+             "Validation loss (nats/token; ratings: the label token) with the true profile / a shuffled one (another "
+             "validation user's), and the gap's 95% CI over users:", "",
+             "| step | samples | " + " | ".join(tasks) + " |", "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for e in evals:
+        cells = []
+        for t in tasks:
+            r = e["eval"][t]
+            lo, hi = r.get("gap_loss_ci95", [float("nan")] * 2)
+            cells.append(f"{r['loss_true']:.3f} / {r['loss_shuffled']:.3f} [{lo:+.2f}, {hi:+.2f}]")
+        mark = " **(selected)**" if e["step"] == sel else ""
+        lines.append(f"| {e['step']}{mark} | {e['step'] * batch:,} | " + " | ".join(cells) + " |")
+    if evals:
+        base = {t: evals[0]["eval"][t].get("loss_base") for t in tasks}
+        lines += ["", "Base model (no adapter): " + ", ".join(f"{t} {v:.3f}" for t, v in base.items() if v is not None) + "."]
+    mt = summary.get("mtlora")
+    if mt:
+        lines += ["", f"MT-LoRA (one shared LoRA, same samples and loop, {mt['steps']} steps of {batch}): "
+                  + ", ".join(f"{t} {r['loss_true']:.3f}" for t, r in sorted(mt["eval"].items())) + "."]
+    for name, o in (summary.get("oppu") or {}).items():
+        lines += [f"OPPU ({name}): {o['users']} users trained in {o['seconds']:.0f} s."]
+    (run_dir / "README.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return run_dir / "README.md"
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    x = [e["step"] * batch / 1000 for e in evals]
+    for ax, t in zip(axes[0], tasks, strict=True):
+        ax.plot(x, [e["eval"][t]["loss_true"] for e in evals], "o-", label="true profile")
+        ax.plot(x, [e["eval"][t]["loss_shuffled"] for e in evals], "s--", label="shuffled profile")
+        ax.axvline(sel * batch / 1000, color="grey", lw=1, ls=":")
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("thousand samples seen")
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "val-loss.png", dpi=110)
+    plt.close(fig)
+    return run_dir / "README.md"
+
+
 def _overrides(sets: list[str]) -> dict:
     from trainer.train import parse_value
 
@@ -380,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="then train OPPU for each user of the file; adapters in OUT/oppu-NAME.tar")
     rp.add_argument("--mtlora-budget", type=float, default=float(os.environ.get("MTLORA_BUDGET", "0")),
                     help="then train the MT-LoRA baseline for this many seconds (0 = no)")
+    wp = sub.add_parser("report", help="here: README.md + val-loss.png of a run's summary.json and metrics.jsonl")
+    wp.add_argument("run_dir", type=Path)
+    wp.add_argument("--command", default="scripts/gpu_bundle.sh run ...", help="the command to name in the report")
     op = sub.add_parser("oppu-data", help="here: an evaluation run's OPPU training data, for run --oppu")
     op.add_argument("--task", required=True)
     op.add_argument("--split", default="test")
@@ -389,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--max-items", type=int, default=64)
     op.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.phase == "report":
+        print(write_report(args.run_dir, args.command))
+        return 0
     if args.phase == "oppu-data":
         ids = oppu_users_file(args.task, args.split, args.users, args.queries, args.oppu_users, args.max_items, args.out)
         print(f"{len(ids)} users -> {args.out}")
