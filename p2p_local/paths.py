@@ -74,6 +74,14 @@ def _sub(name: str, env: str | None = None) -> Path:
     return p
 
 
+def private_dir(d: Path) -> Path:
+    """Create `d` (and missing parents) 0700 and make an existing one 0700: a folder of the data dir
+    holds profile data (adapters, exports, crash logs), whatever the umask. OSError passes to the caller."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(d)
+    return d
+
+
 def _private(d: Path) -> None:
     """0700 for a folder we own (also one that existed with 0755); a read-only one is left as it is."""
     try:

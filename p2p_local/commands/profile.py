@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.errors import DataError, StoreError, UsageError
-from p2p_local.files import PRIVATE_FILE, atomic_write
+from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git, parse_time
 from p2p_local.store import Store, StoredItem
 from p2p_local.store.db import check_name
@@ -347,6 +347,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_target(path: Path) -> Path:
     """The export's file: in an existing folder, not a folder itself (both usage errors, exit 2)."""
+    refuse_special(path, UsageError)  # `-o /dev/null` as root would become a file holding the profile
     if path.is_dir():
         raise UsageError(f"--output {path} is a directory", hint=f"give a file name, e.g. {path / 'profile.json'}")
     if not path.parent.is_dir():

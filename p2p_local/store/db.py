@@ -426,6 +426,7 @@ class Store:
         files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
         # Chats the user exported from the chat screen are traces of the profile too.
         files += [conversation_export_path(c.id) for c in self.conversations(name)]
+        files += profile_exports_in_data_dir(p.name, [p.task or "", *self.task_counts(name)])
         counts = {}
         with self._write() as c:
             conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
@@ -452,7 +453,7 @@ class Store:
         d = paths.adapters_dir() / f"profile-{self._pid(profile)}"
         if create:
             try:
-                d.mkdir(parents=True, exist_ok=True)
+                paths.private_dir(d)
             except OSError as e:
                 raise disk_error(e, d) from e
         return d
@@ -737,6 +738,14 @@ def _check_schema_current(conn: sqlite3.Connection, path: Path) -> None:
 def conversation_export_path(conversation_id: int) -> Path:
     """Where the chat exports a conversation as Markdown (`forget_profile` removes it with the profile)."""
     return paths.data_dir() / "exports" / f"conversation-{int(conversation_id)}.md"
+
+
+def profile_exports_in_data_dir(profile: str, tasks: list[str]) -> list[Path]:
+    """Adapter exports of the profile in <data dir>/exports/ (where the chat's export key writes them):
+    their README holds the query text, so `forget_profile` removes them too."""
+    from p2p_local.exports import profile_exports
+
+    return profile_exports(paths.data_dir() / "exports", profile, tasks)
 
 
 def _cached_file_problem(path: Path, sha256: str | None) -> str | None:

@@ -679,8 +679,7 @@ def adapter_note(result: AdapterResult) -> str:
 
 def export_conversation(store, conversation_id: int) -> Path:
     """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
-    from p2p_local.files import PRIVATE_DIR, atomic_write
+    from p2p_local.files import atomic_write
 
-    path = paths.data_dir() / "exports" / f"conversation-{conversation_id}.md"
-    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store
+    out = paths.private_dir(paths.data_dir() / "exports")
+    return atomic_write(out / f"conversation-{conversation_id}.md", store.export_conversation_markdown(conversation_id))
