@@ -16,10 +16,13 @@ from p2p_local.errors import P2PError, StoreError
 APP_NAME = "p2p-local"
 
 
-def data_dir() -> Path:
-    """The root of everything p2p-local writes (profiles, adapters, prepared models)."""
+def data_dir(create: bool = True) -> Path:
+    """The root of everything p2p-local writes (profiles, adapters, prepared models); `create=False` only
+    names it (a dry run writes nothing, not even the folder)."""
     env = os.environ.get("P2P_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
+    if not create:
+        return root
     if not root.is_dir():
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -45,9 +48,9 @@ def cache_dir() -> Path:
     return _sub("cache", env="P2P_CACHE")
 
 
-def store_path() -> Path:
-    """The SQLite profile store."""
-    return data_dir() / "p2p.sqlite3"
+def store_path(create: bool = True) -> Path:
+    """The SQLite profile store (`create=False`: its path, without making the data dir)."""
+    return data_dir(create) / "p2p.sqlite3"
 
 
 def repo_root() -> Path:

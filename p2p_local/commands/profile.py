@@ -192,26 +192,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                                                                  "p2p profile import NAME --git PATH")
     if args.git is None and (args.author or args.since):
         raise UsageError("--author and --since go with --git", hint="p2p profile import NAME --git PATH --author EMAIL")
-    with Store() as s:
-        created = args.create and not args.dry_run and not s.profile_exists(args.name)
-        if created:
-            s.create_profile(args.name, task=args.task)
-        elif not s.profile_exists(args.name) and not (args.dry_run and args.create):
+    with _import_store(args.dry_run) as s:
+        if not s.profile_exists(args.name) and not args.create:
             try:
                 s.get_profile(args.name)
             except StoreError as e:  # keep its did-you-mean, offer --create
                 raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
-        try:
-            if args.git is not None:
-                result = import_git(s, args.name, args.git, authors=args.author or (), since=args.since,
-                                    dry_run=args.dry_run, progress=_progress("commits read"))
-            else:
-                result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
-                                     task=args.task, dry_run=args.dry_run, progress=_stage_progress(args.file))
-        except BaseException:
-            if created:  # all or nothing: a failed import leaves no empty profile behind
-                s.forget_profile(args.name)
-            raise
+        # --create: the profile is made in the import's own transaction (a failed or killed import
+        # leaves no empty profile behind).
+        if args.git is not None:
+            result = import_git(s, args.name, args.git, authors=args.author or (), since=args.since,
+                                dry_run=args.dry_run, progress=_progress("commits read"), create=args.create)
+        else:
+            result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
+                                 task=args.task, dry_run=args.dry_run, progress=_stage_progress(args.file),
+                                 create=args.create)
     if args.json:
         return _print_json(asdict(result))
     where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
@@ -230,6 +225,33 @@ def cmd_import(args: argparse.Namespace) -> int:
             when = _date(it["time"]) if it["time"] is not None else "-"
             print(f"  {when}  {_short(it['input'], 70)}  ->  {_short(it['output'], 50)}")
     return 0
+
+
+class _NoStore:
+    """What a dry run reads on a machine with no store yet: no profiles (nothing is created to find out)."""
+
+    def profile_exists(self, name: str) -> bool:
+        return False
+
+    def get_profile(self, name: str) -> Any:
+        raise StoreError(f"no profile named {name!r}", hint=f"create it: p2p profile create {name}")
+
+    def __enter__(self) -> _NoStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _import_store(dry_run: bool) -> Any:
+    """The store an import reads and writes; a dry run opens it read-only, or none when there is none
+    yet (so a dry run writes nothing at all: not the data dir, not the store)."""
+    from p2p_local import paths
+
+    if not dry_run:
+        return Store()
+    path = paths.store_path(create=False)
+    return Store(path, readonly=True) if path.is_file() else _NoStore()
 
 
 LARGE_IMPORT_BYTES = 4 << 20  # files above this say what they are doing (on a terminal)

@@ -12,6 +12,7 @@ One Store per thread (sqlite3 connections are not shared across threads).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import sqlite3
 import time as _time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,40 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction around several store calls (all or nothing): `import --create` makes the
+        profile and its items together, so a kill mid-way leaves no empty profile behind."""
+        return self._write()
+
+    @contextmanager
+    def import_lock(self, profile: str) -> Iterator[None]:
+        """Serialize imports into one profile across processes (blocking): each reads what the profile holds
+        to skip duplicates, then writes, and two at once would both add everything. One byte per profile
+        (by a hash of its name) of a lock file beside the store: no file names the profile."""
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): the write transaction still keeps the store whole
+            yield
+            return
+        offset = int(hashlib.sha256(profile.encode("utf-8")).hexdigest()[:7], 16)
+        try:
+            fd = os.open(self.path.with_name(self.path.name + ".import-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot lock the profile store for an import: {e.strerror}",
+                             hint="check the data dir's permissions") from e
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks). Nested
+        uses join the outer transaction (`transaction()`)."""
+        if self.conn.in_transaction and getattr(self, "_outer", False):
+            yield self.conn
+            return
         if self.readonly:
             raise StoreError(f"the profile store {self.path} is read-only here: this command changes it",
                              hint="reading commands (profile list / show / export) work; to change profiles, "
@@ -176,7 +208,11 @@ class Store:
         except sqlite3.OperationalError as e:
             raise StoreError(f"the profile store is busy: {e}", hint="another p2p process is writing; retry") from e
         try:
-            yield self.conn
+            self._outer = True
+            try:
+                yield self.conn
+            finally:
+                self._outer = False
             self.conn.execute("COMMIT")
         except BaseException as e:
             # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK here would fail
