@@ -22,6 +22,7 @@ import json
 import json.decoder
 import json.scanner
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -525,6 +526,10 @@ def rating_to_stars(rating: float) -> int:
 
 # --- Letterboxd ----------------------------------------------------------------------------------
 LETTERBOXD_COLUMNS = ("Name", "Year", "Rating")
+# ASCII only: str.isdigit() accepts "²" and other digits int() refuses, and 5000 digits raise in int().
+_YEAR = re.compile(r"[0-9]{4}")
+MIN_YEAR, MAX_YEAR = 1870, 2200
+_LETTERBOXD_RATING = re.compile(r"[0-9](?:\.[05]0*)?")
 _ARTICLES = ("the", "a", "an", "les", "le", "la", "l'", "die", "der", "das", "el", "il", "los", "las")
 
 
@@ -552,17 +557,17 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
             raise DataError(f"{where}: a row without a Name")
         if len(name) > MAX_FIELD_CHARS:
             raise DataError(f"{where}: a Name of {len(name):,} characters, at most {MAX_FIELD_CHARS:,}")
+        if not name.isprintable():  # NUL, escape sequences, line breaks: no title holds them
+            raise DataError(f"{where}: the Name {_brief(name)} holds control characters", hint="fix that row")
         if not rating:
             unrated += 1  # watched, not rated: nothing to learn a rating from
             continue
-        try:
-            stars = float(rating)
-        except ValueError:
-            raise DataError(f"{where}: rating {_brief(rating)} is not a number", hint="Letterboxd ratings are 0.5..5") from None
-        if not 0 < stars <= 5:
-            raise DataError(f"{where}: rating {stars} is outside 0.5..5")
-        if year and not year.isdigit():
-            raise DataError(f"{where}: year {_brief(year)} is not a number")
+        if not _LETTERBOXD_RATING.fullmatch(rating) or not 0.5 <= float(rating) <= 5:
+            raise DataError(f"{where}: rating {_brief(rating)} is not a Letterboxd rating",
+                            hint="Letterboxd ratings are 0.5 to 5 in half stars (0.5, 1, 1.5, ... 5)")
+        stars = float(rating)
+        if year and not (_YEAR.fullmatch(year) and MIN_YEAR <= int(year) <= MAX_YEAR):
+            raise DataError(f"{where}: year {_brief(year)} is not a year", hint=f"a year {MIN_YEAR}-{MAX_YEAR}, or empty")
         try:
             when = parse_time(row.get(when_col)) if when_col else None
         except ValueError as e:

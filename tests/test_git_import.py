@@ -172,12 +172,25 @@ def test_letterboxd_bad_rows(tmp_path: Path, p2p_home: Path):
     f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,nine\n")
     with Store() as s:
         s.create_profile("x")
-        with pytest.raises(DataError, match=r"lb.csv:2: rating 'nine' is not a number"):
+        with pytest.raises(DataError, match=r"lb.csv:2: rating 'nine' is not a Letterboxd rating"):
             import_file(s, "x", f)
-        f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,7\n")
-        with pytest.raises(DataError, match="outside 0.5..5"):
-            import_file(s, "x", f)
-        assert s.count_items("x") == 0
+        # Absurd ratings, malformed years (int() of "²" or of 5000 digits raised: exit 70), NUL in a name.
+        for name, year, rating, said in [("Heat", "1995", "7", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "1e-300", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "4.25", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "nan", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "0", "not a Letterboxd rating"),
+                                         ("Heat", "199\u00b2", "4", "is not a year"),
+                                         ("Heat", "1" * 5000, "4", "is not a year"),
+                                         ("Heat", "0995", "4", "is not a year"),
+                                         ("He\x00at", "1995", "4", "control characters"),
+                                         ("He\x1b[31mat", "1995", "4", "control characters")]:
+            f.write_text(f"Date,Name,Year,Rating\n2023-01-01,{name},{year},{rating}\n")
+            with pytest.raises(DataError, match=said):
+                import_file(s, "x", f)
+        f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,4.5\n2023-01-02,Up,,5\n")
+        assert import_file(s, "x", f).imported == 2
+        assert s.count_items("x") == 2
 
 
 def test_title_matching(shared_data: Path):

@@ -21,6 +21,32 @@ def scale_arg(value: str) -> float:
     return x
 
 
+MAX_TEMPERATURE = 2.0
+MAX_TOKENS = 2048  # the engine's context: more can never be generated
+
+
+def temperature_arg(value: str) -> float:
+    """A sampling temperature, 0 (greedy) .. MAX_TEMPERATURE."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a number") from None
+    if not math.isfinite(x) or not 0.0 <= x <= MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_TEMPERATURE:g} (0: greedy)")
+    return x
+
+
+def max_tokens_arg(value: str) -> int:
+    """How many tokens an answer may have, 1 .. MAX_TOKENS."""
+    try:
+        n = int(value) if len(value) <= 12 else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not an integer") from None
+    if not 1 <= n <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 1..{MAX_TOKENS}")
+    return n
+
+
 def task_arg(value: str) -> str:
     """A built-in task card's name, or free chat."""
     from p2p_local.data.format import builtin_cards, canonical_task

@@ -51,13 +51,32 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     if args.timeout is not None and not 0 < args.timeout <= 600:
         raise UsageError(f"--timeout must be within 0-600 seconds, got {args.timeout:g}")
-    task = args.task or hook.COMMIT_TASK
-    profile = args.profile or _commit_profile(task)
+    hook.hooks_dir(args.repo)  # a repository first: the first thing to say when it is not one
+    task = _known_task(args.task or hook.COMMIT_TASK)
+    profile = _known_profile(args.profile) if args.profile else _commit_profile(task)
     path = hook.install(args.repo, profile, task, args.timeout or hook.DEFAULT_TIMEOUT_S)
     print(f"installed {path} (profile {profile!r}, task {task})")
     print("  git commit now opens the editor with your personalized subject line; "
           f"p2p hook uninstall --repo {args.repo} removes it")
     return 0
+
+
+def _known_task(task: str) -> str:
+    """A built-in task card (the hook would otherwise fail silently at every commit)."""
+    from p2p_local.data.format import builtin_cards, canonical_task
+    from p2p_local.errors import UsageError
+
+    if canonical_task(task) not in builtin_cards():
+        raise UsageError(f"unknown task {task[:70]!r}", hint=f"known: {', '.join(builtin_cards())}")
+    return canonical_task(task)
+
+
+def _known_profile(name: str) -> str:
+    """An existing profile (StoreError with a did-you-mean hint otherwise)."""
+    from p2p_local.store import Store
+
+    with Store() as s:
+        return s.get_profile(name).name
 
 
 def _commit_profile(task: str) -> str:
