@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from p2p_local.commands.terminal import shown
 from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git, parse_time
@@ -142,7 +143,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no profiles yet: p2p profile create NAME")
         return 0
     rows = [("NAME", "TASK", "ITEMS", "ADAPTER", "UPDATED")]
-    rows += [(p.name, p.task or "-", str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
+    rows += [(p.name, shown(p.task or "-"), str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
               _date(p.updated, True)) for p in profiles]
     _print_table(rows)
     return 0
@@ -164,8 +165,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                             "conversations": n_conv, "items": [asdict(i) for i in items]})
     adapter = "none yet" if not adapters else ("stale (items changed since)" if prof.adapter_stale else "up to date")
     print(f"profile {prof.name}")
-    print(f"  task:          {prof.task or '-'}")
-    print(f"  items:         {prof.n_items:,}" + (f"  ({', '.join(f'{t}: {n:,}' for t, n in tasks.items())})" if tasks else ""))
+    print(f"  task:          {shown(prof.task or '-')}")
+    print(f"  items:         {prof.n_items:,}" + (f"  ({', '.join(f'{shown(t)}: {n:,}' for t, n in tasks.items())})" if tasks else ""))
     print(f"  adapter:       {adapter}")
     print(f"  conversations: {n_conv}")
     print(f"  created:       {_date(prof.created, True)}   updated: {_date(prof.updated, True)}")
@@ -511,11 +512,12 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _item_row(i: StoredItem) -> tuple[str, ...]:
-    return (str(i.id), _date(i.time) if i.time is not None else "-", i.task, _short(i.input, 60), _short(i.output, 30))
+    return (str(i.id), _date(i.time) if i.time is not None else "-", _short(i.task, 40), _short(i.input, 60),
+            _short(i.output, 30))
 
 
 def _short(text: str, n: int) -> str:
-    text = " ".join(text.split())
+    text = " ".join(shown(text).split())  # user data: no escape sequences reach the terminal
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
