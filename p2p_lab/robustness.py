@@ -1275,10 +1275,23 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def write_report(results: list[Result], seconds: float, jobs: int) -> None:
+def previous_results(exclude: list[str]) -> tuple[list[Result], str] | None:
+    """The cases of the last full report outside `exclude`, and where they come from (commit, date)."""
+    if not REPORT_JSON.is_file():
+        return None
+    old = json.loads(REPORT_JSON.read_text())
+    fields = {f.name for f in dataclasses.fields(Result)}
+    kept = [Result(**{k: v for k, v in c.items() if k in fields}) for c in old["cases"] if c["cls"] not in exclude]
+    return kept, f"commit {old.get('commit')}, {old.get('date')}"
+
+
+def write_report(results: list[Result], seconds: float, jobs: int,
+                 partial: tuple[list[str], str] | None = None) -> None:
     table = tally(results)
     meta = {"command": COMMAND, "machine": machine(), "commit": _git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1), "jobs": jobs}
+    if partial:
+        meta["rerun_classes"], meta["other_classes_from"] = partial
     REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
     REPORT_JSON.write_text(json.dumps({**meta, "table": table,
                                        "cases": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
@@ -1287,6 +1300,9 @@ def write_report(results: list[Result], seconds: float, jobs: int) -> None:
              "each in a subprocess with its own copy of a prepared data dir (a profile, its cached adapter, a previous",
              "profile export and adapter export) and a timeout. Machine: " + meta["machine"] + f"; commit {meta['commit']};",
              f"{meta['date']}; {seconds:.0f} s with {jobs} cases at a time.", "",
+             *([f"Re-run here: the classes {', '.join(partial[0])} (`{COMMAND} --classes ...`); the other classes'",
+                f"rows are the previous full run's ({partial[1]}), kept from reports/robustness.json.", ""]
+               if partial else []),
              "clean: exit code != 0 with an `error:` line and a hint (or, for `p2p` / `p2p profile` alone, the help with",
              "exit code 2). traceback: a Python traceback on stderr or the",
              "CLI's internal-error guard (exit 70). abort: killed by a signal (GGML_ASSERT, segfault). hang: the timeout",
@@ -1311,7 +1327,22 @@ def write_report(results: list[Result], seconds: float, jobs: int) -> None:
               "- exports: to a directory, a missing parent, /dev/full, a read-only directory, over an existing file on a",
               "  full disk (a 64 KiB tmpfs), and reading commands on a read-only data dir;",
               "- odd queries: invalid UTF-8 in argv and stdin, empty, 100 KB in argv, 1 MB on stdin, special tokens;",
-              "- CLI arguments: bad --scale / --temperature / --max-tokens / --items, unknown tasks and commands.", ""]
+              "- CLI arguments: bad --scale / --temperature / --max-tokens / --items, unknown tasks and commands;",
+              "- hangs: one 1 MB word in a commit (the e-mail scrub was quadratic), `chat` without a terminal;",
+              "- files destroyed: exports over a device node, a FIFO, a link to one; PEFT exports over the user's folder;",
+              "- injected data: file names holding git's separators (another author's item, one commit cut in two);",
+              "- caught crashes: Letterboxd years, a store of random bytes, stdin opened write-only, a read-only hooks",
+              "  folder holding a foreign hook;",
+              "- concurrency: two imports of one file or repository at once, a failing `--create`, `--dry-run` on a new",
+              "  machine (writes nothing);",
+              "- export names: two non-Latin profile names, README commands on a folder with spaces and `$(...)`;",
+              "- stdin: a UTF-8 BOM before a diff, 50 MB of text, a 50 MB diff;",
+              "- privacy: nothing new in $HOME (checked after every case), 0700/0600 in the data dir, forget removes",
+              "  exports, escape sequences stripped from `profile show`;",
+              "- bad values: --temperature / --max-tokens, hook install with an unknown profile or task, Letterboxd NUL",
+              "  and absurd ratings, alpha 1e30 and weights x1e5 in a cached adapter, a bundle's alpha 1e30.", "",
+              "bad data accepted / wrong result: the case's own check (a special file replaced, an injected item,",
+              "doubled items, a file written outside the data dir, a diff not read ...).", ""]
     outcomes: dict[str, list[str]] = {}
     for r in results:
         outcomes.setdefault(r.outcome, []).append(f"{r.cls}: {r.name}")
@@ -1334,8 +1365,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=0, help="only a sample of N cases per class (no report)")
     ap.add_argument("--only", help="only cases whose class or name contains this")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--classes", help="comma-separated classes to re-run; the report keeps the other classes' "
+                                      "results from the previous reports/robustness.json and says so")
     args = ap.parse_args(argv)
     cases = catalogue()
+    rerun = [c.strip() for c in args.classes.split(",")] if args.classes else []
+    if rerun:
+        unknown = set(rerun) - set(CLASSES)
+        if unknown:
+            ap.error(f"unknown classes {sorted(unknown)}; known: {', '.join(CLASSES)}")
+        cases = [c for c in cases if c.cls in rerun]
     if args.only:
         cases = [c for c in cases if args.only in c.cls or args.only in c.name]
     if args.per_class:
@@ -1346,7 +1385,9 @@ def main(argv: list[str] | None = None) -> int:
     table = tally(results)
     print(json.dumps(table["total"]))
     if not (args.no_report or args.per_class or args.only):
-        write_report(results, seconds, args.jobs)
+        kept = previous_results(exclude=rerun) if rerun else None
+        write_report(results + (kept[0] if kept else []), seconds, args.jobs,
+                     partial=(rerun, kept[1]) if kept else None)
         print(f"wrote {REPORT_MD} and {REPORT_JSON}")
     problems = bad(results)
     for r in problems:
