@@ -1075,8 +1075,9 @@ def _issue19_cases() -> list[Case]:
         # concurrency and interruption
         Case("concurrency", "two imports of one file at once",
              [], _file("in.jsonl", _jsonl(*[_item(inp=f"M{i} (1999) | Genres: Drama") for i in range(2000)])),
-             shell='$P2P profile import twin {W}/in.jsonl --create & p=$!; $P2P profile import twin {W}/in.jsonl '
-                   '--create; a=$?; wait $p; b=$?; [ $a -eq 0 ] && exit $b; exit $a',
+             shell='$P2P profile import twin {W}/in.jsonl --create --task movielens-rating & p=$!; '
+                   '$P2P profile import twin {W}/in.jsonl --create --task movielens-rating; a=$?; wait $p; b=$?; '
+                   '[ $a -eq 0 ] && exit $b; exit $a',
              check=lambda ctx, rc, o, e: _count_items(ctx, "twin", 2000)),
         Case("concurrency", "two git imports of one repository at once", [],
              _git_repo([(ME, {f"f{i}.py": "1"}, f"Commit {i}") for i in range(30)]),
@@ -1084,7 +1085,7 @@ def _issue19_cases() -> list[Case]:
                    '--create; a=$?; wait $p; b=$?; [ $a -eq 0 ] && exit $b; exit $a',
              check=lambda ctx, rc, o, e: _count_items(ctx, "g", 30)),
         Case("concurrency", "import --create that fails leaves no profile",
-             ["profile", "import", "newbie", "{W}/in.jsonl", "--create"],
+             ["profile", "import", "newbie", "{W}/in.jsonl", "--create", "--task", TASK],
              _file("in.jsonl", _jsonl(_item(), _item(out="99"))),
              check=lambda ctx, rc, o, e: _count_items(ctx, "newbie", None)),
         Case("concurrency", "--dry-run on a new machine", ["profile", "import", "x", "{W}/in.jsonl", "--create",
@@ -1096,8 +1097,8 @@ def _issue19_cases() -> list[Case]:
         # export names and README commands
         Case("export names", "two non-Latin profiles export to one folder", [],
              _file("in.jsonl", _jsonl(*[_item(inp=f"M{i} (1999) | Genres: Drama") for i in range(10)])),
-             shell="$P2P profile import \u0410\u043b\u0438\u0441\u0430 {W}/in.jsonl --create && "
-                   "$P2P profile import \u0411\u043e\u0440\u0438\u0441 {W}/in.jsonl --create && "
+             shell="$P2P profile import \u0410\u043b\u0438\u0441\u0430 {W}/in.jsonl --create --task movielens-rating && "
+                   "$P2P profile import \u0411\u043e\u0440\u0438\u0441 {W}/in.jsonl --create --task movielens-rating && "
                    "$P2P adapter export \u0410\u043b\u0438\u0441\u0430 --to {W}/out && "
                    "$P2P adapter export \u0411\u043e\u0440\u0438\u0441 --to {W}/out",
              timeout=180, check=lambda ctx, rc, o, e: None if len(list((ctx.work / "out").glob("*.gguf"))) == 2
@@ -1149,9 +1150,9 @@ def _issue19_cases() -> list[Case]:
              _bundle("lora.alpha", 1e30)),
     ]
     for kind in ("alpha-1e30", "weights-x1e5"):
-        cases.append(Case("bad values", f"{kind} cached adapter -> ask", ["ask", QUERY, "--profile", PROFILE, "--task",
-                                                                          TASK], _adapter_mutation(kind),
-                          check=_adapter_refused))
+        # personalize (no query): the planted file is the cached adapter it would use as it is
+        cases.append(Case("bad values", f"{kind} cached adapter -> personalize", ["personalize", PROFILE],
+                          _adapter_mutation(kind), check=_adapter_refused))
     return cases
 
 

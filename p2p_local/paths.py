@@ -30,7 +30,29 @@ def data_dir(create: bool = True) -> Path:
             raise StoreError(f"cannot create the data dir {root}: {e.strerror or e}",
                              hint="set P2P_HOME to a writable directory") from None
     _private(root)  # profiles are private: only the user reads them, whatever mode the dir had
+    _tighten_once(root)
     return root
+
+
+_tightened: set[Path] = set()
+
+
+def _tighten_once(root: Path) -> None:
+    """Once per process: folders of the data dir 0700 and files 0600, also those an older version made
+    0755/0644 (logs/, adapters/profile-N). A shared models dir (P2P_MODELS) lives elsewhere and is left alone."""
+    if root in _tightened:
+        return
+    _tightened.add(root)
+    for folder, dirs, files in os.walk(root):  # never follows symlinks into other places
+        for name in dirs:
+            _private(Path(folder) / name)
+        for name in files:
+            p = Path(folder) / name
+            try:
+                if not p.is_symlink() and p.stat().st_mode & 0o077:
+                    p.chmod(0o600)
+            except OSError:
+                pass  # not ours to change
 
 
 def models_dir() -> Path:
