@@ -273,7 +273,11 @@ def run_case(case: Case, template: Path, scratch: Path, real_models: Path, can_m
 
 
 def _files_under(d: Path) -> list[str]:
-    return [str(p.relative_to(d)) for p in d.rglob("*")] if d.is_dir() else []
+    """Everything under `d`, with size and mtime: a file rewritten in place counts as new too."""
+    if not d.is_dir():
+        return []
+    return [f"{p.relative_to(d)} ({st.st_size} B, {st.st_mtime_ns})" for p in d.rglob("*")
+            if (st := p.lstat()) is not None]
 
 
 def _clean(err: str) -> bool:
