@@ -1048,8 +1048,8 @@ def _issue19_cases() -> list[Case]:
         # injected data
         Case("injected data", "another author's file names spell an item by me",
              imp_git, _git_repo([(ME, {"a.py": "1"}, "Add a"),
-                                 ("bob@example.org", {n: "x" for n in ["\x1e" + "0" * 40, "1", "2", ME, "b",
-                                                                       "c chosen subject", "d"]}, "Bob's commit")]),
+                                 ("bob@example.org", {n: "x" for n in ["\x1e" + "0" * 40, "a", "b", ME, "n",
+                                                                       "o chosen subject", "p"]}, "Bob's commit")]),
              store_may_grow=True, check=_expect_items(["Add a"])),
         Case("injected data", "my commit with separators in names and body is one item",
              imp_git, _git_repo([(ME, {"x\x1ey": "1", "\nlead": "2", "tab\tname": "3"}, "Odd names\n\nbody \x1e\x1f")]),
