@@ -10,29 +10,28 @@ MAX_SCALE = 2.0
 CHAT_TASKS = ("chat", "free", "free chat")  # free chat, as `ask`, `chat` and the TUI spell it
 
 
-def scale_arg(value: str) -> float:
-    """An adapter strength, 0..MAX_SCALE."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a number") from None
-    if not math.isfinite(x) or not 0.0 <= x <= MAX_SCALE:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_SCALE:g}")
-    return x
-
-
 MAX_TEMPERATURE = 2.0
 MAX_TOKENS = 2048  # the engine's context: more can never be generated
 
 
+def scale_arg(value: str) -> float:
+    """An adapter strength, 0..MAX_SCALE."""
+    return _bounded_float(value, MAX_SCALE)
+
+
 def temperature_arg(value: str) -> float:
     """A sampling temperature, 0 (greedy) .. MAX_TEMPERATURE."""
+    return _bounded_float(value, MAX_TEMPERATURE, " (0: greedy)")
+
+
+def _bounded_float(value: str, top: float, note: str = "") -> float:
+    """A finite number in 0..top, else argparse's usage error naming the range."""
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a number") from None
-    if not math.isfinite(x) or not 0.0 <= x <= MAX_TEMPERATURE:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_TEMPERATURE:g} (0: greedy)")
+    if not math.isfinite(x) or not 0.0 <= x <= top:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{top:g}{note}")
     return x
 
 
