@@ -44,3 +44,22 @@ def test_the_wall_clock_schedule_follows_the_budget_not_the_steps():
 def test_checkpoints_are_chosen_by_the_summed_validation_loss():
     ev = {"a": {"loss_true": 3.5, "loss_shuffled": 4.0}, "b": {"loss_true": 1.25}, "c": {"n": 0}}
     assert val_score(ev) == pytest.approx(4.75)
+
+
+@pytest.mark.real
+def test_samples_do_not_depend_on_the_number_of_workers(torch_base, shared_data):
+    """The forked sample builder and its per-item embedding cache give the same bits as one process."""
+    from p2p_lab.data.converters import convert
+    from p2p_local.data.format import builtin_card
+    from trainer.samples import _embed_parallel, build_samples, load_encoder
+
+    _, tok = torch_base
+    enc = load_encoder()
+    card, users = builtin_card("popquorn-email-rewrite"), convert("popquorn-email-rewrite", shared_data).users[:10]
+    embed = lambda texts: dict(zip(texts, enc.embed_each(texts), strict=True))  # noqa: E731
+    kw = dict(items_per_user=3, last=False, seed=0, max_prompt_tokens=64, max_target_tokens=24)
+    one, two = (build_samples(card, users, tok, embed, workers=w, **kw) for w in (1, 2))
+    assert len(one) > 10 and one.prompt_ids == two.prompt_ids and one.user_ids == two.user_ids
+    assert one.embeddings.tobytes() == two.embeddings.tobytes() and one.features.tobytes() == two.features.tobytes()
+    texts = [f"item {i}" for i in range(1100)]
+    assert np.array_equal(np.stack(_embed_parallel(enc, texts, 2, print)), enc.embed_each(texts))

@@ -19,7 +19,7 @@ import json
 import os
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,36 +145,34 @@ def _worker(chunk: list[User]) -> list[tuple]:
     return [row for u in chunk for row in _user_samples(card, u, tokenizer, **kw)]
 
 
+def _fork_map(work: Callable, pieces: list, workers: int) -> Iterator:
+    """`work` over `pieces`, results in order: here, or in `workers` forked processes (which inherit
+    _FORK_STATE as it is when the pool starts)."""
+    if workers <= 1 or len(pieces) < 2:
+        yield from map(work, pieces)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(work, pieces)
+
+
 def _map_users(card: TaskCard, users: list[User], tokenizer, kw: dict, workers: int, log: Callable[[str], None]) -> list[tuple]:
     """Samples of every user, in user order; `workers` forked processes share the profile building."""
     chunks = [users[i:i + 8] for i in range(0, len(users), 8)]
     rows: list[tuple] = []
     t0 = time.time()
-    if workers <= 1 or len(chunks) < 2:
-        results = (_worker_direct(card, c, tokenizer, kw) for c in chunks)
-    else:
-        import multiprocessing as mp
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _FORK_STATE["args"] = (card, tokenizer, kw)
-        pool = mp.get_context("fork").Pool(workers)
-        results = pool.imap(_worker, chunks)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _FORK_STATE["args"] = (card, tokenizer, kw)
     try:
-        for k, part in enumerate(results, 1):
+        for k, part in enumerate(_fork_map(_worker, chunks, workers), 1):
             rows.extend(part)
             if k % 20 == 0 or k == len(chunks):
                 log(f"  [{card.name}] profiles: {min(k * 8, len(users))}/{len(users)} users, {len(rows)} samples, "
                     f"{time.time() - t0:.0f} s")
     finally:
-        if workers > 1 and len(chunks) >= 2:
-            pool.close()
-            pool.join()
-            _FORK_STATE.clear()
+        _FORK_STATE.pop("args", None)
     return rows
-
-
-def _worker_direct(card: TaskCard, chunk: list[User], tokenizer, kw: dict) -> list[tuple]:
-    return [row for u in chunk for row in _user_samples(card, u, tokenizer, **kw)]
 
 
 def build_samples(
@@ -252,28 +250,22 @@ def _embed_worker(texts: list[str]) -> np.ndarray:
 
 
 def _embed_parallel(encoder, texts: list[str], workers: int, log: Callable[[str], None]) -> list[np.ndarray]:
-    """`encoder.embed_each` over many texts, in pieces with progress (forked workers, one thread each)."""
+    """`encoder.embed_each` over many texts, in pieces with progress (forked workers load their own encoder,
+    one thread each: an ONNX session is not shared across a fork)."""
     pieces = [texts[i:i + 512] for i in range(0, len(texts), 512)]
     out: list[np.ndarray] = []
     t0 = time.time()
-    if workers <= 1 or len(pieces) < 2:
-        results = (encoder.embed_each(p) for p in pieces)
-        pool = None
+    if workers <= 1:
+        _FORK_STATE["encoder"] = encoder
     else:
-        import multiprocessing as mp
-
         _FORK_STATE.pop("encoder", None)
-        pool = mp.get_context("fork").Pool(workers)
-        results = pool.imap(_embed_worker, pieces)
     try:
-        for k, vecs in enumerate(results, 1):
+        for k, vecs in enumerate(_fork_map(_embed_worker, pieces, workers), 1):
             out.extend(vecs)
             if k % 10 == 0 or k == len(pieces):
                 log(f"  embedded {len(out)}/{len(texts)} item texts, {time.time() - t0:.0f} s")
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        _FORK_STATE.pop("encoder", None)
     return out
 
 
