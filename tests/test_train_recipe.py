@@ -14,7 +14,7 @@ from p2p_local.bundle import Bundle
 from trainer.config import recipe
 from trainer.export import export_bundle, load_checkpoint
 from trainer.lora import FunctionalLoRA
-from trainer.train import train
+from trainer.train import result_checkpoint, train, val_score
 
 # Trained for 10 steps the adapter is weak; attaching it at user scale AMPLIFY on both sides (llama.cpp's
 # scale argument, and s * AMPLIFY in torch) lifts the logit deltas well above llama.cpp's quantization noise.
@@ -37,7 +37,7 @@ def tiny_run(torch_base, tmp_path_factory):
     os.environ["P2P_HOME"] = str(root / "home")
     os.environ["P2P_CACHE"] = str(root / "cache")
     try:
-        cfg = recipe("tiny", out_dir=str(root / "run"))
+        cfg = recipe("tiny", out_dir=str(root / "run"), eval_every=5)  # a mid-run validation: selection runs
         summary = train(cfg, base=torch_base)
         yield cfg, summary, root
     finally:
@@ -66,6 +66,15 @@ def test_tiny_recipe_learns(tiny_run):
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == cfg.steps and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < losses[0]
+    # Checkpoint selection: step 5 was validated; the result is best.pt only when it beat the last step.
+    mid = [r for r in log if r.get("step") == 5 and "eval" in r]
+    assert mid and mid[0]["val_score"] == pytest.approx(val_score(mid[0]["eval"]))
+    chosen = result_checkpoint(root / "run")
+    if summary.get("selected"):
+        assert chosen.name == "best.pt" and summary["selected"]["step"] == 5
+        assert summary["selected"]["val_score"] < summary["selected"]["last_val_score"]
+    else:
+        assert chosen.name == "last.pt" and not (root / "run" / "best.pt").exists()
 
 
 @pytest.mark.slow
