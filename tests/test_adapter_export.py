@@ -12,8 +12,8 @@ import gguf
 import numpy as np
 
 from p2p_local.adapter import read_adapter
+from p2p_local.adapter_export import export_adapter, export_name
 from p2p_local.cli import main
-from p2p_local.commands.adapter import export_adapter, export_name
 
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"

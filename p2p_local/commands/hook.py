@@ -51,28 +51,21 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     if args.timeout is not None and not 0 < args.timeout <= 600:
         raise UsageError(f"--timeout must be within 0-600 seconds, got {args.timeout:g}")
-    task = args.task or hook.COMMIT_TASK
-    profile = args.profile or _commit_profile(task)
+    from p2p_local.personalize import choose
+    from p2p_local.store import Store
+
+    profile, task = args.profile, args.task or hook.COMMIT_TASK
+    if profile is None:  # a named profile is the hook's to check at commit time (it never blocks a commit)
+        with Store() as store:
+            profile, task = choose(store, None, task)
+    if profile is None:
+        raise UsageError(f"no profile holds {task} items yet",
+                         hint="p2p profile import me --git . --create   (then p2p hook install)")
     path = hook.install(args.repo, profile, task, args.timeout or hook.DEFAULT_TIMEOUT_S)
     print(f"installed {path} (profile {profile!r}, task {task})")
     print("  git commit now opens the editor with your personalized subject line; "
           f"p2p hook uninstall --repo {args.repo} removes it")
     return 0
-
-
-def _commit_profile(task: str) -> str:
-    from p2p_local.errors import UsageError
-    from p2p_local.store import Store
-
-    with Store() as s:
-        profiles = s.list_profiles()
-        mine = [p.name for p in profiles if p.task == task or task in s.task_counts(p.name)]
-    if len(mine) == 1:
-        return mine[0]
-    if not mine:
-        raise UsageError(f"no profile holds {task} items yet",
-                         hint="p2p profile import me --git . --create   (then p2p hook install)")
-    raise UsageError(f"several profiles hold {task} items: {', '.join(mine)}", hint="pass --profile NAME")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
