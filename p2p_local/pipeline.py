@@ -417,7 +417,7 @@ class Answer:
         self.distribution: dict[str, float] | None = None
         self.personalization: Personalization | None = None
         self.scale = 0.0
-        self.finish: str | None = None  # a generated answer: "stop", "repeat" or "length" (`GuardedStream`)
+        self.finish_reason: str | None = None  # a generated answer: "stop", "repeat" or "length" (`GuardedStream`)
         self.timings_ms: dict[str, float] = {}
 
     @property
@@ -519,7 +519,7 @@ class Route:
                         raw.append(piece)
                         yield piece
                 finally:
-                    a.text, a.finish = finish_text(card, "".join(raw)), stream.finish
+                    a.text, a.finish_reason = finish_text(card, "".join(raw)), stream.finish
             finally:
                 t2 = time.perf_counter()
                 a.timings_ms.update({"personalize_ms": (t1 - t0) * 1e3, "answer_ms": (t2 - t1) * 1e3,

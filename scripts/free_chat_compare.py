@@ -54,7 +54,7 @@ def main() -> None:
         for q in QUESTIONS:
             t0 = time.perf_counter()
             answer = s.answer(q, profile=profile, task="chat").finish()
-            answers.append((answer.text, answer.finish or "", time.perf_counter() - t0, q))
+            answers.append((answer.text, answer.finish_reason or "", time.perf_counter() - t0, q))
         lines.append(row(name, answers))
         examples += ["", f"## {name}", ""] + [f"- [{f}] {q} -> {a[:200]!r}" for a, f, _, q in answers]
     Path("reports/free-chat.md").write_text("\n".join(lines + examples) + "\n")

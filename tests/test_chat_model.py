@@ -125,7 +125,7 @@ async def test_chat_with_model_runs_free_chat_on_it(engine, p2p_home, instruct_g
         answer = s.answer(QUESTION, profile=DEMO_PROFILE, task="chat").finish()
         expected = answer.text
         assert reply.content.strip() == expected and expected
-        assert chat.last_finish is not None or answer.finish == "repeat"  # the chat engine answered
+        assert chat.last_finish is not None or answer.finish_reason == "repeat"  # the chat engine answered
     finally:
         engine.use(None)
         s.chat_engine = None

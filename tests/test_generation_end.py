@@ -60,7 +60,7 @@ def test_a_prompt_that_looped_now_ends_within_its_budget(session) -> None:
 
     answer = session.answer(LOOPING_EMAIL, profile="demo", task=EMAIL)
     text = "".join(answer)
-    assert answer.finish in ("stop", "repeat", "length")
+    assert answer.finish_reason in ("stop", "repeat", "length")
     assert repeat_scan(text)[0] is None, text  # no sentence twice
     assert len(session.engine.tokenize(text, add_bos=False)) <= kw["max_tokens"]
     assert text.strip() and raw.startswith(text.rstrip())

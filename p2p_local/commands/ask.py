@@ -66,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {"text": answer.text, "query": answer.request.query, "profile": profile,
                "task": answer.request.task, "adapter": str(answer.adapter) if answer.adapter else None,
-               "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish}
+               "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason}
         if answer.distribution is not None:
             out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
         print(json.dumps(out))
     else:
-        sys.stdout.write((CUT_MARK if answer.finish == "length" else "") + "\n")
-        if answer.finish == "length":
+        sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
+        if answer.finish_reason == "length":
             print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0
 

@@ -452,7 +452,7 @@ class ChatScreen(Screen):
                         shown, last = visible, now
                 else:
                     text = visible_text(text, j.stops)[0]
-                    if getattr(pieces, "finish", None) == "length":
+                    if getattr(pieces, "finish_reason", None) == "length":
                         j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
             except P2PError as e:
                 error = str(e)
