@@ -84,7 +84,7 @@ recipes: $(DEV) data
 fuzz: $(DEV)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py $(ARGS)
 
-# The robustness catalogue: ~300 bad inputs through the real CLI, each in its own process and data dir
+# The robustness catalogue: ~380 bad inputs through the real CLI, each in its own process and data dir
 # (reports/robustness.{md,json}; about 10 min on 2 cores). Tracebacks, aborts, hangs and lost files: 0.
 robustness: $(DEV)
 	$(BIN)/p2p models prepare --quiet

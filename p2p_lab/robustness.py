@@ -45,7 +45,8 @@ REPORT_MD = REPO / "reports" / "robustness.md"
 REPORT_JSON = REPO / "reports" / "robustness.json"
 COMMAND = "python -m p2p_lab.robustness"
 CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
-           "CLI arguments")
+           "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
+           "export names", "stdin", "privacy", "bad values")
 PROFILE = "demo"
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
@@ -66,6 +67,13 @@ class Case:
     mount: str | None = None  # "full:<dir>" (a 64 KiB tmpfs over W/<dir>) or "ro:<dir>" (read-only bind)
     timeout: float = 90.0
     store_may_grow: bool = False  # a valid import may add items
+    # What the command must have done beyond failing cleanly: returns "bad data accepted: ..." or
+    # "wrong result: ..." (or None), given the case's dirs, exit code, stdout and stderr.
+    check: Callable[[Ctx, int | None, str, str], str | None] | None = None
+    shell: str | None = None  # a sh script instead of one command: "$P2P" is the CLI; {W} {H} filled in
+    env: dict[str, str] = field(default_factory=dict)  # extra environment ({W} {H} filled in)
+    stdin_write_only: bool = False  # stdin opened for writing only (a read fails with EBADF)
+    store_checked: bool = True  # False where the case itself replaces or forgets the store's profile
 
 
 @dataclass
@@ -84,6 +92,7 @@ class Result:
     seconds: float
     lost: list[str] = field(default_factory=list)
     stderr_tail: str = ""
+    wrong: str = ""  # "bad data accepted: ..." or "wrong result: ..." from the case's check
 
 
 # --- the template ------------------------------------------------------------------------------------
@@ -200,9 +209,16 @@ def run_case(case: Case, template: Path, scratch: Path, real_models: Path, can_m
     keep = _keep_hashes(ctx.work)
     _, n_before = _store_state(ctx.home)
     cmd: list[str | bytes] = [sys.executable, "-m", "p2p_local.cli", *(_fill(a, ctx) for a in case.argv)]
+    if case.shell is not None:
+        cmd = ["sh", "-c", str(_fill(case.shell, ctx))]
+    if case.stdin_write_only:
+        cmd = ["sh", "-c", 'exec "$@" 0>>"$0"', str(ctx.work / "stdin-write-only"), *cmd]
     if case.mount:
         cmd = _wrap(cmd, case.mount, ctx)
     env = _env(ctx.home, ctx.models, root / "tmp")
+    env["P2P"] = f"{sys.executable} -m p2p_local.cli"
+    env.update({k: str(_fill(v, ctx)) for k, v in case.env.items()})
+    home_before = _files_under(root / "tmp")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ctx.work, stdin=subprocess.PIPE if case.stdin is not None
                             else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -236,14 +252,32 @@ def run_case(case: Case, template: Path, scratch: Path, real_models: Path, can_m
         elif after[f] != h and rc != 0:
             lost.append(f"{f} changed by a failed command")
     state, n_after = _store_state(ctx.home)
-    if state != "ok":
+    if not case.store_checked:
+        pass
+    elif state != "ok":
         lost.append(f"store: {state}")
     elif n_after is None:
         lost.append(f"store: profile {PROFILE} is gone")
     elif n_after < (n_before or 0) or (n_after != n_before and not case.store_may_grow):
         lost.append(f"store: {PROFILE} has {n_after} items, had {n_before}")
+    # Privacy, for every case: $HOME (and TMPDIR) hold nothing new afterwards.
+    leaked = sorted(set(_files_under(root / "tmp")) - set(home_before))
+    wrong = f"bad data accepted: wrote outside the data dir: {leaked[:3]}" if leaked else ""
+    if case.check is not None and not wrong:
+        try:
+            wrong = case.check(ctx, rc, out_b.decode("utf-8", errors="replace"), err) or ""
+        except Exception as e:  # a check that cannot run says so, as a wrong result
+            wrong = f"wrong result: the check failed ({type(e).__name__}: {e})"
     shutil.rmtree(root, ignore_errors=True)
-    return Result(case.cls, case.name, outcome, rc, seconds, lost, err[-600:])
+    return Result(case.cls, case.name, outcome, rc, seconds, lost, err[-600:], wrong)
+
+
+def _files_under(d: Path) -> list[str]:
+    """Everything under `d`, with size and mtime: a file rewritten in place counts as new too."""
+    if not d.is_dir():
+        return []
+    return [f"{p.relative_to(d)} ({st.st_size} B, {st.st_mtime_ns})" for p in d.rglob("*")
+            if (st := p.lstat()) is not None]
 
 
 def _clean(err: str) -> bool:
@@ -412,6 +446,10 @@ def _adapter_mutation(kind: str) -> Setup:
                 kw["base_sha"] = "0" * 64
             elif kind == "huge-values":
                 tensors[first] = (np.full_like(a0, 60000), np.full_like(b0, 60000))
+            elif kind == "alpha-1e30":
+                kw["alpha"] = 1e30
+            elif kind == "weights-x1e5":
+                tensors = {k: (a * np.float16(1e4), b * np.float16(10)) for k, (a, b) in tensors.items()}
             else:
                 raise ValueError(kind)
             _write_gguf_adapter(path, tensors, **kw)
@@ -424,7 +462,7 @@ ADAPTER_KINDS = ("junk", "empty", "truncated-10", "truncated-50", "truncated-99"
                  "wrong-shape-b", "transposed", "rank-0", "rank-mismatch", "nan", "inf", "3d-a", "1d-b", "f64",
                  "int32", "missing-b", "unknown-target", "layer-out-of-range", "non-lora-tensor", "no-tensors",
                  "alpha-nan", "alpha-negative", "alpha-missing", "alpha-int", "wrong-arch", "other-base",
-                 "huge-values")
+                 "huge-values", "alpha-1e30", "weights-x1e5")
 
 
 def _adapter_cases() -> list[Case]:
@@ -876,9 +914,294 @@ def _arg_cases() -> list[Case]:
     return [Case("CLI arguments", n, a, timeout=120, store_may_grow=n.startswith("add ")) for n, a in argvs.items()]
 
 
+# --- the surfaces of issue 19: git import, exports, stdin, the hook, Letterboxd, dry runs, privacy ----------
+ME = "me@example.org"
+
+
+def _git_repo(commits: list[tuple[str, dict[str, str], str | bytes]]) -> Setup:
+    """{W}/repo with commits (author e-mail, files, message; a message of bytes goes through a file)."""
+    def setup(ctx: Ctx) -> None:
+        r = ctx.work / "repo"
+        r.mkdir()
+        env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(ctx.work)}
+
+        def git(*args: str, who: str = ME) -> None:
+            subprocess.run(["git", "-C", str(r), *args], check=True, capture_output=True,
+                           env={**env, "GIT_AUTHOR_NAME": who, "GIT_AUTHOR_EMAIL": who, "GIT_COMMITTER_NAME": who,
+                                "GIT_COMMITTER_EMAIL": who})
+        git("init", "-q", "-b", "main")
+        git("config", "user.email", ME)
+        for who, files, msg in commits:
+            for name, text in files.items():
+                (r / name).parent.mkdir(parents=True, exist_ok=True)
+                (r / name).write_text(text)
+            git("add", "-A", who=who)
+            (ctx.work / "msg").write_bytes(msg if isinstance(msg, bytes) else msg.encode())
+            git("commit", "-q", "--allow-empty", "-F", str(ctx.work / "msg"), who=who)
+    return setup
+
+
+def _git_items(ctx: Ctx) -> list[tuple[str, str]]:
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        return con.execute("SELECT input, output FROM items WHERE task = 'commit-subject' ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def _expect_items(outputs: list[str]) -> Callable[[Ctx, int | None, str, str], str | None]:
+    def check(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+        got = [o for _, o in _git_items(ctx)]
+        return None if got == outputs else f"bad data accepted: items {got[:4]}, expected {outputs}"
+    return check
+
+
+def _still(kind: str, rel: str) -> Callable[[Ctx, int | None, str, str], str | None]:
+    """The special file at {W}/rel is still a FIFO / device / link afterwards."""
+    import stat as st
+
+    def check(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+        p = ctx.work / rel
+        ok = {"fifo": lambda: st.S_ISFIFO(os.lstat(p).st_mode), "device": lambda: st.S_ISCHR(os.lstat(p).st_mode),
+              "link": lambda: p.is_symlink()}[kind]()
+        return None if ok and rc != 0 else f"bad data accepted: {rel} was replaced by a file (rc {rc})"
+    return check
+
+
+def _special(rel: str, kind: str) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        import stat as st
+
+        p = ctx.work / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "device":
+            os.mknod(p, st.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own (root in a container)
+        elif kind == "link":
+            os.mkfifo(ctx.work / "a-fifo")
+            p.symlink_to(ctx.work / "a-fifo")
+        else:
+            os.mkfifo(p)
+    return setup
+
+
+def _user_files(rel: str) -> Setup:
+    """A folder of the user's own files in keep/ (hashed: replacing it counts as files lost)."""
+    def setup(ctx: Ctx) -> None:
+        d = ctx.work / "keep" / rel
+        d.mkdir(parents=True)
+        (d / "README.md").write_text("my own notes\n")
+    return setup
+
+
+def _no_file(rel: str, what: str) -> Callable[[Ctx, int | None, str, str], str | None]:
+    def check(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+        return f"bad data accepted: {what}" if (ctx.work / rel).exists() else None
+    return check
+
+
+def _both(*checks: Callable) -> Callable[[Ctx, int | None, str, str], str | None]:
+    def check(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+        return next((w for c in checks if (w := c(ctx, rc, out, err))), None)
+    return check
+
+
+def _private_modes(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    bad = [f"{p.relative_to(ctx.home)} {p.stat().st_mode & 0o777:o}" for p in [ctx.home, *ctx.home.rglob("*")]
+           if p.stat().st_mode & 0o777 != (0o700 if p.is_dir() else 0o600)]
+    return f"bad data accepted: not private: {bad[:4]}" if bad else None
+
+
+def _issue19_cases() -> list[Case]:
+    imp_git = ["profile", "import", PROFILE, "--git", "{W}/repo", "--author", ME]
+    word = "w" * 1_000_000
+    cases = [
+        # hangs
+        Case("hangs", "git import: one 1 MB word in the subject and body", imp_git,
+             _git_repo([(ME, {"a.py": "1"}, f"Fix {word}\n\n{word}@x")]), timeout=60, store_may_grow=True,
+             check=lambda ctx, rc, o, e: None if len(_git_items(ctx)) == 1 else "wrong result: not one item"),
+        Case("hangs", "git import: 1 MB of '@a' pairs", imp_git, _git_repo([(ME, {"a.py": "1"}, "S\n\n" + "@a" * 500_000)]),
+             timeout=60, store_may_grow=True),
+        Case("hangs", "git import: 600k-character trailer key", imp_git,
+             _git_repo([(ME, {"a.py": "1"}, "S\n\n" + "a-" * 300_000 + "by: x")]), timeout=60, store_may_grow=True),
+        Case("hangs", "chat without a terminal", ["chat", "--profile", PROFILE], timeout=30),
+        Case("hangs", "chat with stdin from a pipe", ["chat"], stdin=b"hello\n", timeout=30),
+        # files destroyed
+        Case("files destroyed", "profile export -o a device node", ["profile", "export", PROFILE, "-o", "{W}/dev"],
+             _special("dev", "device"), check=_still("device", "dev")),
+        Case("files destroyed", "profile export -o a link to a FIFO", ["profile", "export", PROFILE, "-o", "{W}/ln"],
+             _special("ln", "link"), check=_still("link", "ln")),
+        Case("files destroyed", "adapter export over a FIFO", ["adapter", "export", PROFILE, "--to", "{W}/out"],
+             _special("out/demo-movielens-rating.gguf", "fifo"), check=_still("fifo", "out/demo-movielens-rating.gguf")),
+        Case("files destroyed", "adapter export README over a device node",
+             ["adapter", "export", PROFILE, "--to", "{W}/out"], _special("out/demo-movielens-rating.README.md", "device"),
+             check=_still("device", "out/demo-movielens-rating.README.md")),
+        Case("files destroyed", "adapter export Modelfile over a link to a FIFO",
+             ["adapter", "export", PROFILE, "--to", "{W}/out"], _special("out/demo-movielens-rating.Modelfile", "link"),
+             check=_still("link", "out/demo-movielens-rating.Modelfile")),
+        Case("files destroyed", "adapter export --to a device node", ["adapter", "export", PROFILE, "--to", "{W}/dev"],
+             _special("dev", "device"), check=_still("device", "dev")),
+        Case("files destroyed", "adapter export --format peft over the user's folder",
+             ["adapter", "export", PROFILE, "--to", "{W}/keep", "--format", "peft"],
+             _user_files("demo-movielens-rating")),
+        Case("files destroyed", "personalize --peft-out the user's folder",
+             ["personalize", PROFILE, "--peft-out", "{W}/keep/mine"], _user_files("mine")),
+        # injected data
+        Case("injected data", "another author's file names spell an item by me",
+             imp_git, _git_repo([(ME, {"a.py": "1"}, "Add a"),
+                                 ("bob@example.org", {n: "x" for n in ["\x1e" + "0" * 40, "a", "b", ME, "n",
+                                                                       "o chosen subject", "p"]}, "Bob's commit")]),
+             store_may_grow=True, check=_expect_items(["Add a"])),
+        Case("injected data", "my commit with separators in names and body is one item",
+             imp_git, _git_repo([(ME, {"x\x1ey": "1", "\nlead": "2", "tab\tname": "3"}, "Odd names\n\nbody \x1e\x1f")]),
+             store_may_grow=True, check=_expect_items(["Odd names"])),
+        Case("injected data", "a subject holding NUL-like escapes and a newline",
+             imp_git, _git_repo([(ME, {"a.py": "1"}, "One line\x1d\x1c\n\nbody")]), store_may_grow=True,
+             check=_expect_items(["One line"])),
+        # caught crashes
+        Case("caught crashes", "Letterboxd year '199\u00b2'", ["profile", "import", PROFILE, "{W}/ratings.csv"],
+             _file("ratings.csv", "Date,Name,Year,Rating\n2023-01-01,Heat,199\u00b2,4\n".encode())),
+        Case("caught crashes", "Letterboxd year of 5000 digits", ["profile", "import", PROFILE, "{W}/ratings.csv"],
+             _file("ratings.csv", ("Date,Name,Year,Rating\n2023-01-01,Heat," + "9" * 5000 + ",4\n").encode())),
+        Case("caught crashes", "store file of random bytes", ["profile", "show", PROFILE],
+             lambda ctx: (ctx.home / "p2p.sqlite3").write_bytes(os.urandom(1 << 16)), store_checked=False),
+        Case("caught crashes", "store of random bytes after a SQLite header", ["personalize", PROFILE],
+             lambda ctx: (ctx.home / "p2p.sqlite3").write_bytes(b"SQLite format 3\x00" + os.urandom(1 << 16)),
+             store_checked=False),
+        Case("caught crashes", "ask - with stdin opened write-only", ["ask", "-", "--profile", PROFILE],
+             stdin_write_only=True),
+        Case("caught crashes", "hook install over a foreign hook, read-only hooks folder",
+             ["hook", "install", "--repo", "{W}/repo", "--profile", PROFILE],
+             lambda ctx: (_git_repo([(ME, {"a": "1"}, "A")])(ctx),
+                          (ctx.work / "repo/.git/hooks/prepare-commit-msg").write_text("#!/bin/sh\necho mine\n")),
+             mount="ro:repo/.git/hooks",
+             check=lambda ctx, rc, o, e: None if (ctx.work / "repo/.git/hooks/prepare-commit-msg").read_text()
+             == "#!/bin/sh\necho mine\n" else "bad data accepted: the foreign hook changed"),
+        # concurrency and interruption
+        Case("concurrency", "two imports of one file at once",
+             [], _file("in.jsonl", _jsonl(*[_item(inp=f"M{i} (1999) | Genres: Drama") for i in range(2000)])),
+             shell='$P2P profile import twin {W}/in.jsonl --create --task movielens-rating & p=$!; '
+                   '$P2P profile import twin {W}/in.jsonl --create --task movielens-rating; a=$?; wait $p; b=$?; '
+                   '[ $a -eq 0 ] && exit $b; exit $a',
+             check=lambda ctx, rc, o, e: _count_items(ctx, "twin", 2000)),
+        Case("concurrency", "two git imports of one repository at once", [],
+             _git_repo([(ME, {f"f{i}.py": "1"}, f"Commit {i}") for i in range(30)]),
+             shell='$P2P profile import g --git {W}/repo --create & p=$!; $P2P profile import g --git {W}/repo '
+                   '--create; a=$?; wait $p; b=$?; [ $a -eq 0 ] && exit $b; exit $a',
+             check=lambda ctx, rc, o, e: _count_items(ctx, "g", 30)),
+        Case("concurrency", "import --create that fails leaves no profile",
+             ["profile", "import", "newbie", "{W}/in.jsonl", "--create", "--task", TASK],
+             _file("in.jsonl", _jsonl(_item(), _item(out="99"))),
+             check=lambda ctx, rc, o, e: _count_items(ctx, "newbie", None)),
+        Case("concurrency", "--dry-run on a new machine", ["profile", "import", "x", "{W}/in.jsonl", "--create",
+                                                           "--dry-run"], _file("in.jsonl", _jsonl(_item())),
+             env={"P2P_HOME": "{W}/fresh"}, check=_no_file("fresh", "the dry run created the data dir")),
+        Case("concurrency", "git --dry-run on a new machine", imp_git + ["--create", "--dry-run"],
+             _git_repo([(ME, {"a.py": "1"}, "Add a")]), env={"P2P_HOME": "{W}/fresh"},
+             check=_no_file("fresh", "the dry run created the data dir")),
+        # export names and README commands
+        Case("export names", "two non-Latin profiles export to one folder", [],
+             _file("in.jsonl", _jsonl(*[_item(inp=f"M{i} (1999) | Genres: Drama") for i in range(10)])),
+             shell="$P2P profile import \u0410\u043b\u0438\u0441\u0430 {W}/in.jsonl --create --task movielens-rating && "
+                   "$P2P profile import \u0411\u043e\u0440\u0438\u0441 {W}/in.jsonl --create --task movielens-rating && "
+                   "$P2P adapter export \u0410\u043b\u0438\u0441\u0430 --to {W}/out && "
+                   "$P2P adapter export \u0411\u043e\u0440\u0438\u0441 --to {W}/out",
+             timeout=180, check=lambda ctx, rc, o, e: None if len(list((ctx.work / "out").glob("*.gguf"))) == 2
+             else "wrong result: the second export replaced the first"),
+        Case("export names", "README commands quoted for a folder with spaces and $(...)",
+             ["adapter", "export", PROFILE, "--to", "{W}/a b $(touch PWNED)"],
+             check=lambda ctx, rc, o, e: _readme_quoted(ctx)),
+        # stdin
+        Case("stdin", "UTF-8 BOM before a diff (commit task)", ["ask", "-", "--task", "commit-subject", "--base",
+                                                                "--json"],
+             stdin=b"\xef\xbb\xbfdiff --git a/src/app.py b/src/app.py\n--- a/src/app.py\n+++ b/src/app.py\n@@ -1 +1 @@\n-a\n+b\n",
+             check=lambda ctx, rc, o, e: None if json.loads(o)["query"].startswith("files: src/app.py")
+             else f"wrong result: the diff was not read ({json.loads(o)['query'][:40]!r})"),
+        Case("stdin", "50 MB of text on stdin", ["ask", "-", "--profile", PROFILE, "--task", TASK],
+             stdin=b"Heat (1995) " * 4_400_000, timeout=60),
+        Case("stdin", "50 MB diff on stdin (commit task)", ["ask", "-", "--task", "commit-subject", "--base"],
+             stdin=(b"diff --git a/x.py b/x.py\n" + b"+" + b"y" * 1000 + b"\n") * 50_000, timeout=120),
+        # privacy
+        Case("privacy", "personalize writes nothing outside the data dir, all private",
+             ["personalize", PROFILE, "--force"], check=_private_modes),
+        Case("privacy", "a crash log is private", ["profile", "show", PROFILE],
+             lambda ctx: (ctx.home / "logs").mkdir(mode=0o755), check=_private_modes),
+        Case("privacy", "forget removes the profile's exports", [],
+             shell=f"$P2P adapter export {PROFILE} --to {{H}}/exports --query 'secret query' && "
+                   f"$P2P profile forget {PROFILE} --yes", store_checked=False,
+             check=lambda ctx, rc, o, e: None if not any((ctx.home / "exports").iterdir())
+             else f"bad data accepted: exports left: {[p.name for p in (ctx.home / 'exports').iterdir()]}"),
+        Case("privacy", "profile show strips escape sequences", [],
+             shell="$P2P profile add demo --input \"$(printf 'Movie (1999) | Genres: Drama\\033]0;pwned\\007')\" "
+                   "--output 4 && $P2P profile show demo", store_may_grow=True,
+             check=lambda ctx, rc, o, e: "bad data accepted: escape sequences printed" if "\x1b" in o or "\x07" in o
+             else None),
+        # bad values
+        Case("bad values", "--temperature 3", ["ask", QUERY, "--profile", PROFILE, "--temperature", "3"]),
+        Case("bad values", "--max-tokens 100000", ["ask", QUERY, "--profile", PROFILE, "--max-tokens", "100000"]),
+        Case("bad values", "hook install unknown profile", ["hook", "install", "--repo", "{W}/repo", "--profile",
+                                                            "ghost"], _git_repo([(ME, {"a": "1"}, "A")]),
+             check=_no_file("repo/.git/hooks/prepare-commit-msg", "a hook for an unknown profile")),
+        Case("bad values", "hook install unknown task", ["hook", "install", "--repo", "{W}/repo", "--profile", PROFILE,
+                                                         "--task", "nope"], _git_repo([(ME, {"a": "1"}, "A")]),
+             check=_no_file("repo/.git/hooks/prepare-commit-msg", "a hook for an unknown task")),
+        Case("bad values", "Letterboxd NUL in a name", ["profile", "import", PROFILE, "{W}/ratings.csv"],
+             _file("ratings.csv", b"Date,Name,Year,Rating\n2023-01-01,He\x00at,1995,4\n")),
+        Case("bad values", "Letterboxd rating 1e-300", ["profile", "import", PROFILE, "{W}/ratings.csv"],
+             _file("ratings.csv", b"Date,Name,Year,Rating\n2023-01-01,Heat,1995,1e-300\n")),
+        Case("bad values", "Letterboxd rating 4.25", ["profile", "import", PROFILE, "{W}/ratings.csv"],
+             _file("ratings.csv", b"Date,Name,Year,Rating\n2023-01-01,Heat,1995,4.25\n")),
+        Case("bad values", "bundle alpha 1e30", ["personalize", PROFILE, "--force", "--bundle", "{W}/bundle"],
+             _bundle("lora.alpha", 1e30)),
+    ]
+    for kind in ("alpha-1e30", "weights-x1e5"):
+        # personalize (no query): the planted file is the cached adapter it would use as it is
+        cases.append(Case("bad values", f"{kind} cached adapter -> personalize", ["personalize", PROFILE],
+                          _adapter_mutation(kind), check=_adapter_refused))
+    return cases
+
+
+def _count_items(ctx: Ctx, profile: str, want: int | None) -> str | None:
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        row = con.execute("SELECT (SELECT COUNT(*) FROM items WHERE profile_id = p.id) FROM profiles p WHERE name = ?",
+                          (profile,)).fetchone()
+    finally:
+        con.close()
+    got = row[0] if row else None
+    return None if got == want else f"bad data accepted: {profile} holds {got} items, expected {want}"
+
+
+def _readme_quoted(ctx: Ctx) -> str | None:
+    import shlex
+
+    readme = next((ctx.work / "a b $(touch PWNED)").glob("*.README.md"))
+    gguf = readme.with_name(readme.name.replace(".README.md", ".gguf"))
+    return None if f"--lora {shlex.quote(str(gguf))} " in readme.read_text() else "wrong result: paths unquoted"
+
+
+def _adapter_refused(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    """The planted adapter must not be what answered: refused and regenerated (the file is replaced)."""
+    from p2p_local.adapter import MAX_LORA_SCALE, MAX_LORA_VALUE
+
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        paths = [Path(r[0]) for r in con.execute("SELECT path FROM adapters").fetchall()]
+    finally:
+        con.close()
+    from p2p_local.adapter import read_adapter
+
+    for p in paths:
+        if p.is_file():
+            ad = read_adapter(p)
+            big = max(float(np.abs(x).max()) for pair in ad.tensors.values() for x in pair)
+            if ad.alpha / ad.rank > MAX_LORA_SCALE or big > MAX_LORA_VALUE:
+                return f"bad data accepted: the insane adapter {p.name} is still cached (rc {rc})"
+    return None
+
+
 def catalogue() -> list[Case]:
     return (_adapter_cases() + _base_cases() + _bundle_cases() + _import_cases() + _name_cases() + _export_cases()
-            + _query_cases() + _arg_cases())
+            + _query_cases() + _arg_cases() + _issue19_cases())
 
 
 def sample(cases: list[Case], per_class: int) -> list[Case]:
@@ -892,7 +1215,8 @@ def sample(cases: list[Case], per_class: int) -> list[Case]:
 
 
 # --- run and report ---------------------------------------------------------------------------------------
-COLUMNS = ("tried", "clean", "success", "unclear", "traceback", "abort", "hang", "files lost", "skipped")
+COLUMNS = ("tried", "clean", "success", "unclear", "traceback", "abort", "hang", "files lost", "bad data accepted",
+           "wrong result", "skipped")
 
 
 def tally(results: list[Result]) -> dict[str, dict[str, int]]:
@@ -905,12 +1229,14 @@ def tally(results: list[Result]) -> dict[str, dict[str, int]]:
         row["tried"] += 1
         row[r.outcome] += 1
         row["files lost"] += bool(r.lost)
+        row["bad data accepted"] += r.wrong.startswith("bad data")
+        row["wrong result"] += r.wrong.startswith("wrong result")
     table["total"] = {k: sum(table[c][k] for c in CLASSES) for k in COLUMNS}
     return table
 
 
 def bad(results: list[Result]) -> list[Result]:
-    return [r for r in results if r.outcome in ("traceback", "abort", "hang") or r.lost]
+    return [r for r in results if r.outcome in ("traceback", "abort", "hang") or r.lost or r.wrong]
 
 
 def run(cases: list[Case], jobs: int = 2, progress: bool = False) -> list[Result]:
@@ -925,7 +1251,7 @@ def run(cases: list[Case], jobs: int = 2, progress: bool = False) -> list[Result
         def one(case: Case) -> Result:
             r = run_case(case, template, scratch, real, can_mount)
             if progress:
-                flag = "" if r.outcome in ("clean", "success", "skipped") and not r.lost else "   <-- !"
+                flag = "" if r.outcome in ("clean", "success", "skipped") and not r.lost and not r.wrong else "   <-- !"
                 print(f"[{r.cls}] {r.name}: {r.outcome} rc={r.rc} {r.seconds:.1f}s{flag}", flush=True)
             return r
 
@@ -954,10 +1280,23 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def write_report(results: list[Result], seconds: float, jobs: int) -> None:
+def previous_results(exclude: list[str]) -> tuple[list[Result], str] | None:
+    """The cases of the last full report outside `exclude`, and where they come from (commit, date)."""
+    if not REPORT_JSON.is_file():
+        return None
+    old = json.loads(REPORT_JSON.read_text())
+    fields = {f.name for f in dataclasses.fields(Result)}
+    kept = [Result(**{k: v for k, v in c.items() if k in fields}) for c in old["cases"] if c["cls"] not in exclude]
+    return kept, f"commit {old.get('commit')}, {old.get('date')}"
+
+
+def write_report(results: list[Result], seconds: float, jobs: int,
+                 partial: tuple[list[str], str] | None = None) -> None:
     table = tally(results)
     meta = {"command": COMMAND, "machine": machine(), "commit": _git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1), "jobs": jobs}
+    if partial:
+        meta["rerun_classes"], meta["other_classes_from"] = partial
     REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
     REPORT_JSON.write_text(json.dumps({**meta, "table": table,
                                        "cases": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
@@ -966,6 +1305,9 @@ def write_report(results: list[Result], seconds: float, jobs: int) -> None:
              "each in a subprocess with its own copy of a prepared data dir (a profile, its cached adapter, a previous",
              "profile export and adapter export) and a timeout. Machine: " + meta["machine"] + f"; commit {meta['commit']};",
              f"{meta['date']}; {seconds:.0f} s with {jobs} cases at a time.", "",
+             *([f"Re-run here: the classes {', '.join(partial[0])} (`{COMMAND} --classes ...`); the other classes'",
+                f"rows are the previous full run's ({partial[1]}), kept from reports/robustness.json.", ""]
+               if partial else []),
              "clean: exit code != 0 with an `error:` line and a hint (or, for `p2p` / `p2p profile` alone, the help with",
              "exit code 2). traceback: a Python traceback on stderr or the",
              "CLI's internal-error guard (exit 70). abort: killed by a signal (GGML_ASSERT, segfault). hang: the timeout",
@@ -990,7 +1332,22 @@ def write_report(results: list[Result], seconds: float, jobs: int) -> None:
               "- exports: to a directory, a missing parent, /dev/full, a read-only directory, over an existing file on a",
               "  full disk (a 64 KiB tmpfs), and reading commands on a read-only data dir;",
               "- odd queries: invalid UTF-8 in argv and stdin, empty, 100 KB in argv, 1 MB on stdin, special tokens;",
-              "- CLI arguments: bad --scale / --temperature / --max-tokens / --items, unknown tasks and commands.", ""]
+              "- CLI arguments: bad --scale / --temperature / --max-tokens / --items, unknown tasks and commands;",
+              "- hangs: one 1 MB word in a commit (the e-mail scrub was quadratic), `chat` without a terminal;",
+              "- files destroyed: exports over a device node, a FIFO, a link to one; PEFT exports over the user's folder;",
+              "- injected data: file names holding git's separators (another author's item, one commit cut in two);",
+              "- caught crashes: Letterboxd years, a store of random bytes, stdin opened write-only, a read-only hooks",
+              "  folder holding a foreign hook;",
+              "- concurrency: two imports of one file or repository at once, a failing `--create`, `--dry-run` on a new",
+              "  machine (writes nothing);",
+              "- export names: two non-Latin profile names, README commands on a folder with spaces and `$(...)`;",
+              "- stdin: a UTF-8 BOM before a diff, 50 MB of text, a 50 MB diff;",
+              "- privacy: nothing new in $HOME (checked after every case), 0700/0600 in the data dir, forget removes",
+              "  exports, escape sequences stripped from `profile show`;",
+              "- bad values: --temperature / --max-tokens, hook install with an unknown profile or task, Letterboxd NUL",
+              "  and absurd ratings, alpha 1e30 and weights x1e5 in a cached adapter, a bundle's alpha 1e30.", "",
+              "bad data accepted / wrong result: the case's own check (a special file replaced, an injected item,",
+              "doubled items, a file written outside the data dir, a diff not read ...).", ""]
     outcomes: dict[str, list[str]] = {}
     for r in results:
         outcomes.setdefault(r.outcome, []).append(f"{r.cls}: {r.name}")
@@ -1002,7 +1359,7 @@ def write_report(results: list[Result], seconds: float, jobs: int) -> None:
     if problems:
         lines += ["## Cases to fix", ""]
         for r in problems:
-            lines.append(f"- {r.cls}: {r.name}: {r.outcome} (rc {r.rc}) {'; '.join(r.lost)}")
+            lines.append(f"- {r.cls}: {r.name}: {r.outcome} (rc {r.rc}) {'; '.join(r.lost)} {r.wrong}")
         lines.append("")
     REPORT_MD.write_text("\n".join(lines))
 
@@ -1013,8 +1370,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=0, help="only a sample of N cases per class (no report)")
     ap.add_argument("--only", help="only cases whose class or name contains this")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--classes", help="comma-separated classes to re-run; the report keeps the other classes' "
+                                      "results from the previous reports/robustness.json and says so")
     args = ap.parse_args(argv)
     cases = catalogue()
+    rerun = [c.strip() for c in args.classes.split(",")] if args.classes else []
+    if rerun:
+        unknown = set(rerun) - set(CLASSES)
+        if unknown:
+            ap.error(f"unknown classes {sorted(unknown)}; known: {', '.join(CLASSES)}")
+        cases = [c for c in cases if c.cls in rerun]
     if args.only:
         cases = [c for c in cases if args.only in c.cls or args.only in c.name]
     if args.per_class:
@@ -1025,11 +1390,13 @@ def main(argv: list[str] | None = None) -> int:
     table = tally(results)
     print(json.dumps(table["total"]))
     if not (args.no_report or args.per_class or args.only):
-        write_report(results, seconds, args.jobs)
+        kept = previous_results(exclude=rerun) if rerun else None
+        write_report(results + (kept[0] if kept else []), seconds, args.jobs,
+                     partial=(rerun, kept[1]) if kept else None)
         print(f"wrote {REPORT_MD} and {REPORT_JSON}")
     problems = bad(results)
     for r in problems:
-        print(f"FAIL {r.cls}: {r.name}: {r.outcome} rc={r.rc} {r.lost}\n{r.stderr_tail}")
+        print(f"FAIL {r.cls}: {r.name}: {r.outcome} rc={r.rc} {r.lost} {r.wrong}\n{r.stderr_tail}")
     return 1 if problems else 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -55,6 +56,10 @@ ACCEPTED_TYPES = {
 }
 GGML_MAX_NAME = 64  # ggml.h: tensor names are char[64], NUL included
 GGML_MAX_DIMS = 4
+# Sane ranges, checked before llama.cpp sees an adapter: the shipped hypernetwork writes alpha / rank = 2
+# and values below 0.3; an alpha of 1e30 or weights x1e5 are no personalization, they wreck every answer.
+MAX_LORA_SCALE = 64.0  # alpha / rank
+MAX_LORA_VALUE = 100.0  # |A|, |B| entries
 MAX_ADAPTER_BYTES = 2 << 30  # far above any rank a base of this size allows; bounds what we map
 _CORRUPT = "the file is corrupt or was not written by a GGUF LoRA exporter; regenerate it"
 # Modules llama.cpp can adapt on the architectures we know (GGUF short names).
@@ -200,6 +205,7 @@ def write_adapter(
     if len(ranks) != 1:
         raise AdapterError(f"all pairs must share one rank, got {sorted(ranks)}", hint="one rank per adapter")
     rank = ranks.pop()
+    check_lora_scale(str(path), float(alpha), rank)
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, base.arch)
@@ -324,6 +330,22 @@ def _check_pair(name: str, a: np.ndarray, b: np.ndarray, base: BaseInfo) -> None
                            hint="the adapter is degenerate; regenerate it")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise AdapterError(f"{name}: the adapter holds NaN or Inf values", hint="the generator diverged; retrain")
+    problem = lora_value_problem(a, b)
+    if problem:
+        raise AdapterError(f"{name}: {problem}", hint="the generator diverged or the file was tampered with; regenerate it")
+
+
+def lora_value_problem(a: np.ndarray, b: np.ndarray) -> str | None:
+    """What is wrong with the size of a pair's values (None: within MAX_LORA_VALUE)."""
+    big = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+    return f"a value of magnitude {big:.3g} (sane adapters stay below {MAX_LORA_VALUE:g})" if big > MAX_LORA_VALUE else None
+
+
+def check_lora_scale(where: str, alpha: float, rank: int) -> None:
+    """alpha / rank within MAX_LORA_SCALE (the update's multiplier in llama.cpp)."""
+    if not (math.isfinite(alpha) and 0 < alpha / rank <= MAX_LORA_SCALE):
+        raise AdapterError(f"{where}: alpha {alpha:g} over rank {rank} is a LoRA scale of {alpha / rank:.3g}, "
+                           f"outside (0, {MAX_LORA_SCALE:g}]", hint="regenerate the adapter with a sane alpha")
 
 
 def _check_target(name: str, base: BaseInfo) -> None:
@@ -344,8 +366,7 @@ def _check_ranks(path: str | Path, adapter: LoraAdapter) -> None:
     ranks = {a.shape[0] for a, _ in adapter.tensors.values()}
     if len(ranks) != 1:
         raise AdapterError(f"{path}: pairs have different ranks {sorted(ranks)}", hint="regenerate the adapter")
-    if not np.isfinite(adapter.alpha / adapter.rank):
-        raise AdapterError(f"{path}: alpha / rank is not finite", hint="regenerate the adapter")
+    check_lora_scale(str(path), adapter.alpha, adapter.rank)
 
 
 def _open(path: str | Path) -> gguf.GGUFReader:

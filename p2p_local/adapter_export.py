@@ -10,10 +10,11 @@ it gives the exact llama.cpp and Ollama commands, with the prompt and the decodi
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from p2p_local.exports import export_name
 
 
 @dataclass
@@ -31,50 +32,40 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
     """Make the profile's adapter (the route `Session.answer` takes, run up to the attached adapter: what
     `p2p ask QUERY` would answer with) and copy it to `to`."""
     from p2p_local.adapter import read_adapter, write_adapter
-    from p2p_local.files import atomic_write
+    from p2p_local.errors import UsageError
+    from p2p_local.files import atomic_write, refuse_special
 
+    to = Path(to)
+    refuse_special(to, UsageError)  # `--to /dev/null`: not a folder to write into
     with session.answer(query or "", profile=profile, task=task) as answer:
         r = answer.prepare().personalization
     if r is None:
-        from p2p_local.errors import UsageError
-
         raise UsageError(f"no adapter for free chat from profile {profile!r}", hint="name a task: --task TASK")
     card = answer.request.card
-    to = Path(to)
     stem = export_name(profile, r.task, query)
     adapter = read_adapter(r.adapter_path)
     spec, base_path = _base(session)
     if fmt == "peft":
         from p2p_local.peft_export import export_peft
 
+        _make_folder(to, mode)
         out = export_peft(adapter, to / stem, spec.hf_id or spec.name,
                           card=peft_card(profile, r, card, adapter, spec, query))
         readme = out / "README.md"
         _chmod_tree(out, mode)
         return Export(out, readme, r.task, profile, r.fingerprint, r.adapter_path)
-    dest = to / f"{stem}.gguf"
+    dest, readme, modelfile = to / f"{stem}.gguf", to / f"{stem}.README.md", to / f"{stem}.Modelfile"
+    for target in (dest, readme, modelfile):  # checked before any is written: all three or none
+        refuse_special(target, UsageError)
+    _make_folder(to, mode)
     write_adapter(dest, adapter.tensors, alpha=adapter.alpha, base=session.engine.base, dtype="f16",
                   generator=str(adapter.meta.get("p2p.generator.name") or "p2p-local"),
                   profile_fingerprint=r.fingerprint, name=f"p2p-local {profile} {r.task}", task_name=r.task,
                   prompt_prefix=card.template.split("{input}")[0], base_model=spec.base_model_meta())
     dest.chmod(mode)
-    readme = to / f"{stem}.README.md"
     atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
-    modelfile = to / f"{stem}.Modelfile"
     atomic_write(modelfile, ollama_modelfile(dest, base_path, card), mode=mode)
     return Export(dest, readme, r.task, profile, r.fingerprint, r.adapter_path)
-
-
-def export_name(profile: str, task: str, query: str | None) -> str:
-    """`me-commit-subject`, plus a short hash of the query for a query-aware adapter: the same
-    profile, task and query always give the same name (re-exporting replaces the file)."""
-    import hashlib
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", profile).strip("._") or "profile"
-    name = f"{safe}-{task}"
-    if query:
-        name += "-q" + hashlib.sha256(query.encode("utf-8")).hexdigest()[:8]
-    return name
 
 
 def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
@@ -85,9 +76,9 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
     n = 1 if rating else 32
     from p2p_local.pipeline import lora_scale, stop_strings
 
-    jprompt = json.dumps(prompt)
+    base_q, adapter_q = _sh(str(base)), _sh(str(adapter))
     stops = [] if rating else stop_strings(card)
-    jstop = f', "stop": {json.dumps(stops)}' if stops else ""
+    stop = {"stop": stops} if stops else {}
     labels = ", ".join(card.labels)
     decode = (f"""
 ## Reading the answer ({card.kind} task)
@@ -100,7 +91,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
 With llama-server, ask for the top tokens of the one next token and do the same:
 
 ```sh
-curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{{"id": 0, "scale": 1.0}}]}}'
+curl -s http://127.0.0.1:8080/completion -d {_sh(json.dumps({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}]}))}
 ```
 """) if rating else f"""
 ## Reading the answer
@@ -124,17 +115,17 @@ The prompt is the task card's template around your input (no chat template):
 ## llama.cpp
 
 ```sh
-llama-completion -m {base} --lora {adapter} -p {_sh(prompt)} -n {n} --temp 0
-llama-completion -m {base} --lora-scaled {adapter}:{lora_scale(0.5):g} -p {_sh(prompt)} -n {n} --temp 0   # the app's x0.5
+llama-completion -m {base_q} --lora {adapter_q} -p {_sh(prompt)} -n {n} --temp 0
+llama-completion -m {base_q} --lora-scaled {_sh(f"{adapter}:{lora_scale(0.5):g}")} -p {_sh(prompt)} -n {n} --temp 0   # the app's x0.5
 ```
 (`llama-cli -no-cnv ...` in builds before llama-completion existed.)
 
 ## llama-server
 
 ```sh
-llama-server -m {base} --lora {adapter} --lora-init-without-apply
+llama-server -m {base_q} --lora {adapter_q} --lora-init-without-apply
 curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and prompt_prefix of each adapter
-curl -s http://127.0.0.1:8080/completion -d '{{"prompt": {jprompt}, "n_predict": {n}, "temperature": 0{jstop}, "lora": [{{"id": 0, "scale": 1.0}}]}}'
+curl -s http://127.0.0.1:8080/completion -d {_sh(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}]}))}
 ```
 The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
 The app's strength xS is llama.cpp scale S at or above x1 and `0.01 ** (1 - S)` below it (x0.5: 0.1),
@@ -147,8 +138,8 @@ since the adapter's effect saturates early.
 ```
 {ollama_modelfile(adapter, base, card)}```
 ```sh
-ollama create {adapter.stem} -f {adapter.with_suffix('.Modelfile')}
-ollama run {adapter.stem} {_sh(prompt)}
+ollama create {_sh(adapter.stem)} -f {_sh(str(adapter.with_suffix('.Modelfile')))}
+ollama run {_sh(adapter.stem)} {_sh(prompt)}
 ```
 {decode}"""
 
@@ -212,6 +203,17 @@ def _base(session: Any) -> tuple[Any, Path]:
     path = Path(session.engine.model_path).resolve()
     spec = next((s for s in known_models().values() if s.filename == path.name), None)
     return spec or ModelSpec(path.stem, path.name, "", "", 0), path
+
+
+def _make_folder(folder: Path, mode: int) -> None:
+    """The export folder, created with `mode` widened to folders (x where r) so that `--mode 644` is
+    readable by others; private (0700) by default."""
+    from p2p_local.files import disk_error
+
+    try:
+        folder.mkdir(mode=mode | ((mode & 0o444) >> 2), parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, folder) from e
 
 
 def _chmod_tree(folder: Path, mode: int) -> None:

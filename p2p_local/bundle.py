@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from p2p_local.adapter import tensor_name
+from p2p_local.adapter import MAX_LORA_SCALE, lora_value_problem, tensor_name
 from p2p_local.errors import BundleError
 from p2p_local.paths import data_dir, repo_root
 
@@ -228,6 +228,10 @@ class Bundle:
             for name, (a, b) in ad.items():
                 if not (np.isfinite(a).all() and np.isfinite(b).all()):
                     raise BundleError(f"the hypernetwork produced NaN/Inf for {name}", hint="the bundle is broken: retrain or re-export")
+                problem = lora_value_problem(a, b)
+                if problem:
+                    raise BundleError(f"the hypernetwork produced {problem} for {name}",
+                                      hint="the bundle is broken: retrain or re-export")
         return adapters
 
 
@@ -309,7 +313,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     check("lora.rank", lora["rank"], is_int(lora["rank"], 1, _MAX_RANK), f"an integer in 1..{_MAX_RANK}")
     alpha = lora["alpha"]
     check("lora.alpha", alpha, isinstance(alpha, int | float) and not isinstance(alpha, bool)
-          and math.isfinite(alpha) and alpha > 0, "a positive finite number")
+          and math.isfinite(alpha) and alpha > 0
+          and (not is_int(lora["rank"], 1, _MAX_RANK) or alpha / lora["rank"] <= MAX_LORA_SCALE),
+          f"a positive number at most {MAX_LORA_SCALE:g} x rank")
     targets = lora["targets"]
     check("lora.targets", targets, isinstance(targets, list) and bool(targets) and len(set(map(str, targets))) == len(targets)
           and all(is_text(t) for t in targets), "a non-empty list of distinct module names")

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     one line, the path of a log holding the traceback, how to report it, exit 70. `P2P_DEBUG=1`
     re-raises instead, for developers.
     """
+    # Whatever we create is the user's alone (0700 folders, 0600 files), whatever their umask says;
+    # `--mode` options widen an export on request. Restored on return (tests call main in-process).
+    umask = os.umask(0o077)
     try:
         _safe_stdout()
         argv = check_argv(sys.argv[1:] if argv is None else list(argv))
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("P2P_DEBUG") == "1":
             raise
         return _report_crash(e)
+    finally:
+        os.umask(umask)
 
 
 def check_argv(argv: list[str]) -> list[str]:
@@ -167,8 +172,8 @@ def _write_crash_log(e: BaseException) -> Path | None:
 def _log_dirs() -> list[Path]:
     dirs = []
     try:
-        from p2p_local.paths import data_dir
-        dirs.append(data_dir() / "logs")
+        from p2p_local.paths import data_dir, private_dir
+        dirs.append(private_dir(data_dir() / "logs"))
     except Exception:  # the data dir itself may be what is broken
         pass
     dirs.append(Path(tempfile.gettempdir()))

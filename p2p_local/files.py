@@ -12,12 +12,13 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from p2p_local.errors import StoreError
+from p2p_local.errors import P2PError, StoreError
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -44,12 +45,31 @@ def disk_error(e: OSError, path: Path, need: int | None = None) -> StoreError:
     return StoreError(f"cannot write {path}: {e.strerror or e}", hint="check the path and try again")
 
 
+def refuse_special(path: str | Path, error: type[P2PError] = StoreError) -> None:
+    """Raise `error` when `path` is a device, FIFO or socket (or a symlink to one): a write renames a
+    regular file over it, which would replace `/dev/null` (as root) or a FIFO someone reads with the
+    user's data. A missing path, a regular file (or a link to one) and a folder pass (a folder is
+    said by the write itself)."""
+    try:
+        st = os.stat(path)  # follows symlinks: what a link points at is what would be lost
+    except OSError:
+        return  # missing (or unreadable): the write says what is wrong
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+    via = " (through a symbolic link)" if os.path.islink(path) else ""
+    raise error(f"{path} is {kind}{via}: refusing to replace it with a file",
+                hint="write to a regular file name instead")
+
+
 @contextlib.contextmanager
 def _replacing(path: Path, mode: int) -> Iterator[tuple[int, Path]]:
     """A temp file beside `path` (its fd and name, `mode` set); renamed over `path` on a clean exit,
-    removed on any error, with OS errors said plainly (`disk_error`)."""
+    removed on any error, with OS errors said plainly (`disk_error`). Never over a device or FIFO."""
+    refuse_special(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise disk_error(e, path) from e

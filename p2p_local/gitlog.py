@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from p2p_local.data.records import commit_item, parse_time
@@ -26,21 +27,53 @@ MAX_COMMITS = 1_000_000
 PROGRESS_EVERY = 2_000  # commits between progress reports
 GIT_TIMEOUT_S = 600.0
 
-_SEP = "\x1e"  # record separator before each commit; fields are NUL-separated (`-z`)
+# Fields are NUL-separated (`-z`); a record starts with a random marker of this run, which no path or
+# message can contain by design (git forbids NUL in both; the marker is unguessable), so a file name
+# holding git's separators, newlines or anything else cannot start an item of its own.
 # %B, not %s: %s joins a multi-line first paragraph into one line, while the subject is the first line
 # (`records.commit_item` keeps it, as the training converter does with the raw message).
-_FORMAT = _SEP + "%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00%b%x00"
+_FIELDS = "%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00%b%x00"
 _N_FIELDS = 7
-# Trailers that name people or review tooling: whole lines, dropped from the body.
-TRAILER = re.compile(r"^[ \t]*(?:[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*-by|Cc|Change-Id|Reviewed-on)[ \t]*:.*$",
-                     re.IGNORECASE | re.MULTILINE)
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# Size budgets (characters) before any text handling: what an item keeps is far shorter (data/records.py),
+# and a 1 GB commit message must neither be held whole nor scanned.
+MAX_SUBJECT_SCAN = 1_000
+MAX_BODY_SCAN = 4_000
+MAX_NAME_CHARS = 1_000
+MAX_PATH_BYTES = 4_096  # PATH_MAX
+MAX_FILES_KEPT = 10_000  # file names kept per commit (the item shows 4)
+MAX_TOKEN_BYTES = 64 << 10  # bytes of one field kept from git's output; the rest is skipped unread
+# Trailers that name people or review tooling: whole lines, dropped from the body (see `_is_trailer`).
+_TRAILER_KEYS = {"cc", "change-id", "reviewed-on"}
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*")  # unambiguous: linear
+# Possessive runs after a lookbehind: a match can only start where a run starts and never backtracks
+# into one, so one very long word costs linear time (the plain pattern was quadratic: 11 s at 100 kB).
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)+")
 _RELATIVE = re.compile(r"^\d+\s+(?:second|minute|hour|day|week|month|year)s?\s+ago$", re.IGNORECASE)
 
 
 def scrub(text: str) -> str:
-    """Trailers out, e-mail addresses replaced by `<email>` (the training data's treatment)."""
-    return EMAIL.sub("<email>", TRAILER.sub("", text))
+    """Trailers out, e-mail addresses replaced by `<email>` (the training data's treatment). Linear time."""
+    kept = ["" if _is_trailer(line) else line for line in text.split("\n")]
+    return EMAIL.sub("<email>", "\n".join(kept))
+
+
+def _is_trailer(line: str) -> bool:
+    """`Signed-off-by: ...`, any `Xxx-by:`, `Cc:`, `Change-Id:`, `Reviewed-on:` (any case, indented or not)."""
+    key, colon, _ = line.partition(":")
+    if not colon:
+        return False
+    key = key.strip(" \t").lower()
+    return key in _TRAILER_KEYS or (key.endswith("-by") and _TOKEN.fullmatch(key) is not None)
+
+
+def budget(text: str, max_chars: int) -> str:
+    """At most `max_chars` of `text`, cut before the last partial word (an address cut in half would
+    escape the scrub)."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+    return cut[:space] if space > 0 else ""
 
 
 def git_items(repo: str | Path, authors: Sequence[str] = (), since: str | None = None, *,
@@ -51,35 +84,36 @@ def git_items(repo: str | Path, authors: Sequence[str] = (), since: str | None =
     repo = _repo_root(Path(repo))
     who = [a.strip() for a in authors if a and a.strip()] or [_config_email(repo)]
     wanted = {a.casefold() for a in who}
+    marker = "p2p-" + secrets.token_hex(16)
     args = ["log", "--no-color", "--no-ext-diff", "--no-textconv", "--encoding=UTF-8", "--name-only", "-z",
-            f"--format={_FORMAT}"]
+            f"--format={marker}%x00{_FIELDS}"]
     if since:
         args.append(f"--since={_since(since)}")
     stats: Counter = Counter()
     items: list[NewItem] = []
-    for rec in _records(repo, args):
+    for rec in _records(repo, args, marker.encode()):
         stats["commits_read"] += 1
         if progress and stats["commits_read"] % PROGRESS_EVERY == 0:
             progress(stats["commits_read"])
-        parts = rec.split("\0")
-        if len(parts) < _N_FIELDS:
+        parsed = _commit(rec)
+        if parsed is None:
             stats["commits_unreadable"] += 1
             continue
-        sha, parents, name, email, when, subject, body = parts[:_N_FIELDS]
+        sha, parents, name, email, when, subject, body, files = parsed
         if len(parents.split()) > 1:
             stats["merges_skipped"] += 1
             continue
         if name.casefold() not in wanted and email.casefold() not in wanted:
             stats["other_authors_skipped"] += 1
             continue
-        files = [f.strip("\n") for f in parts[_N_FIELDS:] if f.strip("\n")]
-        made = commit_item(scrub(subject), scrub(body), files, sha, stats)
+        made = commit_item(scrub(budget(subject, MAX_SUBJECT_SCAN)), scrub(budget(body, MAX_BODY_SCAN)), files,
+                           sha, stats)
         if made is None:
             stats["empty_subject_skipped"] += 1
             continue
         inp, out, meta = made
-        items.append(NewItem(inp, out, float(when) if when.strip().isdigit() else None, meta, COMMIT_TASK,
-                             where=f"{repo} commit {sha[:12]}"))
+        items.append(NewItem(inp, out, float(when) if when.isdigit() and len(when) < 16 else None, meta,
+                             COMMIT_TASK, where=f"{repo} commit {sha[:12]}"))
         if len(items) > MAX_COMMITS:
             raise DataError(f"{repo}: more than {MAX_COMMITS:,} commits", hint="narrow it with --since")
     if progress and stats["commits_read"] >= PROGRESS_EVERY:
@@ -89,18 +123,50 @@ def git_items(repo: str | Path, authors: Sequence[str] = (), since: str | None =
     return items, stats, who
 
 
-def _records(repo: Path, args: list[str]):
-    """`git log` output, one commit record at a time (streamed: a large history is never held as text twice)."""
+_HEX = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # sha1 or sha256
+
+
+def _commit(rec: list[bytes]) -> tuple[str, str, str, str, str, str, str, list[str]] | None:
+    """One record's fields (sha, parents, name, e-mail, time, subject, body, files), or None when it
+    does not have git's shape. After the fields comes git's empty terminator, then the file names (the
+    first after a newline), each a whole NUL-terminated field: no byte inside a name can split one."""
+    if len(rec) < _N_FIELDS or (len(rec) > _N_FIELDS and rec[_N_FIELDS] != b""):
+        return None
+    sha, parents, name, email, when, subject, body = (f.decode("utf-8", errors="replace") for f in rec[:_N_FIELDS])
+    if not _HEX.fullmatch(sha) or not all(_HEX.fullmatch(p) for p in parents.split()):
+        return None
+    raw = rec[_N_FIELDS + 1:]
+    if raw and raw[0].startswith(b"\n"):
+        raw[0] = raw[0][1:]  # git's blank line between the message and the names
+    files = [f.decode("utf-8", errors="replace") for f in raw[:MAX_FILES_KEPT] if f and len(f) <= MAX_PATH_BYTES]
+    return sha, parents, name[:MAX_NAME_CHARS], email[:MAX_NAME_CHARS], when.strip(), subject, body, files
+
+
+def _records(repo: Path, args: list[str], marker: bytes) -> Iterator[list[bytes]]:
+    """`git log` output, one commit record (its NUL-separated fields) at a time, streamed: a large history
+    is never held whole, and a field longer than MAX_TOKEN_BYTES keeps only its start."""
     proc = subprocess.Popen(git_command(repo, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=git_env())
-    buf = ""
+    rec: list[bytes] | None = None
+    tail = b""
+    skipping = False  # inside an over-long field: its bytes are dropped up to the next NUL
     assert proc.stdout is not None
     try:
         while chunk := proc.stdout.read(1 << 16):
-            buf += chunk.decode("utf-8", errors="replace")
-            *done, buf = buf.split(_SEP)
-            for rec in done:
-                if rec:
-                    yield rec
+            if skipping:
+                end = chunk.find(b"\0")
+                if end < 0:
+                    continue
+                chunk, skipping = chunk[end:], False
+            *done, tail = (tail + chunk).split(b"\0")
+            if len(tail) > MAX_TOKEN_BYTES:
+                tail, skipping = tail[:MAX_TOKEN_BYTES], True
+            for field in done:
+                if field == marker:
+                    if rec is not None:
+                        yield rec
+                    rec = []
+                elif rec is not None:
+                    rec.append(field)
         err = proc.stderr.read().decode("utf-8", errors="replace") if proc.stderr else ""
         rc = proc.wait(timeout=GIT_TIMEOUT_S)
     finally:
@@ -111,8 +177,9 @@ def _records(repo: Path, args: list[str]):
         if "does not have any commits" in err:
             return  # an empty repository: nothing to import
         raise DataError(f"{repo}: git log failed: {first_line(err)}", hint="check the path is a git repository")
-    if buf:
-        yield buf
+    if rec is not None:
+        rec.append(tail)
+        yield rec
 
 
 def _repo_root(path: Path) -> Path:

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from p2p_local.errors import StoreError, UsageError
-from p2p_local.files import atomic_write
+from p2p_local.files import atomic_write, disk_error
 from p2p_local.gitlog import COMMIT_TASK, commit_query, first_line, git_command, git_env, staged_files
 
 HOOK = "prepare-commit-msg"
@@ -73,12 +73,21 @@ def install(repo: str | Path, profile: str, task: str = COMMIT_TASK, timeout: fl
     """Install (or update) the hook; an earlier, foreign hook is kept as SAVED and still runs first."""
     d = hooks_dir(repo)
     path, saved = d / HOOK, d / SAVED
-    if path.exists() and not is_ours(path):
-        if saved.exists():
-            raise UsageError(f"{path} exists and so does {saved}: not overwriting either",
-                             hint="move one of them away, then run p2p hook install again")
-        os.replace(path, saved)
-    atomic_write(path, script(profile, task, timeout), mode=0o755)
+    moved = False
+    try:
+        if path.exists() and not is_ours(path):
+            if saved.exists():
+                raise UsageError(f"{path} exists and so does {saved}: not overwriting either",
+                                 hint="move one of them away, then run p2p hook install again")
+            os.replace(path, saved)
+            moved = True
+        atomic_write(path, script(profile, task, timeout), mode=0o755)
+    except (OSError, StoreError) as e:
+        if moved:  # the foreign hook goes back where it was: a failed install changes nothing
+            os.replace(saved, path)
+        if isinstance(e, OSError):
+            raise disk_error(e, path) from e
+        raise
     return path
 
 

@@ -22,6 +22,7 @@ import json
 import json.decoder
 import json.scanner
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -84,6 +85,7 @@ def import_file(
     task: str | None = None,
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
+    create: bool = False,
 ) -> ImportResult:
     """Parse `path` and add its items to `profile` in one transaction. `progress(stage)` hears of each
     stage of a large import (reading, checking and writing), so a long one is never silent.
@@ -91,56 +93,68 @@ def import_file(
     Task of each item: its own (CSV column / item "task" / meta "task"), else `task`, else the
     file's, else the profile's default. A profile without a default task takes the import's.
     Items the profile already holds are not added again; `dry_run` parses and counts, writes nothing.
+    `create`: a missing profile is created with its items, in one transaction (all or nothing).
     """
-    prof = _import_target(store, profile, dry_run)  # fail before parsing a big file
+    prof = _import_target(store, profile, dry_run or create)  # fail before parsing a big file
     t0 = time.perf_counter()
     if progress:
         progress(f"reading {Path(path).name}")
     parsed = read_import(path, fmt, user=user, movies=movies)
     if progress:
         progress(f"{len(parsed.items):,} items read; checking and {'counting' if dry_run else 'writing'} them")
-    return add_parsed(store, prof, parsed, task=task, dry_run=dry_run, parse_seconds=time.perf_counter() - t0)
+    return add_parsed(store, prof, parsed, task=task, dry_run=dry_run, parse_seconds=time.perf_counter() - t0,
+                      create=profile if create else None)
 
 
 def import_git(store: Store, profile: str, repo: Path | str, *, authors: Iterable[str] = (), since: str | None = None,
-               dry_run: bool = False, progress: Any = None) -> ImportResult:
+               dry_run: bool = False, progress: Any = None, create: bool = False) -> ImportResult:
     """The author's own commits of a local git repository (`p2p_local.gitlog`), as `import_file` adds a file's items."""
     from p2p_local.gitlog import COMMIT_TASK, git_items
 
-    prof = _import_target(store, profile, dry_run)
+    prof = _import_target(store, profile, dry_run or create)
     t0 = time.perf_counter()
     items, stats, who = git_items(repo, list(authors), since, progress=progress)
     notes = [f"{stats['commits_read']:,} commits read, {len(items):,} by {' / '.join(who)}"]
     notes += [f"{stats[k]:,} {k.replace('_', ' ')}" for k in ("merges_skipped", "other_authors_skipped",
                                                                 "empty_subject_skipped") if stats[k]]
     parsed = ParsedImport(Path(repo), "git", ", ".join(who), COMMIT_TASK, items, tuple(notes))
-    return add_parsed(store, prof, parsed, dry_run=dry_run, parse_seconds=time.perf_counter() - t0)
+    return add_parsed(store, prof, parsed, dry_run=dry_run, parse_seconds=time.perf_counter() - t0,
+                      create=profile if create else None)
 
 
 SAMPLES = 3  # items a dry run shows
 
 
-def _import_target(store: Store, profile: str, dry_run: bool) -> Any:
-    """The profile to import into; a dry run may name one that does not exist yet (nothing is written)."""
-    if dry_run and not store.profile_exists(profile):
+def _import_target(store: Store, profile: str, may_be_new: bool) -> Any:
+    """The profile to import into; a dry run or `create` may name one that does not exist yet (None)."""
+    if may_be_new and not store.profile_exists(profile):
         return None
     return store.get_profile(profile)
 
 
 def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | None = None, dry_run: bool = False,
-               parse_seconds: float = 0.0) -> ImportResult:
-    """Add what a reader parsed to profile `prof` (None: a dry run into a profile not created yet)."""
+               parse_seconds: float = 0.0, create: str | None = None) -> ImportResult:
+    """Add what a reader parsed to profile `prof` (None: a dry run into a profile not created yet, or the
+    profile `create` names, made in the same transaction as its items). Imports into one profile are
+    serialized (`Store.import_lock`): the duplicate check and the write see one state."""
     default_task = task or parsed.task
-    prof_task = prof.task if prof is not None else None
-    check_answers(parsed.items, default_task or prof_task)
-    new, dups = _new_items(store, prof, parsed.items, default_task or prof_task)
+    check_answers(parsed.items, default_task or (prof.task if prof is not None else None))
     t1 = time.perf_counter()
     if dry_run:
+        new, dups = _new_items(store, prof, parsed.items, default_task or (prof.task if prof is not None else None))
         n = len(new)
     else:
-        n = store.add_items(prof.name, new, task=default_task)
-        if prof.task is None and default_task and n:
-            store.set_profile_task(prof.name, default_task)
+        name = prof.name if prof is not None else create
+        if name is None:
+            raise ValueError("add_parsed: no profile to import into")
+        with store.import_lock(name), store.transaction():
+            # As it is now, under the lock (another import may have made it since we looked).
+            prof = store.get_profile(name) if store.profile_exists(name) else store.create_profile(name, task=task)
+            new, dups = _new_items(store, prof, parsed.items, default_task or prof.task)
+            n = store.add_items(prof.name, new, task=default_task)
+            if prof.task is None and default_task and n:
+                store.set_profile_task(prof.name, default_task)
+    prof_task = prof.task if prof is not None else None
     samples = tuple({"input": it.input, "output": it.output, "time": it.time, "task": it.task or default_task or prof_task}
                     for it in new[:SAMPLES])
     return ImportResult(prof.name if prof is not None else "", str(parsed.path), parsed.format, parsed.user_id,
@@ -503,6 +517,10 @@ def rating_to_stars(rating: float) -> int:
 
 # --- Letterboxd ----------------------------------------------------------------------------------
 LETTERBOXD_COLUMNS = ("Name", "Year", "Rating")
+# ASCII only: str.isdigit() accepts "²" and other digits int() refuses, and 5000 digits raise in int().
+_YEAR = re.compile(r"[0-9]{4}")
+MIN_YEAR, MAX_YEAR = 1870, 2200
+_LETTERBOXD_RATING = re.compile(r"[0-9](?:\.[05]0*)?")
 _ARTICLES = ("the", "a", "an", "les", "le", "la", "l'", "die", "der", "das", "el", "il", "los", "las")
 
 
@@ -530,17 +548,17 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
             raise DataError(f"{where}: a row without a Name")
         if len(name) > MAX_FIELD_CHARS:
             raise DataError(f"{where}: a Name of {len(name):,} characters, at most {MAX_FIELD_CHARS:,}")
+        if not name.isprintable():  # NUL, escape sequences, line breaks: no title holds them
+            raise DataError(f"{where}: the Name {brief(name)} holds control characters", hint="fix that row")
         if not rating:
             unrated += 1  # watched, not rated: nothing to learn a rating from
             continue
-        try:
-            stars = float(rating)
-        except ValueError:
-            raise DataError(f"{where}: rating {brief(rating)} is not a number", hint="Letterboxd ratings are 0.5..5") from None
-        if not 0 < stars <= 5:
-            raise DataError(f"{where}: rating {stars} is outside 0.5..5")
-        if year and not year.isdigit():
-            raise DataError(f"{where}: year {brief(year)} is not a number")
+        if not _LETTERBOXD_RATING.fullmatch(rating) or not 0.5 <= float(rating) <= 5:
+            raise DataError(f"{where}: rating {brief(rating)} is not a Letterboxd rating",
+                            hint="Letterboxd ratings are 0.5 to 5 in half stars (0.5, 1, 1.5, ... 5)")
+        stars = float(rating)
+        if year and not (_YEAR.fullmatch(year) and MIN_YEAR <= int(year) <= MAX_YEAR):
+            raise DataError(f"{where}: year {brief(year)} is not a year", hint=f"a year {MIN_YEAR}-{MAX_YEAR}, or empty")
         try:
             when = parse_time(row.get(when_col)) if when_col else None
         except ValueError as e:

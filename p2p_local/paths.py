@@ -16,10 +16,13 @@ from p2p_local.errors import P2PError, StoreError
 APP_NAME = "p2p-local"
 
 
-def data_dir() -> Path:
-    """The root of everything p2p-local writes (profiles, adapters, prepared models)."""
+def data_dir(create: bool = True) -> Path:
+    """The root of everything p2p-local writes (profiles, adapters, prepared models); `create=False` only
+    names it (a dry run writes nothing, not even the folder)."""
     env = os.environ.get("P2P_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
+    if not create:
+        return root
     if not root.is_dir():
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -27,7 +30,29 @@ def data_dir() -> Path:
             raise StoreError(f"cannot create the data dir {root}: {e.strerror or e}",
                              hint="set P2P_HOME to a writable directory") from None
     _private(root)  # profiles are private: only the user reads them, whatever mode the dir had
+    _tighten_once(root)
     return root
+
+
+_tightened: set[Path] = set()
+
+
+def _tighten_once(root: Path) -> None:
+    """Once per process: folders of the data dir 0700 and files 0600, also those an older version made
+    0755/0644 (logs/, adapters/profile-N). A shared models dir (P2P_MODELS) lives elsewhere and is left alone."""
+    if root in _tightened:
+        return
+    _tightened.add(root)
+    for folder, dirs, files in os.walk(root):  # never follows symlinks into other places
+        for name in dirs:
+            _private(Path(folder) / name)
+        for name in files:
+            p = Path(folder) / name
+            try:
+                if not p.is_symlink() and p.stat().st_mode & 0o077:
+                    p.chmod(0o600)
+            except OSError:
+                pass  # not ours to change
 
 
 def models_dir() -> Path:
@@ -45,9 +70,9 @@ def cache_dir() -> Path:
     return _sub("cache", env="P2P_CACHE")
 
 
-def store_path() -> Path:
-    """The SQLite profile store."""
-    return data_dir() / "p2p.sqlite3"
+def store_path(create: bool = True) -> Path:
+    """The SQLite profile store (`create=False`: its path, without making the data dir)."""
+    return data_dir(create) / "p2p.sqlite3"
 
 
 def repo_root() -> Path:
@@ -72,6 +97,14 @@ def _sub(name: str, env: str | None = None) -> Path:
     if not override:
         _private(p)  # an override (a shared models dir) is the user's to set up
     return p
+
+
+def private_dir(d: Path) -> Path:
+    """Create `d` (and missing parents) 0700 and make an existing one 0700: a folder of the data dir
+    holds profile data (adapters, exports, crash logs), whatever the umask. OSError passes to the caller."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(d)
+    return d
 
 
 def _private(d: Path) -> None:

@@ -22,11 +22,14 @@ from safetensors.numpy import save_file
 
 from p2p_local.adapter import LoraAdapter, parse_tensor_name, read_adapter
 from p2p_local.errors import AdapterError
-from p2p_local.files import PRIVATE_FILE, atomic_write, atomic_write_with, replacing_dir
+from p2p_local.files import PRIVATE_FILE, atomic_write, atomic_write_with, replacing_dir, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"  # the model card (Hugging Face convention)
+# What the export wrote, with each file's sha256: a later export replaces the folder only when it holds
+# exactly these files, unchanged (anything else there is the user's and must not be deleted).
+MANIFEST_FILE = ".p2p-local-export.json"
 # What the hypernetwork was trained against: the GGUF's weights, de-quantized (said in the card and the metadata).
 TRAINED_ON = "the de-quantized Q4_K_M GGUF weights of the base (valid for them; untested on full precision)"
 # PEFT saves LoRA weights under the PeftModel's path to the module with the adapter name dropped:
@@ -136,17 +139,18 @@ def export_peft(
     """Write `adapter` (in memory, or a GGUF adapter file) as a PEFT folder at `out_dir`, atomically.
 
     The folder is built beside `out_dir` and renamed into place, so readers never see half of one;
-    an existing `out_dir` is replaced only if it is empty or an earlier PEFT export (never a folder
-    holding anything else: that would delete the user's files). `card`: a model card, written as README.md.
+    an existing `out_dir` is replaced only if it is empty or an earlier PEFT export whose files are
+    unchanged (`MANIFEST_FILE`; never a folder holding anything else: that would delete the user's
+    files). `card`: a model card, written as README.md.
     """
     if not isinstance(adapter, LoraAdapter):
         adapter = read_adapter(adapter)
     if dtype not in ("f32", "f16"):
         raise AdapterError(f"unsupported PEFT dtype {dtype!r}", hint="use f32 or f16")
     out_dir = Path(out_dir).resolve()  # "." has no name to build the temp folder from
-    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}):
-        raise AdapterError(f"{out_dir} exists and is not a PEFT export: it would be replaced",
-                           hint="pass a new folder, e.g. --peft-out alice-peft/")
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise AdapterError(f"{out_dir} exists and is not a PEFT export of p2p-local left unchanged: it would be replaced",
+                           hint="pass a new folder, e.g. --peft-out alice-peft/ (or move that one away)")
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
         raise AdapterError(f"cannot export into {parent}: it is a file, not a folder", hint="pass a folder")
@@ -164,4 +168,23 @@ def export_peft(
             tensors, str(p), metadata={"format": "pt", "p2p.trained_on": TRAINED_ON}), mode=PRIVATE_FILE)  # "pt": PEFT
         if card is not None:
             atomic_write(tmp / CARD_FILE, card, mode=PRIVATE_FILE)
+        written = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        atomic_write(tmp / MANIFEST_FILE, json.dumps({"files": written}, indent=1) + "\n", mode=PRIVATE_FILE)
     return out_dir
+
+
+def _replaceable(folder: Path) -> bool:
+    """True for an empty folder, or one holding exactly what an earlier export wrote, unchanged."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = {p.name: p for p in folder.iterdir()}
+    if not entries:
+        return True
+    try:
+        written = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+        if set(entries) != set(written) | {MANIFEST_FILE}:
+            return False
+        return all(entries[n].is_file() and not entries[n].is_symlink() and sha256_file(entries[n]) == h
+                   for n, h in written.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

@@ -5,6 +5,7 @@ effect; metadata that names what it is; README with exact commands; PEFT folder 
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -90,3 +91,89 @@ def test_cli_export(session, tmp_path: Path, capsys):
     path = Path(got["path"])
     assert path.name == "demo-movielens-rating.gguf" and stat.S_IMODE(path.stat().st_mode) == 0o644
     assert main(["adapter", "export", "demo", "--to", str(tmp_path / "x"), "--mode", "999"]) == 2
+
+
+def test_readme_commands_run_on_a_path_with_spaces_and_command_substitution(tmp_path: Path):
+    """Every shell block of the export README, run by bash with the tools stubbed: each tool gets the real
+    paths and the prompt as single arguments, and `$(...)` in a folder name is never executed."""
+    import os
+    import re
+    import subprocess
+
+    from p2p_local.adapter_export import usage
+    from p2p_local.data.format import builtin_card
+
+    folder = tmp_path / "my adapters $(touch PWNED) `touch PWNED2` it's"
+    folder.mkdir()
+    adapter, base = folder / "me-commit-subject.gguf", tmp_path / "base model.gguf"
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "calls.jsonl"
+    for tool in ("llama-completion", "llama-server", "curl", "ollama"):
+        (stubs / tool).write_text('#!/usr/bin/env python3\nimport json, sys\n'
+                                  f'open({str(log)!r}, "a").write(json.dumps(sys.argv) + "\\n")\n')
+        (stubs / tool).chmod(0o755)
+    for task in ("movielens-rating", "commit-subject"):
+        card = builtin_card(task)
+        readme = usage(adapter, base, card, None)
+        blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+        assert blocks
+        log.unlink(missing_ok=True)
+        for block in blocks:
+            proc = subprocess.run(["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                                  env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+            assert proc.returncode == 0, proc.stderr
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        prompt = card.prompt(_example_of(card))
+        completion = [c for c in calls if c[0].endswith("llama-completion")]
+        assert completion and all(c[c.index("-m") + 1] == str(base) and c[c.index("-p") + 1] == prompt
+                                  for c in completion)
+        assert completion[0][completion[0].index("--lora") + 1] == str(adapter)
+        server = next(c for c in calls if c[0].endswith("llama-server"))
+        assert server[server.index("--lora") + 1] == str(adapter)
+        posted = [json.loads(c[c.index("-d") + 1]) for c in calls if c[0].endswith("curl") and "-d" in c]
+        assert posted and all(p["prompt"] == prompt for p in posted)
+        ollama = [c for c in calls if c[0].endswith("ollama")]
+        assert ollama[0][ollama[0].index("-f") + 1] == str(adapter.with_suffix(".Modelfile"))
+    assert not list(tmp_path.rglob("PWNED*")), "the folder name's command substitution ran"
+
+
+def _example_of(card) -> str:
+    from p2p_local.adapter_export import _example
+
+    return _example(card)
+
+
+def test_export_names_never_collide():
+    """Two profiles with non-Latin names (or differing only in case) used to share one file name."""
+    names = ["Алиса", "Борис", "李雷", "韩梅梅", "me", "Me", "ME", "a_b", "a.b", "a-b", "_"]
+    stems = [export_name(n, TASK, None) for n in names]
+    assert len(set(stems)) == len(stems)
+    assert len({s.lower() for s in stems}) == len(stems)  # also on a case-insensitive disk
+    assert export_name("me", TASK, None) == "me-movielens-rating"  # plain names keep their readable name
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", s) for s in stems)
+
+
+def test_export_refuses_special_files_and_forget_removes_exports(session, tmp_path: Path, capsys):
+    """A FIFO (or a link to a device) where the export would go is left as it is, with a clear error;
+    `forget` removes the profile's adapter exports in <data dir>/exports (their README holds the query)."""
+    import os
+
+    from p2p_local import paths
+
+    to = tmp_path / "out"
+    to.mkdir()
+    os.mkfifo(to / "demo-movielens-rating.gguf")
+    (to / "demo-movielens-rating.README.md").symlink_to("/dev/null")
+    assert main(["adapter", "export", "demo", "--to", str(to)]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(to / "demo-movielens-rating.gguf").st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    exports = paths.data_dir() / "exports"
+    assert main(["adapter", "export", "demo", "--to", str(exports), "--query", QUERY]) == 0
+    assert main(["adapter", "export", "demo", "--to", str(exports), "--format", "peft"]) == 0
+    made = sorted(p.name for p in exports.iterdir())
+    assert len(made) == 4, made  # gguf, README, Modelfile (query-aware) + the PEFT folder
+    capsys.readouterr()
+    assert main(["profile", "forget", "demo", "--yes"]) == 0
+    assert list(exports.iterdir()) == []

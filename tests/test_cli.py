@@ -30,3 +30,14 @@ def test_bad_scale_or_task_is_a_usage_error_before_any_model_loads(argv, p2p_hom
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_chat_without_a_terminal_exits_2_at_once(p2p_home) -> None:
+    """`p2p chat < /dev/null` (a cron job, a pipe) used to wait forever for keys; it refuses before any model loads."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "p2p_local.cli", "chat"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs a terminal" in proc.stderr and "Traceback" not in proc.stderr

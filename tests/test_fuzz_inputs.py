@@ -291,3 +291,114 @@ def _keep_cwd():
     cwd = os.getcwd()
     yield
     os.chdir(cwd)
+
+
+# --- the surfaces of issue 19: git log, scrub, Letterboxd, export names, terminal text, stdin --------------
+path_text = st.text(st.characters(blacklist_characters="\x00/", blacklist_categories=("Cs",)), min_size=1, max_size=12)
+message_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=60)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.lists(path_text, min_size=1, max_size=4, unique=True), message_text),
+                min_size=1, max_size=3))
+@settings(max_examples=min(settings().max_examples, 15), deadline=timedelta(seconds=60))  # git per example
+def test_fuzz_git_log_names_and_messages(tmp_path_factory, commits: list) -> None:
+    """Any file name or message bytes (git's separators, newlines, `@`): each of my commits with a subject
+    gives one item, no other author's commit gives any, and nothing raises but a clean P2PError."""
+    import subprocess
+
+    from p2p_local.gitlog import git_items
+
+    repo = tmp_path_factory.mktemp("repo")
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "config", "user.email", "me@x.org"], check=True, env=env)
+    mine = 0
+    for i, (is_me, names, msg) in enumerate(commits):
+        who = "me@x.org" if is_me else "bob@x.org"
+        for n in names:
+            p = repo / f"c{i}-{n}".replace("\n", "_") if n in (".", "..") or n.startswith(".git") else repo / n
+            try:
+                p.write_text("x")
+            except OSError:
+                assume(False)
+        (repo.parent / f"{repo.name}.msg").write_text(msg or "-", encoding="utf-8")
+        r = subprocess.run(["git", "-C", str(repo), "add", "-A"], env=env, capture_output=True)
+        assume(r.returncode == 0)
+        subprocess.run(["git", "-C", str(repo), "commit", "-q", "--allow-empty", "--cleanup=verbatim", "-F",
+                        str(repo.parent / f"{repo.name}.msg")], check=True, capture_output=True,
+                       env={**env, "GIT_AUTHOR_NAME": who, "GIT_AUTHOR_EMAIL": who, "GIT_COMMITTER_NAME": who,
+                            "GIT_COMMITTER_EMAIL": who})
+        mine += is_me
+    try:
+        items, stats, _ = git_items(repo)
+    except P2PError as e:
+        clean(e)
+        return
+    assert stats["commits_read"] == len(commits) and not stats["commits_unreadable"]
+    assert len(items) + stats["empty_subject_skipped"] == mine
+
+
+@given(st.text(max_size=2000) | st.builds(lambda c, n: c * n, st.sampled_from(["a", "a.", "@a", "a-", "-by"]),
+                                           st.integers(1, 50_000)))
+def test_fuzz_scrub_is_linear_and_leaves_no_address(text: str) -> None:
+    from p2p_local.gitlog import EMAIL, scrub
+
+    out = scrub(text)
+    assert EMAIL.search(out) is None
+
+
+@given(st.text(max_size=40), st.text(max_size=12), st.text(max_size=8))
+def test_fuzz_letterboxd_rows(tmp_path_factory, name: str, year: str, rating: str) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["Date", "Name", "Year", "Rating"], ["2023-01-01", name, year, rating]])
+    path = tmp_path_factory.mktemp("lb") / "ratings.csv"
+    try:
+        path.write_text(buf.getvalue(), encoding="utf-8")
+    except UnicodeEncodeError:
+        assume(False)
+    try:
+        parsed = read_import(path, "letterboxd")
+    except P2PError as e:
+        clean(e)
+        return
+    for it in parsed.items:
+        assert it.output in {"1", "2", "3", "4", "5"} and "\x00" not in it.input
+
+
+@given(st.lists(st.from_regex(r"\A\w[\w.@+-]{0,20}\Z", fullmatch=True), min_size=2, max_size=6, unique=True))
+def test_fuzz_export_names_are_safe_and_distinct(names: list[str]) -> None:
+    import re
+
+    from p2p_local.exports import export_name
+
+    stems = [export_name(n, "commit-subject", None) for n in names]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", s) and not s.startswith(".") for s in stems)
+    assert len({s.lower() for s in stems}) == len(stems)
+
+
+@given(st.text(max_size=300))
+def test_fuzz_terminal_text_has_no_control_characters(text: str) -> None:
+    import unicodedata
+
+    from p2p_local.commands.terminal import shown
+
+    assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in shown(text))
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_stdin_query(monkeypatch, data: bytes) -> None:
+    import io
+    import sys
+
+    from p2p_local.commands.ask import query_text
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    try:
+        text = query_text("-")
+    except P2PError as e:
+        clean(e)
+        return
+    assert text.strip() and not text.startswith("\ufeff")

@@ -172,12 +172,25 @@ def test_letterboxd_bad_rows(tmp_path: Path, p2p_home: Path):
     f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,nine\n")
     with Store() as s:
         s.create_profile("x")
-        with pytest.raises(DataError, match=r"lb.csv:2: rating 'nine' is not a number"):
+        with pytest.raises(DataError, match=r"lb.csv:2: rating 'nine' is not a Letterboxd rating"):
             import_file(s, "x", f)
-        f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,7\n")
-        with pytest.raises(DataError, match="outside 0.5..5"):
-            import_file(s, "x", f)
-        assert s.count_items("x") == 0
+        # Absurd ratings, malformed years (int() of "²" or of 5000 digits raised: exit 70), NUL in a name.
+        for name, year, rating, said in [("Heat", "1995", "7", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "1e-300", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "4.25", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "nan", "not a Letterboxd rating"),
+                                         ("Heat", "1995", "0", "not a Letterboxd rating"),
+                                         ("Heat", "199\u00b2", "4", "is not a year"),
+                                         ("Heat", "1" * 5000, "4", "is not a year"),
+                                         ("Heat", "0995", "4", "is not a year"),
+                                         ("He\x00at", "1995", "4", "control characters"),
+                                         ("He\x1b[31mat", "1995", "4", "control characters")]:
+            f.write_text(f"Date,Name,Year,Rating\n2023-01-01,{name},{year},{rating}\n")
+            with pytest.raises(DataError, match=said):
+                import_file(s, "x", f)
+        f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,4.5\n2023-01-02,Up,,5\n")
+        assert import_file(s, "x", f).imported == 2
+        assert s.count_items("x") == 2
 
 
 def test_title_matching(shared_data: Path):
@@ -186,3 +199,46 @@ def test_title_matching(shared_data: Path):
     assert match_title(index, "Heat", "1996")[0] == 6  # a year off: release dates differ by country
     assert match_title(index, "Heat", "1972") is None
     assert match_title(index, "No Such Movie", "2000") is None
+
+
+def test_file_names_cannot_inject_or_split_items(tmp_path: Path, p2p_home: Path):
+    """Bob's commit names files so that git's old record/unit separators (\\x1e, NUL-split fields) would
+    spell a commit "by Ada" with a chosen subject; Ada's own commit has such a name too. Neither may add,
+    split or change an item: records start at a per-run marker and file names are whole NUL fields."""
+    r = tmp_path / "proj"
+    r.mkdir()
+    _git(r, "init", "-q", "-b", "main")
+    _git(r, "config", "user.email", ME[1])
+    _commit(r, {"src/app.py": "1\n"}, "Add the app")
+    forged = ["\x1e" + "0" * 40, "1", "2", ME[1], "b", "c chosen subject", "d\x1e", "e\nf"]
+    _commit(r, {name: "x\n" for name in forged}, "Bob's harmless commit", who=OTHER, when=1_700_000_100)
+    _commit(r, {"x\x1ey": "1\n", "\nlead": "2\n"}, "Ada's own odd names\n\nbody \x1e with a separator",
+            when=1_700_000_200)
+    items, stats, _ = git_items(r)
+    assert [it.output for it in items] == ["Add the app", "Ada's own odd names"]
+    assert stats["commits_read"] == 3 and stats["other_authors_skipped"] == 1 and not stats["commits_unreadable"]
+    assert items[1].input.startswith("files: \nlead, x\x1ey\n")  # both names whole, the body after them
+    assert "chosen subject" not in " ".join(it.input + it.output for it in items)
+
+
+def test_one_very_long_word_is_linear(tmp_path: Path):
+    """The e-mail scrub was quadratic on one long word (11 s at 100k characters, ~20 min at 1 MB)."""
+    import time
+
+    word = "a" * 1_000_000
+    t0 = time.perf_counter()
+    assert scrub(word + " x@y.org") == word + " <email>"
+    assert scrub(("a-" * 300_000) + "by: me") == ""  # a trailer key of 600k characters, linear too
+    assert time.perf_counter() - t0 < 5.0
+    r = tmp_path / "proj"
+    r.mkdir()
+    _git(r, "init", "-q", "-b", "main")
+    _git(r, "config", "user.email", ME[1])
+    (r / "a.py").write_text("1\n")
+    (tmp_path / "msg").write_text("Subject " + "s" * 2_000_000 + "\n\n" + "b" * 3_000_000)
+    _git(r, "add", "-A")
+    _git(r, "commit", "-q", "-F", str(tmp_path / "msg"))
+    t0 = time.perf_counter()
+    items, _, _ = git_items(r)
+    assert time.perf_counter() - t0 < 20.0
+    assert len(items) == 1 and len(items[0].output) <= 120 and len(items[0].input) < 1000

@@ -110,10 +110,10 @@ def test_hook_never_blocks_a_commit(repo: Path, tmp_path: Path):
     _git(repo, "commit", "-q", GIT_EDITOR=editor)  # too slow: gives up, the commit goes on
     assert _subject(repo) == EDITOR_FALLBACK
 
-    assert main(["hook", "install", "--repo", str(repo), "--profile", "nobody"]) == 0
+    assert main(["profile", "forget", "me", "--yes"]) == 0
     (repo / "c.txt").write_text("c\n")
     _git(repo, "add", "c.txt")
-    _git(repo, "commit", "-q", GIT_EDITOR=editor)  # unknown profile
+    _git(repo, "commit", "-q", GIT_EDITOR=editor)  # a profile forgotten since the install
     assert _subject(repo) == EDITOR_FALLBACK
 
     assert main(["hook", "uninstall", "--repo", str(repo)]) == 0
@@ -124,3 +124,31 @@ def test_hook_never_blocks_a_commit(repo: Path, tmp_path: Path):
 def test_hook_install_errors(tmp_path: Path, p2p_home: Path, capsys):
     assert main(["hook", "install", "--repo", str(tmp_path), "--profile", "me"]) == 2
     assert "not a git repository" in capsys.readouterr().err
+
+
+def test_hook_install_refuses_unknown_profile_or_task(repo: Path, capsys):
+    """Installed, they would silently propose nothing at every commit: refused up front."""
+    assert main(["hook", "install", "--repo", str(repo), "--profile", "nobody"]) == 7
+    assert "no profile named 'nobody'" in capsys.readouterr().err
+    assert main(["hook", "install", "--repo", str(repo), "--profile", "me", "--task", "no-such-task"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert not (repo / ".git" / "hooks" / HOOK).exists()
+
+
+def test_hook_install_that_cannot_write_keeps_the_foreign_hook(repo: Path, monkeypatch, capsys):
+    """A read-only hooks folder (here: the write fails with EROFS, as on a read-only mount, where even root
+    cannot write): a clean error, and the user's own hook stays in place, unchanged."""
+    import errno
+
+    import p2p_local.hook as hook_mod
+
+    foreign = repo / ".git" / "hooks" / HOOK
+    foreign.write_text("#!/bin/sh\necho mine\n")
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(hook_mod, "atomic_write", read_only)
+    assert main(["hook", "install", "--repo", str(repo), "--profile", "me"]) == 7
+    assert "cannot write" in capsys.readouterr().err
+    assert foreign.read_text() == "#!/bin/sh\necho mine\n" and not (foreign.parent / SAVED).exists()

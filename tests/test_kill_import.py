@@ -92,7 +92,9 @@ def test_sigkill_mid_import_loses_nothing_committed_and_adds_nothing(p2p_home: P
 # What a planted bug looks like: an importer that commits every 5,000 rows instead of once. Loaded into
 # the real CLI's process through sitecustomize, so the kill test below can be shown to catch it.
 CHUNKED = """
+import contextlib
 import p2p_local.store.db as db
+db.Store.transaction = lambda self: contextlib.nullcontext(self.conn)  # the import's one transaction, gone
 real = db.Store.add_items
 def add_items(self, profile, items, task=None):
     items, n, batch = list(items), 0, 5000

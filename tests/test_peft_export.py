@@ -12,7 +12,14 @@ from safetensors.numpy import load_file
 
 from p2p_local.adapter import LoraAdapter, write_adapter
 from p2p_local.errors import AdapterError
-from p2p_local.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft, gguf_to_hf_name, peft_state_dict
+from p2p_local.peft_export import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    export_peft,
+    gguf_to_hf_name,
+    peft_state_dict,
+)
 from trainer.base import load_base, merged_lora
 
 RANK = 4
@@ -127,7 +134,7 @@ def test_export_replaces_atomically(engine, tmp_path):
     export_peft(first, tmp_path / "peft")
     out = export_peft(second, tmp_path / "peft", dtype="f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp or old folders left
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE]
     stored = load_file(str(out / WEIGHTS_FILE))
     assert len(stored) == 2 * len(second.tensors)
     assert all(v.dtype == np.float16 for v in stored.values())

@@ -1,11 +1,13 @@
 """Privacy, tested: import -> personalize -> ask -> a chat exchange in the Textual app, in a child process
 inside a network namespace with no interfaces up (`unshare -rn`: native code cannot reach a network either)
 and with an audit hook that refuses and records every socket and subprocess event, with torch blocked.
-Profile data stays in the data dir; `p2p profile forget` removes items, cached adapters and chat history
-(checked on disk).
+The flow is import -> personalize -> ask -> a chat turn -> adapter export -> forget, with $HOME, the XDG
+dirs and TMPDIR pointed at empty folders: nothing appears outside the data dir (onnxruntime's telemetry
+record did), every folder of it is 0700 and every file 0600, and `p2p profile forget` removes items,
+cached adapters, chat history and the profile's exports (checked on disk).
 
 Each guard is shown failing against a planted bug (`PLANT`): a socket connect inside ask, an `import torch`
-inside personalize, a subprocess inside personalize.
+inside personalize, a subprocess inside personalize, onnxruntime loaded with its telemetry on.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ FLOW = textwrap.dedent(
     sys.addaudithook(hook)
 
     plant = os.environ.get("PLANT", "")
-    if plant:
+    if plant == "telemetry":  # the bug this guards against: onnxruntime loaded without the variable
+        import p2p_local
+        os.environ.pop("ORT_DISABLE_TELEMETRY", None)
+    elif plant:
         import p2p_local.personalize as personalize
         real = personalize.Session.personalize
 
@@ -75,6 +80,8 @@ FLOW = textwrap.dedent(
         main(["profile", "import", "priv", sys.argv[1]]),
         main(["personalize", "priv", "--query", "Heat (1995) | Genres: Action", "--json"]),
         main(["ask", sys.argv[2], "--profile", "priv", "--task", "movielens-rating", "--json"]),
+        main(["adapter", "export", "priv", "--to", os.path.join(os.environ["P2P_HOME"], "exports"),
+              "--query", sys.argv[2]]),
     ]
 
     async def chat():
@@ -138,7 +145,7 @@ def run_flow(sandbox: Path, home: Path, models: Path, ratings: Path, plant: str 
 def check_private_run(rc: int, out: dict | None, err: str) -> dict:
     """What the test demands of one run; raises AssertionError naming what broke."""
     assert rc == 0 and out is not None, err
-    assert out["codes"] == [0, 0, 0, 0], (out, err)
+    assert out["codes"] == [0, 0, 0, 0, 0], (out, err)
     assert out["attempts"] == [], f"something tried to open a connection or a process: {out['attempts']}"
     assert out["torch_imported"] is False, "torch was imported"
     assert out["chat"]["reply"], out["chat"]
@@ -152,6 +159,23 @@ def _user_file(tmp_path: Path) -> Path:
     ratings = tmp_path / "user.jsonl"
     ratings.write_text(json.dumps({"user_id": "u1", "items": items}) + "\n")
     return ratings
+
+
+def written_outside(sandbox: Path, home: Path) -> list[Path]:
+    """Every file and folder the run left in the sandbox outside the data dir: $HOME, the XDG dirs and
+    TMPDIR start empty and must stay so (onnxruntime wrote its telemetry to the cache dir)."""
+    return sorted(p for p in sandbox.rglob("*") if home not in p.parents and p != home
+                  and p not in (sandbox / "home", sandbox / "tmp"))
+
+
+def not_private(home: Path) -> list[str]:
+    """Folders of the data dir that are not 0700 and files that are not 0600."""
+    bad = []
+    for p in [home, *home.rglob("*")]:
+        mode, want = p.stat().st_mode & 0o777, (0o700 if p.is_dir() else 0o600)
+        if mode != want:
+            bad.append(f"{p.relative_to(home)} {mode:o}")
+    return bad
 
 
 def files_containing(root: Path, needle: bytes, skip: Path | None = None) -> list[Path]:
@@ -185,6 +209,11 @@ def test_offline_and_private_end_to_end(tmp_path: Path, base_model_path: Path) -
     assert adapters, "personalize must have cached an adapter in the data dir"
     exported = list((home / "exports").glob("conversation-*.md"))
     assert exported and MARKER in exported[0].read_text(), "the chat export should hold the question"
+    adapter_exports = [p for p in (home / "exports").iterdir() if p not in exported]
+    assert len(adapter_exports) == 3, adapter_exports  # gguf, README (it holds the query), Modelfile
+    exported += adapter_exports
+    assert written_outside(sandbox, home) == [], "a file was written outside the data dir"
+    assert not_private(home) == []
 
     # ... and forget removes it: rows, adapter files, chat history
     env = dict(os.environ, P2P_HOME=str(home), P2P_MODELS=str(models))
@@ -193,6 +222,7 @@ def test_offline_and_private_end_to_end(tmp_path: Path, base_model_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert not any(p.exists() for p in adapters + exported)
     assert files_containing(home, MARKER.encode()) == []
+    assert written_outside(sandbox, home) == []
     import sqlite3
 
     con = sqlite3.connect(home / "p2p.sqlite3")
@@ -215,3 +245,14 @@ def test_the_privacy_guards_catch_a_planted_bug(tmp_path: Path, base_model_path:
                             _user_file(tmp_path), plant=plant)
     with pytest.raises(AssertionError, match=broken):
         check_private_run(rc, out, err)
+
+
+def test_the_outside_files_check_catches_onnxruntime_telemetry(tmp_path: Path, base_model_path: Path) -> None:
+    """The planted bug: onnxruntime loaded without ORT_DISABLE_TELEMETRY (as before this guard); its device
+    id and telemetry database appear outside the data dir, and the check above names them."""
+    from p2p_local import paths
+
+    sandbox, home = tmp_path / "sandbox", tmp_path / "sandbox" / "data"
+    check_private_run(*run_flow(sandbox, home, paths.models_dir(), _user_file(tmp_path), plant="telemetry"))
+    leaked = written_outside(sandbox, home)
+    assert any("onnxruntime" in str(p) for p in leaked), leaked

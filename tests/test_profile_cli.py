@@ -175,3 +175,18 @@ def test_forget_yes_removes_adapter_files(p2p_home: Path, capsys):
 def test_profile_without_action_prints_usage(p2p_home: Path, capsys):
     assert main(["profile"]) == 2
     assert "ACTION" in capsys.readouterr().out
+
+
+def test_show_strips_escape_sequences_from_user_data(p2p_home, capsys) -> None:
+    """A commit subject holding ANSI/OSC sequences (colour, window title, cursor moves) printed raw by
+    `profile show` would rewrite the user's terminal: the text is shown, the sequences are not."""
+    from p2p_local.cli import main
+
+    assert main(["profile", "create", "esc", "--task", "commit-subject"]) == 0
+    evil = "files: a.py\x1b]0;pwned\x07"
+    assert main(["profile", "add", "esc", "--input", evil, "--output", "Fix \x1b[31mred\x1b[0m\x1b[2J it\x9b1A"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "show", "esc"]) == 0
+    out = capsys.readouterr().out
+    assert "Fix red it" in out and "files: a.py" in out
+    assert not any(c in out for c in "\x1b\x07\x9b"), repr(out)

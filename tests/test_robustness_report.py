@@ -4,6 +4,8 @@ a traceback, a native abort, a hang or a lost file."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from p2p_lab import robustness as R
@@ -54,3 +56,37 @@ def test_planted_failures_are_counted(tmp_path, monkeypatch, argv, outcome) -> N
     monkeypatch.setattr(R.subprocess, "Popen", popen)
     r = R.run_case(case, tpl, tmp_path, tmp_path, can_mount=False)
     assert r.outcome == outcome
+
+
+def _bare_template(tmp_path):
+    tpl = tmp_path / "tpl"
+    (tpl / "home").mkdir(parents=True)
+    (tpl / "work" / "keep").mkdir(parents=True)
+    return tpl
+
+
+@pytest.mark.parametrize("plant", ["", "dry-run-writes"])
+def test_a_case_check_counts_bad_data_accepted(tmp_path, monkeypatch, plant) -> None:
+    """The issue-19 case `--dry-run on a new machine`, on the real CLI: clean as the app is; with the planted
+    bug (the dry run opens the store for writing, as before) its check reports bad data accepted."""
+    monkeypatch.setattr(R, "_rehome", lambda ctx: None)
+    if plant:
+        d = tmp_path / "plant"
+        d.mkdir()
+        (d / "sitecustomize.py").write_text("import p2p_local.commands.profile as p\n"
+                                            "from p2p_local.store import Store\n"
+                                            "p._import_store = lambda dry_run: Store()\n")
+        monkeypatch.setenv("PYTHONPATH", f"{d}{os.pathsep}{R.REPO}")
+    case = next(c for c in R.catalogue() if c.name == "--dry-run on a new machine")
+    r = R.run_case(case, _bare_template(tmp_path), tmp_path, tmp_path, can_mount=False)
+    assert r.outcome == "success" and (r.wrong.startswith("bad data accepted") == bool(plant)), r
+    assert bool(r.wrong) == bool(plant)  # (the bare template has no store: `lost` says so, not checked here)
+
+
+def test_every_case_watches_home(tmp_path, monkeypatch) -> None:
+    """A command that leaves a file in $HOME (onnxruntime's telemetry did) is bad data accepted, whatever
+    its exit code."""
+    monkeypatch.setattr(R, "_rehome", lambda ctx: None)
+    case = R.Case("privacy", "planted", [], shell='mkdir -p "$HOME/.cache/x" && touch "$HOME/.cache/x/deviceid"')
+    r = R.run_case(case, _bare_template(tmp_path), tmp_path, tmp_path, can_mount=False)
+    assert r.wrong.startswith("bad data accepted: wrote outside the data dir"), r

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from p2p_local.adapter import LoraAdapter
 from p2p_local.cli import main
 from p2p_local.data.format import builtin_card
 from p2p_local.errors import AdapterError, DataError, StoreError
-from p2p_local.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from p2p_local.files import atomic_write
+from p2p_local.peft_export import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, export_peft
 from p2p_local.personalize import KEEP_ADAPTER_FILES, Session
 from p2p_local.store import Store
 
@@ -40,7 +43,44 @@ def test_peft_export_never_replaces_a_folder_of_other_files(tmp_path: Path, monk
     empty = tmp_path / "here"
     empty.mkdir()
     monkeypatch.chdir(empty)
-    assert sorted(p.name for p in export_peft(_tiny_adapter(), ".").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in export_peft(_tiny_adapter(), ".").iterdir()) == [MANIFEST_FILE, CONFIG_FILE,
+                                                                                  WEIGHTS_FILE]
+
+
+@pytest.mark.parametrize("user_file", ["README.md", "adapter_config.json", "notes.txt"])
+def test_peft_export_keeps_a_folder_the_app_did_not_write(tmp_path: Path, user_file: str) -> None:
+    """A folder holding only a file with one of the export's own names is still the user's: the app
+    replaces a folder only when its manifest lists every file there, unchanged."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / user_file).write_text("the user's own")
+    with pytest.raises(AdapterError, match="not a PEFT export"):
+        export_peft(_tiny_adapter(), mine)
+    assert (mine / user_file).read_text() == "the user's own"
+    out = export_peft(_tiny_adapter(), tmp_path / "peft")
+    (out / CONFIG_FILE).write_text("{}  # edited by the user")  # changed since the export: theirs now
+    with pytest.raises(AdapterError, match="not a PEFT export"):
+        export_peft(_tiny_adapter(), out)
+    assert (out / CONFIG_FILE).read_text().startswith("{}  # edited")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "device"])
+def test_writes_refuse_to_replace_special_files(tmp_path: Path, kind: str) -> None:
+    """A device node, a FIFO or a link to one is never replaced by a regular file (as root, `-o /dev/null`
+    made /dev/null a file holding the profile); a link to a regular file or a new name is written."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = {"fifo": fifo, "device": Path("/dev/null"), "link-to-fifo": tmp_path / "link"}[kind]
+    if kind == "link-to-fifo":
+        target.symlink_to(fifo)
+    with pytest.raises(StoreError, match="refusing to replace it"):
+        atomic_write(target, b"profile")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert os.path.islink(target) == (kind == "link-to-fifo")
+    regular = tmp_path / "regular"
+    regular.write_text("old")
+    (tmp_path / "to-regular").symlink_to(regular)
+    atomic_write(tmp_path / "to-regular", b"new")  # a link to a regular file: written as before
 
 
 def test_generation_decoding_matches_the_task_shape(session: Session) -> None:

@@ -153,7 +153,32 @@ def test_values_are_checked_after_the_f16_cast(tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match="NaN or Inf"):
         write_adapter(tmp_path / "a.gguf", t, alpha=4.0, base=BASE, dtype="f16")
     assert not (tmp_path / "a.gguf").exists()
-    write_adapter(tmp_path / "a.gguf", t, alpha=4.0, base=BASE, dtype="f32")  # fine in float32
+    with pytest.raises(AdapterError, match="magnitude 1e\\+05"):  # finite in float32, but no sane adapter value
+        write_adapter(tmp_path / "a.gguf", t, alpha=4.0, base=BASE, dtype="f32")
+
+
+@pytest.mark.parametrize("alpha, times, problem", [(1e30, 1.0, "LoRA scale"), (4.0, 1e5, "magnitude"),
+                                                   (2.0 * 64 + 1, 1.0, "LoRA scale")])
+def test_insane_values_are_refused_on_write_and_on_read(tmp_path: Path, alpha: float, times: float,
+                                                        problem: str) -> None:
+    """alpha 1e30 or weights x1e5 reach llama.cpp as a wrecked model, never as a personalization: refused
+    when written, and when a file holding them (written by someone else) is validated before loading."""
+    import gguf
+
+    t = {n: ab(2, *SHAPES[n]) for n in ("blk.0.attn_q.weight",)}
+    t = {n: (a * times, b) for n, (a, b) in t.items()}
+    with pytest.raises(AdapterError, match=problem):
+        write_adapter(tmp_path / "a.gguf", t, alpha=alpha, base=BASE, dtype="f32")
+    write_adapter(tmp_path / "ok.gguf", {n: ab(2, *SHAPES[n]) for n in t}, alpha=4.0, base=BASE, dtype="f32")
+    # The same file with the values planted: what the validator reads before llama.cpp does.
+    r = gguf.GGUFReader(tmp_path / "ok.gguf", "r+")
+    r.fields["adapter.lora.alpha"].parts[-1][0] = alpha
+    for tensor in r.tensors:
+        if tensor.name.endswith("lora_a"):
+            tensor.data[...] *= times
+    del r
+    with pytest.raises(AdapterError, match=problem):
+        validate_adapter(tmp_path / "ok.gguf", BASE, check_base_hash=False)
 
 
 @pytest.mark.real

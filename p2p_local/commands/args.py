@@ -9,15 +9,40 @@ import math
 MAX_SCALE = 2.0
 
 
+MAX_TEMPERATURE = 2.0
+MAX_TOKENS = 2048  # the engine's context: more can never be generated
+
+
 def scale_arg(value: str) -> float:
     """An adapter strength, 0..MAX_SCALE."""
+    return _bounded_float(value, MAX_SCALE)
+
+
+def temperature_arg(value: str) -> float:
+    """A sampling temperature, 0 (greedy) .. MAX_TEMPERATURE."""
+    return _bounded_float(value, MAX_TEMPERATURE, " (0: greedy)")
+
+
+def _bounded_float(value: str, top: float, note: str = "") -> float:
+    """A finite number in 0..top, else argparse's usage error naming the range."""
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a number") from None
-    if not math.isfinite(x) or not 0.0 <= x <= MAX_SCALE:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_SCALE:g}")
+    if not math.isfinite(x) or not 0.0 <= x <= top:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{top:g}{note}")
     return x
+
+
+def max_tokens_arg(value: str) -> int:
+    """How many tokens an answer may have, 1 .. MAX_TOKENS."""
+    try:
+        n = int(value) if len(value) <= 12 else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not an integer") from None
+    if not 1 <= n <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 1..{MAX_TOKENS}")
+    return n
 
 
 def task_arg(value: str) -> str:

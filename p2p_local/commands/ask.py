@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from p2p_local.commands.args import scale_arg, task_arg
+from p2p_local.commands.args import max_tokens_arg, scale_arg, task_arg, temperature_arg
 from p2p_local.errors import UsageError
 
 
@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "add your own with `p2p models add FILE --name N`); task answers stay on the bundle's base")
     p.add_argument("--base", action="store_true", help="answer with the base model, no adapter")
     p.add_argument("--scale", type=scale_arg, default=1.0, help="adapter strength 0-2 (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=temperature_arg, default=0.0, help="0 = greedy (default), at most 2")
+    p.add_argument("--max-tokens", type=max_tokens_arg, help="at most this many tokens (1-2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=run)
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from p2p_local.data.format import FREE_CHAT, is_free_chat
     from p2p_local.personalize import Session
-    from p2p_local.pipeline import CUT_MARK, lora_scale
+    from p2p_local.pipeline import CUT_MARK, lora_scale, read_query
 
     text = query_text(args.text)
     if args.model is not None and args.task and not is_free_chat(args.task):
@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
             profile, task = None, task or FREE_CHAT
         else:
             profile, task = s.choose(args.profile, task)
+        query = read_query(None if is_free_chat(task) else s.card(task), text)  # as the task will read it
+        if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
+            raise UsageError(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
+                             hint="ask with a shorter text (a diff for commit-subject is read by its file names)")
         if task != FREE_CHAT:
             text = complete_title(s, text, task, profile, quiet=args.json)
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 MAX_STDIN_CHARS = 64 << 20  # a big diff is fine (only its file names are read); the prompt keeps what fits
+MAX_QUERY_CHARS = 16_000  # what reaches the model: more than its 2048-token context holds in any language
 
 
 def query_text(text: str | None) -> str:
@@ -86,9 +91,9 @@ def query_text(text: str | None) -> str:
 
     piped = text is None or text == "-"
     if piped:
-        if text is None and (sys.stdin is None or sys.stdin.isatty()):
+        if text is None and _stdin_is_terminal():
             raise UsageError("no query given", hint="p2p ask \"...\"   or   echo \"...\" | p2p ask -")
-        text = sys.stdin.read(MAX_STDIN_CHARS + 1) if sys.stdin is not None else ""
+        text = _read_stdin()
         try:
             text.encode("utf-8")  # undecodable bytes arrive as lone surrogates
         except UnicodeEncodeError:
@@ -99,6 +104,28 @@ def query_text(text: str | None) -> str:
     if not text.strip():
         raise UsageError("the query is empty", hint="nothing on standard input (nothing staged?)" if piped else None)
     return text.strip("\n") if piped else text  # a pipe ends its text with a newline: not part of the query
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is None or sys.stdin.isatty()
+    except (OSError, ValueError):  # closed
+        return False
+
+
+def _read_stdin() -> str:
+    """At most MAX_STDIN_CHARS + 1 characters of standard input, without a UTF-8 byte-order mark (an
+    editor's BOM hid a diff from the commit task); a closed or write-only stdin is a usage error."""
+    from p2p_local.errors import UsageError
+
+    if sys.stdin is None:
+        return ""
+    try:
+        text = sys.stdin.read(MAX_STDIN_CHARS + 1)
+    except (OSError, ValueError) as e:  # opened write-only (EBADF), closed
+        raise UsageError(f"cannot read standard input ({getattr(e, 'strerror', None) or e})",
+                         hint="pipe the query in, or pass it as an argument") from None
+    return text.removeprefix("\ufeff")
 
 
 def complete_title(session, text: str, task: str, profile: str | None, quiet: bool = False) -> str:

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from p2p_local.commands.args import task_arg
+from p2p_local.errors import UsageError
 
 EPILOG = """examples:
   p2p chat                                   # the profile used last (the demo on a first run)
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from p2p_local.personalize import Session
     from p2p_local.tui import ChatApp
 
+    if not _on_a_terminal():
+        raise UsageError("p2p chat needs a terminal (stdin and stdout are not both one)",
+                         hint='for scripts and pipes use: p2p ask "..." --profile P   (or: echo ... | p2p ask -)')
     print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
     session = Session.open(chat_model=args.model)
     try:
@@ -72,3 +76,12 @@ def run(args: argparse.Namespace) -> int:
         if close is not None:
             close()
     return 0
+
+
+def _on_a_terminal() -> bool:
+    """The chat draws on and reads from a terminal; without one (a pipe, /dev/null, a cron job) the app
+    would wait forever for keys that never come."""
+    try:
+        return sys.stdin is not None and sys.stdout is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    except (ValueError, OSError):  # a closed stream
+        return False

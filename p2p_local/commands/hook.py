@@ -54,10 +54,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     from p2p_local.personalize import choose
     from p2p_local.store import Store
 
-    profile, task = args.profile, args.task or hook.COMMIT_TASK
-    if profile is None:  # a named profile is the hook's to check at commit time (it never blocks a commit)
-        with Store() as store:
-            profile, task = choose(store, None, task)
+    hook.hooks_dir(args.repo)  # a repository first: the first thing to say when it is not one
+    task = _known_task(args.task or hook.COMMIT_TASK)
+    with Store() as store:  # a named profile must exist (did-you-mean hint); else the one rule picks it
+        profile, task = choose(store, args.profile, task)
     if profile is None:
         raise UsageError(f"no profile holds {task} items yet",
                          hint="p2p profile import me --git . --create   (then p2p hook install)")
@@ -66,6 +66,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     print("  git commit now opens the editor with your personalized subject line; "
           f"p2p hook uninstall --repo {args.repo} removes it")
     return 0
+
+
+def _known_task(task: str) -> str:
+    """A built-in task card (the hook would otherwise fail silently at every commit)."""
+    from p2p_local.data.format import builtin_cards, canonical_task
+    from p2p_local.errors import UsageError
+
+    if canonical_task(task) not in builtin_cards():
+        raise UsageError(f"unknown task {task[:70]!r}", hint=f"known: {', '.join(builtin_cards())}")
+    return canonical_task(task)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

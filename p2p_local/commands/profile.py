@@ -14,9 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from p2p_local.commands.terminal import shown
 from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError, StoreError, UsageError
-from p2p_local.files import PRIVATE_FILE, atomic_write
+from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git
 from p2p_local.store import Store, StoredItem
 from p2p_local.store.db import check_name
@@ -143,7 +144,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no profiles yet: p2p profile create NAME")
         return 0
     rows = [("NAME", "TASK", "ITEMS", "ADAPTER", "UPDATED")]
-    rows += [(p.name, p.task or "-", str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
+    rows += [(p.name, shown(p.task or "-"), str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
               _date(p.updated, True)) for p in profiles]
     _print_table(rows)
     return 0
@@ -165,8 +166,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                             "conversations": n_conv, "items": [asdict(i) for i in items]})
     adapter = "none yet" if not adapters else ("stale (items changed since)" if prof.adapter_stale else "up to date")
     print(f"profile {prof.name}")
-    print(f"  task:          {prof.task or '-'}")
-    print(f"  items:         {prof.n_items:,}" + (f"  ({', '.join(f'{t}: {n:,}' for t, n in tasks.items())})" if tasks else ""))
+    print(f"  task:          {shown(prof.task or '-')}")
+    print(f"  items:         {prof.n_items:,}" + (f"  ({', '.join(f'{shown(t)}: {n:,}' for t, n in tasks.items())})" if tasks else ""))
     print(f"  adapter:       {adapter}")
     print(f"  conversations: {n_conv}")
     print(f"  created:       {_date(prof.created, True)}   updated: {_date(prof.updated, True)}")
@@ -193,26 +194,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                                                                  "p2p profile import NAME --git PATH")
     if args.git is None and (args.author or args.since):
         raise UsageError("--author and --since go with --git", hint="p2p profile import NAME --git PATH --author EMAIL")
-    with Store() as s:
-        created = args.create and not args.dry_run and not s.profile_exists(args.name)
-        if created:
-            s.create_profile(args.name, task=args.task)
-        elif not s.profile_exists(args.name) and not (args.dry_run and args.create):
+    with _import_store(args.dry_run) as s:
+        if not s.profile_exists(args.name) and not args.create:
             try:
                 s.get_profile(args.name)
             except StoreError as e:  # keep its did-you-mean, offer --create
                 raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
-        try:
-            if args.git is not None:
-                result = import_git(s, args.name, args.git, authors=args.author or (), since=args.since,
-                                    dry_run=args.dry_run, progress=_progress("commits read"))
-            else:
-                result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
-                                     task=args.task, dry_run=args.dry_run, progress=_stage_progress(args.file))
-        except BaseException:
-            if created:  # all or nothing: a failed import leaves no empty profile behind
-                s.forget_profile(args.name)
-            raise
+        # --create: the profile is made in the import's own transaction (a failed or killed import
+        # leaves no empty profile behind).
+        if args.git is not None:
+            result = import_git(s, args.name, args.git, authors=args.author or (), since=args.since,
+                                dry_run=args.dry_run, progress=_progress("commits read"), create=args.create)
+        else:
+            result = import_file(s, args.name, args.file, args.format, user=args.user, movies=args.movies,
+                                 task=args.task, dry_run=args.dry_run, progress=_stage_progress(args.file),
+                                 create=args.create)
     if args.json:
         return _print_json(asdict(result))
     where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
@@ -231,6 +227,33 @@ def cmd_import(args: argparse.Namespace) -> int:
             when = _date(it["time"]) if it["time"] is not None else "-"
             print(f"  {when}  {_short(it['input'], 70)}  ->  {_short(it['output'], 50)}")
     return 0
+
+
+class _NoStore:
+    """What a dry run reads on a machine with no store yet: no profiles (nothing is created to find out)."""
+
+    def profile_exists(self, name: str) -> bool:
+        return False
+
+    def get_profile(self, name: str) -> Any:
+        raise StoreError(f"no profile named {name!r}", hint=f"create it: p2p profile create {name}")
+
+    def __enter__(self) -> _NoStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _import_store(dry_run: bool) -> Any:
+    """The store an import reads and writes; a dry run opens it read-only, or none when there is none
+    yet (so a dry run writes nothing at all: not the data dir, not the store)."""
+    from p2p_local import paths
+
+    if not dry_run:
+        return Store()
+    path = paths.store_path(create=False)
+    return Store(path, readonly=True) if path.is_file() else _NoStore()
 
 
 LARGE_IMPORT_BYTES = 4 << 20  # files above this say what they are doing (on a terminal)
@@ -348,6 +371,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_target(path: Path) -> Path:
     """The export's file: in an existing folder, not a folder itself (both usage errors, exit 2)."""
+    refuse_special(path, UsageError)  # `-o /dev/null` as root would become a file holding the profile
     if path.is_dir():
         raise UsageError(f"--output {path} is a directory", hint=f"give a file name, e.g. {path / 'profile.json'}")
     if not path.parent.is_dir():
@@ -489,11 +513,12 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _item_row(i: StoredItem) -> tuple[str, ...]:
-    return (str(i.id), _date(i.time) if i.time is not None else "-", i.task, _short(i.input, 60), _short(i.output, 30))
+    return (str(i.id), _date(i.time) if i.time is not None else "-", _short(i.task, 40), _short(i.input, 60),
+            _short(i.output, 30))
 
 
 def _short(text: str, n: int) -> str:
-    text = " ".join(text.split())
+    text = " ".join(shown(text).split())  # user data: no escape sequences reach the terminal
     return text if len(text) <= n else text[: n - 1] + "…"
 
 

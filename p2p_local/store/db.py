@@ -12,6 +12,7 @@ One Store per thread (sqlite3 connections are not shared across threads).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import sqlite3
 import time as _time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,40 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction around several store calls (all or nothing): `import --create` makes the
+        profile and its items together, so a kill mid-way leaves no empty profile behind."""
+        return self._write()
+
+    @contextmanager
+    def import_lock(self, profile: str) -> Iterator[None]:
+        """Serialize imports into one profile across processes (blocking): each reads what the profile holds
+        to skip duplicates, then writes, and two at once would both add everything. One byte per profile
+        (by a hash of its name) of a lock file beside the store: no file names the profile."""
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): the write transaction still keeps the store whole
+            yield
+            return
+        offset = int(hashlib.sha256(profile.encode("utf-8")).hexdigest()[:7], 16)
+        try:
+            fd = os.open(self.path.with_name(self.path.name + ".import-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot lock the profile store for an import: {e.strerror}",
+                             hint="check the data dir's permissions") from e
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        """One write transaction. IMMEDIATE takes the write lock up front (no upgrade deadlocks). Nested
+        uses join the outer transaction (`transaction()`)."""
+        if self.conn.in_transaction and getattr(self, "_outer", False):
+            yield self.conn
+            return
         if self.readonly:
             raise StoreError(f"the profile store {self.path} is read-only here: this command changes it",
                              hint="reading commands (profile list / show / export) work; to change profiles, "
@@ -175,7 +207,11 @@ class Store:
         except sqlite3.OperationalError as e:
             raise StoreError(f"the profile store is busy: {e}", hint="another p2p process is writing; retry") from e
         try:
-            yield self.conn
+            self._outer = True
+            try:
+                yield self.conn
+            finally:
+                self._outer = False
             self.conn.execute("COMMIT")
         except BaseException as e:
             # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK here would fail
@@ -425,6 +461,7 @@ class Store:
         files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
         # Chats the user exported from the chat screen are traces of the profile too.
         files += [conversation_export_path(c.id) for c in self.conversations(name)]
+        files += profile_exports_in_data_dir(p.name, [p.task or "", *self.task_counts(name)])
         counts = {}
         with self._write() as c:
             conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
@@ -451,7 +488,7 @@ class Store:
         d = paths.adapters_dir() / f"profile-{self._pid(profile)}"
         if create:
             try:
-                d.mkdir(parents=True, exist_ok=True)
+                paths.private_dir(d)
             except OSError as e:
                 raise disk_error(e, d) from e
         return d
@@ -736,6 +773,14 @@ def _check_schema_current(conn: sqlite3.Connection, path: Path) -> None:
 def conversation_export_path(conversation_id: int) -> Path:
     """Where the chat exports a conversation as Markdown (`forget_profile` removes it with the profile)."""
     return paths.data_dir() / "exports" / f"conversation-{int(conversation_id)}.md"
+
+
+def profile_exports_in_data_dir(profile: str, tasks: list[str]) -> list[Path]:
+    """Adapter exports of the profile in <data dir>/exports/ (where the chat's export key writes them):
+    their README holds the query text, so `forget_profile` removes them too."""
+    from p2p_local.exports import profile_exports
+
+    return profile_exports(paths.data_dir() / "exports", profile, tasks)
 
 
 def _cached_file_problem(path: Path, sha256: str | None) -> str | None:

@@ -670,9 +670,10 @@ def adapter_note(result: AdapterResult) -> str:
 
 def export_conversation(store, conversation_id: int) -> Path:
     """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
-    from p2p_local.files import PRIVATE_DIR, atomic_write
+    from p2p_local.files import atomic_write
+    from p2p_local.paths import private_dir
     from p2p_local.store.db import conversation_export_path
 
     path = conversation_export_path(conversation_id)
-    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    private_dir(path.parent)  # 0700, also an older 0755 one
     return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store

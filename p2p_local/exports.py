@@ -1,0 +1,48 @@
+"""Names and places of what `p2p adapter export` (and the chat's export key) writes, in one module: the
+exporter names files with `export_name`, `forget` finds a profile's exports with `profile_exports`.
+
+Why a hash in some names: profile names may be any letters (`\\w`), file names here are ASCII, so two
+names that differ only outside ASCII (or only in case, on a case-insensitive disk) would share a file
+and the second export would silently replace the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+# The files of one GGUF export (`<stem>.gguf` + README + Modelfile); a PEFT export is the folder `<stem>`.
+EXPORT_SUFFIXES = (".gguf", ".README.md", ".Modelfile", "")
+_QUERY_TAG = re.compile(r"-q[0-9a-f]{8}")
+
+
+def export_name(profile: str, task: str, query: str | None) -> str:
+    """`me-commit-subject`, plus a short hash of the query for a query-aware adapter: the same profile,
+    task and query always give the same name (re-exporting replaces the file), and two profiles never
+    share one (a name that is not plain lower-case ASCII gets a hash of the exact name)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", profile).strip("._") or "profile"
+    if safe != profile or profile != profile.lower():
+        safe += "-" + hashlib.sha256(profile.encode("utf-8")).hexdigest()[:8]
+    name = f"{safe}-{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}"
+    if query:
+        name += "-q" + hashlib.sha256(query.encode("utf-8")).hexdigest()[:8]
+    return name
+
+
+def profile_exports(folder: Path, profile: str, tasks: Iterable[str]) -> list[Path]:
+    """The exports of `profile` (any of `tasks`, with or without a query) found in `folder`."""
+    if not folder.is_dir():
+        return []
+    stems = {export_name(profile, t, None) for t in tasks if t}
+    found = []
+    for p in folder.iterdir():
+        for suffix in EXPORT_SUFFIXES:
+            if suffix and not p.name.endswith(suffix):
+                continue
+            stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+            if stem in stems or (len(stem) > 10 and _QUERY_TAG.fullmatch(stem[-10:]) and stem[:-10] in stems):
+                found.append(p)
+                break
+    return sorted(found)
