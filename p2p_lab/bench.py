@@ -43,11 +43,13 @@ def _rss_mb() -> float:
 
 
 def random_qv_lora(base, rank: int = 8, std: float = 0.02, seed: int = 0) -> dict:
+    from p2p_local.adapter import tensor_name
+
     rng = np.random.default_rng(seed)
     out = {}
     for layer in range(base.n_layers):
         for module in ("attn_q", "attn_v"):
-            name = f"blk.{layer}.{module}.weight"
+            name = tensor_name(layer, module)
             n_out, n_in = base.shapes[name]
             out[name] = (rng.normal(0, std, (rank, n_in)).astype(np.float32),
                          rng.normal(0, std, (n_out, rank)).astype(np.float32))
@@ -167,6 +169,42 @@ def bench_personalize(repeat: int = 15, n_items: int = 0) -> dict:
     out = {f"{k[:-3]}_median_ms": round(statistics.median(v), 2) for k, v in stages.items()}
     out["total_p90_ms"] = round(float(np.percentile(stages["total_ms"], 90)), 2)
     out.update({"profile_items": n_items, "targets": {"total_median_ms": "<= 150"}})
+    return out
+
+
+def bench_chat_rating(repeat: int = 15) -> dict:
+    """The chat's rating answer (the text and the label distribution it shows), the way it was and the way
+    it is, in one run: `before` answers, then asks the distribution again (a second evaluation of the
+    prompt); `after` reads the distribution off the `Answer` (one evaluation). Each round's query is made
+    personal first (its adapter cached), so both variants time the same attach + evaluation path; the
+    order of the two alternates round by round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _session_with(len(_demo_items()), Path(tmp))
+        try:
+            def before(q: str) -> None:
+                answer = s.answer(q, profile="u", task="movielens-rating")
+                "".join(answer)
+                s.label_distribution(q, "movielens-rating")
+
+            def after(q: str) -> None:
+                answer = s.answer(q, profile="u", task="movielens-rating").finish()
+                assert answer.distribution is not None
+
+            times: dict[str, list[float]] = {"before": [], "after": []}
+            for i in range(repeat + 1):
+                q = f"{QUERIES[i % len(QUERIES)]} #{i}"
+                s.personalize("u", "movielens-rating", query=q)
+                order = (("before", before), ("after", after)) if i % 2 else (("after", after), ("before", before))
+                for name, fn in order:
+                    t = time.perf_counter()
+                    fn(q)
+                    if i:  # round 0: warm-up
+                        times[name].append((time.perf_counter() - t) * 1e3)
+        finally:
+            s.close()
+    out = {f"{k}_median_ms": round(statistics.median(v), 2) for k, v in times.items()}
+    out["after_vs_before"] = round(out["after_median_ms"] / out["before_median_ms"], 3)
+    out.update({"repeat": repeat, "targets": {"after_vs_before": "< 1"}})
     return out
 
 
@@ -387,12 +425,13 @@ SUITES: dict[str, Callable[[], dict]] = {
     "runtime": bench_runtime,
     "personalize": bench_personalize,
     "history": bench_history,
+    "chat-rating": bench_chat_rating,
     "encoder": bench_encoder,
     "app": bench_app,
     "strength": bench_strength,
     "cost": bench_cost,  # minutes (OPPU trains per user): not part of `all`
 }
-ALL = ("runtime", "personalize", "history", "encoder", "app", "strength")
+ALL = ("runtime", "personalize", "history", "chat-rating", "encoder", "app", "strength")
 
 
 def table(results: dict[str, dict]) -> str:

@@ -30,10 +30,10 @@ from p2p_local.files import atomic_write, atomic_write_with
 from p2p_local.paths import regular_file
 
 # --- format constants, in the format's own vocabulary -------------------------------------------
-KEY_GENERAL_TYPE = "general.type"
-KEY_ARCH = "general.architecture"
-KEY_ADAPTER_TYPE = "adapter.type"
-KEY_LORA_ALPHA = "adapter.lora.alpha"
+KEY_GENERAL_TYPE = gguf.Keys.General.TYPE
+KEY_ARCH = gguf.Keys.General.ARCHITECTURE
+KEY_ADAPTER_TYPE = gguf.Keys.Adapter.TYPE
+KEY_LORA_ALPHA = gguf.Keys.Adapter.LORA_ALPHA
 # p2p-local's own metadata (llama.cpp ignores unknown keys).
 KEY_BASE_SHA256 = "p2p.base.sha256"
 KEY_RANK = "p2p.lora.rank"
@@ -42,8 +42,8 @@ KEY_GENERATOR_NAME = "p2p.generator.name"
 KEY_GENERATOR_VERSION = "p2p.generator.version"
 KEY_PROFILE_FINGERPRINT = "p2p.profile.fingerprint"
 KEY_CREATED = "p2p.created"
-KEY_ALIGNMENT = "general.alignment"
-KEY_ALORA_TOKENS = "adapter.alora.invocation_tokens"
+KEY_ALIGNMENT = gguf.Keys.General.ALIGNMENT
+KEY_ALORA_TOKENS = gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS
 
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
@@ -65,6 +65,20 @@ _CORRUPT = "the file is corrupt or was not written by a GGUF LoRA exporter; rege
 # Modules llama.cpp can adapt on the architectures we know (GGUF short names).
 TARGET_MODULES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _TARGET_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,3})\.(?:" + "|".join(TARGET_MODULES) + r")\.weight")
+_TENSOR_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+
+
+def tensor_name(layer: int, module: str) -> str:
+    """The GGUF name of a block's weight: (3, "attn_q") -> "blk.3.attn_q.weight" (the one spelling)."""
+    return f"blk.{layer}.{module}.weight"
+
+
+def parse_tensor_name(name: str) -> tuple[int, str]:
+    """ "blk.3.attn_q.weight" -> (3, "attn_q"); anything else is an AdapterError."""
+    m = _TENSOR_NAME.match(name)
+    if not m:
+        raise AdapterError(f"{name!r} is not a per-layer GGUF weight name (blk.N.module.weight)")
+    return int(m.group(1)), m.group(2)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ class BaseInfo:
         except Exception as e:  # truncated / not a GGUF
             raise AdapterError(f"cannot read base model {path}: {e}", hint="the model file is damaged: run `p2p models prepare`") from e
         arch = _kv_str(reader, KEY_ARCH) or "?"
-        n_layers = int(_kv_scalar(reader, f"{arch}.block_count") or 0)
+        n_layers = int(_kv_scalar(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)) or 0)
         shapes = {}
         for t in reader.tensors:
             if len(t.shape) == 2:
@@ -118,7 +132,7 @@ class BaseInfo:
         return cls(arch=arch, sha256=sha256, shapes=shapes, n_layers=n_layers)
 
     def target_name(self, layer: int, module: str) -> str:
-        return f"blk.{layer}.{module}.weight"
+        return tensor_name(layer, module)
 
 
 @dataclass
@@ -187,7 +201,7 @@ def write_adapter(
     for name, (a, b) in tensors.items():
         _check_pair(name, a, b, base)
         ranks.add(a.shape[0])
-        targets.add(name.split(".")[2] if name.startswith("blk.") else name)
+        targets.add(parse_tensor_name(name)[1] if _TENSOR_NAME.match(name) else name)
     if len(ranks) != 1:
         raise AdapterError(f"all pairs must share one rank, got {sorted(ranks)}", hint="one rank per adapter")
     rank = ranks.pop()

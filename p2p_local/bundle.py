@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from p2p_local.adapter import MAX_LORA_SCALE, lora_value_problem
+from p2p_local.adapter import MAX_LORA_SCALE, lora_value_problem, tensor_name
 from p2p_local.errors import BundleError
 from p2p_local.paths import data_dir, repo_root
 
@@ -176,7 +176,7 @@ class Bundle:
                      "load that base (`p2p models prepare`) or train a bundle for this one")
         for layer in self.layers:
             for m in self.targets:
-                name = f"blk.{layer}.{m}.weight"
+                name = tensor_name(layer, m)
                 if tuple(base.shapes.get(name, ())) != self.shapes[m]:
                     raise BundleError(f"bundle {self.name}: base tensor {name} has shape {base.shapes.get(name)}, "
                                       f"the bundle expects {self.shapes[m]}", hint="the bundle was made for another base")
@@ -223,7 +223,7 @@ class Bundle:
                                   "which do not match the manifest", hint="re-export the bundle")
             for i in range(batch):
                 for j, layer in enumerate(self.layers):
-                    adapters[i][f"blk.{layer}.{m}.weight"] = (a_all[i, j], b_all[i, j])
+                    adapters[i][tensor_name(layer, m)] = (a_all[i, j], b_all[i, j])
         for ad in adapters:
             for name, (a, b) in ad.items():
                 if not (np.isfinite(a).all() and np.isfinite(b).all()):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -95,6 +96,36 @@ def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True)
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def replacing_dir(path: str | Path, mode: int = 0o755) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; on a clean exit it takes `path`'s place in one rename (a folder
+    already there is moved aside first and removed after, or put back if the swap fails). On any error the
+    temp folder goes and `path` is as it was; OS errors are said plainly (`disk_error`)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:  # a read-only or full folder, a file somewhere up the path
+        raise disk_error(e, path) from e
+    old = None
+    try:
+        os.chmod(tmp, mode)  # mkdtemp makes it private
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous folder back
+        if isinstance(e, OSError):
+            raise disk_error(e, path) from e
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, data: bytes | str, mode: int = PRIVATE_FILE) -> Path:

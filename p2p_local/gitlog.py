@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from p2p_local.data.records import commit_item
+from p2p_local.data.records import commit_item, parse_time
 from p2p_local.errors import DataError, UsageError
 from p2p_local.store import NewItem
 
@@ -145,7 +145,7 @@ def _commit(rec: list[bytes]) -> tuple[str, str, str, str, str, str, str, list[s
 def _records(repo: Path, args: list[str], marker: bytes) -> Iterator[list[bytes]]:
     """`git log` output, one commit record (its NUL-separated fields) at a time, streamed: a large history
     is never held whole, and a field longer than MAX_TOKEN_BYTES keeps only its start."""
-    proc = subprocess.Popen(_git(repo, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(git_command(repo, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=git_env())
     rec: list[bytes] | None = None
     tail = b""
     skipping = False  # inside an over-long field: its bytes are dropped up to the next NUL
@@ -176,7 +176,7 @@ def _records(repo: Path, args: list[str], marker: bytes) -> Iterator[list[bytes]
     if rc != 0:
         if "does not have any commits" in err:
             return  # an empty repository: nothing to import
-        raise DataError(f"{repo}: git log failed: {_first_line(err)}", hint="check the path is a git repository")
+        raise DataError(f"{repo}: git log failed: {first_line(err)}", hint="check the path is a git repository")
     if rec is not None:
         rec.append(tail)
         yield rec
@@ -189,15 +189,15 @@ def _repo_root(path: Path) -> Path:
         raise DataError(f"{path}: no such folder", hint="pass the folder of a local git repository")
     if not path.is_dir():
         raise DataError(f"{path} is not a folder", hint="pass the folder of a local git repository")
-    r = subprocess.run(_git(path, ["rev-parse", "--show-toplevel"]), capture_output=True, text=True, env=_env())
+    r = subprocess.run(git_command(path, ["rev-parse", "--show-toplevel"]), capture_output=True, text=True, env=git_env())
     if r.returncode != 0:
-        raise DataError(f"{path} is not a git repository ({_first_line(r.stderr)})",
+        raise DataError(f"{path} is not a git repository ({first_line(r.stderr)})",
                         hint="pass the folder of a local git repository (one with a .git inside)")
     return Path(r.stdout.strip() or path)
 
 
 def _config_email(repo: Path) -> str:
-    r = subprocess.run(_git(repo, ["config", "user.email"]), capture_output=True, text=True, env=_env())
+    r = subprocess.run(git_command(repo, ["config", "user.email"]), capture_output=True, text=True, env=git_env())
     email = r.stdout.strip()
     if r.returncode != 0 or not email:
         raise UsageError(f"whose commits? {repo} has no user.email configured",
@@ -207,7 +207,6 @@ def _config_email(repo: Path) -> str:
 
 def _since(value: str) -> str:
     """ISO 8601 dates and '3 months ago' pass; anything else is refused (git would read garbage as 'now')."""
-    from p2p_local.importers import parse_time
 
     v = value.strip()
     if _RELATIVE.match(v):
@@ -221,18 +220,21 @@ def _since(value: str) -> str:
     return f"@{int(t)}"
 
 
-def _git(repo: Path, args: list[str]) -> list[str]:
+def git_command(repo: Path, args: list[str]) -> list[str]:
+    """`git ARGS` run in `repo`, as every git call of the app runs it (the hook's too)."""
     # No pager, no optional locks (a read must not touch the index), no system/user config side effects.
     return ["git", "--no-pager", "-c", "core.quotepath=off", "-C", str(repo), *args]
 
 
-def _env() -> dict[str, str]:
+def git_env() -> dict[str, str]:
+    """The environment of every git call: no locks taken by a read, no prompts, no pager, C messages."""
     env = dict(os.environ)
     env.update({"GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_PAGER": "cat"})
     return env
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first non-blank line of git's stderr, for an error message."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[0] if lines else "no message"
 
@@ -265,8 +267,8 @@ def commit_query(files: Sequence[str], body: str = "") -> str:
 
 def staged_files(repo: str | Path = ".") -> list[str]:
     """The files `git commit` would record now (honours GIT_INDEX_FILE, as git sets it for hooks)."""
-    r = subprocess.run(_git(Path(repo), ["diff", "--cached", "--name-only", "-z", "--no-ext-diff"]),
-                       capture_output=True, env=_env(), timeout=60)
+    r = subprocess.run(git_command(Path(repo), ["diff", "--cached", "--name-only", "-z", "--no-ext-diff"]),
+                       capture_output=True, env=git_env(), timeout=60)
     if r.returncode != 0:
-        raise DataError(f"{repo}: git diff --cached failed: {_first_line(r.stderr.decode(errors='replace'))}")
+        raise DataError(f"{repo}: git diff --cached failed: {first_line(r.stderr.decode(errors='replace'))}")
     return [f for f in r.stdout.decode("utf-8", errors="replace").split("\0") if f]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from p2p_local.errors import StoreError, UsageError
 from p2p_local.files import atomic_write, disk_error
-from p2p_local.gitlog import COMMIT_TASK, _env, _first_line, _git, commit_query, staged_files
+from p2p_local.gitlog import COMMIT_TASK, commit_query, first_line, git_command, git_env, staged_files
 
 HOOK = "prepare-commit-msg"
 SAVED = HOOK + ".p2p-saved"
@@ -37,9 +37,9 @@ _ENTRY = "import sys; sys.path.pop(0); from p2p_local.cli import main; sys.exit(
 def hooks_dir(repo: str | Path) -> Path:
     """The repository's hooks folder (`git rev-parse --git-path hooks`: core.hooksPath and worktrees honoured)."""
     repo = Path(repo)
-    r = subprocess.run(_git(repo, ["rev-parse", "--git-path", "hooks"]), capture_output=True, text=True, env=_env())
+    r = subprocess.run(git_command(repo, ["rev-parse", "--git-path", "hooks"]), capture_output=True, text=True, env=git_env())
     if r.returncode != 0:
-        raise UsageError(f"{repo} is not a git repository ({_first_line(r.stderr)})",
+        raise UsageError(f"{repo} is not a git repository ({first_line(r.stderr)})",
                          hint="p2p hook install --repo PATH-OF-A-GIT-REPOSITORY")
     path = Path(r.stdout.strip())
     return path if path.is_absolute() else (repo / path).resolve()
@@ -117,7 +117,7 @@ def propose(query: str, profile: str, task: str) -> str:
     with Session.open() as s:
         if not s.store.profile_exists(profile):
             raise StoreError(f"no profile {profile!r}")
-        return "".join(s.answer(query, profile=profile, task=task)).strip()
+        return s.answer(query, profile=profile, task=task).finish().text
 
 
 def run(msg_file: str | Path, source: str = "", *, profile: str, task: str = COMMIT_TASK,

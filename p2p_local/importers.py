@@ -27,15 +27,13 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from p2p_local.data.records import movie_genres, movie_item
+from p2p_local.data.records import brief, movie_genres, movie_item, parse_time
 from p2p_local.errors import DataError
 from p2p_local.paths import regular_file
 from p2p_local.store import NewItem, Store
-from p2p_local.store.db import MAX_TIME, MIN_TIME
 
 # Bounds on what a file may hold: past them a hostile or broken file gets a clear error, not a
 # MemoryError, a RecursionError or a field that breaks every later screen.
@@ -216,14 +214,14 @@ def check_answers(items: Iterable[NewItem], default_task: str | None) -> None:
         labels = allowed[task]
         if labels is not None and it.output.strip() not in labels:
             raise DataError(f"{it.where or f'item {n}'}: {task} answers are one of {', '.join(labels)}, "
-                            f"got {_brief(it.output)}", hint=f"e.g. {labels[-1]}")
+                            f"got {brief(it.output)}", hint=f"e.g. {labels[-1]}")
 
 
 def check_label(task: str | None, output: str) -> None:
     """One answer, as `check_answers` checks each imported one (for `profile add` / `edit`)."""
     labels = answer_labels(task)
     if labels is not None and output.strip() not in labels:
-        raise DataError(f"{task} answers are one of {', '.join(labels)}, got {_brief(output)}",
+        raise DataError(f"{task} answers are one of {', '.join(labels)}, got {brief(output)}",
                         hint=f"e.g. --output {labels[-1]}")
 
 
@@ -356,10 +354,10 @@ def _item(obj: Any, at: tuple = (), where: str = "") -> NewItem:
         v = obj.get(key)
         if isinstance(v, int | float) and not isinstance(v, bool):
             if not _sane_number(v):
-                raise _At(at, f"item {key!r} is not a usable number: {_brief(v)}")
+                raise _At(at, f"item {key!r} is not a usable number: {brief(v)}")
             v = _num_text(v)  # "output": 4 reads as "4"
         if not isinstance(v, str) or not v.strip():
-            raise _At(at, f"item {key!r} must be a non-empty string, got {_brief(v)}",
+            raise _At(at, f"item {key!r} must be a non-empty string, got {brief(v)}",
                       hint='items look like {"input": "...", "output": "...", "time": 1700000000}')
         fields[key] = _check_field(at, key, v)
     meta = obj.get("meta") or {}
@@ -370,7 +368,7 @@ def _item(obj: Any, at: tuple = (), where: str = "") -> NewItem:
     meta_task = meta.pop("task", None)  # export_profile keeps a non-default task in meta
     task = obj.get("task", meta_task)
     if task is not None and not (isinstance(task, str) and task.strip() and len(task) <= 64):
-        raise _At(at, f"item 'task' must be a non-empty name, got {_brief(task)}")
+        raise _At(at, f"item 'task' must be a non-empty name, got {brief(task)}")
     try:
         t = parse_time(obj.get("time"))
     except ValueError as e:
@@ -416,13 +414,6 @@ def _check_meta(at: tuple, meta: dict) -> None:
             raise _At(at, f"item 'meta' holds more than {MAX_FIELD_CHARS:,} characters of text")
 
 
-def _brief(v: Any) -> str:
-    """A value for an error message: repr, cut short (a 100 MB field must not fill the terminal)."""
-    big = isinstance(v, int) and v.bit_length() > 100  # str() of a 5000-digit int raises ValueError
-    text = f"an integer of about {int(v.bit_length() * 0.30103)} digits" if big else repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # --- CSV -----------------------------------------------------------------------------------------
 def _read_csv(path: Path, text: str, user: str | None) -> ParsedImport:
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -439,7 +430,7 @@ def _csv_rows(path: Path, reader: csv.DictReader, user: str | None) -> ParsedImp
     reader.fieldnames = header
     missing = [c for c in ("input", "output") if c not in header]
     if missing:
-        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (found {_brief(', '.join(header))})",
+        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (found {brief(', '.join(header))})",
                         hint="the header must name at least input,output (optionally time,task,user_id)")
     extra = [h for h in header if h not in ("input", "output", "time", "task", "user_id") and h]
     by_user: dict[str, list[NewItem]] = {}
@@ -558,16 +549,16 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
         if len(name) > MAX_FIELD_CHARS:
             raise DataError(f"{where}: a Name of {len(name):,} characters, at most {MAX_FIELD_CHARS:,}")
         if not name.isprintable():  # NUL, escape sequences, line breaks: no title holds them
-            raise DataError(f"{where}: the Name {_brief(name)} holds control characters", hint="fix that row")
+            raise DataError(f"{where}: the Name {brief(name)} holds control characters", hint="fix that row")
         if not rating:
             unrated += 1  # watched, not rated: nothing to learn a rating from
             continue
         if not _LETTERBOXD_RATING.fullmatch(rating) or not 0.5 <= float(rating) <= 5:
-            raise DataError(f"{where}: rating {_brief(rating)} is not a Letterboxd rating",
+            raise DataError(f"{where}: rating {brief(rating)} is not a Letterboxd rating",
                             hint="Letterboxd ratings are 0.5 to 5 in half stars (0.5, 1, 1.5, ... 5)")
         stars = float(rating)
         if year and not (_YEAR.fullmatch(year) and MIN_YEAR <= int(year) <= MAX_YEAR):
-            raise DataError(f"{where}: year {_brief(year)} is not a year", hint=f"a year {MIN_YEAR}-{MAX_YEAR}, or empty")
+            raise DataError(f"{where}: year {brief(year)} is not a year", hint=f"a year {MIN_YEAR}-{MAX_YEAR}, or empty")
         try:
             when = parse_time(row.get(when_col)) if when_col else None
         except ValueError as e:
@@ -640,45 +631,6 @@ def match_title(index: dict, name: str, year: str = "") -> tuple[int, tuple[str,
 
 
 # --- shared helpers ------------------------------------------------------------------------------
-def parse_time(value: Any) -> float | None:
-    """Unix seconds from a number, a numeric string or ISO 8601 text; None/"" -> None.
-
-    Between 1900 and 2100: a time outside them is a unit mix-up (milliseconds) or poison (`inf`,
-    `1e300`) that `time.localtime` and every later screen would choke on.
-    """
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"bad time {value!r}")
-    if isinstance(value, int | float):
-        return _time_in_range(value)
-    if isinstance(value, str):
-        s = value.strip()
-        if len(s) > 64:
-            raise ValueError(f"bad time {s[:20]!r}...: too long for a time")
-        try:
-            return _time_in_range(float(s))
-        except ValueError as e:
-            if "outside" in str(e):
-                raise
-        try:
-            return _time_in_range(datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp())  # naive: local
-        except (ValueError, OverflowError, OSError) as e:
-            if "outside" in str(e):
-                raise
-    raise ValueError(f"bad time {_brief(value)}: use unix seconds or ISO 8601 (2024-05-01T12:00:00)")
-
-
-def _time_in_range(value: float) -> float:
-    try:
-        t = float(value)
-    except OverflowError:
-        t = math.inf
-    if not (math.isfinite(t) and MIN_TIME <= t <= MAX_TIME):
-        raise ValueError(f"time {_brief(value)} is outside 1900..2100 (unix seconds)")
-    return t
-
-
 def _sane_number(v: int | float) -> bool:
     """A number that reads back as itself as text: finite, and an int of at most 64 bits."""
     if isinstance(v, int):

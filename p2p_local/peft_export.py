@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
-from p2p_local.adapter import LoraAdapter, read_adapter
+from p2p_local.adapter import LoraAdapter, parse_tensor_name, read_adapter
 from p2p_local.errors import AdapterError
-from p2p_local.files import PRIVATE_FILE, atomic_write, atomic_write_with, disk_error, sha256_file
+from p2p_local.files import PRIVATE_FILE, atomic_write, atomic_write_with, replacing_dir, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,7 +44,6 @@ HF_LAYER_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
-_GGUF_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
 @functools.cache
@@ -80,17 +76,9 @@ def hf_module_name(layer: int, module: str, arch: str = "gemma3") -> str:
     return f"{HF_LAYER.format(bid=layer)}.{modules[module]}"
 
 
-def split_tensor_name(name: str) -> tuple[int, str]:
-    """ "blk.3.attn_q.weight" -> (3, "attn_q")."""
-    m = _GGUF_TENSOR.match(name)
-    if not m:
-        raise AdapterError(f"{name!r} is not a per-layer GGUF weight name (blk.N.module.weight)")
-    return int(m.group(1)), m.group(2)
-
-
 def gguf_to_hf_name(tensor_name: str, arch: str = "gemma3") -> str:
     """ "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj" (the module owning that weight)."""
-    layer, module = split_tensor_name(tensor_name)
+    layer, module = parse_tensor_name(tensor_name)
     return hf_module_name(layer, module, arch)
 
 
@@ -98,7 +86,7 @@ def peft_config(adapter: LoraAdapter, base_model_name: str) -> dict[str, object]
     """adapter_config.json for `adapter`: LoRA, r, lora_alpha = alpha, targets as short HF names."""
     layers_of: dict[str, set[int]] = {}  # short HF name ("q_proj") -> layers it is adapted on
     for name in adapter.tensors:
-        layer, _ = split_tensor_name(name)
+        layer, _ = parse_tensor_name(name)
         layers_of.setdefault(gguf_to_hf_name(name, adapter.arch).rsplit(".", 1)[-1], set()).add(layer)
     layer_sets = {frozenset(s) for s in layers_of.values()}
     if len(layer_sets) == 1:
@@ -143,7 +131,7 @@ def peft_state_dict(adapter: LoraAdapter, dtype: str = "f32") -> dict[str, np.nd
 def export_peft(
     adapter: LoraAdapter | str | Path,
     out_dir: str | Path,
-    base_model_name: str = "google/gemma-3-270m",
+    base_model_name: str | None = None,  # None: the default base's Hugging Face id
     *,
     dtype: str = "f32",
     card: str | None = None,
@@ -166,16 +154,13 @@ def export_peft(
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
         raise AdapterError(f"cannot export into {parent}: it is a file, not a folder", hint="pass a folder")
+    if base_model_name is None:
+        from p2p_local.models import DEFAULT_BASE
+
+        base_model_name = DEFAULT_BASE.hf_id or DEFAULT_BASE.name
     config = peft_config(adapter, base_model_name)
     tensors = peft_state_dict(adapter, dtype)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:  # a read-only or full folder, a file somewhere up the path
-        raise disk_error(e, out_dir) from e
-    old = None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    with replacing_dir(out_dir) as tmp:  # an ordinary folder (0755), swapped in whole
         # Each file through the one atomic write (fsync'd, private 0600: the weights are the profile's);
         # `p2p adapter export --mode` widens them on request.
         atomic_write(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n", mode=PRIVATE_FILE)
@@ -185,19 +170,6 @@ def export_peft(
             atomic_write(tmp / CARD_FILE, card, mode=PRIVATE_FILE)
         written = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         atomic_write(tmp / MANIFEST_FILE, json.dumps({"files": written}, indent=1) + "\n", mode=PRIVATE_FILE)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous export back
-        if isinstance(e, OSError):
-            raise disk_error(e, out_dir) from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -1,51 +1,104 @@
 """`Session`: what the CLI and the chat hold — one engine, one bundle, one encoder, the store, and a
 small cache of adapters already loaded into llama.cpp.
 
-Every step from the stored history to the answer is a call into `p2p_local.pipeline` (the route the
-evaluation and the trainer take too); this module adds the store, the adapter cache and locking.
+Every step from the stored history to the answer is `p2p_local.pipeline.Route.answer` (the route the
+evaluation takes too); this module adds the store reads that make its `Request`, the adapter cache, and
+the rule that picks the profile and the task when the user names fewer than both (`choose`).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from p2p_local import pipeline
 from p2p_local.bundle import Bundle
-from p2p_local.data.format import Item, TaskCard, builtin_card, builtin_cards, canonical_task
+from p2p_local.data.format import (
+    FREE_CHAT,
+    Item,
+    TaskCard,
+    builtin_card,
+    builtin_cards,
+    canonical_task,
+    is_free_chat,
+)
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
-from p2p_local.errors import AdapterError, StoreError, UsageError
+from p2p_local.errors import StoreError, UsageError
 from p2p_local.models import get_spec, prepare_base, prepare_chat_model
-from p2p_local.pipeline import FREE_CHAT, Personalizer
+from p2p_local.pipeline import Answer, Personalization, Personalizer, Request
 from p2p_local.profile import Profile
 from p2p_local.store import Store
 
 MAX_LOADED_ADAPTERS = 8  # llama.cpp handles kept alive for instant switching
 KEEP_ADAPTER_FILES = 32  # cached adapter files per profile (~0.7 MB each for the default bundle)
-__all__ = ["FREE_CHAT", "Personalizer", "PersonalizeResult", "Session"]
+__all__ = ["FREE_CHAT", "Answer", "Personalization", "Personalizer", "Session", "choose"]
 
 
-@dataclass
-class PersonalizeResult:
-    """What `personalize` made, and what the user waited for (ms per stage)."""
+def choose(store: Store, profile: str | None, task: str | None) -> tuple[str | None, str | None]:
+    """The one rule for which profile answers which task (ask, chat, hook): an explicit profile (its own
+    task unless one is named); else the only profile holding items of the task (of any task, when none is
+    named); none at all: no profile (the base model); else a usage error naming the candidates.
+    Returns (profile, task); task None: the profile's own task."""
+    task = FREE_CHAT if is_free_chat(task) else (canonical_task(task) if task else None)
+    if profile is not None:
+        return store.get_profile(profile).name, task  # raises StoreError with a "did you mean" hint
+    profiles = store.list_profiles()
+    if task is None or task == FREE_CHAT:
+        candidates = [p.name for p in profiles]
+    else:
+        candidates = [p.name for p in profiles if p.task == task or task in store.task_counts(p.name)]
+    if len(candidates) == 1:
+        return candidates[0], task
+    if not candidates:
+        if profiles:  # profiles exist, none for this task: answering from another task's history is wrong
+            raise UsageError(f"no profile holds {task} items yet",
+                             hint=f"p2p profile import NAME FILE --task {task}   (or --base for the base model)")
+        return None, task
+    what = f"hold {task} items" if task and task != FREE_CHAT else "exist"
+    raise UsageError(f"several profiles {what}: {', '.join(candidates)}", hint="pass --profile NAME (or --base)")
 
-    adapter_path: Path
-    fingerprint: str
-    cached: bool
-    neutral: bool  # the bundle is the untrained stand-in: the adapter changes nothing
-    empty: bool  # the profile had no items: the adapter is the hypernetwork's neutral (population) one
-    task: str
-    n_items: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    profile: Profile | None = None
+
+class _CachedRoute(pipeline.Route):
+    """The route with the app's adapter cache: files in the store's adapter folder keyed by the profile's
+    fingerprint, and the newest few kept loaded in llama.cpp for instant switching."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.engine, session.personalizer)
+        self.session = session
+        self.loaded: OrderedDict[Path, Adapter] = OrderedDict()
+
+    @property
+    def chat_engine(self) -> Engine | None:  # type: ignore[override]
+        return self.session.chat_engine
+
+    def adapter_file(self, p: Personalization, request: Request, force: bool = False) -> Path:
+        store, sha, name = self.session.store, self.session.bundle.sha256, request.profile_name
+        cached = None if force or name is None else store.cached_adapter(name, p.fingerprint, sha)
+        if cached is not None:
+            p.cached = True
+            return cached
+        assert name is not None, "the app personalizes stored profiles"
+        path = store.adapter_dir(name) / f"{p.task}-{p.fingerprint[:16]}-{sha[:8]}.gguf"
+        self.write(p, path, request.card)
+        store.record_adapter(name, p.fingerprint, sha, path)  # also clears "stale"
+        # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
+        store.prune_adapters(name, keep=KEEP_ADAPTER_FILES)
+        return path
+
+    def attach(self, path: Path, scale: float) -> None:
+        adapter = self.loaded.get(path)
+        if adapter is None:
+            adapter = self.engine.load_adapter(path)
+            self.loaded[path] = adapter
+            while len(self.loaded) > MAX_LOADED_ADAPTERS:
+                _, old = self.loaded.popitem(last=False)
+                self.engine.free_adapter(old)
+        self.loaded.move_to_end(path)
+        self.engine.use(adapter, pipeline.lora_scale(scale))
 
 
 class Session:
@@ -66,11 +119,9 @@ class Session:
         self._local = threading.local()
         self._local.store = store
         self._stores = [store]
-        self.lock = threading.RLock()
-        self.last_result: PersonalizeResult | None = None  # what the last personalized answer used
-        self.last_finish: str | None = None  # how the last generated answer ended (`pipeline.GuardedStream`)
         self.personalizer = Personalizer(bundle, encoder, engine.base)
-        self._loaded: OrderedDict[Path, Adapter] = OrderedDict()
+        self.route = _CachedRoute(self)
+        self.lock = self.route.lock
         self._cards = {name: builtin_card(name) for name in builtin_cards()}
 
     @classmethod
@@ -115,9 +166,6 @@ class Session:
             raise UsageError(f"unknown task {task!r}", hint=f"known tasks: {', '.join(self._cards)}")
         return self._cards[task]
 
-    def profiles(self) -> list:
-        return self.store.list_profiles()
-
     def default_task(self, profile: str) -> str:
         """The profile's own task, else the task most of its items belong to."""
         p = self.store.get_profile(profile)
@@ -129,6 +177,11 @@ class Session:
                              hint=f"add items with --task one of: {', '.join(self._cards)}")
         return max(counts, key=counts.get)
 
+    def choose(self, profile: str | None, task: str | None) -> tuple[str | None, str]:
+        """`choose`'s profile and the task it answers (the profile's own, or free chat without a profile)."""
+        profile, task = choose(self.store, profile, task)
+        return profile, task or (self.default_task(profile) if profile else FREE_CHAT)
+
     def history(self, profile: str, task: str) -> tuple[list[Item], int]:
         """The newest items a profile reads (time order) and how many the profile has in all."""
         card = self.card(task)
@@ -136,97 +189,57 @@ class Session:
         items = [pipeline.history_item(card, r.input, r.output, r.time, r.meta) for r in rows]
         return items, self.store.count_items(profile, task=task)
 
+    def request(self, text: str, profile: str | None, task: str | None, *, personalized: bool = True,
+                transcript: list[tuple[str, str]] | None = None) -> Request:
+        """What the store knows for this question: the card, the profile's history (when personalized)."""
+        task = FREE_CHAT if is_free_chat(task) else (canonical_task(task) if task else None)
+        task = task or (self.default_task(profile) if profile else FREE_CHAT)
+        personalized = personalized and profile is not None
+        if task == FREE_CHAT and not (personalized and self.free_chat_adapter()):
+            return Request(None, text, transcript=transcript or (), free_chat=True,
+                           about=self.about(profile) if personalized and profile else "")
+        card = self.card(task)
+        history, n_total = self.history(profile, task) if personalized and profile else ([], None)
+        return Request(card, text, history, n_total, profile, transcript or (), free_chat=task == FREE_CHAT)
+
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
-        task = canonical_task(task) if task else self.default_task(profile)
-        card = self.card(task)
-        history, n_total = self.history(profile, task)
-        q = pipeline.query_item(card, query) if query else None
-        return pipeline.make_profile(card, history, q, n_total=n_total)
+        return self.request(query or "", profile, task).build_profile()
 
-    # --- personalize -------------------------------------------------------------------------------
+    # --- the route ---------------------------------------------------------------------------------
+    def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
+               scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
+               transcript: list[tuple[str, str]] | None = None) -> Answer:
+        """The answer (`pipeline.Route.answer`): with a profile and `personalized`, its adapter attached at
+        `scale`. Free chat never attaches a task adapter: the base model answers with the profile's summary
+        in the prompt, unless the bundle was trained for free chat. Iterate it to stream; the session lock is
+        held until the stream is exhausted or closed (closing cancels)."""
+        request = self.request(text, profile, task, personalized=personalized, transcript=transcript)
+        return self.route.answer(request, personalized=personalized and profile is not None, scale=scale,
+                                 temperature=temperature, max_tokens=max_tokens)
+
     def personalize(self, profile: str, task: str | None = None, query: str | None = None,
-                    force: bool = False, scale: float = 1.0) -> PersonalizeResult:
-        """Generate (or reuse) the adapter for a profile and attach it at `scale`.
+                    force: bool = False, scale: float = 1.0) -> Personalization:
+        """Generate (or reuse) the adapter for a profile and attach it at `scale` (what an answer does first).
 
         `query` makes the profile query-aware (BM25 retrieval, query-conditional features), as the
         method does; the adapter cache is keyed by the profile fingerprint, so a repeat is free.
         """
+        request = self.request(query or "", profile, task)
+        if request.card is None:
+            raise UsageError("free chat makes no adapter with this bundle (it was not trained for free chat)",
+                             hint="name a task: p2p personalize PROFILE --task TASK")
         with self.lock:
-            return self._personalize(profile, task, query, force, scale)
-
-    def _personalize(self, profile: str, task: str | None, query: str | None, force: bool,
-                     scale: float) -> PersonalizeResult:
-        t0 = time.perf_counter()
-        task = canonical_task(task) if task else self.default_task(profile)
-        prof = self.profile_text(profile, task, query)
-        t1 = time.perf_counter()
-        timings = {"profile_ms": (t1 - t0) * 1e3}
-        cached = None if force else self.store.cached_adapter(profile, prof.fingerprint, self.bundle.sha256)
-        path = cached or self._write(profile, task, prof, timings)
-        t2 = time.perf_counter()
-        try:
-            self._attach(path, scale)
-        except AdapterError as e:
-            if cached is None:
-                raise
-            # A cached file that passed its checksum but not the validator (written by an older version):
-            # made again once, from the profile, with a warning.
-            warnings.warn(f"cached adapter {path.name} was refused ({str(e).splitlines()[0]}); regenerated", stacklevel=2)
-            cached = None
-            path = self._write(profile, task, prof, timings)
-            self._attach(path, scale)
-        timings["load_attach_ms"] = (time.perf_counter() - t2) * 1e3
-        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return PersonalizeResult(adapter_path=path, fingerprint=prof.fingerprint, cached=cached is not None,
-                                 neutral=self.bundle.neutral, empty=prof.empty, task=task,
-                                 n_items=prof.n_history, timings_ms=timings, profile=prof)
-
-    def _write(self, profile: str, task: str, prof: Profile, timings: dict[str, float]) -> Path:
-        """Make the profile's adapter, record it in the cache and keep the newest few files."""
-        path = self.store.adapter_dir(profile) / f"{task}-{prof.fingerprint[:16]}-{self.bundle.sha256[:8]}.gguf"
-        timings.update(self.personalizer.write(prof, path, self._cards.get(task)))
-        self.store.record_adapter(profile, prof.fingerprint, self.bundle.sha256, path)  # also clears "stale"
-        # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
-        self.store.prune_adapters(profile, keep=KEEP_ADAPTER_FILES)
-        return path
-
-    def _attach(self, path: Path, scale: float) -> None:
-        """Attach at the user's strength `scale` (`pipeline.lora_scale`: x1 is the trained adapter)."""
-        adapter = self._loaded.get(path)
-        if adapter is None:
-            adapter = self.engine.load_adapter(path)
-            self._loaded[path] = adapter
-            while len(self._loaded) > MAX_LOADED_ADAPTERS:
-                _, old = self._loaded.popitem(last=False)
-                self.engine.free_adapter(old)
-        self._loaded.move_to_end(path)
-        self.engine.use(adapter, pipeline.lora_scale(scale))
-
-    # --- answer ------------------------------------------------------------------------------------
-    def prompt(self, text: str, task: str | None = None, transcript: list[tuple[str, str]] | None = None,
-               about: str = "") -> str:
-        """The task card's prompt, or (free chat) a plain transcript after what is known of the user."""
-        if task and task != FREE_CHAT:
-            return pipeline.task_prompt(self.engine, self.card(task), text)
-        return pipeline.chat_prompt(text, transcript or [], about)
-
-    def decoding(self, task: str | None, text: str = "") -> dict:
-        """max_tokens and stop strings of a generated answer (`pipeline.generation_settings`)."""
-        card = self.card(task) if task and task != FREE_CHAT else None
-        return pipeline.generation_settings(self.engine, card, text)
+            return self.route.personalize(request, scale, force)
 
     def label_distribution(self, text: str, task: str) -> dict[str, float]:
-        """The model's probabilities over the task's labels (under whatever adapter is attached)."""
+        """The probabilities over the task's labels under whatever adapter is attached (a rating `Answer`
+        carries its own: `Answer.distribution`)."""
         card = self.card(task)
-        scores = pipeline.label_scores(self.engine, pipeline.task_prompt(self.engine, card, text),
-                                       pipeline.label_token_ids(self.engine, card.labels))
+        with self.lock:
+            scores = pipeline.label_scores(self.engine, pipeline.task_prompt(self.engine, card, text),
+                                           self.route.label_ids(card))
         return dict(zip(card.labels, np.exp(scores["lp"]).tolist(), strict=True))
-
-    def choose_label(self, text: str, task: str) -> str:
-        """Rating/label answers are read off the distribution over the labels (`pipeline.decode_label`)."""
-        dist = self.label_distribution(text, task)
-        return pipeline.decode_label(self.card(task), np.log(np.array(list(dist.values()))))
 
     def about(self, profile: str) -> str:
         """What free chat tells the base model about the user: the summary of the profile's own task."""
@@ -239,56 +252,8 @@ class Session:
         """Free chat gets an adapter only from a bundle trained for it (a task adapter answers in its format)."""
         return any(isinstance(t, dict) and t.get("name") == FREE_CHAT for t in self.bundle.manifest.get("tasks", []))
 
-    def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
-               scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
-               transcript: list[tuple[str, str]] | None = None) -> Iterator[str]:
-        """Stream an answer. With a profile and `personalized`, its adapter is attached at `scale`.
-
-        Free chat (no task) never attaches a task adapter: the base model answers with the profile's
-        summary in the prompt, unless the bundle was trained for free chat.
-        The session lock is held until the stream is exhausted or closed (closing cancels).
-        """
-        with self.lock:
-            yield from self._answer(text, profile, task, personalized, scale, temperature, max_tokens, transcript)
-
-    def _answer(self, text: str, profile: str | None, task: str | None, personalized: bool, scale: float,
-                temperature: float, max_tokens: int | None, transcript: list[tuple[str, str]] | None) -> Iterator[str]:
-        task = canonical_task(task) if task else (self.default_task(profile) if profile else FREE_CHAT)
-        self.last_result, self.last_finish = None, None
-        about = ""
-        if task == FREE_CHAT:
-            if profile and personalized and scale > 0 and self.free_chat_adapter():
-                self.last_result = self._personalize(profile, FREE_CHAT, None, False, scale)
-            else:
-                self.engine.use(None)
-                about = self.about(profile) if profile and personalized else ""
-        elif profile and personalized and scale > 0:
-            self.last_result = self._personalize(profile, task, text, False, scale)
-        else:
-            self.engine.use(None)
-        if task != FREE_CHAT and self.card(task).kind in ("rating", "label"):
-            yield self.choose_label(text, task)
-            return
-        kw = self.decoding(task, text)
-        if max_tokens:
-            kw["max_tokens"] = max_tokens
-        if task == FREE_CHAT and self.chat_engine is not None and self.last_result is None:
-            stream = self._chat_model_stream(text, transcript, about, temperature, kw["max_tokens"])
-        else:
-            stream = pipeline.GuardedStream(self.engine, self.engine.generate(
-                self.prompt(text, task, transcript, about), temperature=temperature, **kw))
-        yield from stream
-        self.last_finish = stream.finish
-
-    def _chat_model_stream(self, text: str, transcript: list[tuple[str, str]] | None, about: str,
-                           temperature: float, max_tokens: int) -> pipeline.GuardedStream:
-        """Free chat on the chosen instruct model: its chat template, the profile summary as system prompt."""
-        messages = pipeline.chat_messages(text, transcript or [], about)
-        return pipeline.GuardedStream(self.chat_engine, self.chat_engine.chat(
-            messages, max_tokens=max_tokens, temperature=temperature))
-
     def close(self) -> None:
-        self._loaded.clear()
+        self.route.loaded.clear()
         if self.chat_engine is not None:
             self.chat_engine.close()
         self.engine.close()

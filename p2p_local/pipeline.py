@@ -10,14 +10,24 @@ figure measured in the evaluation is a figure of what the user runs (tests/test_
 4. `Personalizer`                 profile -> encoder -> hypernetwork -> adapter tensors -> GGUF file
 5. the answer: `task_prompt`, then `label_scores` + `decode_label` (rating/label tasks: read off the
    distribution over the labels, never free text) or `generation_settings` + `finish_text`.
+
+The nouns: a `Request` (card, history, typed text) goes through `Route.answer` and comes back an `Answer`
+(the streamed text, finished; the label distribution; the `Personalization` it was answered with: profile,
+adapter tensors, adapter file, scale; timings). Every entry point calls `Route.answer`: the app through
+`Session` (personalize.py: store reads, the adapter cache, the lock), the evaluation through its methods,
+which override only the step a control changes (its prompt, its profile or its adapter).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +35,13 @@ import numpy as np
 
 from p2p_local.adapter import BaseInfo, write_adapter
 from p2p_local.bundle import Bundle
-from p2p_local.data.format import Item, TaskCard
+from p2p_local.data.format import FREE_CHAT, Item, TaskCard
 from p2p_local.encoder import Encoder
-from p2p_local.errors import DataError
+from p2p_local.errors import AdapterError, DataError
 from p2p_local.profile import MAX_SUMMARY_ITEMS, Profile, build_profile
 
 Tensors = dict[str, tuple[np.ndarray, np.ndarray]]
 
-FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template, no task adapter
 HISTORY_READ = MAX_SUMMARY_ITEMS  # the newest items a profile reads; older ones only count
 
 # The decoding rules (one place: the app and the evaluation answer alike).
@@ -47,6 +56,16 @@ PROMPT_SLACK = 4  # tokens kept free beside the answer (token counts are not add
 
 
 # --- 1-3: items and the profile -------------------------------------------------------------------
+def read_query(card: TaskCard | None, text: str) -> str:
+    """What the task reads of the typed text: a `git diff` asked of the commit-subject task becomes the
+    commit as the task reads one (its files, the training items' format); any other text is itself."""
+    from p2p_local.gitlog import COMMIT_TASK, commit_query, diff_files, looks_like_diff
+
+    if card is not None and card.name == COMMIT_TASK and looks_like_diff(text):
+        return commit_query(diff_files(text))
+    return text
+
+
 def query_item(card: TaskCard, text: str) -> Item:
     """The query a user typed, as the card reads it: no output, metadata parsed from the text."""
     return Item(text, "", None, card.input_meta(text))
@@ -104,13 +123,6 @@ class Personalizer:
         named = {"task_name": card.name, "prompt_prefix": card.template.split("{input}")[0]} if card else {}
         write_adapter(path, tensors, alpha=self.bundle.alpha, base=self.base, dtype="f16",
                       generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=fingerprint, **named)
-
-    def write(self, profile: Profile, path: Path, card: TaskCard | None = None) -> dict[str, float]:
-        tensors, timings = self.tensors(profile)
-        t0 = time.perf_counter()
-        self.write_tensors(tensors, path, profile.fingerprint, card)
-        timings["write_ms"] = (time.perf_counter() - t0) * 1e3
-        return timings
 
 
 # --- the strength control ---------------------------------------------------------------------------
@@ -329,10 +341,264 @@ def finish_text(card: TaskCard | None, text: str) -> str:
     return text.split("\n")[0].strip() if card is not None and card.one_line else text
 
 
-def generate_answer(engine: Any, card: TaskCard, prompt: str, text: str, *, seed: int | None = None,
-                    max_tokens: int | None = None) -> str:
-    """A whole greedy answer of a generation task (what the evaluation scores; the app streams the same)."""
-    kw = generation_settings(engine, card, text)
-    if max_tokens:
-        kw["max_tokens"] = max_tokens
-    return finish_text(card, "".join(GuardedStream(engine, engine.generate(prompt, temperature=0.0, seed=seed, **kw))))
+# --- the route as nouns: Request -> Route.answer -> Answer ------------------------------------------
+@dataclass
+class Request:
+    """What is asked: the task's card, the user's history and the typed text.
+
+    `card` None is free chat (`free_chat`: a plain transcript after `about`, what is known of the user);
+    a free-chat request with a card is answered with that card's adapter (a bundle trained for free chat).
+    `item` (the evaluation) is the held-out item, so its metadata and time reach the profile as stored.
+    """
+
+    card: TaskCard | None
+    text: str
+    history: list[Item] = field(default_factory=list)  # strictly earlier items, time order
+    n_total: int | None = None  # items in the whole history (the newest HISTORY_READ are read)
+    profile_name: str | None = None  # the stored profile (the adapter cache's key), if any
+    transcript: Sequence[tuple[str, str]] = ()
+    about: str = ""
+    free_chat: bool = False
+    item: Item | None = None
+
+    @property
+    def task(self) -> str:
+        return FREE_CHAT if self.free_chat or self.card is None else self.card.name
+
+    @property
+    def query(self) -> str:
+        """The text as the task reads it (`read_query`: a staged diff becomes the commit)."""
+        return read_query(None if self.free_chat else self.card, self.text)
+
+    def build_profile(self) -> Profile:
+        """The profile this request is personalized with (query-aware when there is a query)."""
+        assert self.card is not None
+        item = self.item if self.item is not None else (query_item(self.card, self.query) if self.text else None)
+        return make_profile(self.card, self.history, item, n_total=self.n_total)
+
+
+@dataclass
+class Personalization:
+    """What an answer is personalized with: the profile, the adapter tensors made of it and the GGUF file."""
+
+    profile: Profile | None
+    fingerprint: str
+    task: str = ""
+    tensors: Tensors | None = None  # None until made (a cached adapter file needs none)
+    adapter_path: Path | None = None
+    cached: bool = False  # the file came from the adapter cache
+    neutral: bool = False  # the bundle is the untrained stand-in: the adapter changes nothing
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """The profile had no items: the adapter is the hypernetwork's neutral (population) one."""
+        return bool(self.profile is not None and self.profile.empty)
+
+    @property
+    def n_items(self) -> int:
+        return self.profile.n_history if self.profile is not None else 0
+
+
+_ATTACHED = object()  # the route's marker: personalized and attached, nothing evaluated yet
+
+
+class Answer:
+    """One answer, streamed: iterate for the text pieces (closing cancels). Once the stream ends, `text` is
+    the answer as scored and shown (`finish_text`); a rating/label answer is read off its one evaluation of
+    the prompt, kept as `scores` (label log-probabilities, mass, unparseable) and `distribution`."""
+
+    def __init__(self, request: Request, steps: Iterator[Any] | None = None) -> None:
+        self.request = request
+        self._steps: Iterator[Any] = iter(steps if steps is not None else ())
+        self.text = ""
+        self.prompt = ""
+        self.scores: dict[str, Any] | None = None
+        self.distribution: dict[str, float] | None = None
+        self.personalization: Personalization | None = None
+        self.scale = 0.0
+        self.finish_reason: str | None = None  # a generated answer: "stop", "repeat" or "length" (`GuardedStream`)
+        self.timings_ms: dict[str, float] = {}
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.personalization.adapter_path if self.personalization else None
+
+    def __iter__(self) -> Answer:
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            piece = next(self._steps)
+            if piece is not _ATTACHED:
+                return piece
+
+    def prepare(self) -> Answer:
+        """Run the route up to the attached adapter (what an export needs); nothing is evaluated."""
+        for piece in self._steps:
+            if piece is _ATTACHED:
+                break
+        return self
+
+    def finish(self) -> Answer:
+        """The whole answer (the stream drained)."""
+        for _ in self:
+            pass
+        return self
+
+    def close(self) -> None:
+        close = getattr(self._steps, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Route:
+    """Request -> Answer over one engine: personalize (profile -> tensors -> GGUF -> attached), prompt,
+    decode. Subclasses change one step: `Session` the adapter file (its cache) and attaching (its loaded
+    adapters); the evaluation's methods their prompt, their profile or their fixed adapter."""
+
+    def __init__(self, engine: Any, personalizer: Personalizer | None = None, scratch: Path | None = None) -> None:
+        self.engine, self.personalizer = engine, personalizer
+        self.scratch = scratch  # where an adapter is written when nothing caches it
+        self.lock = threading.RLock()  # one engine: one answer at a time
+        self._label_ids: dict[tuple[str, ...], list[int]] = {}
+        self._loaded: Any = None
+
+    chat_engine: Any = None  # free chat on an instruct model of the user's choice (`--model`), if any
+
+    # --- the one function ----------------------------------------------------------------------------
+    def answer(self, request: Request, *, personalized: bool = True, scale: float = 1.0, temperature: float = 0.0,
+               max_tokens: int | None = None, seed: int | None = None) -> Answer:
+        """The answer to `request`, personalized (its adapter attached at `scale`) or from the base model.
+        Nothing runs until the Answer is iterated; the lock is held until its stream ends or is closed."""
+        answer = Answer(request)
+        answer._steps = self._steps(answer, personalized and scale > 0 and request.card is not None,
+                                    scale, temperature, max_tokens, seed)
+        return answer
+
+    def _steps(self, a: Answer, personalized: bool, scale: float, temperature: float, max_tokens: int | None,
+               seed: int | None) -> Iterator[Any]:
+        with self.lock:
+            t0 = time.perf_counter()
+            req = a.request
+            if personalized:
+                a.personalization, a.scale = self.personalize(req, scale), scale
+            else:
+                self.detach()
+            yield _ATTACHED
+            t1 = time.perf_counter()
+            a.prompt = self.prompt(req)
+            card = None if req.free_chat else req.card
+            try:
+                if card is not None and card.kind in ("rating", "label"):
+                    a.scores = label_scores(self.engine, a.prompt, self.label_ids(card))
+                    a.distribution = dict(zip(card.labels, np.exp(a.scores["lp"]).tolist(), strict=True))
+                    a.text = decode_label(card, a.scores["lp"])
+                    yield a.text
+                    return
+                kw = generation_settings(self.engine, card, req.query)
+                if max_tokens:
+                    kw["max_tokens"] = max_tokens
+                raw: list[str] = []
+                if card is None and self.chat_engine is not None and a.personalization is None:
+                    # Free chat on the chosen instruct model: its chat template, the summary as system prompt.
+                    chat = self.chat_engine
+                    stream = GuardedStream(chat, chat.chat(chat_messages(req.text, req.transcript, req.about),
+                                                           max_tokens=kw["max_tokens"], temperature=temperature))
+                else:
+                    stream = GuardedStream(self.engine, self.engine.generate(a.prompt, temperature=temperature,
+                                                                             seed=seed, **kw))
+                try:
+                    for piece in stream:
+                        raw.append(piece)
+                        yield piece
+                finally:
+                    a.text, a.finish_reason = finish_text(card, "".join(raw)), stream.finish
+            finally:
+                t2 = time.perf_counter()
+                a.timings_ms.update({"personalize_ms": (t1 - t0) * 1e3, "answer_ms": (t2 - t1) * 1e3,
+                                     "total_ms": (t2 - t0) * 1e3})
+
+    # --- the steps a subclass may change ---------------------------------------------------------------
+    def personalization(self, request: Request) -> Personalization:
+        """The profile the request is personalized with (a control feeds another)."""
+        profile = request.build_profile()
+        return Personalization(profile, profile.fingerprint, request.task)
+
+    def prompt(self, request: Request) -> str:
+        """The card's prompt around the query, or (free chat) a transcript after what is known of the user."""
+        if request.free_chat or request.card is None:
+            return chat_prompt(request.text, request.transcript, request.about)
+        return task_prompt(self.engine, request.card, request.query)
+
+    def adapter_file(self, p: Personalization, request: Request, force: bool = False) -> Path:
+        """Where the adapter is: written to the scratch file (Session: its cache)."""
+        if self.scratch is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="p2p-route-")) / "adapter.gguf"
+        self.write(p, self.scratch, request.card)
+        return self.scratch
+
+    def attach(self, path: Path, scale: float) -> None:
+        """Load the adapter file into llama.cpp and attach it (the one loaded before is freed first: the
+        scratch file is rewritten in place)."""
+        self.release()
+        self._loaded = self.engine.load_adapter(path)
+        self.engine.use(self._loaded, lora_scale(scale))
+
+    # --- built from those ------------------------------------------------------------------------------
+    def personalize(self, request: Request, scale: float = 1.0, force: bool = False) -> Personalization:
+        """Profile -> adapter file -> attached at `scale`; a cached file llama.cpp refuses is made again once."""
+        t0 = time.perf_counter()
+        p = self.personalization(request)
+        p.neutral = bool(self.personalizer and self.personalizer.bundle.neutral)
+        p.timings_ms["profile_ms"] = (time.perf_counter() - t0) * 1e3
+        p.adapter_path = self.adapter_file(p, request, force)
+        t2 = time.perf_counter()
+        try:
+            self.attach(p.adapter_path, scale)
+        except AdapterError as e:
+            if not p.cached:
+                raise
+            # A cached file that passed its checksum but not the validator (written by an older version).
+            warnings.warn(f"cached adapter {p.adapter_path.name} was refused ({str(e).splitlines()[0]}); "
+                          "regenerated", stacklevel=2)
+            p.adapter_path = self.adapter_file(p, request, force=True)
+            self.attach(p.adapter_path, scale)
+        p.timings_ms["load_attach_ms"] = (time.perf_counter() - t2) * 1e3
+        p.timings_ms["total_ms"] = (time.perf_counter() - t0) * 1e3
+        return p
+
+    def write(self, p: Personalization, path: Path, card: TaskCard | None) -> None:
+        """The personalization's GGUF adapter (its tensors made first, unless a control gave them)."""
+        assert self.personalizer is not None, "a route without a Personalizer writes no adapter"
+        if p.tensors is None:
+            assert p.profile is not None
+            p.tensors, timings = self.personalizer.tensors(p.profile)
+            p.timings_ms.update(timings)
+        t0 = time.perf_counter()
+        self.personalizer.write_tensors(p.tensors, path, p.fingerprint, card)
+        p.cached = False
+        p.timings_ms["write_ms"] = (time.perf_counter() - t0) * 1e3
+
+    def detach(self) -> None:
+        """The base model: no adapter attached."""
+        if self.engine.active[0] is not None:
+            self.engine.use(None)
+
+    def release(self) -> None:
+        """Free the adapter this route loaded (if any)."""
+        if self._loaded is not None:
+            self.engine.free_adapter(self._loaded)
+            self._loaded = None
+
+    def label_ids(self, card: TaskCard) -> list[int]:
+        key = tuple(card.labels)
+        if key not in self._label_ids:
+            self._label_ids[key] = label_token_ids(self.engine, card.labels)
+        return self._label_ids[key]

@@ -53,8 +53,8 @@ def main() -> None:
         answers = []
         for q in QUESTIONS:
             t0 = time.perf_counter()
-            a = "".join(s.answer(q, profile=profile, task="chat")).strip()
-            answers.append((a, s.last_finish or "", time.perf_counter() - t0, q))
+            answer = s.answer(q, profile=profile, task="chat").finish()
+            answers.append((answer.text, answer.finish_reason or "", time.perf_counter() - t0, q))
         lines.append(row(name, answers))
         examples += ["", f"## {name}", ""] + [f"- [{f}] {q} -> {a[:200]!r}" for a, f, _, q in answers]
     Path("reports/free-chat.md").write_text("\n".join(lines + examples) + "\n")

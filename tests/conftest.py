@@ -69,7 +69,7 @@ def session(engine, p2p_home: Path):
     import_demo(store, "demo")
     s = Session(engine, Bundle.load(), Encoder.load(), store)
     yield s
-    s._loaded.clear()
+    s.route.loaded.clear()
     for st in s._stores:
         st.close()
     engine.use(None)

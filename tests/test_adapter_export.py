@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 
 from p2p_local.adapter import read_adapter
+from p2p_local.adapter_export import export_adapter, export_name
 from p2p_local.cli import main
-from p2p_local.commands.adapter import export_adapter, export_name
 
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
@@ -100,7 +100,7 @@ def test_readme_commands_run_on_a_path_with_spaces_and_command_substitution(tmp_
     import re
     import subprocess
 
-    from p2p_local.commands.adapter import usage
+    from p2p_local.adapter_export import usage
     from p2p_local.data.format import builtin_card
 
     folder = tmp_path / "my adapters $(touch PWNED) `touch PWNED2` it's"
@@ -139,7 +139,7 @@ def test_readme_commands_run_on_a_path_with_spaces_and_command_substitution(tmp_
 
 
 def _example_of(card) -> str:
-    from p2p_local.commands.adapter import _example
+    from p2p_local.adapter_export import _example
 
     return _example(card)
 

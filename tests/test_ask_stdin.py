@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from p2p_local.cli import main
-from p2p_local.commands.ask import query_text, task_query
+from p2p_local.commands.ask import query_text
+from p2p_local.data.format import builtin_card
+from p2p_local.pipeline import read_query
 
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
 
@@ -61,5 +63,5 @@ def test_diff_as_commit_query(monkeypatch):
             "-a\n+b\ndiff --git a/old name.txt b/new name.txt\nsimilarity index 100%\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(diff))
     text = query_text("-")
-    assert task_query(text, "commit-subject") == "files: src/app.py, new name.txt"
-    assert task_query(text, "movielens-rating") == text  # other tasks read the text as it is
+    assert read_query(builtin_card("commit-subject"), text) == "files: src/app.py, new name.txt"
+    assert read_query(builtin_card("movielens-rating"), text) == text  # other tasks read the text as it is

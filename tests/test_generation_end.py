@@ -54,12 +54,13 @@ def test_a_prompt_that_looped_now_ends_within_its_budget(session) -> None:
     kw = pipeline.generation_settings(session.engine, card, LOOPING_EMAIL)
     session.personalize("demo", EMAIL, query=LOOPING_EMAIL)
     # Unguarded, with room to show it, the answer starts over: the guard has something to do here.
-    raw = session.engine.complete(session.prompt(LOOPING_EMAIL, EMAIL), temperature=0.0,
+    raw = session.engine.complete(pipeline.task_prompt(session.engine, card, LOOPING_EMAIL), temperature=0.0,
                                   max_tokens=3 * kw["max_tokens"], stop=kw["stop"])
     assert repeat_scan(raw)[0] is not None, f"the prompt no longer loops unguarded: {raw!r}"
 
-    text = "".join(session.answer(LOOPING_EMAIL, profile="demo", task=EMAIL))
-    assert session.last_finish in ("stop", "repeat", "length")
+    answer = session.answer(LOOPING_EMAIL, profile="demo", task=EMAIL)
+    text = "".join(answer)
+    assert answer.finish_reason in ("stop", "repeat", "length")
     assert repeat_scan(text)[0] is None, text  # no sentence twice
     assert len(session.engine.tokenize(text, add_bos=False)) <= kw["max_tokens"]
     assert text.strip() and raw.startswith(text.rstrip())
@@ -79,7 +80,7 @@ def test_ask_marks_an_answer_cut_by_its_budget(session, capsys) -> None:
 
 
 def test_exported_modelfile_and_readme_carry_the_stop(session, tmp_path: Path) -> None:
-    from p2p_local.commands.adapter import export_adapter
+    from p2p_local.adapter_export import export_adapter
 
     ex = export_adapter(session, "demo", tmp_path, task="commit-subject")
     modelfile = (tmp_path / f"{ex.path.stem}.Modelfile").read_text()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError
-from p2p_local.importers import detect_format, import_file, parse_time, rating_to_stars, read_import
+from p2p_local.importers import detect_format, import_file, rating_to_stars, read_import
 from p2p_local.store import Store
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from p2p_local import pipeline
 from p2p_local.bundle import Bundle
 from p2p_local.cli import main
 from p2p_local.encoder import Encoder
@@ -54,10 +55,12 @@ def test_empty_profile_gets_the_neutral_adapter_and_says_so(session: Session) ->
 def test_label_answers_come_from_the_label_distribution(session: Session) -> None:
     dist = session.label_distribution(Q, "movielens-rating")
     assert list(dist) == ["1", "2", "3", "4", "5"] and abs(sum(dist.values()) - 1) < 1e-5
-    answer = "".join(session.answer(Q, profile="demo", task="movielens-rating"))
-    assert answer in dist and session.last_result is not None
-    base = "".join(session.answer(Q, profile="demo", task="movielens-rating", personalized=False))
-    assert base in dist and session.engine.active == (None, 0.0)
+    answer = session.answer(Q, profile="demo", task="movielens-rating").finish()
+    assert answer.text in dist and answer.personalization is not None and answer.adapter.is_file()
+    assert list(answer.distribution) == list(dist) and answer.text == pipeline.decode_label(
+        session.card("movielens-rating"), answer.scores["lp"])
+    base = session.answer(Q, profile="demo", task="movielens-rating", personalized=False).finish()
+    assert base.text in dist and base.personalization is None and session.engine.active == (None, 0.0)
 
 
 def test_free_chat_and_generation_answers_stream_text(session: Session) -> None:
@@ -76,10 +79,11 @@ def test_free_chat_never_uses_a_task_adapter(session: Session) -> None:
     model and the profile's summary in the prompt instead (the shipped bundle has no free-chat task)."""
     from p2p_local.personalize import FREE_CHAT
 
-    reply = "".join(session.answer("What kind of movies do I like?", profile="demo", task=FREE_CHAT, max_tokens=24))
-    assert session.last_result is None and session.engine.active == (None, 0.0)
+    answer = session.answer("What kind of movies do I like?", profile="demo", task=FREE_CHAT, max_tokens=24)
+    reply = "".join(answer)
+    assert answer.personalization is None and session.engine.active == (None, 0.0)
     assert not re.fullmatch(r"(\s*\d\s*){3,}.*", reply, flags=re.S), reply
-    prompt = session.prompt("What kind of movies do I like?", FREE_CHAT, about=session.about("demo"))
+    prompt = answer.prompt
     assert prompt.startswith("About the user: ") and "Rates highest genres" in prompt
 
 
@@ -124,7 +128,7 @@ def test_a_cached_adapter_llama_cpp_would_refuse_is_made_again(session: Session)
     """A cached file whose checksum matches (it was recorded so) but that the validator refuses — say,
     written by an older version — is regenerated once from the profile, with a warning."""
     first = session.personalize("demo", "movielens-rating", query=Q)
-    session._loaded.clear()
+    session.route.loaded.clear()
     session.engine.use(None)
     bad = first.adapter_path
     bad.write_bytes(b"GGUF" + b"\0" * 64)

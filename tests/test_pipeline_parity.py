@@ -143,17 +143,16 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
             for a, b in zip(t_app[key], t_ev[key], strict=True):
                 assert a.tobytes() == b.tobytes(), key
 
-        # 3. the answer: the app (Session.answer via `p2p ask`'s path) and the evaluation's P2P record
-        app_answer = "".join(session.answer(query.input, profile=name, task=task))
+        # 3. the answer: the app (`Session.answer`, what `p2p ask` renders) and the evaluation's P2P record,
+        # both `pipeline.Route.answer`
+        app_answer = session.answer(query.input, profile=name, task=task).finish()
         record = method.predict(ctx, q)
         if card.kind == "generation":
-            assert pipeline.finish_text(card, app_answer) == record["text"]
+            assert app_answer.text == record["text"]
         else:
-            session.personalize(name, task, query.input)
-            dist = session.label_distribution(query.input, task)
-            lp = np.round(np.log(np.array(list(dist.values()))), 5)
+            lp = np.round(app_answer.scores["lp"], 5)
             assert lp.tolist() == pytest.approx(record["lp"], abs=2e-5)
-            assert app_answer == pipeline.decode_label(card, record["lp"])
+            assert app_answer.text == pipeline.decode_label(card, record["lp"])
     method.close(ctx)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError, P2PError, StoreError
-from p2p_local.importers import MAX_FIELD_CHARS, import_file, parse_time
+from p2p_local.importers import MAX_FIELD_CHARS, import_file
 from p2p_local.store import Store
 
 

@@ -20,6 +20,7 @@ from p2p_local import paths
 from p2p_local.data.format import Item as FormatItem
 from p2p_local.data.format import builtin_card, builtin_cards
 from p2p_local.demo import DEMO_PROFILE, import_demo
+from p2p_local.pipeline import Answer, Request
 from p2p_local.profile import build_profile
 from p2p_local.store import Store
 from p2p_local.tui import ChatApp
@@ -60,7 +61,7 @@ class FakeSession:
     endless: bool = False
     gate: threading.Event | None = None
     calls: list = field(default_factory=list)
-    dist_calls: list = field(default_factory=list)
+    dist_reads: list = field(default_factory=list)  # (text, task) of each rating answer whose distribution was read
     personalized_profiles: list = field(default_factory=list)
     closed: int = 0
 
@@ -83,16 +84,28 @@ class FakeSession:
     def free_chat_adapter(self):
         return self.chat_adapter
 
-    def label_distribution(self, text, task):
-        assert threading.current_thread() is threading.main_thread()
-        self.dist_calls.append((text, task))
-        return dict(DISTS[self.calls[-1]["personalized"]])  # as attached by the answer just given
-
     def answer(self, text, *, profile=None, task=None, personalized=True, scale=1.0, transcript=None):
         assert threading.current_thread() is threading.main_thread()  # the store's thread (see ChatApp.session_call)
         self.calls.append(dict(text=text, profile=profile, task=task, personalized=personalized, scale=scale,
                                transcript=transcript))
         reply = self.free_reply if task == "chat" else self.replies[personalized] + ("!" * 20)
+
+        card = None if task == "chat" else builtin_card(task)
+        answer = Answer(Request(card, text, free_chat=card is None))
+        fake = self
+
+        class Rating(Answer):  # a rating's distribution, read off the answer's one evaluation, once asked
+            @property
+            def distribution(self):
+                fake.dist_reads.append((text, task))
+                return dict(DISTS[personalized])
+
+            @distribution.setter
+            def distribution(self, value):
+                pass
+
+        if card is not None and card.kind in ("rating", "label"):
+            answer = Rating(answer.request)
 
         def pieces():
             try:
@@ -109,7 +122,8 @@ class FakeSession:
             finally:
                 self.closed += 1
 
-        return pieces()
+        answer._steps = pieces()
+        return answer
 
 
 @pytest.fixture
@@ -573,7 +587,7 @@ def test_the_session_protocol(fake):
     assert isinstance(fake, ChatSession)
     assert isinstance(fake.personalize(DEMO_PROFILE, "movielens-rating"), AdapterResult)
     members = [n for n in vars(ChatSession) if not n.startswith("_")]
-    assert {"store", "answer", "label_distribution", "about", "free_chat_adapter"} <= set(members)
+    assert {"store", "answer", "about", "free_chat_adapter"} <= set(members)
     assert all(hasattr(Session, n) for n in members)  # the real one: isinstance in tests/test_tui_real.py
 
 
@@ -617,7 +631,7 @@ async def test_free_chat_says_it_is_the_base_model_with_the_profile_summary(fake
         assert title.startswith("base model + your profile summary") and "personalized" not in title
         msg = store.messages(screen.conversation_id)[-1]
         assert msg.meta["free_chat"] == "summary" and msg.meta["scale"] is None
-        assert "dist" not in msg.meta and fake.dist_calls == []
+        assert "dist" not in msg.meta and fake.dist_reads == []
         await pilot.press("ctrl+up")
         assert screen.scale == 1.0  # no adapter: no strength to set
         # Side by side: the base model alone vs the base model with the summary.
@@ -649,7 +663,7 @@ async def test_rating_answers_show_their_label_distribution(fake, store):
         pair = screen.query_one(ComparePair)
         # Each reply's own distribution: read right after it, under the adapter it was answered with.
         assert pair.personal.dist == DISTS[True] and pair.base.dist == DISTS[False]
-        assert fake.dist_calls == [("Zodiac (2007) | Genres: Crime|Drama|Thriller", "movielens-rating")] * 2
+        assert fake.dist_reads == [("Zodiac (2007) | Genres: Crime|Drama|Thriller", "movielens-rating")] * 2
         chart = pair.personal.query_one(DistChart)
         assert chart.has_class("-shown") and "40%" in str(chart.render())
         msgs = store.messages(screen.conversation_id)
@@ -662,7 +676,7 @@ async def test_rating_answers_show_their_label_distribution(fake, store):
         screen.task_name = "popquorn-email-rewrite"
         await pilot.press("ctrl+b")
         await send(pilot, "hey, send me the file")
-        assert not replies(app)[-1].query(DistChart) and len(fake.dist_calls) == 2
+        assert not replies(app)[-1].query(DistChart) and len(fake.dist_reads) == 2
 
 
 @pytest.mark.asyncio
@@ -673,7 +687,7 @@ async def test_a_bare_movie_title_is_completed_from_the_profiles_movies(fake, st
         screen = chat(app)
         await send(pilot, "toy story")  # one match: completed at once, and said so
         toy = "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"
-        assert fake.calls[-1]["text"] == toy and fake.dist_calls[-1][0] == toy
+        assert fake.calls[-1]["text"] == toy and fake.dist_reads[-1][0] == toy
         assert store.messages(screen.conversation_id)[-2].content == toy
         assert notes[-1] == ("completed from your movies", toy)
 
@@ -779,7 +793,7 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
 
 @pytest.mark.asyncio
 async def test_profile_panel_shows_what_the_adapter_is_built_from_exports_and_forgets(fake, store, monkeypatch):
-    from p2p_local.commands import adapter as adapter_cmd
+    from p2p_local import adapter_export as adapter_cmd
     from p2p_local.tui.ask_screen import AskScreen
     from p2p_local.tui.first_run_screen import FirstRunScreen
 

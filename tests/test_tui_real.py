@@ -243,3 +243,33 @@ async def test_real_bare_title_rating_chart_and_honest_free_chat(session):
             assert no_error(view) and str(view.query_one(".title").render()).startswith(
                 "base model + your profile summary")
             assert session.engine.active == (None, 0.0)  # no adapter was attached for it
+
+
+@pytest.mark.asyncio
+async def test_real_chat_rating_is_the_routes_answer_evaluated_once(session, monkeypatch):
+    """The chat renders `pipeline.Route.answer`'s Answer: its text and the distribution it was read off,
+    from ONE evaluation of the prompt (the chat used to ask for the distribution again after each answer)."""
+    from p2p_local import pipeline
+    from p2p_local.engine import Engine
+
+    answers, evaluations = [], []
+    real_answer, real_logits = pipeline.Route.answer, Engine.last_logits
+
+    def spy(self, request, **kw):
+        answers.append(real_answer(self, request, **kw))
+        return answers[-1]
+
+    def count(self, prompt):
+        evaluations.append(prompt)
+        return real_logits(self, prompt)
+
+    monkeypatch.setattr(pipeline.Route, "answer", spy)
+    monkeypatch.setattr(Engine, "last_logits", count)
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE, task="movielens-rating")
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Heat (1995) | Genres: Action|Crime|Thriller")
+        view = replies(app)[-1]
+        assert no_error(view)
+        [answer] = answers
+        assert len(evaluations) == 1 and evaluations[0] == answer.prompt
+        assert view.text == answer.text and view.dist == pytest.approx(answer.distribution, abs=1e-4)

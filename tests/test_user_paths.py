@@ -86,15 +86,13 @@ def test_writes_refuse_to_replace_special_files(tmp_path: Path, kind: str) -> No
 def test_generation_decoding_matches_the_task_shape(session: Session) -> None:
     """A commit subject is one line (it used to run on for 96 tokens of 'Description: ...'); an email
     rewrite keeps its paragraphs (it used to stop at the first blank line)."""
-    subject = session.decoding("commit-subject", "Fix the fixture scope error message.")
+    subject = pipeline.generation_settings(session.engine, builtin_card("commit-subject"),
+                                           "Fix the fixture scope error message.")
     assert subject["stop"] == ["\n"]
     email = "hey\n\ncan u send me the report by friday thx " * 20
-    rewrite = session.decoding("popquorn-email-rewrite", email)
+    rewrite = pipeline.generation_settings(session.engine, builtin_card("popquorn-email-rewrite"), email)
     assert "\n\n" not in rewrite["stop"] and "\nEmail:" in rewrite["stop"]
     assert rewrite["max_tokens"] >= 1.5 * len(session.engine.tokenize(email, add_bos=False))
-    # The card decides (`one_line`), the same for every user and in the evaluation: one rule.
-    assert session.decoding("commit-subject", "x") == pipeline.generation_settings(
-        session.engine, builtin_card("commit-subject"), "x")
 
 
 def test_query_aware_adapters_do_not_pile_up(session: Session, monkeypatch) -> None:

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from p2p_local.adapter import parse_tensor_name
 from p2p_local.errors import ModelError
 from p2p_local.paths import cache_dir
-from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name, split_tensor_name
+from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name
 
 __all__ = ["load_base", "default_base_path", "hf_cache_dir", "hf_module_name", "hf_gguf_module_map", "linear",
            "merged_lora", "hidden_entering", "lower_layers_skipped"]
@@ -142,7 +143,7 @@ def hf_gguf_module_map(model: nn.Module, arch: str = "gemma3") -> dict[str, str]
 
 def linear(model: nn.Module, tensor_name: str, arch: str = "gemma3") -> nn.Linear:
     """The nn.Linear holding a GGUF weight, e.g. "blk.3.attn_q.weight" -> model.layers[3].self_attn.q_proj."""
-    layer, module = split_tensor_name(tensor_name)
+    layer, module = parse_tensor_name(tensor_name)
     return model.get_submodule(hf_module_name(layer, module, arch))
 
 

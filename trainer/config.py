@@ -12,12 +12,19 @@ GEMMA3_270M_SHAPES: dict[str, tuple[int, int]] = {
 }
 
 
+def contract_feature_dim() -> int:
+    """The structured profile features' width: the feature contract's (`p2p_local.profile.FEATURE_DIM`)."""
+    from p2p_local.profile import FEATURE_DIM
+
+    return int(FEATURE_DIM)
+
+
 @dataclass
 class HyperConfig:
     """The hypernetwork's shape. `shapes` and `n_layers` come from the base model."""
 
     embedding_dim: int = 384  # profile encoder output (MiniLM)
-    feature_dim: int = 32  # structured profile features (p2p_local.profile.FEATURE_DIM)
+    feature_dim: int = field(default_factory=contract_feature_dim)  # structured profile features
     use_embedding: bool = True  # ablations: text embedding and/or features feed the profile vector
     use_features: bool = True
     n_layers: int = 18  # of the base model (size of the layer-depth embedding table)

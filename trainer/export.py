@@ -37,7 +37,7 @@ from p2p_local.bundle import (
     output_names,
 )
 from p2p_local.paths import repo_root
-from trainer.config import HyperConfig, TrainConfig
+from trainer.config import HyperConfig, TrainConfig, contract_feature_dim
 from trainer.hypernet import HyperNet, count_params
 
 ONNX_FILE = "hypernet.onnx"
@@ -196,13 +196,7 @@ def export_bundle(
 def neutral_hypernet(feature_dim: int | None = None) -> HyperNet:
     """The untrained hypernetwork (zero heads, B = 0): generates the zero adapter for every profile."""
     torch.manual_seed(0)
-    return HyperNet(HyperConfig(feature_dim=feature_dim or default_feature_dim())).eval()
-
-
-def default_feature_dim() -> int:
-    from p2p_local.profile import FEATURE_DIM
-
-    return int(FEATURE_DIM)
+    return HyperNet(HyperConfig(feature_dim=feature_dim or contract_feature_dim())).eval()
 
 
 def feature_version() -> int:

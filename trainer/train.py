@@ -459,10 +459,7 @@ def _progress(msg: str) -> None:
 
 def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSet]) -> nn.Module:
     """The model being trained: the hypernetwork (method "p2p"), or one shared LoRA ("mtlora" baseline)."""
-    from p2p_local.profile import FEATURE_DIM
-
     h = cfg.hyper
-    h.feature_dim = FEATURE_DIM
     h.embedding_dim = max(int(s.embeddings.shape[1]) for s in train_sets)  # the encoder's width (MiniLM 384, Gemma 640); an empty set has 0
     h.n_layers = model.config.num_hidden_layers
     h.layers = [x for x in h.layers if x < h.n_layers]

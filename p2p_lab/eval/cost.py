@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from p2p_local.data.format import Item, User, write_users_jsonl
+from p2p_local.data.format import User, write_users_jsonl
 
 Log = Callable[[str], None]
 
@@ -121,7 +121,6 @@ def measure_cost(task: str = "movielens-rating", users: int = 3, *, bundle: str 
     from p2p_local.engine import Engine
     from p2p_local.models import get_spec, prepare_base
     from p2p_local.personalize import Personalizer
-    from p2p_local.profile import build_profile
 
     card, chosen = pick_users(task, users, seed)
     out: dict[str, Any] = {"task": task, "n_users": len(chosen), "users": [u.user_id for u in chosen],
@@ -133,10 +132,10 @@ def measure_cost(task: str = "movielens-rating", users: int = 3, *, bundle: str 
         pz = Personalizer(b, enc, eng.base)
         startup_s = time.perf_counter() - t0
         # Warm-up once (imports, onnxruntime arenas), not counted.
-        _p2p_once(pz, eng, build_profile, card, chosen[0], Path(tmp) / "warm.gguf")
+        _p2p_once(pz, eng, card, chosen[0], Path(tmp) / "warm.gguf")
         per_user = []
         for u in chosen:  # the median of `p2p_repeat` runs per user: the path is short and the machine noisy
-            runs = [_p2p_once(pz, eng, build_profile, card, u, Path(tmp) / f"p2p-{k}.gguf") for k in range(p2p_repeat)]
+            runs = [_p2p_once(pz, eng, card, u, Path(tmp) / f"p2p-{k}.gguf") for k in range(p2p_repeat)]
             per_user.append(min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs))))
         out["p2p"] = {
             "status": "ok", "bundle": b.name, "bundle_neutral": b.neutral,
@@ -160,23 +159,20 @@ def measure_cost(task: str = "movielens-rating", users: int = 3, *, bundle: str 
     return out
 
 
-def _p2p_once(pz, eng, build_profile, card, user: User, path: Path) -> dict[str, Any]:
-    history, query = user.items[:-1], user.items[-1]
+def _p2p_once(pz, eng, card, user: User, path: Path) -> dict[str, Any]:
+    """The route's personalization step (`pipeline.Route.personalize`: profile -> adapter file -> attached)."""
+    from p2p_local.pipeline import Request, Route
+
+    route = Route(eng, pz, scratch=path)
+    request = Request(card, user.items[-1].input, user.items[:-1], item=user.items[-1])
     tracemalloc.start()
-    t0 = time.perf_counter()
-    prof = build_profile(card, history, Item(query.input, "", query.time, dict(query.meta)))
-    t1 = time.perf_counter()
-    timings = pz.write(prof, path)
-    t2 = time.perf_counter()
-    handle = eng.load_adapter(path)
-    eng.use(handle, 1.0)
-    t3 = time.perf_counter()
+    t = route.personalize(request).timings_ms
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    eng.free_adapter(handle)
-    return {"user_id": user.user_id, "profile_s": t1 - t0, "encode_s": timings["encode_ms"] / 1e3,
-            "hypernet_s": timings["hypernet_ms"] / 1e3, "write_s": timings["write_ms"] / 1e3,
-            "load_attach_s": t3 - t2, "total_s": t3 - t0, "peak_alloc_mb": peak / 2**20}
+    route.release()
+    return {"user_id": user.user_id, "profile_s": t["profile_ms"] / 1e3, "encode_s": t["encode_ms"] / 1e3,
+            "hypernet_s": t["hypernet_ms"] / 1e3, "write_s": t["write_ms"] / 1e3,
+            "load_attach_s": t["load_attach_ms"] / 1e3, "total_s": t["total_ms"] / 1e3, "peak_alloc_mb": peak / 2**20}
 
 
 def _oppu(task: str, chosen: list[User], eng, tmp: Path, extra: list[str] | None, timeout: float | None,

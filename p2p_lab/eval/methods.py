@@ -122,16 +122,10 @@ def user_samples(user: User, last_n: int) -> list[tuple[list[Item], Item]]:
 
 
 # --- engine helpers -------------------------------------------------------------------------------
-def score_labels(engine, prompt: str, ids: list[int]) -> dict[str, Any]:
-    """`pipeline.label_scores`, rounded for the result store."""
-    s = pipeline.label_scores(engine, prompt, ids)
-    return {"lp": [round(float(x), 5) for x in s["lp"]], "mass": round(s["mass"], 5), "unparseable": s["unparseable"]}
-
-
-def generate(ctx: EvalContext, prompt: str, query_input: str) -> dict[str, Any]:
-    text = pipeline.generate_answer(ctx.engine, ctx.card, prompt, query_input, seed=ctx.options.seed,
-                                    max_tokens=ctx.options.max_tokens)
-    return {"text": text, "unparseable": not text}
+def label_record(scores: dict[str, Any]) -> dict[str, Any]:
+    """An answer's `pipeline.label_scores`, rounded for the result store."""
+    return {"lp": [round(float(x), 5) for x in scores["lp"]], "mass": round(scores["mass"], 5),
+            "unparseable": scores["unparseable"]}
 
 
 def target_nll(ctx: EvalContext, prompt: str, item: Item) -> dict[str, Any]:
@@ -231,29 +225,70 @@ class Method:
         return []
 
 
+@dataclass
+class EvalRequest(pipeline.Request):
+    """A query of the evaluation as the route's `Request` (the held-out item as `item`), with its `Query`."""
+
+    q: Query | None = None
+
+
+class MethodRoute(pipeline.Route):
+    """The app's route (`pipeline.Route.answer`) with the steps a method changes: its prompt, its profile or
+    its own adapter."""
+
+    def __init__(self, method: LLMMethod, ctx: EvalContext, personalizer: Any = None, scratch: Path | None = None):
+        super().__init__(ctx.engine, personalizer, scratch)
+        self.method, self.ctx = method, ctx
+
+    def prompt(self, request: pipeline.Request) -> str:
+        return self.method.prompt(self.ctx, request.q)
+
+    def personalization(self, request: pipeline.Request) -> pipeline.Personalization:
+        return self.method.personalization(self.ctx, request.q)
+
+    def personalize(self, request: pipeline.Request, scale: float = 1.0, force: bool = False) -> pipeline.Personalization:
+        return self.method.personalize(self.ctx, request, scale) or super().personalize(request, scale, force)
+
+
 class LLMMethod(Method):
-    """Scores `prompt(q)` with whatever adapter is attached."""
+    """Answers each query through the app's route (`pipeline.Route.answer`); the base model unless
+    `personalized`. Subclasses change the prompt (RAG, PAG...), the profile (controls) or the adapter."""
+
+    personalized = False
+    personalizer: Any = None
 
     def prepare(self, ctx: EvalContext) -> None:
-        self._ids = pipeline.label_token_ids(ctx.engine, ctx.card.labels) if ctx.card.kind != "generation" else []
+        self.route = MethodRoute(self, ctx, self.personalizer, ctx.run_dir / "tmp" / f"{self.name}.gguf")
 
     def prompt(self, ctx: EvalContext, q: Query) -> str:
         return pipeline.task_prompt(ctx.engine, ctx.card, q.item.input)  # the app's prompt
 
+    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
+        profile = ctx.profile(q)
+        return pipeline.Personalization(profile, profile.fingerprint, ctx.card.name)
+
+    def personalize(self, ctx: EvalContext, request: pipeline.Request, scale: float) -> pipeline.Personalization | None:
+        """A method's own adapter (already attached), or None: the route makes one from the profile."""
+        return None
+
     def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
-        prompt = self.prompt(ctx, q)
+        request = EvalRequest(ctx.card, q.item.input, q.history, item=q.item, q=q)
+        a = self.route.answer(request, personalized=self.personalized, seed=ctx.options.seed,
+                              max_tokens=ctx.options.max_tokens).finish()
         if ctx.card.kind == "generation":
-            return {**generate(ctx, prompt, q.item.input), **target_nll(ctx, prompt, q.item)}
-        return score_labels(ctx.engine, prompt, self._ids)
+            return {"text": a.text, "unparseable": not a.text, **target_nll(ctx, a.prompt, q.item)}
+        return label_record(a.scores)
+
+    def close(self, ctx: EvalContext) -> None:
+        route = getattr(self, "route", None)
+        if route is not None:
+            route.release()
 
 
 class Base(LLMMethod):
     name = "base"
     description = "the base model, no personalization"
 
-    def prepare(self, ctx: EvalContext) -> None:
-        super().prepare(ctx)
-        ctx.engine.use(None)
 
 
 class RAG(Base):
@@ -287,8 +322,9 @@ class AllHistory(Base):
 
 
 class AdapterMethod(LLMMethod):
-    """Scores the base prompt under one attached GGUF adapter."""
+    """Answers under one GGUF adapter of its own (attached per run or per user), never one made per query."""
 
+    personalized = True
     _adapter: Any = None
 
     def attach(self, ctx: EvalContext, path: Path) -> None:
@@ -301,8 +337,16 @@ class AdapterMethod(LLMMethod):
             ctx.engine.free_adapter(self._adapter)
             self._adapter = None
 
+    def personalize(self, ctx: EvalContext, request: pipeline.Request, scale: float) -> pipeline.Personalization | None:
+        if self._adapter is None:
+            raise Skip("no adapter attached")
+        if ctx.engine.active[0] is not self._adapter:
+            ctx.engine.use(self._adapter, scale)
+        return pipeline.Personalization(None, "", ctx.card.name, adapter_path=self._adapter.path)
+
     def close(self, ctx: EvalContext) -> None:
         self.detach(ctx)
+        super().close(ctx)
 
 
 def _file_id(path: Path) -> str:
@@ -414,12 +458,14 @@ def oppu_command(task: str, history_jsonl: Path, out: Path) -> list[str]:
 
 
 # --- P2P and its controls ----------------------------------------------------------------------------
-class P2P(AdapterMethod):
-    """The app's own route per query: `pipeline.make_profile` -> `Personalizer` (encoder, hypernetwork,
-    GGUF writer) -> llama.cpp -> `pipeline`'s prompt and decoding. Only the history's source differs."""
+class P2P(LLMMethod):
+    """The app's own route per query: `pipeline.Route.answer` (profile -> `Personalizer` -> GGUF ->
+    llama.cpp -> the app's prompt and decoding); the adapter is written to a scratch file, not cached.
+    Only the history's source differs from the app's."""
 
     name = "p2p"
     description = "hypernetwork: the user's profile -> a LoRA in one forward pass, per query"
+    personalized = True
 
     def prepare(self, ctx: EvalContext) -> None:
         from p2p_local.bundle import Bundle
@@ -437,26 +483,20 @@ class P2P(AdapterMethod):
             raise Skip(str(e).splitlines()[0]) from None
         self.bundle = bundle
         super().prepare(ctx)
-        self.tmp = ctx.run_dir / "tmp" / f"{self.name}.gguf"
         self._rng = np.random.default_rng(ctx.options.seed)
 
     def fingerprint(self) -> str:
         return self.bundle.sha256[:16]
 
+    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
+        profile = self.profile_for(ctx, q)
+        return pipeline.Personalization(profile, profile.fingerprint, ctx.card.name)
+
     def profile_for(self, ctx: EvalContext, q: Query):
         return ctx.profile(q)
 
-    def adapter(self, ctx: EvalContext, q: Query) -> None:
-        """Write this query's adapter to the scratch file, as `Session.personalize` writes the cached one."""
-        self.personalizer.write(self.profile_for(ctx, q), self.tmp)
-
-    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
-        self.adapter(ctx, q)
-        self.attach(ctx, self.tmp)
-        try:
-            return super().predict(ctx, q)
-        finally:
-            self.detach(ctx)
+    def end_user(self, ctx: EvalContext) -> None:
+        self.route.release()  # the last query's adapter: detached and freed
 
 
 class P2PRAG(P2P):
@@ -509,12 +549,12 @@ class P2PRandom(P2P):
         f = np.stack(feats) if feats else np.zeros((1, self.bundle.feature_dim))
         self.mu, self.sd = f.mean(0), f.std(0)
 
-    def adapter(self, ctx: EvalContext, q: Query) -> None:
+    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
         emb = self._rng.standard_normal((1, self.bundle.embedding_dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         feats = self.mu + self.sd * self._rng.standard_normal((1, len(self.mu)))
         tensors = self.personalizer.tensors_from(emb.astype(np.float32), feats.astype(np.float32))
-        self.personalizer.write_tensors(tensors, self.tmp, "random")
+        return pipeline.Personalization(None, "random", ctx.card.name, tensors=tensors)
 
 
 # --- classic references (no LLM) ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import argparse
 import math
 
 MAX_SCALE = 2.0
-CHAT_TASKS = ("chat", "free", "free chat")  # free chat, as `ask`, `chat` and the TUI spell it
 
 
 MAX_TEMPERATURE = 2.0
@@ -47,12 +46,12 @@ def max_tokens_arg(value: str) -> int:
 
 
 def task_arg(value: str) -> str:
-    """A built-in task card's name, or free chat."""
-    from p2p_local.data.format import builtin_cards, canonical_task
+    """A built-in task card's name, or free chat (any of its names: `data.format.FREE_CHAT_NAMES`)."""
+    from p2p_local.data.format import FREE_CHAT, builtin_cards, canonical_task, is_free_chat
 
     known = builtin_cards()
-    if value in CHAT_TASKS:
-        return value
+    if is_free_chat(value):
+        return FREE_CHAT
     if canonical_task(value) in known:
         return canonical_task(value)
-    raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat)")
+    raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat/free)")

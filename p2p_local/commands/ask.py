@@ -2,7 +2,8 @@
 
 The query may come from standard input (`-`, or nothing given while stdin is a pipe):
 `git diff --cached | p2p ask - --task commit-subject --profile me`. For the commit-subject task a
-diff is read as the task reads a commit: its changed files (and no body yet), the training items' format.
+diff is read as the task reads a commit (`pipeline.read_query`, for every entry point): its changed files
+(and no body yet), the training items' format.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 import sys
 
-from p2p_local.commands.args import CHAT_TASKS, max_tokens_arg, scale_arg, task_arg, temperature_arg
+from p2p_local.commands.args import max_tokens_arg, scale_arg, task_arg, temperature_arg
 from p2p_local.errors import UsageError
 
 
@@ -25,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  p2p ask 'what should I watch tonight?' --profile demo --model smollm2-135m  # free chat, instruct model",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
-    p.add_argument("--profile", help="profile to personalize with (default: the only / first profile)")
+    p.add_argument("--profile", help="profile to personalize with (default: the only profile holding the task's items)")
     p.add_argument("--task", type=task_arg, help="task card whose template frames the prompt (default: the profile's task; "
-                                  "'chat' for a plain transcript)")
+                                  "'chat' or 'free' for a plain transcript)")
     p.add_argument("--model", metavar="NAME", help="free chat on this instruct model (see `p2p models list`; "
                    "add your own with `p2p models add FILE --name N`); task answers stay on the bundle's base")
     p.add_argument("--base", action="store_true", help="answer with the base model, no adapter")
@@ -39,43 +40,43 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2p_local.personalize import FREE_CHAT, Session
-    from p2p_local.pipeline import CUT_MARK
+    from p2p_local.data.format import FREE_CHAT, is_free_chat
+    from p2p_local.personalize import Session
+    from p2p_local.pipeline import CUT_MARK, lora_scale, read_query
 
     text = query_text(args.text)
-    if args.model is not None and args.task and args.task not in CHAT_TASKS:
+    if args.model is not None and args.task and not is_free_chat(args.task):
         raise UsageError(f"--model is for free chat; {args.task} answers come from the bundle's base",
                          hint="drop --model, or ask with --task chat")
+    task = args.task or (FREE_CHAT if args.model is not None else None)
     with Session.open(chat_model=args.model) as s:
-        profile = args.profile
-        if profile is None and not args.base:
-            names = [p.name for p in s.profiles()]
-            profile = names[0] if names else None
-        task = args.task or (FREE_CHAT if args.model is not None or not profile else s.default_task(profile))
-        task = FREE_CHAT if task in CHAT_TASKS else task
-        text = task_query(text, task)
-        if len(text) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
-            raise UsageError(f"the query is {len(text):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
+        if args.base and args.profile is None:  # the base model: no profile to choose
+            profile, task = None, task or FREE_CHAT
+        else:
+            profile, task = s.choose(args.profile, task)
+        query = read_query(None if is_free_chat(task) else s.card(task), text)  # as the task will read it
+        if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
+            raise UsageError(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
                              hint="ask with a shorter text (a diff for commit-subject is read by its file names)")
         if task != FREE_CHAT:
             text = complete_title(s, text, task, profile, quiet=args.json)
-        pieces = []
-        stream = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
+        answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
-        for piece in stream:
-            pieces.append(piece)
-            if not args.json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        adapter, scale = s.engine.active
-        finish = s.last_finish
+        with answer:
+            for piece in answer:
+                if not args.json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
     if args.json:
-        print(json.dumps({"text": "".join(pieces), "query": text, "profile": profile, "task": task,
-                          "adapter": str(adapter.path) if adapter else None, "scale": args.scale if adapter else 0.0,
-                          "lora_scale": scale, "finish": finish}))
+        out = {"text": answer.text, "query": answer.request.query, "profile": profile,
+               "task": answer.request.task, "adapter": str(answer.adapter) if answer.adapter else None,
+               "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason}
+        if answer.distribution is not None:
+            out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
+        print(json.dumps(out))
     else:
-        sys.stdout.write((CUT_MARK if finish == "length" else "") + "\n")
-        if finish == "length":
+        sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
+        if answer.finish_reason == "length":
             print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0
 
@@ -127,15 +128,6 @@ def _read_stdin() -> str:
     return text.removeprefix("\ufeff")
 
 
-def task_query(text: str, task: str | None) -> str:
-    """A diff asked of the commit-subject task becomes the commit as the task reads one (`gitlog.commit_query`)."""
-    from p2p_local.gitlog import commit_query, diff_files, looks_like_diff
-
-    if task in COMMIT_TASKS and looks_like_diff(text):
-        return commit_query(diff_files(text))
-    return text
-
-
 def complete_title(session, text: str, task: str, profile: str | None, quiet: bool = False) -> str:
     """A bare movie title ("Toy Story") completed as the chat completes it (`tui.titles.Catalogue`: the
     movies the store holds, the profile's own first); the first match when several, said on stderr."""
@@ -151,6 +143,3 @@ def complete_title(session, text: str, task: str, profile: str | None, quiet: bo
         more = f" (also: {', '.join(m.title for m in matches[1:4])})" if len(matches) > 1 else ""
         print(f"read as: {matches[0].text}{more}", file=sys.stderr)
     return matches[0].text
-
-
-COMMIT_TASKS = ("commit-subject",)  # former names resolve through data.format.canonical_task

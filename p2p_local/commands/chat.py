@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from p2p_local.commands.args import task_arg
-from p2p_local.errors import StoreError, UsageError
+from p2p_local.errors import UsageError
 
 EPILOG = """examples:
   p2p chat                                   # the profile used last (the demo on a first run)
@@ -40,12 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def pick_profile(store, requested: str | None, demo: bool) -> str | None:
-    """The profile to open: the requested one, the demo (imported if needed), or the one used last."""
+def pick_profile(store, requested: str | None, demo: bool, task: str | None = None) -> str | None:
+    """The profile to open: the requested one, or for a named task the one `personalize.choose` picks
+    (as ask and hook do); else the demo (imported if needed) or the one used last."""
+    from p2p_local.data.format import is_free_chat
     from p2p_local.demo import import_demo
+    from p2p_local.personalize import choose
 
-    if requested is not None:
-        return store.get_profile(requested).name  # raises StoreError with a "did you mean" hint
+    if requested is not None or (task is not None and not is_free_chat(task) and store.list_profiles() and not demo):
+        return choose(store, requested, task)[0]
     if demo or not store.list_profiles():
         return import_demo(store)
     recent = store.conversations()
@@ -64,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
     session = Session.open(chat_model=args.model)
     try:
-        profile = pick_profile(session.store, args.profile, args.demo)
-        cards = session.task_cards()
-        if args.task is not None and args.task not in cards and args.task not in ("free", "free chat", "chat"):
-            raise StoreError(f"unknown task {args.task!r}", hint=f"known tasks: {', '.join(sorted(cards))}")
+        profile = pick_profile(session.store, args.profile, args.demo, args.task)
         app = ChatApp(session, profile=profile, task=args.task, personalized=not args.base,
                       compare=args.compare, resume=not args.new)
         app.run()

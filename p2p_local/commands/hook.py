@@ -51,9 +51,16 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     if args.timeout is not None and not 0 < args.timeout <= 600:
         raise UsageError(f"--timeout must be within 0-600 seconds, got {args.timeout:g}")
+    from p2p_local.personalize import choose
+    from p2p_local.store import Store
+
     hook.hooks_dir(args.repo)  # a repository first: the first thing to say when it is not one
     task = _known_task(args.task or hook.COMMIT_TASK)
-    profile = _known_profile(args.profile) if args.profile else _commit_profile(task)
+    with Store() as store:  # a named profile must exist (did-you-mean hint); else the one rule picks it
+        profile, task = choose(store, args.profile, task)
+    if profile is None:
+        raise UsageError(f"no profile holds {task} items yet",
+                         hint="p2p profile import me --git . --create   (then p2p hook install)")
     path = hook.install(args.repo, profile, task, args.timeout or hook.DEFAULT_TIMEOUT_S)
     print(f"installed {path} (profile {profile!r}, task {task})")
     print("  git commit now opens the editor with your personalized subject line; "
@@ -69,29 +76,6 @@ def _known_task(task: str) -> str:
     if canonical_task(task) not in builtin_cards():
         raise UsageError(f"unknown task {task[:70]!r}", hint=f"known: {', '.join(builtin_cards())}")
     return canonical_task(task)
-
-
-def _known_profile(name: str) -> str:
-    """An existing profile (StoreError with a did-you-mean hint otherwise)."""
-    from p2p_local.store import Store
-
-    with Store() as s:
-        return s.get_profile(name).name
-
-
-def _commit_profile(task: str) -> str:
-    from p2p_local.errors import UsageError
-    from p2p_local.store import Store
-
-    with Store() as s:
-        profiles = s.list_profiles()
-        mine = [p.name for p in profiles if p.task == task or task in s.task_counts(p.name)]
-    if len(mine) == 1:
-        return mine[0]
-    if not mine:
-        raise UsageError(f"no profile holds {task} items yet",
-                         hint="p2p profile import me --git . --create   (then p2p hook install)")
-    raise UsageError(f"several profiles hold {task} items: {', '.join(mine)}", hint="pass --profile NAME")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

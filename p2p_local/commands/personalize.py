@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
         peft_dir = None
         if args.peft_out:
             from p2p_local.adapter import read_adapter
-            from p2p_local.commands.adapter import HF_BASE, _base, _peft_card
+            from p2p_local.adapter_export import _base, peft_card
             from p2p_local.peft_export import export_peft
 
             adapter = read_adapter(r.adapter_path)
-            spec_name = _base(s)[0]
-            peft_dir = export_peft(adapter, args.peft_out, HF_BASE.get(spec_name, spec_name),
-                                   card=_peft_card(args.profile, r, s.card(r.task), adapter, spec_name, args.query))
+            spec = _base(s)[0]
+            peft_dir = export_peft(adapter, args.peft_out, spec.hf_id or spec.name,
+                                   card=peft_card(args.profile, r, s.card(r.task), adapter, spec, args.query))
         out = {"profile": args.profile, "task": r.task, "items": r.n_items, "adapter": str(r.adapter_path),
                "fingerprint": r.fingerprint, "cached": r.cached, "neutral_bundle": r.neutral, "empty_profile": r.empty,
                "bundle": s.bundle.name, "timings_ms": {k: round(v, 2) for k, v in r.timings_ms.items()}}

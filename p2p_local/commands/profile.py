@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.commands.terminal import shown
+from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
-from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git, parse_time
+from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git
 from p2p_local.store import Store, StoredItem
 from p2p_local.store.db import check_name
 

@@ -185,6 +185,15 @@ class TaskCard:
 TASK_ALIASES = {"pytest-commit-subject": "commit-subject"}  # a developer's commit subject, not pytest's
 
 
+FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template, no task adapter
+FREE_CHAT_NAMES = (FREE_CHAT, "free", "free chat")  # how a user may name it (`--task free`, the chat's picker)
+
+
+def is_free_chat(task: str | None) -> bool:
+    """Whether `task` names free chat (any of its spellings)."""
+    return task in FREE_CHAT_NAMES
+
+
 def canonical_task(name: str) -> str:
     """A task's current name (a former name maps to it; any other name is returned as it is)."""
     return TASK_ALIASES.get(name, name)
@@ -236,14 +245,12 @@ def read_users_jsonl(path: str | Path) -> list[User]:
 
 
 def write_users_jsonl(path: str | Path, users: Iterable[User]) -> int:
-    """Write users (atomically: a temp file renamed into place). Returns the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write users (atomically: `files.atomic_open`). Returns the number written."""
+    from p2p_local.files import atomic_open
+
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_open(path, 0o644, binary=False) as fh:
         for u in users:
             fh.write(json.dumps(u.to_dict(), ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n

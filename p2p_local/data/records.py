@@ -5,8 +5,10 @@ user imports is the item the hypernetwork was trained on: the same text, the sam
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 # Deliberate caps (characters): training cost on a laptop CPU grows with prompt length.
@@ -17,6 +19,8 @@ MAX_SUBJECT_CHARS = 120
 MAX_BODY_CHARS = 300
 MAX_FILES_CHARS = 600  # every changed file is named up to this budget; only huge commits say "+N more"
 NO_GENRES = "(no genres listed)"  # MovieLens' own spelling of "none"
+MIN_TIME = -2_208_988_800.0  # 1900-01-01: item times are unix seconds within 1900..2100
+MAX_TIME = 4_102_444_800.0  # 2100-01-01
 
 PR_SUFFIX = re.compile(r"(?:\s*\(#\d+\))+\s*$")  # "(#123)", also stacked "(#123) (#130)"
 
@@ -89,3 +93,50 @@ def commit_item(subject: str, body: str, files: list[str], sha: str = "",
     files = [str(f) for f in files if isinstance(f, str) and f]
     inp = commit_input(clean_text(body), files, stats)
     return inp, truncate(subject, MAX_SUBJECT_CHARS, stats), {"item_id": sha[:12], "n_files": len(files)}
+
+
+# --- times and values as the importers read them ------------------------------------------------
+def parse_time(value: Any) -> float | None:
+    """Unix seconds from a number, a numeric string or ISO 8601 text; None/"" -> None.
+
+    Between 1900 and 2100: a time outside them is a unit mix-up (milliseconds) or poison (`inf`,
+    `1e300`) that `time.localtime` and every later screen would choke on.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"bad time {value!r}")
+    if isinstance(value, int | float):
+        return _time_in_range(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if len(s) > 64:
+            raise ValueError(f"bad time {s[:20]!r}...: too long for a time")
+        try:
+            return _time_in_range(float(s))
+        except ValueError as e:
+            if "outside" in str(e):
+                raise
+        try:
+            return _time_in_range(datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp())  # naive: local
+        except (ValueError, OverflowError, OSError) as e:
+            if "outside" in str(e):
+                raise
+    raise ValueError(f"bad time {brief(value)}: use unix seconds or ISO 8601 (2024-05-01T12:00:00)")
+
+
+def _time_in_range(value: float) -> float:
+    try:
+        t = float(value)
+    except OverflowError:
+        t = math.inf
+    if not (math.isfinite(t) and MIN_TIME <= t <= MAX_TIME):
+        raise ValueError(f"time {brief(value)} is outside 1900..2100 (unix seconds)")
+    return t
+
+
+def brief(v: Any) -> str:
+    """A value for an error message: repr, cut short (a 100 MB field must not fill the terminal)."""
+    big = isinstance(v, int) and v.bit_length() > 100  # str() of a 5000-digit int raises ValueError
+    text = f"an integer of about {int(v.bit_length() * 0.30103)} digits" if big else repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -29,6 +29,7 @@ from typing import Any
 
 from p2p_local import paths
 from p2p_local.data.format import canonical_task
+from p2p_local.data.records import MAX_TIME, MIN_TIME
 from p2p_local.errors import StoreError
 from p2p_local.files import disk_error, sha256_file
 from p2p_local.store.migrations import migrate
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 # \A...\Z, not ^...$: `$` also matches before a trailing newline ("alice\n" would pass).
 _NAME = re.compile(r"\A\w[\w.@+-]{0,63}\Z")
 # Item times (unix seconds) between 1900 and 2100: outside is a unit mix-up or poison (inf, 1e300).
-MIN_TIME = -2_208_988_800.0
-MAX_TIME = 4_102_444_800.0
 ITEM_FIELDS = ("task", "time", "input", "output", "meta")
 ROLES = ("system", "user", "assistant")
 

@@ -21,8 +21,9 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from p2p_local.data.format import is_free_chat
 from p2p_local.store import Store
-from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen
+from p2p_local.tui.chat_screen import ChatScreen
 from p2p_local.tui.first_run_screen import first_run_done, own_profiles
 from p2p_local.tui.session import ChatSession
 
@@ -38,7 +39,7 @@ class ChatApp(App[None]):
 
     def __init__(
         self,
-        session: ChatSession,  # `task=None`: the profile's task; "free chat": none
+        session: ChatSession,  # `task=None`: the profile's task; free chat by any of its names: none
         *,
         store: Store | None = None,
         profile: str | None = None,
@@ -60,7 +61,7 @@ class ChatApp(App[None]):
         if task is None and profile is not None:  # the profile's default task
             default = self.store.get_profile(profile).task
             task = default if default in self.cards else None
-        elif task in (FREE_CHAT, "free", "chat"):  # "chat": what `p2p ask --task` calls it
+        elif is_free_chat(task):
             task = None
         self._start = dict(profile=profile, task=task, personalized=personalized, scale=scale,
                            compare=compare, resume=resume)
@@ -70,8 +71,8 @@ class ChatApp(App[None]):
 
         The session's Store is a sqlite3 connection, which belongs to the thread that opened it (here:
         the UI thread). So unless the session says it is `threadsafe`, the call runs on the UI thread
-        and the worker waits for it. `answer()` returns quickly (personalize + attach, then a
-        generator); the generator, which holds llama.cpp for the whole reply, is iterated in the worker.
+        and the worker waits for it. `answer()` returns quickly (the store reads, then the `Answer`);
+        the Answer, which personalizes and holds llama.cpp for the whole reply, is iterated in the worker.
         """
         if self.session.threadsafe:
             return fn(*args, **kwargs)

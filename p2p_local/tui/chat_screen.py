@@ -26,7 +26,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
-from p2p_local import paths
 from p2p_local.errors import P2PError
 from p2p_local.pipeline import CUT_MARK
 from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
@@ -436,8 +435,8 @@ class ChatScreen(Screen):
         with app.session_lock:
             pieces = None
             try:
-                # answer() personalizes and attaches (store + engine) and returns the token generator;
-                # the generator itself (llama.cpp only) runs here, in the worker.
+                # answer() reads the store and returns the `Answer`; iterating it personalizes, attaches
+                # and streams (llama.cpp), here in the worker.
                 pieces = app.session_call(app.session.answer, j.text, profile=j.profile, task=j.task,
                                           personalized=j.personalized, scale=j.scale, transcript=j.transcript)
                 for piece in pieces:
@@ -453,7 +452,7 @@ class ChatScreen(Screen):
                         shown, last = visible, now
                 else:
                     text = visible_text(text, j.stops)[0]
-                    if getattr(app.session, "last_finish", None) == "length":
+                    if getattr(pieces, "finish_reason", None) == "length":
                         j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
             except P2PError as e:
                 error = str(e)
@@ -462,19 +461,11 @@ class ChatScreen(Screen):
             finally:
                 if pieces is not None and hasattr(pieces, "close"):
                     pieces.close()  # closing the generator stops llama.cpp mid-reply
-            if j.dist and text.strip() and not (stopped or error):
-                dist = self._distribution(j)
+            if j.dist and text.strip() and not (stopped or error) and pieces is not None:
+                # The distribution the answer was read off (one evaluation of the prompt, in `answer`).
+                got = getattr(pieces, "distribution", None)
+                dist = {label: round(float(p), 4) for label, p in got.items()} if got else None
         self._call(self.finish_job, j, text.strip(), stopped, error, time.monotonic() - t0, dist)
-
-    def _distribution(self, j: Job) -> dict[str, float] | None:
-        """The label distribution the answer was read off: the adapter `answer` attached is still attached
-        (the session lock is held), so this is one forward pass of the prompt. None if it cannot be had."""
-        app = self._app
-        try:
-            dist = app.session_call(app.session.label_distribution, j.text, j.task)
-        except Exception:  # a chart is a nicety: the answer stands without it
-            return None
-        return {label: round(float(p), 4) for label, p in dist.items()}
 
     def _call(self, fn, *args, **kwargs) -> None:
         """From a worker thread: run `fn` on the UI thread and wait for it (a no-op once the app is closing)."""
@@ -680,6 +671,9 @@ def adapter_note(result: AdapterResult) -> str:
 def export_conversation(store, conversation_id: int) -> Path:
     """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
     from p2p_local.files import atomic_write
+    from p2p_local.paths import private_dir
+    from p2p_local.store.db import conversation_export_path
 
-    out = paths.private_dir(paths.data_dir() / "exports")
-    return atomic_write(out / f"conversation-{conversation_id}.md", store.export_conversation_markdown(conversation_id))
+    path = conversation_export_path(conversation_id)
+    private_dir(path.parent)  # 0700, also an older 0755 one
+    return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store

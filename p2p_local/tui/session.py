@@ -2,26 +2,28 @@
 satisfies (and the tests' fake: tests/test_tui.py checks both with `isinstance`).
 
 Heavy objects come in from outside, so the chat never builds an engine itself and a test can hand it a
-scripted model. Beyond this surface, exporting an adapter (`p2p_local.commands.adapter.export_adapter`,
+scripted model. Beyond this surface, exporting an adapter (`p2p_local.adapter_export.export_adapter`,
 the profile panel's `e`) needs the real `Session` (its engine's base model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from p2p_local.data.format import TaskCard
+from p2p_local.data.format import FREE_CHAT, TaskCard
 from p2p_local.profile import Profile
 from p2p_local.store import Store
 
-SESSION_FREE_CHAT = "chat"  # the session's name for free chat (the UI says "free chat")
+if TYPE_CHECKING:
+    from p2p_local.pipeline import Answer
+
+SESSION_FREE_CHAT = FREE_CHAT  # the session's name for free chat (the UI says "free chat")
 
 
 @runtime_checkable
 class AdapterResult(Protocol):
-    """What `personalize` tells the status line (`PersonalizeResult`)."""
+    """What `personalize` tells the status line (`pipeline.Personalization`)."""
 
     adapter_path: Path
     timings_ms: dict[str, float]
@@ -45,12 +47,9 @@ class ChatSession(Protocol):
     def personalize(self, profile: str, task: str | None = None) -> AdapterResult: ...
 
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
-               scale: float = 1.0, transcript: list[tuple[str, str]] | None = None) -> Iterator[str]:
-        """Stream an answer; closing the iterator cancels. `task` "chat": free chat with `transcript`."""
-        ...
-
-    def label_distribution(self, text: str, task: str) -> dict[str, float]:
-        """Probabilities over a rating/label task's labels under the adapter attached now (after `answer`)."""
+               scale: float = 1.0, transcript: list[tuple[str, str]] | None = None) -> Answer:
+        """The `pipeline.Answer`: iterate to stream, closing cancels; a rating's `distribution` is set once its
+        stream ends. `task` "chat": free chat with `transcript`."""
         ...
 
     def profile_text(self, profile: str, task: str | None = None) -> Profile: ...
@@ -73,6 +72,6 @@ def free_chat_mode(session: ChatSession, profile: str | None, personalized: bool
 
 def export_profile_adapter(session: Any, profile: str, to: Path, task: str | None) -> Any:
     """`p2p adapter export PROFILE --to DIR [--task T]`: the same function, called from the profile panel."""
-    from p2p_local.commands import adapter
+    from p2p_local.adapter_export import export_adapter
 
-    return adapter.export_adapter(session, profile, to, task=task)
+    return export_adapter(session, profile, to, task=task)
