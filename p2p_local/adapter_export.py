@@ -128,8 +128,8 @@ curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and promp
 curl -s http://127.0.0.1:8080/completion -d {_sh(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}]}))}
 ```
 The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
-The app's strength xS is llama.cpp scale S at or above x1 and `0.01 ** (1 - S)` below it (x0.5: 0.1),
-since the adapter's effect saturates early.
+The app's strength xS is llama.cpp scale `2S - 1` at or above x1 (x2: 3) and `0.01 ** (1 - S)` below it
+(x0.5: 0.1), since the adapter's effect saturates early.
 
 ## Ollama
 

@@ -127,10 +127,11 @@ class Personalizer:
 
 # --- the strength control ---------------------------------------------------------------------------
 # llama.cpp's LoRA scale saturates early: on the demo user's ratings the answer distribution's distance
-# from the base reaches ~90% of its x1 value by scale 0.25 (`p2p bench strength`). So below x1 the
-# user's strength maps log-linearly onto [STRENGTH_FLOOR, 1] (x0.25 -> 0.032, x0.5 -> 0.1, x0.75 -> 0.32),
-# x1 is the trained adapter exactly, and above it the scale is the strength (x2 -> 2; at 4 rewrites
-# turned to noise).
+# from the base reaches ~40% of its x1 value by scale 0.03 and ~85% by 0.1 (`p2p bench strength`). So
+# below x1 the user's strength maps log-linearly onto [STRENGTH_FLOOR, 1] (x0.25 -> 0.032, x0.5 -> 0.1,
+# x0.75 -> 0.32) and x1 is the trained adapter exactly. Above x1 the effect grows slowly too (scale 2
+# moved no median rating of the demo queries, 3 moved three of eight), so the scale rises twice as fast
+# as the strength (x1.5 -> 2, x2 -> 3; at 4 rewrites turned to noise).
 STRENGTH_FLOOR = 0.01
 
 
@@ -139,7 +140,7 @@ def lora_scale(strength: float) -> float:
     if strength <= 0:
         return 0.0
     if strength >= 1:
-        return float(strength)
+        return 2.0 * strength - 1.0
     return STRENGTH_FLOOR ** (1.0 - strength)
 
 
@@ -161,15 +162,71 @@ def cut_tokens(engine: Any, text: str, n: int) -> str:
     return engine.detokenize(toks[:n]) if len(toks) > n else text
 
 
-def task_prompt(engine: Any, card: TaskCard, text: str) -> str:
-    """The card's prompt around `text`; an input too long for the context keeps its head."""
-    budget = engine.n_ctx - answer_tokens(engine, card, text) - PROMPT_SLACK
-    prompt = card.prompt(text)
-    n = len(engine.tokenize(prompt))
-    if n > budget:
+EXAMPLE_SEP = "\n\n"  # between the examples and the query
+
+
+def render_items(card: TaskCard, items: Sequence[Item]) -> list[str]:
+    """History items as examples in the task's own template, one string per item.
+
+    Why not profile.render_history ("Input: .. Output: .." lines): a pretrained base model continues
+    the pattern it sees, and with a second format in the prompt it answered commit-subject queries
+    with "Input: files: ..." (measured); examples in the query's own format are the strong baseline.
+    """
+    return [card.prompt(it.input) + it.output for it in items]
+
+
+def examples(card: TaskCard | None, profile: Profile | None) -> list[str]:
+    """The card's `examples`: the history items retrieved for the query, rendered, best last (nearest the
+    query, so it is the last dropped when the context is short). None without a profile (the base model)."""
+    if card is None or profile is None or not card.examples:
+        return []
+    return render_items(card, list(reversed(list(profile.retrieved)[: card.examples])))
+
+
+def prompt_text(card: TaskCard, text: str, shots: Sequence[str] = ()) -> str:
+    """The prompt before any fitting to the context: the examples, then the card's prompt around `text`."""
+    return EXAMPLE_SEP.join([*shots, card.prompt(text)])
+
+
+def fit_prompt(engine: Any, card: TaskCard, text: str, header: str = "", shots: Sequence[str] = (),
+               reserve: int | None = None) -> tuple[str, int]:
+    """`header` + shots + the card's prompt around `text` (blank lines between), within the context less
+    `reserve` tokens (default: the answer's budget). Shots are dropped from the FRONT (put the least
+    important first), then the header, and last the head of the input is kept. Returns (prompt, shots kept)."""
+    budget = engine.n_ctx - (answer_tokens(engine, card, text) if reserve is None else reserve) - PROMPT_SLACK
+    query_prompt = card.prompt(text)
+    n_query = len(engine.tokenize(query_prompt))
+    if n_query > budget:  # the query alone does not fit: keep the head of its input
         n_input = len(engine.tokenize(text, add_bos=False))
-        prompt = card.prompt(cut_tokens(engine, text, max(8, n_input - (n - budget))))
-    return prompt
+        query_prompt = card.prompt(cut_tokens(engine, text, max(8, n_input - (n_query - budget))))
+        n_query = len(engine.tokenize(query_prompt))
+    if not header and not shots:
+        return query_prompt, 0
+    room = budget - n_query - 2
+    if header:
+        limit = room // 2 if shots else room  # a long summary must not starve the examples
+        header = cut_tokens(engine, header, max(0, limit - 1))
+        room -= len(engine.tokenize(header + EXAMPLE_SEP, add_bos=False)) if header else 0
+    kept: list[str] = []
+    for shot in reversed(shots):  # keep from the back (most important last) while they fit
+        n = len(engine.tokenize(shot + EXAMPLE_SEP, add_bos=False))
+        if n > room:
+            break
+        kept.insert(0, shot)
+        room -= n
+    while True:
+        prompt = EXAMPLE_SEP.join([p for p in [header, *kept] if p] + [query_prompt])
+        if len(engine.tokenize(prompt)) <= budget or not (kept or header):
+            return prompt, len(kept)
+        if kept:  # token counts are not exactly additive at the joins
+            kept.pop(0)
+        else:
+            header = ""
+
+
+def task_prompt(engine: Any, card: TaskCard, text: str, shots: Sequence[str] = ()) -> str:
+    """The card's prompt around `text`, after `shots` (examples), fitted to the context."""
+    return fit_prompt(engine, card, text, "", shots)[0]
 
 
 def chat_prompt(text: str, transcript: Sequence[tuple[str, str]] = (), about: str = "") -> str:
@@ -493,7 +550,7 @@ class Route:
                 self.detach()
             yield _ATTACHED
             t1 = time.perf_counter()
-            a.prompt = self.prompt(req)
+            a.prompt = self.prompt(req, a.personalization)
             card = None if req.free_chat else req.card
             try:
                 if card is not None and card.kind in ("rating", "label"):
@@ -531,11 +588,13 @@ class Route:
         profile = request.build_profile()
         return Personalization(profile, profile.fingerprint, request.task)
 
-    def prompt(self, request: Request) -> str:
-        """The card's prompt around the query, or (free chat) a transcript after what is known of the user."""
+    def prompt(self, request: Request, p: Personalization | None = None) -> str:
+        """The card's prompt around the query (after the card's retrieved examples when personalized), or
+        (free chat) a transcript after what is known of the user."""
         if request.free_chat or request.card is None:
             return chat_prompt(request.text, request.transcript, request.about)
-        return task_prompt(self.engine, request.card, request.query)
+        shots = examples(request.card, p.profile if p is not None else None)
+        return task_prompt(self.engine, request.card, request.query, shots)
 
     def adapter_file(self, p: Personalization, request: Request, force: bool = False) -> Path:
         """Where the adapter is: written to the scratch file (Session: its cache)."""

@@ -147,6 +147,11 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         # both `pipeline.Route.answer`
         app_answer = session.answer(query.input, profile=name, task=task).finish()
         record = method.predict(ctx, q)
+        # the prompt: the card's retrieved examples (P2P + retrieval where the card asks for it), then the query
+        shots = pipeline.examples(card, app)
+        assert len(shots) == min(card.examples, len(app.retrieved)) and (shots or not card.examples)
+        assert all(shot in app_answer.prompt for shot in shots)
+        assert app_answer.prompt == method.prompt(ctx, q, pipeline.Personalization(ev, ev.fingerprint, task))
         if card.kind == "generation":
             assert app_answer.text == record["text"]
         else:

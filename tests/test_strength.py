@@ -18,7 +18,7 @@ TASK = "movielens-rating"
 def test_lora_scale_is_monotonic_and_exact_at_0_and_1() -> None:
     xs = np.linspace(0, 2, 41)
     ys = [lora_scale(x) for x in xs]
-    assert ys[0] == 0.0 and lora_scale(1.0) == 1.0 and lora_scale(2.0) == 2.0
+    assert ys[0] == 0.0 and lora_scale(1.0) == 1.0 and lora_scale(2.0) == 3.0
     assert all(b > a for a, b in zip(ys, ys[1:], strict=False))
     assert lora_scale(0.5) == pytest.approx(STRENGTH_FLOOR ** 0.5)
 

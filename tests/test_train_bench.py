@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2p_local.profile import FEATURE_DIM
 from trainer.bench import legacy_trainer, new_arm, old_arm
 from trainer.config import recipe
 from trainer.samples import SampleSet
@@ -27,7 +28,7 @@ def two_tasks(tok) -> list[SampleSet]:
             targets.append(tok(" ".join(rng.choice(words, n_tgt)), add_special_tokens=False)["input_ids"][:n_tgt])
         sets.append(SampleSet(f"task{t}", kind, prompts, targets, [f"u{i}" for i in range(4)],
                               rng.standard_normal((4, 384)).astype(np.float32),
-                              rng.standard_normal((4, 43)).astype(np.float32)))
+                              rng.standard_normal((4, FEATURE_DIM)).astype(np.float32)))
     return sets
 
 
@@ -75,7 +76,7 @@ def test_cached_lower_layers_give_the_same_losses(torch_base):
 
     model, tok = torch_base
     sets = two_tasks(tok)
-    h = HyperConfig(embedding_dim=384, feature_dim=43, layers=list(range(12, 18)), d_profile=32, d_hidden=32)
+    h = HyperConfig(embedding_dim=384, feature_dim=FEATURE_DIM, layers=list(range(12, 18)), d_profile=32, d_hidden=32)
     torch.manual_seed(0)
     net = HyperNet(h).eval()
     for head in net.heads.values():

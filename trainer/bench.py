@@ -44,6 +44,12 @@ LEGACY_COMMIT = "6d4f086"
 LEGACY_FILES = ("train.py", "config.py", "lora.py", "hypernet.py", "base.py")
 REFERENCE_SAMPLES = 240_000  # the method's reference run (issue 11)
 SHIPPED_SAMPLES = 5_760  # the shipped bundle: 360 steps x 16
+# The app's names the legacy files import that have moved since LEGACY_COMMIT (old line -> today's line).
+LEGACY_RENAMES = {
+    "from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name, split_tensor_name":
+        "from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name\n"
+        "from p2p_local.adapter import parse_tensor_name as split_tensor_name",
+}
 
 
 def legacy_trainer(commit: str = LEGACY_COMMIT, dest: Path | None = None):
@@ -56,6 +62,8 @@ def legacy_trainer(commit: str = LEGACY_COMMIT, dest: Path | None = None):
         src = subprocess.run(["git", "show", f"{commit}:trainer/{name}"], cwd=repo_root(), check=True,
                              capture_output=True, text=True).stdout
         src = re.sub(r"\btrainer\.(train|config|lora|hypernet|base)\b", r"legacy_trainer.\1", src)
+        for old, new in LEGACY_RENAMES.items():
+            src = src.replace(old, new)
         (pkg / name).write_text(src)
     sys.path.insert(0, str(dest))
     importlib.invalidate_caches()

@@ -105,14 +105,7 @@ def make_profile(card: TaskCard, history: list[Item], item: Item):
     return pipeline.make_profile(card, history, item)
 
 
-def render_items(card: TaskCard, items: list[Item]) -> list[str]:
-    """History items as few-shot examples in the task's own template, one string per item.
-
-    Why not profile.render_history ("Input: .. Output: .." lines): a pretrained base model continues
-    the pattern it sees, and with a second format in the prompt it answered commit-subject queries
-    with "Input: files: ..." (measured); examples in the query's own format are the strong baseline.
-    """
-    return [card.prompt(it.input) + it.output for it in items]
+render_items = pipeline.render_items
 
 
 def user_samples(user: User, last_n: int) -> list[tuple[list[Item], Item]]:
@@ -145,46 +138,11 @@ def reserve_tokens(ctx: EvalContext, q: Query) -> int:
     return ctx.options.max_tokens or pipeline.answer_tokens(ctx.engine, ctx.card, q.item.input)
 
 
-SEP = "\n\n"  # between the header, the examples and the query
-
-
 def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tuple[str, int]:
-    """`header` + shots + the query prompt (blank lines between), within the context. Shots are dropped
-    from the FRONT (put the least important first), then the header and finally the query input are
-    cut. Returns (prompt, number of shots kept)."""
-    eng = ctx.engine
-    budget = eng.n_ctx - reserve_tokens(ctx, q) - pipeline.PROMPT_SLACK
-    query_text = q.item.input
-    query_prompt = ctx.card.prompt(query_text)
-    n_query = len(eng.tokenize(query_prompt))
-    if n_query > budget:  # the query alone does not fit: keep the head of its input
-        n_input = len(eng.tokenize(query_text, add_bos=False))
-        query_text = _cut_tokens(eng, query_text, max(8, n_input - (n_query - budget)))
-        query_prompt = ctx.card.prompt(query_text)
-        n_query = len(eng.tokenize(query_prompt))
-    room = budget - n_query - 2
-    if header:
-        limit = room // 2 if shots else room  # a long summary must not starve the examples
-        header = _cut_tokens(eng, header, max(0, limit - 1))
-        room -= len(eng.tokenize(header + SEP, add_bos=False)) if header else 0
-    kept: list[str] = []
-    for shot in reversed(shots):  # keep from the back (most important last) while they fit
-        n = len(eng.tokenize(shot + SEP, add_bos=False))
-        if n > room:
-            break
-        kept.insert(0, shot)
-        room -= n
-    while True:
-        prompt = SEP.join([p for p in [header, *kept] if p] + [query_prompt])
-        if len(eng.tokenize(prompt)) <= budget or not (kept or header):
-            return prompt, len(kept)
-        if kept:  # token counts are not exactly additive at the joins
-            kept.pop(0)
-        else:
-            header = ""
+    """The app's `pipeline.fit_prompt` for a query, with this run's answer budget kept free."""
+    return pipeline.fit_prompt(ctx.engine, ctx.card, q.item.input, header, shots, reserve_tokens(ctx, q))
 
 
-_cut_tokens = pipeline.cut_tokens
 
 
 # --- the interface --------------------------------------------------------------------------------
@@ -240,8 +198,8 @@ class MethodRoute(pipeline.Route):
         super().__init__(ctx.engine, personalizer, scratch)
         self.method, self.ctx = method, ctx
 
-    def prompt(self, request: pipeline.Request) -> str:
-        return self.method.prompt(self.ctx, request.q)
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
+        return self.method.prompt(self.ctx, request.q, p)
 
     def personalization(self, request: pipeline.Request) -> pipeline.Personalization:
         return self.method.personalization(self.ctx, request.q)
@@ -260,8 +218,10 @@ class LLMMethod(Method):
     def prepare(self, ctx: EvalContext) -> None:
         self.route = MethodRoute(self, ctx, self.personalizer, ctx.run_dir / "tmp" / f"{self.name}.gguf")
 
-    def prompt(self, ctx: EvalContext, q: Query) -> str:
-        return pipeline.task_prompt(ctx.engine, ctx.card, q.item.input)  # the app's prompt
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
+        """The app's prompt: the card's examples from the personalization's profile, then the query."""
+        shots = pipeline.examples(ctx.card, p.profile if p is not None else None)
+        return pipeline.task_prompt(ctx.engine, ctx.card, q.item.input, shots)
 
     def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
         profile = ctx.profile(q)
@@ -295,7 +255,7 @@ class RAG(Base):
     name = "rag"
     description = "top-k BM25-retrieved history items in the prompt"
 
-    def prompt(self, ctx: EvalContext, q: Query) -> str:
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         retrieved = list(ctx.profile(q).retrieved)[: ctx.options.rag_k]
         shots = render_items(ctx.card, list(reversed(retrieved)))  # best last: nearest the query, dropped last
         return fit_prompt(ctx, q, "", shots)[0]
@@ -305,7 +265,7 @@ class PAG(Base):
     name = "pag"
     description = "profile summary + the top-1 retrieved item in the prompt"
 
-    def prompt(self, ctx: EvalContext, q: Query) -> str:
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         p = ctx.profile(q)
         header = f"About this user: {p.summary}" if p.summary else ""
         return fit_prompt(ctx, q, header, render_items(ctx.card, list(p.retrieved)[:1]))[0]
@@ -315,7 +275,7 @@ class AllHistory(Base):
     name = "all-history"
     description = "as many most-recent history items as fit in the context"
 
-    def prompt(self, ctx: EvalContext, q: Query) -> str:
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         # Only the newest items can fit: render a bounded tail, fit_prompt drops the oldest first.
         tail = q.history[-max(1, ctx.engine.n_ctx // 8):]
         return fit_prompt(ctx, q, "", render_items(ctx.card, tail))[0]
@@ -505,7 +465,7 @@ class P2PRAG(P2P):
     name = "p2p-rag"
     description = "the P2P adapter plus the top-k BM25-retrieved history items in the prompt"
 
-    def prompt(self, ctx: EvalContext, q: Query) -> str:
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         return RAG.prompt(self, ctx, q)
 
 

@@ -102,6 +102,10 @@ class TaskCard:
     input_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Generation answers are one line (commit subjects) or several (email rewrites); None: read the template.
     one_line: bool | None = None
+    # History items retrieved for the query (BM25) and shown before it in the card's own format when the
+    # answer is personalized: P2P + retrieval, the default where it measured better than the adapter alone
+    # (commit subjects: reports/commit-subject-*.md). 0: the query alone.
+    examples: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -125,6 +129,8 @@ class TaskCard:
             isinstance(v, dict) and isinstance(v.get("after"), str) and v["after"] for v in self.input_fields.values()
         ):
             raise DataError(f"task card {self.name!r}: input_fields maps a meta key to {{\"after\": TEXT, \"split\": SEP}}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or not 0 <= self.examples <= 8:
+            raise DataError(f"task card {self.name!r}: examples must be a whole number from 0 to 8")
         if self.one_line is None and self.kind == "generation":
             self.one_line = "line" in self.template.split("{input}")[-1].lower()  # "Subject line:" is one line
 
@@ -156,7 +162,7 @@ class TaskCard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskCard:
         known = {"name", "kind", "template", "description", "labels", "value_range", "metrics", "input_fields",
-                 "one_line"}
+                 "one_line", "examples"}
         missing = {"name", "kind", "template", "description"} - set(d)
         if missing:
             raise DataError(f"task card lacks fields: {sorted(missing)}")
