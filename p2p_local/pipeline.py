@@ -475,6 +475,7 @@ class Answer:
         self.personalization: Personalization | None = None
         self.scale = 0.0
         self.finish_reason: str | None = None  # a generated answer: "stop", "repeat" or "length" (`GuardedStream`)
+        self.examples = 0  # the user's own history items shown before the query (the card's `examples`)
         self.timings_ms: dict[str, float] = {}
 
     @property
@@ -551,6 +552,8 @@ class Route:
             yield _ATTACHED
             t1 = time.perf_counter()
             a.prompt = self.prompt(req, a.personalization)
+            p = a.personalization
+            a.examples = sum(shot in a.prompt for shot in examples(req.card, p.profile if p is not None else None))
             card = None if req.free_chat else req.card
             try:
                 if card is not None and card.kind in ("rating", "label"):

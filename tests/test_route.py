@@ -86,6 +86,28 @@ def test_the_hook_proposes_the_routes_answer(session, routed) -> None:
     assert subject == answer.text and request.card.name == "commit-subject" and answer.personalization
 
 
+def test_a_commit_answer_shows_the_authors_own_commits_first(session, routed, capsys) -> None:
+    """The commit card's default is P2P + retrieval: personalized, the prompt holds the author's two
+    nearest commits (BM25) in the card's own format before the query, and `--json` says how many; the base
+    model (`--base`) gets the query alone."""
+    session.store.create_profile("me", task="commit-subject")
+    for i, (inp, out) in enumerate([("files: src/app.py", "fix the app"), ("files: docs/index.md", "docs: typo"),
+                                    ("files: src/cli.py", "cli: add --json"), ("files: setup.cfg", "bump")]):
+        session.store.add_item("me", "commit-subject", inp, out, time=float(i))
+    card = builtin_card("commit-subject")
+    assert main(["ask", "files: src/app.py, src/cli.py", "--profile", "me", "--task", "commit-subject",
+                 "--max-tokens", "8", "--json"]) == 0
+    out, answer = json.loads(capsys.readouterr().out), routed[-1][2]
+    assert out["examples"] == answer.examples == card.examples == 2
+    assert answer.prompt.index(card.prompt("files: src/cli.py") + "cli: add --json") < answer.prompt.index(
+        card.prompt("files: src/app.py") + "fix the app") < answer.prompt.rindex(card.prompt("files: src/app.py, src/cli.py"))
+    assert "docs: typo" not in answer.prompt and "bump" not in answer.prompt
+    assert main(["ask", "files: src/app.py, src/cli.py", "--profile", "me", "--task", "commit-subject",
+                 "--max-tokens", "8", "--json", "--base"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 0 and routed[-1][2].prompt == card.prompt("files: src/app.py, src/cli.py")
+
+
 def test_a_staged_diff_is_read_as_the_commit_by_every_entry_point(session, routed) -> None:
     diff = "diff --git a/src/app.py b/src/app.py\n--- a/src/app.py\n+++ b/src/app.py\n@@ -1 +1 @@\n-a\n+b\n"
     answer = session.answer(diff, task="commit-subject", personalized=False, max_tokens=4).finish()

@@ -469,6 +469,21 @@ class P2PRAG(P2P):
         return RAG.prompt(self, ctx, q)
 
 
+class P2PAlone(P2P):
+    """P2P's adapter with the query alone: the app's default without the card's retrieved examples."""
+
+    name = "p2p-alone"
+    description = "ablation: the P2P adapter without the card's retrieved examples in the prompt"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        if not ctx.card.examples:
+            raise Skip("the same as p2p: this task's card shows no examples")
+        super().prepare(ctx)
+
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
+        return super().prompt(ctx, q, None)
+
+
 class P2PShuffled(P2P):
     name = "p2p-shuffled"
     description = "control: the same hypernetwork fed ANOTHER test user's history (same query)"
@@ -649,7 +664,7 @@ class LogReg(Classic):
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PRAG, P2PShuffled, P2PRandom,
+    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PAlone, P2PRAG, P2PShuffled, P2PRandom,
     GlobalMean, UserMean, UserItemBias, LogReg,
 )}
 

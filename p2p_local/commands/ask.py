@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {"text": answer.text, "query": answer.request.query, "profile": profile,
                "task": answer.request.task, "adapter": str(answer.adapter) if answer.adapter else None,
-               "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason}
+               "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason,
+               "examples": answer.examples}
         if answer.distribution is not None:
             out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
         print(json.dumps(out))
