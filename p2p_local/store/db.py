@@ -627,20 +627,6 @@ class Store:
         args.append(limit)
         return [_message(r) for r in self.conn.execute(sql, args)]
 
-    def export_conversation_markdown(self, conversation_id: int) -> str:
-        conv = _conversation(self._conversation_row(conversation_id))
-        title = conv.title or f"Conversation {conv.id}"
-        who = f"profile **{conv.profile}**" if conv.profile else "base model (no profile)"
-        lines = [f"# {title}", "", f"_{who} · started {_iso(conv.created)}_", ""]
-        for m in self.messages(conversation_id):
-            head = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
-            details = _message_details(m.role, m.meta)
-            lines += [f"**{head}**" + (f" ({', '.join(details)})" if details else "") + ":", "", m.content, ""]
-            if m.role == "assistant" and isinstance(m.meta.get("dist"), dict) and m.meta["dist"]:
-                dist = " · ".join(f"{label}: {100 * float(p):.0f}%" for label, p in m.meta["dist"].items())
-                lines += [f"_label distribution: {dist}_", ""]
-        return "\n".join(lines)
-
     def _conversation_row(self, conversation_id: int) -> sqlite3.Row:
         row = self.conn.execute(
             "SELECT c.*, p.name AS profile_name,"
@@ -654,24 +640,6 @@ class Store:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _message_details(role: str, meta: dict[str, Any]) -> list[str]:
-    """What an exported message says of how it was answered: the task (or free chat), and how."""
-    task = meta.get("task") or "free chat"
-    if role == "user":
-        return [task]
-    if role != "assistant":
-        return []
-    if meta.get("free_chat") == "summary":
-        how = "base model + profile summary"  # free chat never attaches a task adapter
-    elif meta.get("mode") == "personalized":
-        how = "personalized" + (f" x{meta['scale']:g}" if isinstance(meta.get("scale"), (int, float)) else "")
-    else:
-        how = str(meta.get("mode") or "")
-    details = [d for d in (task, how) if d]
-    return details + [k for k in ("cut", "stopped") if meta.get(k)]
-
-
-
 # The JSON snapshot of an item, as SQL (bulk 'add' history) and as Python (edits): same keys.
 _SNAPSHOT_SQL = "json_object('task', task, 'time', time, 'input', input, 'output', output, 'meta', json(meta))"
 
@@ -876,10 +844,6 @@ def _dump(obj: dict | None) -> str | None:
 
 def _load(text: str | None) -> dict | None:
     return None if text is None else json.loads(text)
-
-
-def _iso(t: float) -> str:
-    return _time.strftime("%Y-%m-%d %H:%M", _time.localtime(t))
 
 
 def _profile(r: sqlite3.Row) -> ProfileRecord:
