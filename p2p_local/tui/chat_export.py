@@ -13,7 +13,7 @@ from typing import Any
 from p2p_local.files import atomic_write
 from p2p_local.paths import private_dir
 from p2p_local.store import Store
-from p2p_local.store.db import conversation_export_path
+from p2p_local.store.conversations import conversation_export_path
 
 
 def export_conversation(store: Store, conversation_id: int) -> Path:
