@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2p_local.store.db import NewItem, Store
+from p2p_local.store import NewItem, Store
 
 
 def bench_store(n: int = 100_000) -> dict:

@@ -20,7 +20,7 @@ import pytest
 from p2p_local.cli import main
 from p2p_local.errors import StoreError
 from p2p_local.store import Store
-from p2p_local.store.db import store_writable
+from p2p_local.store.connection import store_writable
 
 
 def _digest(p: Path) -> str:
@@ -61,7 +61,7 @@ def test_writability_is_detected(tmp_path: Path, monkeypatch) -> None:
         def by_owner_bits(path, mode, **kw):
             bits = os.stat(path).st_mode
             return not (mode & os.W_OK and not bits & 0o200) and not (mode & os.X_OK and not bits & 0o100)
-        monkeypatch.setattr("p2p_local.store.db.os.access", by_owner_bits)
+        monkeypatch.setattr("p2p_local.store.connection.os.access", by_owner_bits)
     try:
         assert not store_writable(locked / "p2p.sqlite3")  # the folder: no -wal / -shm could be made
         assert not store_writable(locked / "sub" / "p2p.sqlite3")

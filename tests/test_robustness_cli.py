@@ -130,7 +130,7 @@ def test_guard_covers_stdout_that_cannot_encode(p2p_home: Path, monkeypatch) -> 
 
 def test_forget_removes_exported_chats(p2p_home: Path) -> None:
     from p2p_local.store import Store
-    from p2p_local.store.db import conversation_export_path
+    from p2p_local.tui.chat_export import export_conversation
 
     with Store() as s:
         s.create_profile("alice", task="t")
@@ -138,10 +138,7 @@ def test_forget_removes_exported_chats(p2p_home: Path) -> None:
         mine = s.new_conversation("alice", "secret chat")
         s.add_message(mine, "user", "my secret")
         theirs = s.new_conversation("bob", "bob's chat")
-        for conv in (mine, theirs):
-            path = conversation_export_path(conv)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(s.export_conversation_markdown(conv))
+        mine_md, theirs_md = export_conversation(s, mine), export_conversation(s, theirs)
         s.forget_profile("alice")
-    assert not conversation_export_path(mine).exists()
-    assert conversation_export_path(theirs).exists()  # another profile's export stays
+    assert not mine_md.exists()
+    assert theirs_md.exists()  # another profile's export stays

@@ -293,7 +293,7 @@ def test_forget_removes_rows_files_and_the_text_itself(store: Store, p2p_home: P
 
 
 # --- conversations -------------------------------------------------------------------------------
-def test_conversations_messages_search_and_markdown(store: Store):
+def test_conversations_messages_and_search(store: Store):
     store.create_profile("alice", task="t")
     c1 = store.new_conversation("alice", "Weekend films")
     store.add_message(c1, "user", "Which thriller should I watch tonight?")
@@ -312,22 +312,9 @@ def test_conversations_messages_search_and_markdown(store: Store):
     assert len(store.search_messages('heat" *(:')) == 1  # user text is never FTS syntax
     assert store.search_messages("   ") == []
 
-    md = store.export_conversation_markdown(c1)
-    assert md.startswith("# Weekend films")
-    assert "**Assistant** (free chat, personalized x1):" in md and "Try Heat (1995)." in md
-    store.add_message(c1, "user", "Heat (1995)", {"task": "movielens-rating"})
-    store.add_message(c1, "assistant", "4", {"mode": "personalized", "scale": 0.5, "task": "movielens-rating",
-                                             "dist": {"1": 0.1, "2": 0.1, "3": 0.2, "4": 0.4, "5": 0.2}})
-    store.add_message(c1, "assistant", "I like horror.", {"mode": "personalized", "free_chat": "summary",
-                                                          "task": None, "scale": None})
-    md = store.export_conversation_markdown(c1)
-    assert "**You** (movielens-rating):" in md and "**Assistant** (movielens-rating, personalized x0.5):" in md
-    assert "_label distribution: 1: 10% · 2: 10% · 3: 20% · 4: 40% · 5: 20%_" in md
-    assert "**Assistant** (free chat, base model + profile summary):" in md  # never "(personalized)"
-
     store.set_conversation_title(c2, "renamed")
     assert store.conversations()[0].title == "renamed"
-    assert store.get_conversation(c1).n_messages == 5
+    assert store.get_conversation(c1).n_messages == 2
     store.delete_conversation(c2)
     assert [c.id for c in store.conversations()] == [c1]
     with pytest.raises(StoreError, match="no conversation"):

@@ -24,6 +24,7 @@ from p2p_local.pipeline import Answer, Request
 from p2p_local.profile import build_profile
 from p2p_local.store import Store
 from p2p_local.tui import ChatApp
+from p2p_local.tui.chat_export import conversation_markdown
 from p2p_local.tui.chat_screen import FREE_CHAT, ChatScreen, visible_text
 from p2p_local.tui.history_screen import HistoryScreen, snippet
 from p2p_local.tui.picker_screen import PickerScreen
@@ -456,6 +457,26 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
         assert isinstance(app.screen, ChatScreen)
         # The history changed, so a new adapter is made.
         await until(pilot, lambda: len(fake.personalized_profiles) > n_adapters, "a new adapter")
+
+
+def test_export_markdown_says_how_each_reply_was_made(p2p_home):
+    with Store() as s:
+        s.create_profile("alice", task="t")
+        conv = s.new_conversation("alice", "Weekend films")
+        s.add_message(conv, "user", "Which thriller should I watch tonight?")
+        s.add_message(conv, "assistant", "Try Heat (1995).", {"mode": "personalized", "scale": 1.0, "adapter": "x"})
+        md = conversation_markdown(s, conv)
+        assert md.startswith("# Weekend films")
+        assert "**Assistant** (free chat, personalized x1):" in md and "Try Heat (1995)." in md
+        s.add_message(conv, "user", "Heat (1995)", {"task": "movielens-rating"})
+        s.add_message(conv, "assistant", "4", {"mode": "personalized", "scale": 0.5, "task": "movielens-rating",
+                                               "dist": {"1": 0.1, "2": 0.1, "3": 0.2, "4": 0.4, "5": 0.2}})
+        s.add_message(conv, "assistant", "I like horror.", {"mode": "personalized", "free_chat": "summary",
+                                                            "task": None, "scale": None})
+        md = conversation_markdown(s, conv)
+        assert "**You** (movielens-rating):" in md and "**Assistant** (movielens-rating, personalized x0.5):" in md
+        assert "_label distribution: 1: 10% · 2: 10% · 3: 20% · 4: 40% · 5: 20%_" in md
+        assert "**Assistant** (free chat, base model + profile summary):" in md  # never "(personalized)"
 
 
 @pytest.mark.asyncio

@@ -20,7 +20,7 @@ from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git
 from p2p_local.store import Store, StoredItem
-from p2p_local.store.db import check_name
+from p2p_local.store.records import check_name
 
 EPILOG = """examples:
   p2p profile create alice --task movielens-rating

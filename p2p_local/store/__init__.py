@@ -4,9 +4,13 @@
     with Store() as s:                       # p2p_local.paths.store_path(), created 0600 on first use
         s.create_profile("alice", task="movielens-rating")
         s.add_item("alice", None, "Heat (1995) | Genres: Action|Crime", "5")
+
+db.py is the `Store` facade; connection.py the connection and its transactions; profiles.py,
+adapter_cache.py and conversations.py the aggregates; records.py the record types and value checks.
 """
 
-from p2p_local.store.db import (
+from p2p_local.store.db import Store
+from p2p_local.store.records import (
     AdapterRecord,
     Conversation,
     ForgetReport,
@@ -14,7 +18,6 @@ from p2p_local.store.db import (
     Message,
     NewItem,
     ProfileRecord,
-    Store,
     StoredItem,
 )
 
@@ -29,4 +32,3 @@ __all__ = [
     "ProfileRecord",
     "Store",
 ]
-

@@ -28,6 +28,7 @@ from textual.worker import Worker, get_current_worker
 
 from p2p_local.errors import P2PError
 from p2p_local.pipeline import CUT_MARK
+from p2p_local.tui.chat_export import export_conversation
 from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
@@ -666,14 +667,3 @@ def adapter_note(result: AdapterResult) -> str:
     if result.neutral:
         note += " · untrained bundle: no effect"
     return note
-
-
-def export_conversation(store, conversation_id: int) -> Path:
-    """Write the conversation as Markdown into <data dir>/exports/; returns the file."""
-    from p2p_local.files import atomic_write
-    from p2p_local.paths import private_dir
-    from p2p_local.store.db import conversation_export_path
-
-    path = conversation_export_path(conversation_id)
-    private_dir(path.parent)  # 0700, also an older 0755 one
-    return atomic_write(path, store.export_conversation_markdown(conversation_id))  # 0600: private, as the store

@@ -1,0 +1,117 @@
+"""The chat's conversations and their messages: create, title, delete, append, list, and full-text search
+(FTS5 where this SQLite has it, else LIKE). A conversation belongs to a profile, or to none (base model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time as _time
+from pathlib import Path
+from typing import Any
+
+from p2p_local import paths
+from p2p_local.errors import StoreError
+from p2p_local.store.connection import StoreBase
+from p2p_local.store.records import ROLES, Conversation, Message, dump_meta
+
+# A conversation with its profile's name (NULL: none) and message count, as `_conversation` reads it.
+_CONVERSATIONS = (
+    "SELECT c.*, p.name AS profile_name,"
+    " (SELECT COUNT(*) FROM messages WHERE conversation_id = c.id) AS n_messages"
+    " FROM conversations c LEFT JOIN profiles p ON p.id = c.profile_id"
+)
+
+
+class ConversationStore(StoreBase):
+    """The conversations aggregate (a part of `Store`)."""
+
+    def new_conversation(self, profile: str | None = None, title: str = "") -> int:
+        pid = self._pid(profile) if profile is not None else None
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO conversations (profile_id, title, created) VALUES (?, ?, ?)", (pid, title, _time.time())
+            )
+        return int(cur.lastrowid)
+
+    def set_conversation_title(self, conversation_id: int, title: str) -> None:
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            c.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def add_message(self, conversation_id: int, role: str, content: str, meta: dict[str, Any] | None = None) -> int:
+        """Append a message. `meta` e.g. {"mode": "personalized", "adapter": "...", "scale": 1.0}."""
+        if role not in ROLES:
+            raise StoreError(f"unknown message role {role!r}", hint=f"one of {', '.join(ROLES)}")
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO messages (conversation_id, role, content, meta, created) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, role, content, dump_meta(meta or {}), _time.time()),
+            )
+        return int(cur.lastrowid)
+
+    def conversations(self, profile: str | None = None) -> list[Conversation]:
+        """Conversations, newest first: all of them, or only those of `profile`."""
+        if profile is None:
+            rows = self.conn.execute(_CONVERSATIONS + " ORDER BY c.id DESC")
+        else:
+            rows = self.conn.execute(_CONVERSATIONS + " WHERE c.profile_id = ? ORDER BY c.id DESC",
+                                     (self._pid(profile),))
+        return [_conversation(r) for r in rows]
+
+    def get_conversation(self, conversation_id: int) -> Conversation:
+        return _conversation(self._conversation_row(conversation_id))
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        self._conversation_row(conversation_id)
+        rows = self.conn.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [_message(r) for r in rows]
+
+    def search_messages(self, query: str, profile: str | None = None, limit: int = 50) -> list[Message]:
+        """Messages containing every word of `query` (FTS5 ranking where available, else LIKE)."""
+        words = re.findall(r"\w+", query)
+        if not words:
+            return []
+        args: list[Any] = []
+        if self.has_fts:
+            sql = ("SELECT m.* FROM messages_fts f JOIN messages m ON m.id = f.rowid"
+                   " JOIN conversations c ON c.id = m.conversation_id WHERE messages_fts MATCH ?")
+            args.append(" ".join('"' + w + '"' for w in words))  # quoted: user text is never FTS syntax
+        else:
+            sql = "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE 1"
+            for w in words:
+                sql += " AND m.content LIKE ? ESCAPE '\\'"
+                args.append("%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if profile is not None:
+            sql += " AND c.profile_id = ?"
+            args.append(self._pid(profile))
+        sql += (" ORDER BY f.rank" if self.has_fts else " ORDER BY m.id DESC") + " LIMIT ?"
+        args.append(limit)
+        return [_message(r) for r in self.conn.execute(sql, args)]
+
+    def _conversation_row(self, conversation_id: int) -> sqlite3.Row:
+        row = self.conn.execute(_CONVERSATIONS + " WHERE c.id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        return row
+
+
+def conversation_export_path(conversation_id: int) -> Path:
+    """Where the chat exports a conversation as Markdown (`forget_profile` removes it with the profile)."""
+    return paths.data_dir() / "exports" / f"conversation-{int(conversation_id)}.md"
+
+
+def _conversation(r: sqlite3.Row) -> Conversation:
+    return Conversation(r["id"], r["profile_name"], r["title"], r["created"], r["n_messages"])
+
+
+def _message(r: sqlite3.Row) -> Message:
+    return Message(r["id"], r["conversation_id"], r["role"], r["content"], json.loads(r["meta"]), r["created"])
