@@ -179,3 +179,31 @@ def test_p2p_with_a_zero_adapter_equals_base(movielens, engine, tmp_path, monkey
             m.end_user(ctx)
             np.testing.assert_allclose(got, expected, atol=2e-3)
     assert engine.active == (None, 0.0)  # every per-query adapter was detached and freed
+
+
+def test_the_cards_examples_reach_the_evaluation_and_key_only_the_methods_that_show_them(p2p_home: Path):
+    """The evaluation reads the app's card (not the copy saved with the prepared data), and a change of the
+    card's `examples` re-runs only the methods whose prompt shows them: P2P and its shuffled control."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from p2p_lab.data.prepare import DATA_VERSION, SPLITS, load_task, task_dir
+    from p2p_lab.eval.methods import METHODS
+    from p2p_lab.eval.runner import EvalConfig, run_key
+
+    card = builtin_card("commit-subject")
+    d = task_dir("commit-subject")
+    d.mkdir(parents=True)
+    dataclasses.replace(card, examples=0).save(d / "card.json")  # saved before the card changed
+    for name in SPLITS:
+        (d / f"{name}.jsonl").write_text("")
+    (d / "stats.json").write_text(json.dumps({"version": DATA_VERSION}))
+    assert card.examples == 2 and load_task("commit-subject", build=False).card == card
+
+    assert run_key(EvalConfig(), card, "s") == run_key(EvalConfig(), dataclasses.replace(card, examples=0), "s")
+    shows = {name for name, cls in METHODS.items() if getattr(cls, "uses_examples", False)}
+    assert shows == {"p2p", "p2p-shuffled"}
+    m = METHODS["p2p"]()
+    m.bundle, m.examples = SimpleNamespace(sha256="ab" * 32), 2
+    assert m.fingerprint() == "ab" * 8 + ":examples=2"

@@ -32,6 +32,7 @@ from p2p_local.data.format import (
     TaskCard,
     User,
     builtin_card,
+    builtin_cards,
     canonical_task,
     read_users_jsonl,
     write_users_jsonl,
@@ -179,6 +180,8 @@ def load_task(task: str, build: bool = True, log: Log = _stderr) -> TaskData:
             )
         stats = prepare_task(task, log=log)
     d = task_dir(task)
-    card = TaskCard.load(d / "card.json")
+    # The app's card, not the copy saved with the data: a card changed since (e.g. its `examples`) must
+    # reach the evaluation and the trainer as it reaches the app.
+    card = builtin_card(task) if task in builtin_cards() else TaskCard.load(d / "card.json")
     splits = {name: read_users_jsonl(d / f"{name}.jsonl") for name in SPLITS}
     return TaskData(card=card, stats=stats, **splits)

@@ -426,6 +426,8 @@ class P2P(LLMMethod):
     name = "p2p"
     description = "hypernetwork: the user's profile -> a LoRA in one forward pass, per query"
     personalized = True
+    uses_examples = True  # the prompt holds the card's retrieved examples (the run key leaves them out)
+    examples = 0
 
     def prepare(self, ctx: EvalContext) -> None:
         from p2p_local.bundle import Bundle
@@ -442,11 +444,12 @@ class P2P(LLMMethod):
         except P2PError as e:
             raise Skip(str(e).splitlines()[0]) from None
         self.bundle = bundle
+        self.examples = ctx.card.examples if self.uses_examples else 0
         super().prepare(ctx)
         self._rng = np.random.default_rng(ctx.options.seed)
 
     def fingerprint(self) -> str:
-        return self.bundle.sha256[:16]
+        return self.bundle.sha256[:16] + (f":examples={self.examples}" if self.examples else "")
 
     def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
         profile = self.profile_for(ctx, q)
@@ -464,6 +467,7 @@ class P2PRAG(P2P):
 
     name = "p2p-rag"
     description = "the P2P adapter plus the top-k BM25-retrieved history items in the prompt"
+    uses_examples = False  # its own top-k (rag_k), whatever the card says
 
     def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         return RAG.prompt(self, ctx, q)
@@ -474,6 +478,7 @@ class P2PAlone(P2P):
 
     name = "p2p-alone"
     description = "ablation: the P2P adapter without the card's retrieved examples in the prompt"
+    uses_examples = False
 
     def prepare(self, ctx: EvalContext) -> None:
         if not ctx.card.examples:
@@ -509,6 +514,7 @@ class P2PShuffled(P2P):
 class P2PRandom(P2P):
     name = "p2p-random"
     description = "control: the same hypernetwork fed a random profile (random unit embedding, random features)"
+    uses_examples = False  # a random profile has no items to show
 
     def prepare(self, ctx: EvalContext) -> None:
         super().prepare(ctx)

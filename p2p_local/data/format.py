@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.errors import DataError
+from p2p_local.files import atomic_write
 
 KINDS = ("rating", "label", "generation")
 
@@ -182,9 +183,7 @@ class TaskCard:
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(
-            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
 # Former names of built-in tasks, still accepted wherever a task is named (stored profiles, bundles, files).
