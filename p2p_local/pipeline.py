@@ -183,11 +183,6 @@ def examples(card: TaskCard | None, profile: Profile | None) -> list[str]:
     return render_items(card, list(reversed(list(profile.retrieved)[: card.examples])))
 
 
-def prompt_text(card: TaskCard, text: str, shots: Sequence[str] = ()) -> str:
-    """The prompt before any fitting to the context: the examples, then the card's prompt around `text`."""
-    return EXAMPLE_SEP.join([*shots, card.prompt(text)])
-
-
 def fit_prompt(engine: Any, card: TaskCard, text: str, header: str = "", shots: Sequence[str] = (),
                reserve: int | None = None) -> tuple[str, int]:
     """`header` + shots + the card's prompt around `text` (blank lines between), within the context less

@@ -402,3 +402,25 @@ def test_fuzz_stdin_query(monkeypatch, data: bytes) -> None:
         clean(e)
         return
     assert text.strip() and not text.startswith("\ufeff")
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                            lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=4), v, max_size=3),
+                            max_leaves=6)
+
+
+@given(_json_values)
+def test_fuzz_task_card_examples(tmp_path_factory, value: object) -> None:
+    """A task card's `examples` (how many of the user's own items go before the query), as `--task-card`
+    reads it: a whole number 0-8, or a DataError; the prompt it builds holds at most that many."""
+    from p2p_local.data.format import TaskCard, builtin_card
+
+    d = builtin_card("commit-subject").to_dict() | {"examples": value}
+    path = tmp_path_factory.mktemp("card") / "card.json"
+    path.write_text(json.dumps(d))
+    try:
+        card = TaskCard.load(path)
+    except P2PError as e:
+        clean(e)
+        return
+    assert type(value) is int and 0 <= card.examples == value <= 8

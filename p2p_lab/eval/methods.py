@@ -143,8 +143,6 @@ def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tup
     return pipeline.fit_prompt(ctx.engine, ctx.card, q.item.input, header, shots, reserve_tokens(ctx, q))
 
 
-
-
 # --- the interface --------------------------------------------------------------------------------
 class Method:
     name = ""
@@ -266,9 +264,9 @@ class PAG(Base):
     description = "profile summary + the top-1 retrieved item in the prompt"
 
     def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        p = ctx.profile(q)
-        header = f"About this user: {p.summary}" if p.summary else ""
-        return fit_prompt(ctx, q, header, render_items(ctx.card, list(p.retrieved)[:1]))[0]
+        profile = ctx.profile(q)
+        header = f"About this user: {profile.summary}" if profile.summary else ""
+        return fit_prompt(ctx, q, header, render_items(ctx.card, list(profile.retrieved)[:1]))[0]
 
 
 class AllHistory(Base):
