@@ -131,9 +131,6 @@ class BaseInfo:
                 shapes[t.name] = (n_out, n_in)
         return cls(arch=arch, sha256=sha256, shapes=shapes, n_layers=n_layers)
 
-    def target_name(self, layer: int, module: str) -> str:
-        return tensor_name(layer, module)
-
 
 @dataclass
 class LoraAdapter:
@@ -261,7 +258,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
             f"{path}: {KEY_LORA_ALPHA} must be FLOAT32, found {alpha_field.types[0].name}",
             hint="llama.cpp aborts on a non-float alpha; re-export the adapter",
         )
-    alpha = float(alpha_field.parts[alpha_field.data[0]][0])
+    alpha = float(alpha_field.contents())
     halves: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         if t.name.endswith(SUFFIX_A):
@@ -440,13 +437,11 @@ def _tensor_values(t: gguf.ReaderTensor) -> np.ndarray:
 
 def _kv_str(reader: gguf.GGUFReader, key: str) -> str | None:
     f = reader.fields.get(key)
-    if f is None or not f.types or f.types[0] != gguf.GGUFValueType.STRING:
+    if f is None or f.types != [gguf.GGUFValueType.STRING]:
         return None
-    return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+    return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")  # contents() would raise on bad bytes
 
 
 def _kv_scalar(reader: gguf.GGUFReader, key: str) -> float | None:
     f = reader.fields.get(key)
-    if f is None or not f.data:
-        return None
-    return f.parts[f.data[0]][0]
+    return f.contents() if f is not None and f.data else None

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import suppress
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -45,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2p-local {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
-        try:
-            module = importlib.import_module(f"p2p_local.commands.{group}")
-        except ModuleNotFoundError as e:
-            if e.name == f"p2p_local.commands.{group}":
-                continue  # group not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"p2p_local.commands.{group}").register(sub)
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             register = ep.load()
@@ -115,30 +110,21 @@ def check_argv(argv: list[str]) -> list[str]:
 
 def _safe_stdout() -> None:
     """Text from files (lone surrogates in JSON) must print, not crash: escape what cannot be encoded."""
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        try:
-            reconfigure(errors="backslashreplace")
-        except (OSError, ValueError):
-            pass
+    with suppress(AttributeError, OSError, ValueError):  # no reconfigure: not a text stream (a test's)
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _say(msg: str) -> None:
     """Print to stderr whatever the text holds (lone surrogates from undecodable argv, ...)."""
     enc = getattr(sys.stderr, "encoding", None) or "utf-8"
-    try:
+    with suppress(OSError, ValueError):  # stderr closed: nothing more we can do
         sys.stderr.write(msg.encode(enc, errors="backslashreplace").decode(enc, errors="replace") + "\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
-        pass  # stderr closed: nothing more we can do
 
 
 def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    with suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _report_crash(e: BaseException) -> int:
@@ -162,20 +148,16 @@ def _write_crash_log(e: BaseException) -> Path | None:
             f"command: {_command_name()}\n\n" + "".join(traceback.format_exception(e)))
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     for folder in _log_dirs():
-        try:
+        with suppress(P2PError, OSError):
             return atomic_write(folder / name, text.encode("utf-8", errors="backslashreplace"))
-        except (P2PError, OSError):
-            continue
     return None
 
 
 def _log_dirs() -> list[Path]:
     dirs = []
-    try:
+    with suppress(Exception):  # the data dir itself may be what is broken
         from p2p_local.paths import data_dir, private_dir
         dirs.append(private_dir(data_dir() / "logs"))
-    except Exception:  # the data dir itself may be what is broken
-        pass
     dirs.append(Path(tempfile.gettempdir()))
     return dirs
 

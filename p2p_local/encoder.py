@@ -89,10 +89,7 @@ class BertConfig:
     layers: int
     hidden: int
     heads: int
-    intermediate: int
     eps: float
-    vocab: int
-    max_positions: int
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> BertConfig:
@@ -103,15 +100,8 @@ class BertConfig:
             raise ModelError(f"unsupported encoder config in {model_dir}: expected gelu + absolute positions")
         if not pooling.get("pooling_mode_mean_tokens"):
             raise ModelError(f"unsupported pooling in {model_dir}: expected mean pooling")
-        return cls(
-            layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            heads=cfg["num_attention_heads"],
-            intermediate=cfg["intermediate_size"],
-            eps=float(cfg["layer_norm_eps"]),
-            vocab=cfg["vocab_size"],
-            max_positions=cfg["max_position_embeddings"],
-        )
+        return cls(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
+                   float(cfg["layer_norm_eps"]))
 
 
 class _Graph:

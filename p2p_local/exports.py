@@ -1,10 +1,5 @@
-"""Names and places of what `p2p adapter export` (and the chat's export key) writes, in one module: the
-exporter names files with `export_name`, `forget` finds a profile's exports with `profile_exports`.
-
-Why a hash in some names: profile names may be any letters (`\\w`), file names here are ASCII, so two
-names that differ only outside ASCII (or only in case, on a case-insensitive disk) would share a file
-and the second export would silently replace the first.
-"""
+"""Names and places of what `p2p adapter export` (and the chat's export key) writes: the exporter names
+files with `export_name`, `forget` finds a profile's exports with `profile_exports`."""
 
 from __future__ import annotations
 
@@ -15,13 +10,15 @@ from pathlib import Path
 
 # The files of one GGUF export (`<stem>.gguf` + README + Modelfile); a PEFT export is the folder `<stem>`.
 EXPORT_SUFFIXES = (".gguf", ".README.md", ".Modelfile", "")
-_QUERY_TAG = re.compile(r"-q[0-9a-f]{8}")
+_QUERY_TAG = r"-q[0-9a-f]{8}"  # what `export_name` adds for a query
 
 
 def export_name(profile: str, task: str, query: str | None) -> str:
     """`me-commit-subject`, plus a short hash of the query for a query-aware adapter: the same profile,
     task and query always give the same name (re-exporting replaces the file), and two profiles never
-    share one (a name that is not plain lower-case ASCII gets a hash of the exact name)."""
+    share one. Profile names may be any letters (`\\w`), file names here are ASCII, so a name that is not
+    plain lower-case ASCII gets a hash of the exact name: two that differ only outside ASCII (or only in
+    case, on a case-insensitive disk) would otherwise share a file and the second export replace the first."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", profile).strip("._") or "profile"
     if safe != profile or profile != profile.lower():
         safe += "-" + hashlib.sha256(profile.encode("utf-8")).hexdigest()[:8]
@@ -33,16 +30,8 @@ def export_name(profile: str, task: str, query: str | None) -> str:
 
 def profile_exports(folder: Path, profile: str, tasks: Iterable[str]) -> list[Path]:
     """The exports of `profile` (any of `tasks`, with or without a query) found in `folder`."""
-    if not folder.is_dir():
+    stems = "|".join(re.escape(export_name(profile, t, None)) for t in tasks if t)
+    if not stems or not folder.is_dir():
         return []
-    stems = {export_name(profile, t, None) for t in tasks if t}
-    found = []
-    for p in folder.iterdir():
-        for suffix in EXPORT_SUFFIXES:
-            if suffix and not p.name.endswith(suffix):
-                continue
-            stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
-            if stem in stems or (len(stem) > 10 and _QUERY_TAG.fullmatch(stem[-10:]) and stem[:-10] in stems):
-                found.append(p)
-                break
-    return sorted(found)
+    ours = re.compile(f"(?:{stems})(?:{_QUERY_TAG})?(?:{'|'.join(map(re.escape, EXPORT_SUFFIXES))})")
+    return sorted(p for p in folder.iterdir() if ours.fullmatch(p.name))

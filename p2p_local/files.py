@@ -88,9 +88,7 @@ def _replacing(path: Path, mode: int) -> Iterator[tuple[int, Path]]:
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: int = PRIVATE_FILE, binary: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path`; on a clean exit fsync it and rename it over `path`.
-
-    On any error the temporary file is removed and `path` is untouched.
-    """
+    On any error the temporary file is removed and `path` is untouched."""
     with _replacing(Path(path), mode) as (fd, _), \
             os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
         yield f
@@ -130,9 +128,8 @@ def replacing_dir(path: str | Path, mode: int = 0o755) -> Iterator[Path]:
 
 def atomic_write(path: str | Path, data: bytes | str, mode: int = PRIVATE_FILE) -> Path:
     """Write `data` to `path` atomically (temp file, fsync, rename), with `mode` (private by default)."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_open(path, mode) as f:
-        f.write(raw)
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
 
 

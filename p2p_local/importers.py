@@ -25,6 +25,7 @@ import math
 import re
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +139,11 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
     profile `create` names, made in the same transaction as its items). Imports into one profile are
     serialized (`Store.import_lock`): the duplicate check and the write see one state."""
     default_task = task or parsed.task
-    check_answers(parsed.items, default_task or (prof.task if prof is not None else None))
+    fallback = default_task or (prof.task if prof is not None else None)  # the task of an item naming none
+    check_answers(parsed.items, fallback)
     t1 = time.perf_counter()
     if dry_run:
-        new, dups = _new_items(store, prof, parsed.items, default_task or (prof.task if prof is not None else None))
+        new, dups = _new_items(store, prof, parsed.items, fallback)
         n = len(new)
     else:
         name = prof.name if prof is not None else create
@@ -150,23 +152,21 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
         with store.import_lock(name), store.transaction():
             # As it is now, under the lock (another import may have made it since we looked).
             prof = store.get_profile(name) if store.profile_exists(name) else store.create_profile(name, task=task)
-            new, dups = _new_items(store, prof, parsed.items, default_task or prof.task)
+            fallback = default_task or prof.task
+            new, dups = _new_items(store, prof, parsed.items, fallback)
             n = store.add_items(prof.name, new, task=default_task)
             if prof.task is None and default_task and n:
                 store.set_profile_task(prof.name, default_task)
-    prof_task = prof.task if prof is not None else None
-    samples = tuple({"input": it.input, "output": it.output, "time": it.time, "task": it.task or default_task or prof_task}
+    samples = tuple({"input": it.input, "output": it.output, "time": it.time, "task": it.task or fallback}
                     for it in new[:SAMPLES])
     return ImportResult(prof.name if prof is not None else "", str(parsed.path), parsed.format, parsed.user_id,
-                        default_task or prof_task, n, round(parse_seconds, 4), round(time.perf_counter() - t1, 4),
+                        fallback, n, round(parse_seconds, 4), round(time.perf_counter() - t1, 4),
                         duplicates=dups, dry_run=dry_run, samples=samples, notes=parsed.notes)
 
 
 def _new_items(store: Store, prof: Any, items: list[NewItem], default_task: str | None) -> tuple[list[NewItem], int]:
     """Items the profile does not hold yet, by (task, input, output, time): importing a file twice adds nothing.
     A multiset: a file that holds an item twice adds it twice the first time, and never again."""
-    from collections import Counter
-
     if prof is None or not items:
         return list(items), 0
     held = Counter((i.task, i.input, i.output, i.time) for i in store.items(prof.name))
@@ -191,15 +191,11 @@ def read_import(
     try:
         if fmt == "auto":
             fmt = detect_format(path, text)
-        if fmt == "jsonl":
-            return _read_jsonl(path, text, user)
-        if fmt == "json":
-            return _read_json(path, text, user)
-        if fmt == "csv":
-            return _read_csv(path, text, user)
         if fmt == "letterboxd":
             return _read_letterboxd(path, text, Path(movies) if movies else None)
-        return _read_movielens(path, text, user, Path(movies) if movies else path.parent / "movies.csv")
+        if fmt == "movielens":
+            return _read_movielens(path, text, user, Path(movies) if movies else path.parent / "movies.csv")
+        return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[fmt](path, text, user)
     except csv.Error as e:  # MovieLens files and format detection read CSV too
         raise DataError(f"{path}: unreadable CSV ({e})", hint="check the file is the CSV it claims to be") from None
 
@@ -279,7 +275,7 @@ def _read_jsonl(path: Path, text: str, user: str | None) -> ParsedImport:
         raise DataError(f"{path}:{loose[0][0]}: a line without \"items\" in a file of user records",
                         hint='each line is {"user_id": ..., "items": [...]}')
     if loose:
-        return ParsedImport(path, "jsonl", None, None, _by_time(_jsonl_item(path, ln, obj) for ln, obj in loose))
+        return ParsedImport(path, "jsonl", None, None, _by_time(_line_item(obj, f"{path}:{ln}") for ln, obj in loose))
     lineno, rec = _pick_user(path, users, user)
     try:
         return _user_import(path, "jsonl", rec, where=f"{path}:{lineno}")
@@ -287,11 +283,12 @@ def _read_jsonl(path: Path, text: str, user: str | None) -> ParsedImport:
         raise DataError(f"{path}:{lineno}: {_describe(e.at)}{e.msg}", hint=e.hint) from None
 
 
-def _jsonl_item(path: Path, lineno: int, obj: dict) -> NewItem:
+def _line_item(obj: Any, where: str) -> NewItem:
+    """One item of a JSONL line or CSV row at `where` (file:line)."""
     try:
-        return _item(obj, where=f"{path}:{lineno}")
+        return _item(obj, where=where)
     except _At as e:
-        raise DataError(f"{path}:{lineno}: {e.msg}", hint=e.hint) from None
+        raise DataError(f"{where}: {e.msg}", hint=e.hint) from None
 
 
 def _read_json(path: Path, text: str, user: str | None) -> ParsedImport:
@@ -353,9 +350,10 @@ def _item(obj: Any, at: tuple = (), where: str = "") -> NewItem:
     for key in ("input", "output"):
         v = obj.get(key)
         if isinstance(v, int | float) and not isinstance(v, bool):
-            if not _sane_number(v):
+            # A number must read back as itself as text: finite, and an int of at most 64 bits.
+            if not (v.bit_length() <= 64 if isinstance(v, int) else math.isfinite(v)):
                 raise _At(at, f"item {key!r} is not a usable number: {brief(v)}")
-            v = _num_text(v)  # "output": 4 reads as "4"
+            v = str(int(v)) if float(v).is_integer() else str(v)  # "output": 4 reads as "4"
         if not isinstance(v, str) or not v.strip():
             raise _At(at, f"item {key!r} must be a non-empty string, got {brief(v)}",
                       hint='items look like {"input": "...", "output": "...", "time": 1700000000}')
@@ -448,11 +446,7 @@ def _csv_rows(path: Path, reader: csv.DictReader, user: str | None) -> ParsedImp
                                "meta": {k: row[k] for k in extra if row.get(k) not in (None, "")}}
         if row.get("task"):
             rec["task"] = row["task"]
-        try:
-            item = _item(rec, where=where)
-        except _At as e:
-            raise DataError(f"{where}: {e.msg}", hint=e.hint) from None
-        by_user.setdefault(row.get("user_id") or "", []).append(item)
+        by_user.setdefault(row.get("user_id") or "", []).append(_line_item(rec, where))
     uid = _pick_key(path, list(by_user), user)
     return ParsedImport(path, "csv", uid or None, None, _by_time(by_user.get(uid, [])))
 
@@ -571,12 +565,9 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
             item_id, (title, genres) = match
         text_, meta = movie_item(title, genres, item_id or f"{name} ({year})")
         items.append(NewItem(text_, str(rating_to_stars(stars)), when, meta, where=where))
-    notes = []
-    if catalogue:
-        notes.append(f"{len(items) - unmatched:,} titles matched in {movies_path} (MovieLens genres), "
-                     f"{unmatched:,} without a match: no genres")
-    else:
-        notes.append(f"{unmatched:,} titles without genres (pass --movies movies.csv to add MovieLens genres)")
+    notes = [(f"{len(items) - unmatched:,} titles matched in {movies_path} (MovieLens genres), "
+              f"{unmatched:,} without a match: no genres") if catalogue else
+             f"{unmatched:,} titles without genres (pass --movies movies.csv to add MovieLens genres)"]
     if unrated:
         notes.append(f"{unrated:,} watched but unrated entries skipped")
     return ParsedImport(path, "letterboxd", None, MOVIELENS_TASK, _by_time(items), tuple(notes))
@@ -631,13 +622,6 @@ def match_title(index: dict, name: str, year: str = "") -> tuple[int, tuple[str,
 
 
 # --- shared helpers ------------------------------------------------------------------------------
-def _sane_number(v: int | float) -> bool:
-    """A number that reads back as itself as text: finite, and an int of at most 64 bits."""
-    if isinstance(v, int):
-        return v.bit_length() <= 64
-    return math.isfinite(v)
-
-
 class _At(Exception):
     """A problem in a JSON document at a path (tuple of keys/indices); turned into a line number."""
 
@@ -687,8 +671,7 @@ def _pick_user(path: Path, users: list[tuple[int, dict]], user: str | None) -> t
     ids = [str(u.get("user_id")) for _, u in users]
     if not users:
         raise DataError(f"{path}: no users in the file")
-    uid = _pick_key(path, ids, user)
-    return users[ids.index(uid)]
+    return users[ids.index(_pick_key(path, ids, user))]
 
 
 def _pick_key(path: Path, ids: list[str], user: str | None) -> str:
@@ -706,10 +689,6 @@ def _pick_key(path: Path, ids: list[str], user: str | None) -> str:
 def _by_time(items: Iterable[NewItem]) -> list[NewItem]:
     """Time order (unknown times first, as the store lists them); stable, so file order breaks ties."""
     return sorted(items, key=lambda it: (it.time is not None, it.time or 0.0))
-
-
-def _num_text(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _read_text(path: Path, hint: str | None = None) -> str:

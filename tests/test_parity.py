@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_local.adapter import BaseInfo, write_adapter
+from p2p_local.adapter import BaseInfo, tensor_name, write_adapter
 from p2p_local.peft_export import gguf_to_hf_name
 from trainer.base import hf_gguf_module_map, linear, merged_lora
 
@@ -43,7 +43,7 @@ def random_lora(base: BaseInfo, seed: int = 0) -> dict[str, tuple[np.ndarray, np
     pairs = {}
     for layer in range(base.n_layers):
         for module in ("attn_q", "attn_v"):
-            name = base.target_name(layer, module)
+            name = tensor_name(layer, module)
             n_out, n_in = base.shapes[name]
             a = (rng.standard_normal((RANK, n_in)) / np.sqrt(n_in)).astype(np.float32)
             b = (rng.standard_normal((n_out, RANK)) / np.sqrt(RANK)).astype(np.float32)

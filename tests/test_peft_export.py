@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from p2p_local.adapter import LoraAdapter, write_adapter
+from p2p_local.adapter import LoraAdapter, tensor_name, write_adapter
 from p2p_local.errors import AdapterError
 from p2p_local.peft_export import (
     CONFIG_FILE,
@@ -40,10 +40,10 @@ def make_adapter(base, placement: dict[str, list[int]], seed: int = 0) -> LoraAd
     tensors = {}
     for module, layers in placement.items():
         for layer in layers:
-            n_out, n_in = base.shapes[base.target_name(layer, module)]
+            n_out, n_in = base.shapes[tensor_name(layer, module)]
             a = (rng.standard_normal((RANK, n_in)) / np.sqrt(n_in)).astype(np.float32)
             b = (rng.standard_normal((n_out, RANK)) / np.sqrt(RANK)).astype(np.float32)
-            tensors[base.target_name(layer, module)] = (a, b)
+            tensors[tensor_name(layer, module)] = (a, b)
     return LoraAdapter(tensors=tensors, alpha=ALPHA, arch=base.arch)
 
 

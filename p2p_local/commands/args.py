@@ -7,8 +7,6 @@ import argparse
 import math
 
 MAX_SCALE = 2.0
-
-
 MAX_TEMPERATURE = 2.0
 MAX_TOKENS = 2048  # the engine's context: more can never be generated
 

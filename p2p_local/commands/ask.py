@@ -88,8 +88,6 @@ MAX_QUERY_CHARS = 16_000  # what reaches the model: more than its 2048-token con
 
 def query_text(text: str | None) -> str:
     """The query: the argument, or standard input for '-' (or no argument while stdin is not a terminal)."""
-    from p2p_local.errors import UsageError
-
     piped = text is None or text == "-"
     if piped:
         if text is None and _stdin_is_terminal():
@@ -117,8 +115,6 @@ def _stdin_is_terminal() -> bool:
 def _read_stdin() -> str:
     """At most MAX_STDIN_CHARS + 1 characters of standard input, without a UTF-8 byte-order mark (an
     editor's BOM hid a diff from the commit task); a closed or write-only stdin is a usage error."""
-    from p2p_local.errors import UsageError
-
     if sys.stdin is None:
         return ""
     try:

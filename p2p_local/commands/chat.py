@@ -65,16 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("p2p chat needs a terminal (stdin and stdout are not both one)",
                          hint='for scripts and pipes use: p2p ask "..." --profile P   (or: echo ... | p2p ask -)')
     print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
-    session = Session.open(chat_model=args.model)
-    try:
+    with Session.open(chat_model=args.model) as session:
         profile = pick_profile(session.store, args.profile, args.demo, args.task)
-        app = ChatApp(session, profile=profile, task=args.task, personalized=not args.base,
-                      compare=args.compare, resume=not args.new)
-        app.run()
-    finally:
-        close = getattr(session, "close", None)
-        if close is not None:
-            close()
+        ChatApp(session, profile=profile, task=args.task, personalized=not args.base, compare=args.compare,
+                resume=not args.new).run()
     return 0
 
 

@@ -69,12 +69,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     spec = models.get_spec(args.name)
     path = models.prepare_base(spec, progress=say)
     print(f"{spec.name}: ready at {path}")
-    try:
-        from p2p_local.encoder import prepare_encoder
-    except ImportError:  # encoder not built in this checkout yet
-        return 0
-    enc = prepare_encoder(progress=say)
-    print(f"profile encoder: ready at {enc}")
+    from p2p_local.encoder import prepare_encoder  # late: only `prepare` needs the encoder
+
+    print(f"profile encoder: ready at {prepare_encoder(progress=say)}")
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,32 +44,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="profile_command", metavar="ACTION")
-    parser.set_defaults(func=lambda args: _usage(parser))
+    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
 
-    def add(name: str, func, help: str, epilog: str) -> argparse.ArgumentParser:
+    def add(name: str, func, help: str, epilog: str, *positional: str) -> argparse.ArgumentParser:
+        """An action, with its positional arguments (`name`, `item_id`: validated by _POSITIONAL)."""
         p = sub.add_parser(name, help=help, description=help, parents=[as_json],
                            epilog="example:\n  " + epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
+        for dest in positional:
+            p.add_argument(dest, type=_POSITIONAL[dest])
         return p
 
-    p = add("create", cmd_create, "create an empty profile", "p2p profile create alice --task movielens-rating")
-    p.add_argument("name")
-    p.add_argument("--task", help="default task of its items (e.g. movielens-rating)")
+    p = add("create", cmd_create, "create an empty profile", "p2p profile create alice --task movielens-rating", "name")
+    p.add_argument("--task", type=_task_arg, help="default task of its items (e.g. movielens-rating)")
 
     add("list", cmd_list, "list profiles with their item counts", "p2p profile list --json")
 
-    p = add("show", cmd_show, "show a profile and its most recent items", "p2p profile show alice --items 20")
-    p.add_argument("name")
-    p.add_argument("--items", type=int, default=10, metavar="N", help="how many recent items (default 10)")
-    p.add_argument("--task", help="only items of this task")
+    p = add("show", cmd_show, "show a profile and its most recent items", "p2p profile show alice --items 20", "name")
+    p.add_argument("--items", type=_count_arg, default=10, metavar="N", help="how many recent items (default 10)")
+    p.add_argument("--task", type=_task_arg, help="only items of this task")
 
-    p = add("add", cmd_add, "add one item", 'p2p profile add alice --input "Heat (1995) | Genres: Action" --output 5')
-    p.add_argument("name")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--task", help="default: the profile's task")
+    p = add("add", cmd_add, "add one item", 'p2p profile add alice --input "Heat (1995) | Genres: Action" --output 5',
+            "name")
+    p.add_argument("--input", type=_text_arg, required=True)
+    p.add_argument("--output", type=_text_arg, required=True)
+    p.add_argument("--task", type=_task_arg, help="default: the profile's task")
     p.add_argument("--time", help="unix seconds or ISO 8601 (default: now)")
     p.add_argument("--meta", help="a JSON object of extra fields")
 
@@ -76,8 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "items already there are not added again)",
             "p2p profile import alice ../shared/data/movielens-latest-small/ratings.csv --user 1\n"
             "  p2p profile import me --git ~/src/project --author me@example.org --since 2023-01-01 --create\n"
-            "  p2p profile import me letterboxd/ratings.csv --movies movies.csv --dry-run")
-    p.add_argument("name")
+            "  p2p profile import me letterboxd/ratings.csv --movies movies.csv --dry-run", "name")
     p.add_argument("file", type=Path, nargs="?", help="the file to import (or --git PATH)")
     p.add_argument("--format", choices=FORMATS, default="auto")
     p.add_argument("--movies", type=Path, help="MovieLens movies.csv (default: beside the ratings file; "
@@ -89,38 +90,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--since", metavar="DATE", help="with --git: only commits since DATE (2024-01-01, '6 months ago')")
     p.add_argument("--dry-run", action="store_true", help="parse and show counts and three sample items; write nothing")
     p.add_argument("--user", help="which user of a multi-user file")
-    p.add_argument("--task", help="task for items that name none (default: the file's, else the profile's)")
+    p.add_argument("--task", type=_task_arg,
+                   help="task for items that name none (default: the file's, else the profile's)")
     p.add_argument("--create", action="store_true", help="create the profile if it does not exist")
 
     p = add("edit", cmd_edit, "change an item (the old version stays in its history)",
-            "p2p profile edit alice 17 --output 4")
-    p.add_argument("name")
-    p.add_argument("item_id", type=int)
-    p.add_argument("--input")
-    p.add_argument("--output")
-    p.add_argument("--task")
+            "p2p profile edit alice 17 --output 4", "name", "item_id")
+    p.add_argument("--input", type=_text_arg)
+    p.add_argument("--output", type=_text_arg)
+    p.add_argument("--task", type=_task_arg)
     p.add_argument("--time", help="unix seconds or ISO 8601")
 
-    p = add("delete", cmd_delete, "delete an item", "p2p profile delete alice 17")
-    p.add_argument("name")
-    p.add_argument("item_id", type=int)
+    add("delete", cmd_delete, "delete an item", "p2p profile delete alice 17", "name", "item_id")
+    add("history", cmd_history, "an item's change history", "p2p profile history alice 17", "name", "item_id")
 
-    p = add("history", cmd_history, "an item's change history", "p2p profile history alice 17")
-    p.add_argument("name")
-    p.add_argument("item_id", type=int)
-
-    p = add("forget", cmd_forget, "delete a profile and everything made from it",
-            "p2p profile forget alice --yes")
-    p.add_argument("name")
+    p = add("forget", cmd_forget, "delete a profile and everything made from it", "p2p profile forget alice --yes",
+            "name")
     p.add_argument("--yes", action="store_true", help="do not ask (required when stdin is not a terminal)")
 
     p = add("export", cmd_export, "write the profile in the generic per-user JSON format",
-            "p2p profile export alice -o alice.json")
-    p.add_argument("name")
+            "p2p profile export alice -o alice.json", "name")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout); created mode 0600")
     p.add_argument("--mode", type=_mode_arg, default=PRIVATE_FILE, metavar="OCTAL",
                    help="file mode of the export (default 600: only you can read it)")
-    _type_arguments(sub)
 
 
 # --- handlers ------------------------------------------------------------------------------------
@@ -144,14 +136,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no profiles yet: p2p profile create NAME")
         return 0
     rows = [("NAME", "TASK", "ITEMS", "ADAPTER", "UPDATED")]
-    rows += [(p.name, shown(p.task or "-"), str(p.n_items), _adapter_state(made[p.name], p.adapter_stale),
-              _date(p.updated, True)) for p in profiles]
+    rows += [(p.name, shown(p.task or "-"), str(p.n_items),
+              "none yet" if not made[p.name] else ("stale" if p.adapter_stale else "ok"), _date(p.updated, True))
+             for p in profiles]
     _print_table(rows)
     return 0
-
-
-def _adapter_state(made: bool, stale: bool) -> str:
-    return "none yet" if not made else ("stale" if stale else "ok")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -180,7 +169,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     meta = _json_object(args.meta, "--meta") if args.meta else None
     with Store() as s:
-        _check_label(args.task or s.get_profile(args.name).task, args.output)
+        check_label(args.task or s.get_profile(args.name).task, args.output)
         item = s.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
     if args.json:
         return _print_json(asdict(item))
@@ -211,14 +200,13 @@ def cmd_import(args: argparse.Namespace) -> int:
                                  create=args.create)
     if args.json:
         return _print_json(asdict(result))
-    where = f"{result.format}" + (f", user {result.user_id}" if result.user_id else "")
+    user = f", user {result.user_id}" if result.user_id else ""
     dups = f", {result.duplicates:,} already there" if result.duplicates else ""
+    what = f"{result.imported:,} items into {args.name!r} ({result.format}{user}; task {result.task or '-'}{dups})"
     if result.dry_run:
-        print(f"dry run: would import {result.imported:,} items into {args.name!r} ({where}; task {result.task or '-'}"
-              f"{dups}); nothing written")
+        print(f"dry run: would import {what}; nothing written")
     else:
-        print(f"imported {result.imported:,} items into {args.name!r} ({where}; task {result.task or '-'}{dups}) in "
-              f"{result.parse_seconds + result.write_seconds:.2f} s")
+        print(f"imported {what} in {result.parse_seconds + result.write_seconds:.2f} s")
     for note in result.notes:
         print(f"  {note}")
     if result.dry_run and result.samples:
@@ -238,12 +226,6 @@ class _NoStore:
     def get_profile(self, name: str) -> Any:
         raise StoreError(f"no profile named {name!r}", hint=f"create it: p2p profile create {name}")
 
-    def __enter__(self) -> _NoStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
 
 def _import_store(dry_run: bool) -> Any:
     """The store an import reads and writes; a dry run opens it read-only, or none when there is none
@@ -253,7 +235,7 @@ def _import_store(dry_run: bool) -> Any:
     if not dry_run:
         return Store()
     path = paths.store_path(create=False)
-    return Store(path, readonly=True) if path.is_file() else _NoStore()
+    return Store(path, readonly=True) if path.is_file() else nullcontext(_NoStore())
 
 
 LARGE_IMPORT_BYTES = 4 << 20  # files above this say what they are doing (on a terminal)
@@ -292,7 +274,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with Store() as s:
         old = _item_of(s, args.name, args.item_id)
         if "output" in fields or "task" in fields:
-            _check_label(fields.get("task", old.task), fields.get("output", old.output))
+            check_label(fields.get("task", old.task), fields.get("output", old.output))
         item = s.edit_item(args.item_id, **fields)
     if args.json:
         return _print_json(asdict(item))
@@ -362,9 +344,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # Atomic: the old file stays whole until the new one is complete (a full disk loses nothing).
     # Private data: the file is created 0600, whatever the umask, unless --mode says otherwise.
     atomic_write(out, text.encode("utf-8"), mode=args.mode)
-    msg = {"profile": args.name, "path": str(out), "items": len(data["items"])}
     if args.json:
-        return _print_json(msg)
+        return _print_json({"profile": args.name, "path": str(out), "items": len(data["items"])})
     print(f"wrote {len(data['items']):,} items of {args.name!r} to {out}", file=sys.stderr)
     return 0
 
@@ -382,16 +363,6 @@ def _export_target(path: Path) -> Path:
 # --- argument types: a bad value is a usage error (exit 2) naming the argument ---------------------
 MAX_SHOW = 100_000  # items `show` lists at most
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
-
-
-def _type_arguments(sub: argparse._SubParsersAction) -> None:
-    """Give every action's arguments a validating type, by destination: one rule per kind of value,
-    wherever it appears (so an argument added later is validated too)."""
-    for action_name, parser in sub.choices.items():
-        for arg in parser._actions:
-            check = _ARG_TYPES.get((action_name, arg.dest)) or _ARG_TYPES.get(("*", arg.dest))
-            if check is not None and arg.type in (None, str, int):
-                arg.type = check
 
 
 def _name_arg(value: str) -> str:
@@ -448,24 +419,10 @@ def _mode_arg(value: str) -> int:
     return mode
 
 
-_ARG_TYPES = {
-    ("*", "name"): _name_arg,
-    ("*", "item_id"): _id_arg,
-    ("*", "task"): _task_arg,
-    ("show", "items"): _count_arg,
-    ("add", "input"): _text_arg,
-    ("add", "output"): _text_arg,
-    ("edit", "input"): _text_arg,
-    ("edit", "output"): _text_arg,
-}
+_POSITIONAL = {"name": _name_arg, "item_id": _id_arg}
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
 def _item_of(s: Store, name: str, item_id: int) -> StoredItem:
     prof = s.get_profile(name)
     try:
@@ -475,11 +432,6 @@ def _item_of(s: Store, name: str, item_id: int) -> StoredItem:
     if item is None or item.profile_id != prof.id:
         raise StoreError(f"profile {name!r} has no item {item_id}", hint=f"see ids with: p2p profile show {name}")
     return item
-
-
-def _check_label(task: str | None, output: str) -> None:
-    """A rating/label item must answer with one of its task's labels: one rule for add, edit and import."""
-    check_label(task, output)
 
 
 def _time_arg(value: str | None) -> float | None:

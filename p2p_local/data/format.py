@@ -11,14 +11,14 @@ used in the profile wrapper. See docs/DATA.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from p2p_local.errors import DataError
-from p2p_local.files import atomic_write
+from p2p_local.files import atomic_open, atomic_write
 
 KINDS = ("rating", "label", "generation")
 
@@ -162,8 +162,7 @@ class TaskCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskCard:
-        known = {"name", "kind", "template", "description", "labels", "value_range", "metrics", "input_fields",
-                 "one_line", "examples"}
+        known = set(cls.__dataclass_fields__)
         missing = {"name", "kind", "template", "description"} - set(d)
         if missing:
             raise DataError(f"task card lacks fields: {sorted(missing)}")
@@ -219,40 +218,33 @@ def builtin_card(name: str) -> TaskCard:
     return TaskCard.from_dict(json.loads(res.read_text(encoding="utf-8")))
 
 
-def iter_users_jsonl(path: str | Path) -> Iterator[User]:
-    """Users one by one; a malformed line raises DataError naming the file and line number."""
+def read_users_jsonl(path: str | Path) -> list[User]:
+    """All users of the file; a malformed line raises DataError naming the file and line number."""
     path = Path(path)
     try:
         fh = path.open("rb")  # bytes: decode line by line so a bad byte is reported at its own line
     except FileNotFoundError:
         raise DataError(f"users file not found: {path}", hint="check the path of the users JSONL") from None
+    users = []
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DataError(
-                    f"{path}:{lineno}: not UTF-8 text", hint="re-save the file as UTF-8"
-                ) from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text", hint="re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                user = User.from_dict(json.loads(line))
+                users.append(User.from_dict(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except ValueError as e:
                 raise DataError(f"{path}:{lineno}: {e}", hint="see docs/DATA.md for the format") from None
-            yield user
-
-
-def read_users_jsonl(path: str | Path) -> list[User]:
-    return list(iter_users_jsonl(path))
+    return users
 
 
 def write_users_jsonl(path: str | Path, users: Iterable[User]) -> int:
     """Write users (atomically: `files.atomic_open`). Returns the number written."""
-    from p2p_local.files import atomic_open
-
     n = 0
     with atomic_open(path, 0o644, binary=False) as fh:
         for u in users:

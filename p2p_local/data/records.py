@@ -9,6 +9,7 @@ import math
 import re
 from collections import Counter
 from datetime import datetime
+from itertools import accumulate
 from typing import Any
 
 # Deliberate caps (characters): training cost on a laptop CPU grows with prompt length.
@@ -64,12 +65,7 @@ def commit_input(body: str, files: list[str], stats: Counter | None = None) -> s
     that budget (vendored trees, mass renames) the rest is counted. An empty body gives the files line
     alone: half of pytest's commits have no body, and the files still say what the commit touched.
     """
-    shown, used = [], 0
-    for f in files:
-        if shown and used + len(f) + 2 > MAX_FILES_CHARS:
-            break
-        shown.append(f)
-        used += len(f) + 2
+    shown = files[: max(1, sum(n <= MAX_FILES_CHARS for n in accumulate(len(f) + 2 for f in files)))]
     line = ", ".join(shown)
     if len(files) > len(shown):
         line += f" (+{len(files) - len(shown)} more)"
@@ -107,25 +103,21 @@ def parse_time(value: Any) -> float | None:
     if isinstance(value, bool):
         raise ValueError(f"bad time {value!r}")
     if isinstance(value, int | float):
-        return _time_in_range(value)
+        return time_in_range(value)
     if isinstance(value, str):
         s = value.strip()
         if len(s) > 64:
             raise ValueError(f"bad time {s[:20]!r}...: too long for a time")
-        try:
-            return _time_in_range(float(s))
-        except ValueError as e:
-            if "outside" in str(e):
-                raise
-        try:
-            return _time_in_range(datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp())  # naive: local
-        except (ValueError, OverflowError, OSError) as e:
-            if "outside" in str(e):
-                raise
+        for parse in (float, lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()):  # naive: local
+            try:
+                t = parse(s)
+            except (ValueError, OverflowError, OSError):
+                continue
+            return time_in_range(t)
     raise ValueError(f"bad time {brief(value)}: use unix seconds or ISO 8601 (2024-05-01T12:00:00)")
 
 
-def _time_in_range(value: float) -> float:
+def time_in_range(value: float) -> float:
     try:
         t = float(value)
     except OverflowError:

@@ -1,12 +1,15 @@
-"""The private profile store (SQLite): profiles, items and their history, adapter cache, conversations.
+"""The private profile store: one SQLite file under the data dir (0600, WAL, foreign keys on) holding profiles,
+their items with a per-item change history, the adapter cache and the chat's conversations.
 
     from p2p_local.store import Store
     with Store() as s:                       # p2p_local.paths.store_path(), created 0600 on first use
         s.create_profile("alice", task="movielens-rating")
         s.add_item("alice", None, "Heat (1995) | Genres: Action|Crime", "5")
 
-db.py is the `Store` facade; connection.py the connection and its transactions; profiles.py,
-adapter_cache.py and conversations.py the aggregates; records.py the record types and value checks.
+Every write is one transaction (a process killed mid-import leaves all of the import or none), and
+`secure_delete` overwrites forgotten data in the file. db.py: the `Store` facade (one per thread) over
+connection.py's connection; profiles.py, adapter_cache.py, conversations.py: the aggregates; records.py:
+the record types and value checks.
 """
 
 from p2p_local.store.db import Store

@@ -1,8 +1,5 @@
-"""The cache of generated adapters: where a profile's adapter files live, which file was made from which
-profile state and bundle (checked against its sha256 on every use), and pruning old ones.
-
-Files are only ever deleted inside the data dir (`remove_private`), never a user's file elsewhere.
-"""
+"""The cache of generated adapters: where a profile's files live, which was made from which profile state
+and bundle (checked against its sha256 on every use), and pruning old ones (only inside the data dir)."""
 
 from __future__ import annotations
 
@@ -34,12 +31,9 @@ class AdapterCache(StoreBase):
         return d
 
     def cached_adapter(self, profile: str, fingerprint: str, bundle_hash: str) -> Path | None:
-        """The adapter made from this exact profile state and bundle, if its file is still the one written.
-
-        The file's sha256, recorded at write time, is checked on every use: a missing, replaced or
-        corrupted file (or one from before checksums) is dropped with a warning, and None makes the
-        caller regenerate it, once.
-        """
+        """The adapter made from this exact profile state and bundle, if its file is still the one written
+        (its sha256 is checked on every use): a missing, replaced or corrupted file, or one from before
+        checksums, is dropped with a warning, and None makes the caller regenerate it, once."""
         row = self.conn.execute(
             "SELECT id, path, sha256 FROM adapters WHERE profile_id = ? AND fingerprint = ? AND bundle_hash = ?",
             (self._pid(profile), fingerprint, bundle_hash),

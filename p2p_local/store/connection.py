@@ -1,9 +1,5 @@
-"""The store's one SQLite connection and its one write-transaction helper, shared by every aggregate.
-
-Opening creates the file 0600 (WAL, foreign keys and secure_delete on) and brings its schema up to date
-(migrations.py), or opens it read-only where it cannot be written. `_write` is the only place a
-transaction begins, commits or rolls back, and `_pid` the only place an unknown profile is reported,
-so the aggregates (profiles.py, adapter_cache.py, conversations.py) share the same locking and errors.
+"""The store's one SQLite connection, shared by every aggregate: `_write` is the only place a transaction
+begins, commits or rolls back, and `_pid` the only place an unknown profile is reported.
 """
 
 from __future__ import annotations
@@ -14,12 +10,12 @@ import os
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 from p2p_local import paths
 from p2p_local.errors import StoreError
-from p2p_local.store.migrations import available_upgrades, migrate
+from p2p_local.store.migrations import available_upgrades, migrate, refuse_newer
 
 
 class StoreBase:
@@ -100,10 +96,8 @@ class StoreBase:
             # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK here would fail
             # and hide the real error behind "cannot rollback - no transaction is active".
             if self.conn.in_transaction:
-                try:
+                with suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             if isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower():
                 raise StoreError(f"disk full: cannot write the profile store {self.path} ({e})",
                                  hint="free some space and try again; nothing was changed") from e
@@ -163,9 +157,7 @@ def store_writable(path: Path) -> bool:
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # a store not created yet: the first folder that exists decides
-    if path.exists() and not os.access(path, os.W_OK):
-        return False
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK | os.X_OK):
         return False
     try:
         return not (os.statvfs(folder).f_flag & os.ST_RDONLY)
@@ -205,10 +197,7 @@ def _check_schema_current(conn: sqlite3.Connection, path: Path) -> None:
     except sqlite3.Error:
         applied = set()
     known = available_upgrades()
-    newest = max((u.version for u in known), default=0)
-    if applied and max(applied) > newest:
-        raise StoreError(f"this store has schema version {max(applied)}, newer than this p2p-local knows ({newest})",
-                         hint="upgrade p2p-local, or point P2P_HOME at another data dir")
+    refuse_newer(applied, known)
     pending = [u.version for u in known if u.version not in applied and not u.requires]
     if pending:
         raise StoreError(f"the profile store {path} is read-only and needs a schema upgrade first "

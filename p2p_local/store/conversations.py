@@ -1,6 +1,5 @@
-"""The chat's conversations and their messages: create, title, delete, append, list, and full-text search
-(FTS5 where this SQLite has it, else LIKE). A conversation belongs to a profile, or to none (base model).
-"""
+"""The chat's conversations (of a profile, or of none: the base model) and their messages, with full-text
+search (FTS5 where this SQLite has it, else LIKE)."""
 
 from __future__ import annotations
 
@@ -34,17 +33,6 @@ class ConversationStore(StoreBase):
                 "INSERT INTO conversations (profile_id, title, created) VALUES (?, ?, ?)", (pid, title, _time.time())
             )
         return int(cur.lastrowid)
-
-    def set_conversation_title(self, conversation_id: int, title: str) -> None:
-        self._conversation_row(conversation_id)
-        with self._write() as c:
-            c.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
-
-    def delete_conversation(self, conversation_id: int) -> None:
-        self._conversation_row(conversation_id)
-        with self._write() as c:
-            c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
-            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def add_message(self, conversation_id: int, role: str, content: str, meta: dict[str, Any] | None = None) -> int:
         """Append a message. `meta` e.g. {"mode": "personalized", "adapter": "...", "scale": 1.0}."""

@@ -1,10 +1,9 @@
 """Numbered schema upgrades: `upgrades/NNNN_name.sql`, applied in order, each recorded once.
 
-The same idea as oterm's store/upgrades and llm's migrations.py: a schema change is a new file, never
-an edit of an old one, so any older store can be brought up to date on open. Each upgrade runs in its
-own transaction together with its row in `schema_upgrades`, so a crash mid-upgrade leaves the previous
-schema intact. A file may start with `-- requires: fts5`: where this SQLite lacks the feature the
-upgrade is skipped (not recorded) and tried again on a later open.
+A schema change is a new file, never an edit of an old one, so any older store can be brought up to date
+on open. Each upgrade runs in one transaction with its row in `schema_upgrades`: a crash mid-upgrade leaves
+the previous schema intact. A file may start with `-- requires: fts5`: where this SQLite lacks the feature
+the upgrade is skipped (not recorded) and tried again on a later open.
 """
 
 from __future__ import annotations
@@ -46,28 +45,18 @@ def available_upgrades(directory: Path = UPGRADES_DIR) -> list[Upgrade]:
     return [ups[v] for v in sorted(ups)]
 
 
-def applied_versions(conn: sqlite3.Connection) -> set[int]:
-    """Versions already applied to this database (creates the bookkeeping table on first use)."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_upgrades ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
-    )
-    return {row[0] for row in conn.execute("SELECT version FROM schema_upgrades")}
-
-
 def migrate(conn: sqlite3.Connection, upto: int | None = None, directory: Path = UPGRADES_DIR) -> list[int]:
     """Apply every pending upgrade (up to version `upto`, for tests); returns the versions applied.
 
     `conn` must be in autocommit mode (isolation_level=None): transactions are managed here.
     """
     known = available_upgrades(directory)
-    applied = applied_versions(conn)
-    newest = max((u.version for u in known), default=0)
-    if applied and max(applied) > newest:
-        raise StoreError(
-            f"this store has schema version {max(applied)}, newer than this p2p-local knows ({newest})",
-            hint="upgrade p2p-local, or point P2P_HOME at another data dir",
-        )
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_upgrades ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+    )
+    applied = {row[0] for row in conn.execute("SELECT version FROM schema_upgrades")}
+    refuse_newer(applied, known)
     done = []
     for up in known:
         if up.version in applied or (upto is not None and up.version > upto):
@@ -77,6 +66,14 @@ def migrate(conn: sqlite3.Connection, upto: int | None = None, directory: Path =
         if _apply(conn, up):
             done.append(up.version)
     return done
+
+
+def refuse_newer(applied: set[int], known: list[Upgrade]) -> None:
+    """A store a newer p2p-local has upgraded may hold what this one cannot read or keep intact."""
+    newest = max((u.version for u in known), default=0)
+    if applied and max(applied) > newest:
+        raise StoreError(f"this store has schema version {max(applied)}, newer than this p2p-local knows ({newest})",
+                         hint="upgrade p2p-local, or point P2P_HOME at another data dir")
 
 
 def _apply(conn: sqlite3.Connection, up: Upgrade) -> bool:

@@ -1,7 +1,5 @@
-"""Profiles and their items: creating and looking up profiles, adding items (in bulk, in one
-transaction), editing and deleting them with a per-item change history, and exporting a profile as a dict.
-
-Any change to a profile's items marks its cached adapter stale (adapter_cache.py clears the flag).
+"""Profiles and their items (added in bulk in one transaction, edited and deleted with a per-item change
+history). Any change to a profile's items marks its cached adapter stale (adapter_cache.py clears the flag).
 """
 
 from __future__ import annotations
@@ -50,8 +48,7 @@ class ProfileStore(StoreBase):
         return self.get_profile(name)
 
     def list_profiles(self) -> list[ProfileRecord]:
-        rows = self.conn.execute(_PROFILES + " ORDER BY name").fetchall()
-        return [_profile(r) for r in rows]
+        return [_profile(r) for r in self.conn.execute(_PROFILES + " ORDER BY name")]
 
     def get_profile(self, name: str) -> ProfileRecord:
         """The profile with its item count; StoreError (with a did-you-mean hint) if unknown."""
@@ -70,18 +67,9 @@ class ProfileStore(StoreBase):
             c.execute("UPDATE profiles SET task = ?, updated = ? WHERE id = ?", (task, _time.time(), pid))
         return self.get_profile(name)
 
-    def mark_stale(self, name: str, stale: bool = True) -> None:
-        """Flag (or clear) "the cached adapter no longer reflects this profile"."""
-        pid = self._pid(name)
-        with self._write() as c:
-            c.execute("UPDATE profiles SET adapter_stale = ? WHERE id = ?", (int(stale), pid))
-
     def count_items(self, profile: str, task: str | None = None) -> int:
-        pid = self._pid(profile)
-        if task is None:
-            return self.conn.execute("SELECT COUNT(*) FROM items WHERE profile_id = ?", (pid,)).fetchone()[0]
-        sql = "SELECT COUNT(*) FROM items WHERE profile_id = ? AND task = ?"
-        return self.conn.execute(sql, (pid, task)).fetchone()[0]
+        counts = self.task_counts(profile)
+        return sum(counts.values()) if task is None else counts.get(task, 0)
 
     def task_counts(self, profile: str) -> dict[str, int]:
         """{task: number of items}, most items first."""
@@ -151,8 +139,7 @@ class ProfileStore(StoreBase):
             )
             if n:
                 c.execute("UPDATE profiles SET adapter_stale = 1, updated = ? WHERE id = ?", (now, pid))
-        first_id = last_id + 1
-        return first_id, n
+        return last_id + 1, n
 
     def get_item(self, item_id: int) -> StoredItem:
         row = self.conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -230,13 +217,9 @@ class ProfileStore(StoreBase):
         """
         p = self.get_profile(name)
         counts = self.task_counts(name)
-        task = p.task or (next(iter(counts)) if counts else None)
-        out = []
-        for it in self.items(name):
-            rec = it.record()
-            if it.task != task:
-                rec["meta"] = {**it.meta, "task": it.task}
-            out.append(rec)
+        task = p.task or next(iter(counts), None)
+        out = [{"input": it.input, "output": it.output, "time": it.time,
+                "meta": it.meta if it.task == task else {**it.meta, "task": it.task}} for it in self.items(name)]
         return {"user_id": p.name, "task": task, "items": out}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.data.format import canonical_task
-from p2p_local.data.records import MAX_TIME, MIN_TIME
+from p2p_local.data.records import time_in_range
 from p2p_local.errors import StoreError
 
 # Profile names appear in commands and file listings: letters/digits first, no spaces or slashes.
@@ -55,10 +55,6 @@ class StoredItem:
     meta: dict[str, Any]
     created: float
     updated: float
-
-    def record(self) -> dict[str, Any]:
-        """The item in the generic per-user format."""
-        return {"input": self.input, "output": self.output, "time": self.time, "meta": self.meta}
 
 
 @dataclass(frozen=True)
@@ -124,19 +120,16 @@ def check_task(task: Any) -> str:
     return canonical_task(task.strip())
 
 
-# Item times (unix seconds) between 1900 and 2100: outside is a unit mix-up or poison (inf, 1e300).
 def check_time(t: Any) -> float | None:
+    """Unix seconds between 1900 and 2100 (`data.records.time_in_range`), or None."""
     if t is None:
         return None
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise StoreError(f"invalid item time {t!r}", hint="times are unix seconds (a number) or empty")
     try:
-        value = float(t)
-    except OverflowError:
-        value = float("inf")
-    if not MIN_TIME <= value <= MAX_TIME:  # also false for NaN
-        raise StoreError(f"item time {value!r} is outside 1900..2100", hint="times are unix seconds (a number) or empty")
-    return value
+        return time_in_range(t)
+    except ValueError as e:
+        raise StoreError(f"item {e}", hint="times are unix seconds (a number) or empty") from None
 
 
 def check_text(what: str, s: Any) -> str:

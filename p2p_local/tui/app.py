@@ -1,14 +1,9 @@
-"""The terminal chat app. Heavy objects come in from outside (a `Session`), so tests can pass a fake.
+"""The terminal chat app. Heavy objects come in from outside (a `Session`, see session.py), so tests can
+pass a fake:
 
-    from p2p_local.personalize import Session
-    from p2p_local.tui import ChatApp
     ChatApp(Session.open(), profile="demo", task="movielens-rating").run()
 
-The session is what the chat needs from the rest of p2p-local: `p2p_local.tui.session.ChatSession`
-(store, task cards, personalize, answer, the label distribution, the profile text and summary).
-
-With no profile of the user's own (only the demo, or none) the chat opens on the first-run screen:
-import from git or a file, or use the demo.
+With no profile of the user's own (only the demo, or none) the chat opens on the first-run screen.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from p2p_local.data.format import is_free_chat
-from p2p_local.store import Store
 from p2p_local.tui.chat_screen import ChatScreen
 from p2p_local.tui.first_run_screen import first_run_done, own_profiles
 from p2p_local.tui.session import ChatSession
@@ -41,18 +35,16 @@ class ChatApp(App[None]):
         self,
         session: ChatSession,  # `task=None`: the profile's task; free chat by any of its names: none
         *,
-        store: Store | None = None,
         profile: str | None = None,
         task: str | None = None,
         personalized: bool = True,
-        scale: float = 1.0,
         compare: bool = False,
         resume: bool = True,
         first_run: bool | None = None,  # None: no profile of the user's own, and the screen never answered
     ) -> None:
         super().__init__()
         self.session = session
-        self.store = store if store is not None else session.store
+        self.store = session.store
         if first_run is None:
             first_run = not own_profiles(self.store) and not first_run_done(self.store)
         self.first_run = first_run
@@ -63,17 +55,12 @@ class ChatApp(App[None]):
             task = default if default in self.cards else None
         elif is_free_chat(task):
             task = None
-        self._start = dict(profile=profile, task=task, personalized=personalized, scale=scale,
-                           compare=compare, resume=resume)
+        self._start = dict(profile=profile, task=task, personalized=personalized, compare=compare, resume=resume)
 
     def session_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call a session method from a worker thread.
-
-        The session's Store is a sqlite3 connection, which belongs to the thread that opened it (here:
-        the UI thread). So unless the session says it is `threadsafe`, the call runs on the UI thread
-        and the worker waits for it. `answer()` returns quickly (the store reads, then the `Answer`);
-        the Answer, which personalizes and holds llama.cpp for the whole reply, is iterated in the worker.
-        """
+        """Call a session method from a worker thread: on the UI thread, which owns the store's sqlite3
+        connection, unless the session is `threadsafe`. `answer()` returns at once; the worker iterates the
+        `Answer` (which holds llama.cpp for the whole reply)."""
         if self.session.threadsafe:
             return fn(*args, **kwargs)
         return self.call_from_thread(fn, *args, **kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
@@ -13,7 +12,7 @@ from textual.widgets import Input, Label, Static
 class AskScreen(ModalScreen[str | None]):
     """`question` with an input (prefilled with `value`); Enter dismisses with the text, Esc with None."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
+    BINDINGS = [("escape", "dismiss(None)", "cancel")]
 
     def __init__(self, question: str, about: str = "", value: str = "", placeholder: str = "") -> None:
         super().__init__()

@@ -29,7 +29,8 @@ def conversation_markdown(store: Store, conversation_id: int) -> str:
     conv = store.get_conversation(conversation_id)
     title = conv.title or f"Conversation {conv.id}"
     who = f"profile **{conv.profile}**" if conv.profile else "base model (no profile)"
-    lines = [f"# {title}", "", f"_{who} · started {_iso(conv.created)}_", ""]
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.created))
+    lines = [f"# {title}", "", f"_{who} · started {started}_", ""]
     for m in store.messages(conversation_id):
         head = {"user": "You", "assistant": "Assistant", "system": "System"}[m.role]
         details = _message_details(m.role, m.meta)
@@ -55,7 +56,3 @@ def _message_details(role: str, meta: dict[str, Any]) -> list[str]:
         how = str(meta.get("mode") or "")
     details = [d for d in (task, how) if d]
     return details + [k for k in ("cut", "stopped") if meta.get(k)]
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))

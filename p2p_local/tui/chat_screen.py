@@ -4,18 +4,14 @@ Replies stream from a thread worker (llama.cpp blocks): pieces are collected in 
 to the UI at most every FLUSH_S seconds, so typing stays responsive whatever the token rate.
 Esc cancels: the worker notices between pieces and closes the generator, which stops llama.cpp.
 Store writes happen on the UI thread, and session calls go through `ChatApp.session_call` (a sqlite3
-connection belongs to the thread that opened it).
-
-A rating reply also shows the label distribution it was read off (one more forward pass of the prompt,
-with the adapter still attached); a bare movie title is completed from the movies the store holds
-(titles.py) before it is sent; free chat says what it is: the base model with the profile's summary.
+connection belongs to the thread that opened it). A bare movie title is completed (titles.py) before
+it is sent.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from textual import on, work
@@ -26,14 +22,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
-from p2p_local.errors import P2PError
 from p2p_local.pipeline import CUT_MARK
 from p2p_local.tui.chat_export import export_conversation
 from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
 from p2p_local.tui.profile_screen import FORGOTTEN, ProfileScreen
-from p2p_local.tui.session import SESSION_FREE_CHAT, AdapterResult, free_chat_mode
+from p2p_local.tui.session import SESSION_FREE_CHAT, AdapterResult, error_text, free_chat_mode
 from p2p_local.tui.titles import Catalogue, Movie, needs_completion
 from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
 
@@ -71,12 +66,7 @@ def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
         return text[:cut], True
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return text[: len(text) - hold], False
 
 
@@ -126,7 +116,6 @@ class ChatScreen(Screen):
         profile: str | None,
         task: str | None,
         personalized: bool = True,
-        scale: float = 1.0,
         compare: bool = False,
         resume: bool = True,
     ) -> None:
@@ -134,7 +123,7 @@ class ChatScreen(Screen):
         self.profile = profile
         self.task_name = task  # a task card name; None: free chat
         self.personalized = personalized
-        self.scale = scale
+        self.scale = 1.0
         self.compare = compare
         self.resume = resume
         self.conversation_id: int | None = None
@@ -191,12 +180,9 @@ class ChatScreen(Screen):
             compare=self.compare, adapter=self.adapter_note, free_chat=free,
         )
         card = self.card
-        inp = self.query_one(ChatInput)
-        if card is None:
-            inp.placeholder = "Say something (free chat)   ⏎ send · ^j newline"
-        else:
-            example = "Zodiac (2007) | Genres: Crime|Drama|Thriller" if card.name == "movielens-rating" else ""
-            inp.placeholder = f"{card.name}: {example or card.description}   ⏎ send · ^j newline"
+        example = "Zodiac (2007) | Genres: Crime|Drama|Thriller" if card and card.name == "movielens-rating" else ""
+        what = f"{card.name}: {example or card.description}" if card else "Say something (free chat)"
+        self.query_one(ChatInput).placeholder = f"{what}   ⏎ send · ^j newline"
         task = self.task_name or f"{FREE_CHAT} · {FREE_CHAT_MODES[free or 'base']}"
         self.app.sub_title = f"{self.profile or 'no profile'} · {task}"
 
@@ -216,11 +202,8 @@ class ChatScreen(Screen):
         self.refresh_bindings()
 
     # --- conversations ----------------------------------------------------------------------------
-    async def clear_messages(self) -> None:
-        await self.messages.remove_children()
-
     async def show_welcome(self) -> None:
-        await self.clear_messages()
+        await self.messages.remove_children()
         await self.messages.mount(MessageView("system", self.welcome_text(), title="p2p chat"))
 
     def welcome_text(self) -> str:
@@ -263,37 +246,33 @@ class ChatScreen(Screen):
         if changed:
             self.prepare_adapter()
         self.conversation_id = conversation_id
-        await self.clear_messages()
+        await self.messages.remove_children()
         views: list = []
         pair: list[MessageView] = []  # side by side: personalized, then base, answering one question
 
         def flush_pair() -> None:
-            if len(pair) == 2:
-                views.append(ComparePair(base=pair[1], personal=pair[0]))
-            else:
-                views.extend(pair)
+            views.extend([ComparePair(base=pair[1], personal=pair[0])] if len(pair) == 2 else pair)
             pair.clear()
 
         asked = None  # the task of the question being answered
         for m in messages:
             if m.role == "user":
+                flush_pair()
                 asked = m.meta.get("task")
-            kind = (self.app.cards.get(m.meta.get("task", asked)) or _NoCard).kind
+                views.append(MessageView("user", m.content, title="you" + (f" · {asked}" if asked else "")))
+                continue
+            card = self.app.cards.get(m.meta.get("task", asked))
+            view = MessageView(m.role, m.content, title=reply_title(m.meta) if m.role == "assistant" else "",
+                               kind=card.kind if card else None, dist=m.meta.get("dist"))
             if m.role == "assistant" and m.meta.get("compare"):
                 if m.meta.get("mode") == "personalized":
                     flush_pair()
-                pair.append(MessageView("assistant", m.content, title=reply_title(m.meta), kind=kind,
-                                        dist=m.meta.get("dist")))
+                pair.append(view)
                 if len(pair) == 2:
                     flush_pair()
-                continue
-            flush_pair()
-            if m.role == "user":
-                title = "you" + (f" · {m.meta['task']}" if m.meta.get("task") else "")
-                views.append(MessageView("user", m.content, title=title))
             else:
-                title = reply_title(m.meta) if m.role == "assistant" else ""
-                views.append(MessageView(m.role, m.content, title=title, kind=kind, dist=m.meta.get("dist")))
+                flush_pair()
+                views.append(view)
         flush_pair()
         if views:
             await self.messages.mount_all(views)
@@ -301,12 +280,6 @@ class ChatScreen(Screen):
             await self.show_welcome()
         self.messages.scroll_end(animate=False)
         self.refresh_status()
-
-    def ensure_conversation(self, first_text: str) -> int:
-        if self.conversation_id is None:
-            title = " ".join(first_text.split())[:60]
-            self.conversation_id = self.store.new_conversation(self.profile, title)
-        return self.conversation_id
 
     def free_chat_turns(self) -> list[tuple[str, str]]:
         """Earlier free-chat turns of this conversation as (role, text), for the session's transcript."""
@@ -376,42 +349,37 @@ class ChatScreen(Screen):
         kind = card.kind if card else None
         transcript = None if card else self.free_chat_turns()
         stops = LABEL_STOPS if kind in ("rating", "label") else (() if card else CHAT_STOPS)
-        conv = self.ensure_conversation(text)
+        if self.conversation_id is None:  # titled by its first question
+            self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60])
+        conv = self.conversation_id
         if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
-            await self.clear_messages()  # the welcome note goes once the chat starts
+            await self.messages.remove_children()  # the welcome note goes once the chat starts
         self.store.add_message(conv, "user", text, {"task": self.task_name})
         title = "you" + (f" · {self.task_name}" if self.task_name else "")
         await self.messages.mount(MessageView("user", text, title=title))
 
         free = free_chat_mode(self.app.session, self.profile, True) if card is None else None
 
-        def job(view: MessageView, personalized: bool) -> Job:
+        def job(personalized: bool) -> Job:
             meta = {"mode": "personalized" if personalized else "base", "task": self.task_name,
                     "profile": self.profile, "scale": self.scale if personalized else None}
             if personalized and free is not None:
                 meta["free_chat"] = free  # "summary": the base model, the profile summary in the prompt
                 if free == "summary":
                     meta["scale"] = None
+            # Titled as the reply will be, less the profile and time until it is done.
+            view = MessageView("assistant", title=reply_title({**meta, "profile": None}) + " …", kind=kind)
             return Job(view, conv, text, self.profile, self.task_name or SESSION_FREE_CHAT, personalized, self.scale,
                        transcript, stops, meta, dist=kind in ("rating", "label"))
 
-        def pending(personalized: bool) -> str:
-            if not personalized:
-                return "base model …"
-            return f"{FREE_CHAT_MODES['summary']} …" if free == "summary" else f"personalized ×{self.scale:.2f} …"
-
         if self.compare and self.profile is not None:
-            base = MessageView("assistant", title=pending(False), kind=kind)
-            personal = MessageView("assistant", title=pending(True), kind=kind)
-            await self.messages.mount(ComparePair(base, personal))
-            jobs = [job(personal, True), job(base, False)]
+            jobs = [job(True), job(False)]
             for j in jobs:
                 j.meta["compare"] = True
+            await self.messages.mount(ComparePair(base=jobs[1].view, personal=jobs[0].view))
         else:
-            personalized = self.personalized and self.profile is not None
-            view = MessageView("assistant", title=pending(personalized), kind=kind)
-            await self.messages.mount(view)
-            jobs = [job(view, personalized)]
+            jobs = [job(self.personalized and self.profile is not None)]
+            await self.messages.mount(jobs[0].view)
         self.messages.scroll_end(animate=False)
         self.set_busy(True)
         self.stream_replies(jobs)
@@ -455,10 +423,8 @@ class ChatScreen(Screen):
                     text = visible_text(text, j.stops)[0]
                     if getattr(pieces, "finish_reason", None) == "length":
                         j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
-            except P2PError as e:
-                error = str(e)
             except Exception as e:  # keep the chat alive; show what went wrong in the message
-                error = f"{type(e).__name__}: {e}"
+                error = error_text(e)
             finally:
                 if pieces is not None and hasattr(pieces, "close"):
                     pieces.close()  # closing the generator stops llama.cpp mid-reply
@@ -516,13 +482,9 @@ class ChatScreen(Screen):
                 if worker.is_cancelled:  # a newer request (another profile or task) replaced this one
                     return
                 result = self._app.session_call(self._app.session.personalize, profile, task)
-        except P2PError as e:
-            self._call(self.set_adapter_note, "no adapter")
-            self._call(self.notify, str(e), title="personalization failed", severity="error", timeout=10)
-            return
         except Exception as e:
             self._call(self.set_adapter_note, "no adapter")
-            self._call(self.notify, f"{type(e).__name__}: {e}", title="personalization failed", severity="error")
+            self._call(self.notify, error_text(e), title="personalization failed", severity="error", timeout=10)
             return
         if (profile, task) == (self.profile, self.task_name or SESSION_FREE_CHAT):
             self._call(self.set_adapter_note, adapter_note(result))
@@ -577,10 +539,9 @@ class ChatScreen(Screen):
 
     async def switch_profile(self, name: str | None) -> None:
         self.profile = name
-        if name is not None:
-            default_task = self.store.get_profile(name).task
-            if default_task in self.app.cards:
-                self.task_name = default_task
+        default_task = self.store.get_profile(name).task if name is not None else None
+        if default_task in self.app.cards:
+            self.task_name = default_task
         self.conversation_id = None
         last = self.store.conversations(name) if name else []
         if last:
@@ -624,8 +585,7 @@ class ChatScreen(Screen):
 
     # --- conversations: new, search, export, copy -------------------------------------------------
     async def action_new_conversation(self) -> None:
-        if self.busy:
-            self.action_stop()
+        self.action_stop()
         self.conversation_id = None
         await self.show_welcome()
 
@@ -636,13 +596,12 @@ class ChatScreen(Screen):
 
         self.app.push_screen(HistoryScreen(), picked)
 
-    def action_export(self) -> Path | None:
+    def action_export(self) -> None:
         if self.conversation_id is None:
             self.notify("Nothing to export yet.", severity="warning")
-            return None
+            return
         path = export_conversation(self.store, self.conversation_id)
         self.notify(str(path), title="conversation exported", timeout=6)
-        return path
 
     def action_copy_last(self) -> None:
         replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.text]
@@ -651,10 +610,6 @@ class ChatScreen(Screen):
             return
         self.app.copy_to_clipboard(replies[-1].text)
         self.notify("last reply copied to the clipboard", timeout=2)
-
-
-class _NoCard:
-    kind = None
 
 
 def adapter_note(result: AdapterResult) -> str:

@@ -1,12 +1,8 @@
-"""The first-run screen: where your profile comes from, when you have none of your own (only the demo, or nothing).
-
-    g  your commits in a git repository (path, optional author): what `p2p profile import NAME --git PATH` does
-    f  a file: JSONL / JSON / CSV / MovieLens ratings / Letterboxd export (`p2p profile import NAME FILE`)
-    d  the demo profile (a real MovieLens user)
+"""The first-run screen: where your profile comes from, when you have none of your own (only the demo, or nothing):
+your git commits (`p2p profile import NAME --git PATH`), a file (`p2p profile import NAME FILE`) or the demo.
 
 Each is at most two keys away: `g` then Enter imports the current directory's repository, `d` opens the demo.
 The import runs in a worker, on its own store connection (a sqlite3 connection belongs to one thread).
-Dismisses with the profile to open, or None to go on as before.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen
@@ -23,6 +18,7 @@ from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from p2p_local.errors import P2PError
+from p2p_local.tui.session import error_text
 
 OWN_PROFILE = "me"  # the name an import gets unless the user types another
 
@@ -55,12 +51,7 @@ def mark_first_run_done(store) -> None:
 class FirstRunScreen(ModalScreen[str | None]):
     """Import your history from git or a file, or use the demo; dismisses with the profile to open."""
 
-    BINDINGS = [
-        Binding("g", "git", "git"),
-        Binding("f", "file", "file"),
-        Binding("d", "demo", "demo"),
-        Binding("escape", "back", "back"),
-    ]
+    BINDINGS = [("g", "git", "git"), ("f", "file", "file"), ("d", "demo", "demo"), ("escape", "back", "back")]
     AUTO_FOCUS = "#sources"
 
     def __init__(self, first: bool = False) -> None:
@@ -179,11 +170,8 @@ class FirstRunScreen(ModalScreen[str | None]):
                     if created:  # all or nothing: a failed import leaves no empty profile behind
                         store.forget_profile(name)
                     raise
-        except P2PError as e:
-            app.call_from_thread(self.say, str(e), True)
-            return
         except Exception as e:  # an unreadable path, a broken file: say it, stay on this screen
-            app.call_from_thread(self.say, f"{type(e).__name__}: {e}", True)
+            app.call_from_thread(self.say, error_text(e), True)
             return
         app.call_from_thread(self.imported, name, result)
 

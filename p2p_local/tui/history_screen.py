@@ -50,9 +50,6 @@ class HistoryScreen(ModalScreen[int | None]):
         self.show_results(event.value)
 
     @on(Input.Submitted, "#query")
-    def query_submitted(self) -> None:
-        self.action_focus_results()
-
     def action_focus_results(self) -> None:
         results = self.query_one("#results", OptionList)
         if results.option_count:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.screen import ModalScreen
@@ -15,7 +14,7 @@ from textual.widgets.option_list import Option
 class PickerScreen(ModalScreen[str | None]):
     """Pick one of `options` ((value, description) pairs); dismisses with the value, or None on Esc."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
+    BINDINGS = [("escape", "dismiss(None)", "cancel")]
 
     def __init__(self, title: str, options: list[tuple[str, str]], current: str | None = None) -> None:
         super().__init__()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
@@ -22,8 +21,8 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Static, Ta
 from p2p_local import paths
 from p2p_local.errors import P2PError
 from p2p_local.pipeline import HISTORY_READ
+from p2p_local.profile import FEATURE_NAMES
 from p2p_local.tui.ask_screen import AskScreen
-from p2p_local.tui.session import export_profile_adapter
 
 MAX_ROWS = 500  # newest items shown; the store handles 100k-item profiles, a table should not
 
@@ -41,16 +40,16 @@ FORGOTTEN = "forgotten"  # what the panel dismisses with once the whole profile 
 
 
 class ProfileScreen(Screen[bool | str]):
-    """View, add and forget a profile's items; see its summary and encoder text; export the adapter or forget
-    the profile. Dismisses with `changed` (True: a new adapter is due), or FORGOTTEN."""
+    """A profile's items, summary and encoder text; add, forget, make or export its adapter. Dismisses with
+    `changed` (True: a new adapter is due), or FORGOTTEN."""
 
     BINDINGS = [
-        Binding("escape", "close", "back"),
-        Binding("delete,d", "forget", "forget item"),
-        Binding("a", "add", "add item"),
-        Binding("p", "personalize", "make adapter"),
-        Binding("e", "export", "export adapter"),
-        Binding("ctrl+x", "forget_profile", "forget profile"),
+        ("escape", "close", "back"),
+        ("delete,d", "forget", "forget item"),
+        ("a", "add", "add item"),
+        ("p", "personalize", "make adapter"),
+        ("e", "export", "export adapter"),
+        ("ctrl+x", "forget_profile", "forget profile"),
     ]
 
     def __init__(self, profile: str, task: str | None) -> None:
@@ -219,39 +218,36 @@ class ProfileScreen(Screen[bool | str]):
     def action_export(self) -> None:
         def answered(folder: str | None) -> None:
             if folder:
+                from p2p_local.adapter_export import export_adapter  # what `p2p adapter export` runs
+
                 self.notify("exporting the adapter …", timeout=2)
-                self.export_adapter(self.app, self.item_task, Path(folder).expanduser())
+                self.adapter_job(self.app, "export failed", self.exported, export_adapter, self.app.session,
+                                 self.profile, Path(folder).expanduser(), task=self.item_task)
 
         self.app.push_screen(AskScreen(
             "Export the adapter to", "The adapter under a stable name, with a README of the llama.cpp, llama-server "
             "and Ollama commands that use it (what `p2p adapter export` writes).",
             value=str(paths.data_dir() / "exports")), answered)
 
-    @work(thread=True, exclusive=True, group="adapter", exit_on_error=False)
-    def export_adapter(self, app, task: str | None, folder: Path) -> None:
-        try:
-            with app.session_lock:
-                ex = app.session_call(export_profile_adapter, app.session, self.profile, folder, task)
-        except Exception as e:
-            app.call_from_thread(self.notify, str(e), title="export failed", severity="error", timeout=10)
-            return
-        app.call_from_thread(self.notify, f"{ex.path}\nhow to use it: {ex.readme}", title="adapter exported",
-                             timeout=10)
-        app.call_from_thread(self.refresh_items)
+    def exported(self, ex) -> None:
+        self.notify(f"{ex.path}\nhow to use it: {ex.readme}", title="adapter exported", timeout=10)
+        self.refresh_items()
 
     def action_personalize(self) -> None:
         self.notify("making the adapter …", timeout=2)
-        self.make_adapter(self.app, self.item_task)
+        self.adapter_job(self.app, "personalization failed", self.adapter_made, self.app.session.personalize,
+                         self.profile, self.item_task)
 
     @work(thread=True, exclusive=True, group="adapter", exit_on_error=False)
-    def make_adapter(self, app, task: str | None) -> None:
+    def adapter_job(self, app, failed: str, done, fn, *args, **kwargs) -> None:
+        """`fn(*args, **kwargs)` off the UI thread, holding the engine; then `done(result)` on the UI thread."""
         try:
             with app.session_lock:
-                result = app.session_call(app.session.personalize, self.profile, task)
+                result = app.session_call(fn, *args, **kwargs)
         except Exception as e:
-            app.call_from_thread(self.notify, str(e), title="personalization failed", severity="error")
+            app.call_from_thread(self.notify, str(e), title=failed, severity="error", timeout=10)
             return
-        app.call_from_thread(self.adapter_made, result)
+        app.call_from_thread(done, result)
 
     def adapter_made(self, result) -> None:
         parts = ", ".join(f"{k} {v:.0f} ms" for k, v in (result.timings_ms or {}).items())
@@ -262,10 +258,6 @@ class ProfileScreen(Screen[bool | str]):
 
 def features_text(features) -> str:
     """The numeric profile features (the hypernetwork's second input), the non-zero ones by name."""
-    try:
-        from p2p_local.profile import FEATURE_NAMES
-    except ImportError:  # pragma: no cover - profile.py is part of the package
-        FEATURE_NAMES = ()
     values = [float(x) for x in features]
     names = FEATURE_NAMES if len(FEATURE_NAMES) == len(values) else [f"f{i}" for i in range(len(values))]
     rows = [f"  {n:<22} {v:+.3f}" for n, v in zip(names, values, strict=True) if v != 0.0]

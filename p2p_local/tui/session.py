@@ -1,17 +1,15 @@
 """What the chat needs of the rest of p2p-local: `ChatSession`, a Protocol that `p2p_local.personalize.Session`
-satisfies (and the tests' fake: tests/test_tui.py checks both with `isinstance`).
-
-Heavy objects come in from outside, so the chat never builds an engine itself and a test can hand it a
-scripted model. Beyond this surface, exporting an adapter (`p2p_local.adapter_export.export_adapter`,
-the profile panel's `e`) needs the real `Session` (its engine's base model).
+satisfies (and the tests' fake: tests/test_tui.py checks both with `isinstance`). Beyond this surface,
+exporting an adapter (the profile panel's `e`) needs the real `Session` (its engine's base model).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from p2p_local.data.format import FREE_CHAT, TaskCard
+from p2p_local.errors import P2PError
 from p2p_local.profile import Profile
 from p2p_local.store import Store
 
@@ -70,8 +68,6 @@ def free_chat_mode(session: ChatSession, profile: str | None, personalized: bool
     return "adapter" if session.free_chat_adapter() else "summary"
 
 
-def export_profile_adapter(session: Any, profile: str, to: Path, task: str | None) -> Any:
-    """`p2p adapter export PROFILE --to DIR [--task T]`: the same function, called from the profile panel."""
-    from p2p_local.adapter_export import export_adapter
-
-    return export_adapter(session, profile, to, task=task)
+def error_text(e: Exception) -> str:
+    """What the chat shows of a failure: a P2PError's message (and hint), else the exception's type too."""
+    return str(e) if isinstance(e, P2PError) else f"{type(e).__name__}: {e}"

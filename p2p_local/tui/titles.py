@@ -47,15 +47,14 @@ class Catalogue:
         key = (first, tuple((p.name, p.n_items, p.updated) for p in profiles))
         if key != self._key:
             order = sorted(profiles, key=lambda p: p.name != first)  # the profile's own items first
-            movies: dict[int, tuple[str, list[str]]] = {}
-            seen: set[str] = set()
+            genres_of: dict[str, str] = {}  # the first item read of each title
             for p in order:
                 for it in self.store.items(p.name, task=self.task):
                     title, _, genres = it.input.partition(" | Genres: ")
-                    if not title or title in seen:
-                        continue
-                    seen.add(title)
-                    movies[len(movies)] = (title.strip(), [g for g in genres.split("|") if g and g != "unknown"])
+                    if title:
+                        genres_of.setdefault(title, genres)
+            movies = {i: (title.strip(), [g for g in genres.split("|") if g and g != "unknown"])
+                      for i, (title, genres) in enumerate(genres_of.items())}
             self._index, self._key = title_index(movies), key
         return self._index
 
@@ -73,9 +72,5 @@ class Catalogue:
         if year:
             exact = [f for f in found if f[0] == year]
             found = exact or [f for f in found if f[0].isdigit() and abs(int(f[0]) - int(year)) <= 1]
-        out: list[Movie] = []
-        for _, _, title, genres in sorted(found, key=lambda f: f[1]):  # the order read: own items first
-            movie = Movie(title, tuple(genres))
-            if movie not in out:
-                out.append(movie)
-        return out[:MAX_MATCHES]
+        ordered = sorted(found, key=lambda f: f[1])  # the order read: own items first
+        return list(dict.fromkeys(Movie(title, tuple(genres)) for _, _, title, genres in ordered))[:MAX_MATCHES]

@@ -35,16 +35,15 @@ class ChatInput(TextArea):
 
     async def _on_key(self, event: events.Key) -> None:
         # TextArea inserts "\n" for Enter in its own key handler, before any binding: intercept here.
-        if event.key == "enter":
-            event.stop()
-            event.prevent_default()
-            self.action_submit()
-        elif event.key in NEWLINE_KEYS:
-            event.stop()
-            event.prevent_default()
-            self.action_newline()
-        else:
+        if event.key not in ("enter", *NEWLINE_KEYS):
             await super()._on_key(event)
+            return
+        event.stop()
+        event.prevent_default()
+        if event.key == "enter":
+            self.action_submit()
+        else:
+            self.action_newline()
 
     def action_submit(self) -> None:
         text = self.text.strip()
@@ -77,13 +76,11 @@ def bar(p: float, width: int = BAR_WIDTH) -> str:
 
 def dist_chart(dist: dict[str, float], answer: str = "") -> Content:
     """The label distribution, highest label on top, one line each: `5 ███▌        29%`; the answer in bold."""
-    lines = []
-    for label in reversed(list(dist)):
-        p = dist[label]
-        style = "bold $success" if label == answer.strip() else "$text-muted"
-        lines.append(Content.assemble((f"{label:>2} ", "bold" if label == answer.strip() else ""),
-                                      (bar(p), style), f" {p * 100:3.0f}%"))
-    return Content("\n").join(lines)
+    top = answer.strip()
+    return Content("\n").join(
+        Content.assemble((f"{label:>2} ", "bold" if label == top else ""),
+                         (bar(p), "bold $success" if label == top else "$text-muted"), f" {p * 100:3.0f}%")
+        for label, p in reversed(dist.items()))
 
 
 class DistChart(Static):
@@ -95,11 +92,8 @@ class DistChart(Static):
 
 
 class MessageView(Vertical, can_focus=True):
-    """One message: a title line and a Markdown body that can grow while a reply streams in.
-    A rating/label reply shows its label distribution as a bar chart beside the stars (`dist`).
-
-    Focus it (Tab, or click) and press `c` to copy its text.
-    """
+    """One message: a title line and a Markdown body that can grow while a reply streams in (and for a
+    rating/label reply, its `dist` chart). Focus it (Tab, or click) and press `c` to copy its text."""
 
     BINDINGS = [Binding("c", "copy", "copy message")]
 
@@ -135,10 +129,6 @@ class MessageView(Vertical, can_focus=True):
     def body(self) -> Markdown:
         return self.query_one(".body", Markdown)
 
-    def set_title(self, title: str) -> None:
-        self._title = title
-        self.query_one(".title", Static).update(title)
-
     async def append_text(self, delta: str) -> None:
         """Append streamed text (called from the reply worker, at most every ~50 ms)."""
         if not delta:
@@ -154,7 +144,7 @@ class MessageView(Vertical, can_focus=True):
         self.remove_class("streaming")
         self.set_class(stopped, "stopped")
         if title is not None:
-            self.set_title(title)
+            self.query_one(".title", Static).update(title)
         await self.body.update(self._shown(text) if text else "_(no answer)_")
         if dist is not None:
             self.dist = dist
@@ -200,9 +190,7 @@ class StatusBar(Static):
             parts.append("[dim]base model only[/dim]")
         elif task is None and free_chat == "summary":
             parts.append("[b $success]base model + your profile summary[/] [dim](no adapter in free chat)[/dim]")
-        elif task is None and free_chat == "base":
-            parts.append("[b $warning]base model[/]")
-        elif personalized:
+        elif personalized and free_chat != "base":
             parts.append(f"[b $success]personalized[/] ×{scale:.2f}")
         else:
             parts.append("[b $warning]base model[/]")

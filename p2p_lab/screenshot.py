@@ -1,6 +1,6 @@
 """Make the README screenshot: the demo profile, side by side, two questions, on the real model.
 
-    python -m p2p_local.tui.screenshot --out docs/chat.svg      # also writes docs/chat.png if cairosvg is installed
+    python -m p2p_lab.screenshot --out docs/chat.svg      # also writes docs/chat.png if cairosvg is installed
 
 Runs headless in a throwaway data dir (your own profiles and conversations are not touched).
 """
