@@ -98,18 +98,27 @@ def _import(store, name: str, task: str, user: User, history_n: int, shared: Pat
         import_file(store, name, out, task=task)
 
 
-def _trainer_profile(card, user: User, i: int, encoder):
+def _trainer_sample(card, user: User, i: int, encoder, tokenizer=None, max_prompt_tokens: int = 64):
+    """The trainer's sample of the user's item i (`build_samples`, the trainer's own path)."""
     from trainer.samples import build_samples
 
-    s = build_samples(card, [User(user.user_id, user.items[: i + 1])], lambda *a, **k: TRAINER_TOKENS,
+    s = build_samples(card, [User(user.user_id, user.items[: i + 1])], tokenizer or (lambda *a, **k: TRAINER_TOKENS),
                       lambda texts: dict(zip(texts, encoder.embed_each(texts), strict=True)), items_per_user=1,
-                      last=True, seed=0, max_prompt_tokens=64, max_target_tokens=24)
+                      last=True, seed=0, max_prompt_tokens=max_prompt_tokens, max_target_tokens=24,
+                      prompt_examples=tokenizer is not None)
     assert len(s) == 1
-    return s.embeddings[0], s.features[0]
+    return s
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(base_model_path):
+    from trainer.base import load_tokenizer
+
+    return load_tokenizer(base_model_path)
 
 
 @pytest.mark.parametrize("task", builtin_cards())
-def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_path: Path) -> None:
+def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_path: Path, hf_tokenizer) -> None:
     card = builtin_card(task)
     engine = session.engine
     ctx = EvalContext(card=card, train=[], users=[], queries={}, options=MethodOptions(), run_dir=tmp_path,
@@ -130,7 +139,8 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         assert app.features.tobytes() == ev.features.tobytes(), {
             n: (a, b) for n, a, b in zip(FEATURE_NAMES, app.features, ev.features, strict=True) if a != b}
         assert app.fingerprint == ev.fingerprint
-        emb_t, feats_t = _trainer_profile(card, user, i, session.encoder)
+        sample = _trainer_sample(card, user, i, session.encoder)
+        emb_t, feats_t = sample.embeddings[0], sample.features[0]
         assert feats_t.tobytes() == app.features.tobytes(), "the trainer's sample has other features"
         emb_app = pipeline.profile_embedding(session.encoder, app)[0]
         assert emb_t.tobytes() == emb_app.tobytes(), "the trainer embeds the profile differently"
@@ -152,6 +162,10 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         assert len(shots) == min(card.examples, len(app.retrieved)) and (shots or not card.examples)
         assert all(shot in app_answer.prompt for shot in shots)
         assert app_answer.prompt == method.prompt(ctx, q, pipeline.Personalization(ev, ev.fingerprint, task))
+        if card.examples:  # trained as answered: the trainer's prompt (`prompt_examples`) is the app's, token for token
+            budget = engine.n_ctx - pipeline.answer_tokens(engine, card, query.input) - pipeline.PROMPT_SLACK
+            trained = _trainer_sample(card, user, i, session.encoder, hf_tokenizer, budget).prompt_ids[0]
+            assert trained == engine.tokenize(app_answer.prompt), "the trainer's prompt is not the app's"
         if card.kind == "generation":
             assert app_answer.text == record["text"]
         else:

@@ -63,3 +63,34 @@ def test_samples_do_not_depend_on_the_number_of_workers(torch_base, shared_data)
     assert one.embeddings.tobytes() == two.embeddings.tobytes() and one.features.tobytes() == two.features.tobytes()
     texts = [f"item {i}" for i in range(1100)]
     assert np.array_equal(np.stack(_embed_parallel(enc, texts, 2, print)), enc.embed_each(texts))
+
+
+class _WordTokenizer:
+    """A stand-in for the HF tokenizer: one token per whitespace-separated word, BOS on request."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [hash(w) % 1000 + 1 for w in text.split()]
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int]) -> str:
+        raise AssertionError("no cut expected in these prompts")
+
+
+def test_the_sample_prompt_is_the_apps_prompt_and_drops_the_oldest_example_first():
+    from p2p_local.data.format import Item, builtin_card
+    from p2p_local.pipeline import make_profile
+    from trainer.samples import sample_prompt
+
+    card = builtin_card("commit-subject")
+    assert card.examples == 2 and recipe("full-examples").prompt_examples
+    history = [Item(f"files: src/mod{i}.py\n", f"fix mod{i} parser", float(i)) for i in range(6)]
+    query = Item("files: src/mod5.py\n", "", 10.0)
+    profile = make_profile(card, history, query)
+    second, best = (card.prompt(it.input) + it.output for it in reversed(list(profile.retrieved)[:2]))
+    tok = _WordTokenizer()
+    assert sample_prompt(card, query, profile, tok, 320, False) == card.prompt(query.input)
+    full = sample_prompt(card, query, profile, tok, 320, True)
+    assert full == f"{second}\n\n{best}\n\n{card.prompt(query.input)}"  # best last, nearest the query
+    n_full = len(tok(full)["input_ids"])
+    one = sample_prompt(card, query, profile, tok, n_full - 1, True)
+    assert one == f"{best}\n\n{card.prompt(query.input)}"  # the budget drops the second-best example

@@ -81,6 +81,17 @@ def load_base(
     return model, tokenizer
 
 
+def load_tokenizer(gguf_path: str | Path | None = None, *, sha256: str | None = None) -> object:
+    """The base's tokenizer alone (what sample building needs), from the same converted folder."""
+    from transformers import AutoTokenizer
+
+    gguf_path = Path(gguf_path) if gguf_path is not None else default_base_path()
+    cached = hf_cache_dir(sha256 or _sha256_of(gguf_path))
+    if not (cached / SOURCE_FILE).is_file():
+        return load_base(gguf_path, sha256=sha256)[1]
+    return AutoTokenizer.from_pretrained(cached)
+
+
 def _convert(gguf_path: Path, sha256: str, dest: Path) -> None:
     """De-quantize the GGUF with transformers and save it as a plain HF folder, atomically."""
     import transformers

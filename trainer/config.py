@@ -75,6 +75,9 @@ class TrainConfig:
     l2_ab: float = 0.0  # L2 penalty on generated (A, B), mean of squares
     max_prompt_tokens: int = 96  # short prompts: the input text is cut from the left, the target kept
     max_target_tokens: int = 24
+    # The card's `examples` (the user's retrieved earlier items) before the query, fitted within
+    # max_prompt_tokens by the app's rule (pipeline.fit_prompt): the prompt trained on is the prompt answered.
+    prompt_examples: bool = False
     max_history: int = 0  # cap on the history a sample's profile is built from; 0 = all of it, as on the device
     max_users_train: int = 0  # 0 = all training users
     workers: int = 2  # processes building samples (profiles and item embeddings); the result does not depend on it
@@ -132,6 +135,9 @@ RECIPES: dict[str, dict] = {
                  max_history=256, max_prompt_tokens=64, max_target_tokens=24, eval_users=105, eval_items_per_user=4,
                  eval_every=60, ckpt_every=30),
 }
+# The shipped recipe with the app's prompt: commit subjects are answered after the author's two nearest
+# earlier commits (commit-subject.json `examples`), so they are trained that way; 320 tokens hold both.
+RECIPES["full-examples"] = {**RECIPES["full"], "prompt_examples": True, "max_prompt_tokens": 320}
 
 
 def recipe(name: str, **overrides) -> TrainConfig:

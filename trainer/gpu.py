@@ -132,7 +132,7 @@ def join_files(carry: Path, dest: Path) -> dict[str, Path]:
 
 
 def split(recipe_name: str, carry: Path, sets: list[str], wheels: bool, wheel_names: Sequence[str] = CARRIED_WHEELS) -> dict:
-    from trainer.base import default_base_path, load_base
+    from trainer.base import default_base_path, load_tokenizer
     from trainer.config import recipe
     from trainer.samples import pack_samples
     from trainer.train import Dist, load_data
@@ -144,8 +144,7 @@ def split(recipe_name: str, carry: Path, sets: list[str], wheels: bool, wheel_na
     stage = carry / ".stage"
     stage.mkdir()
     gguf = default_base_path()
-    _, tok = load_base(gguf)
-    data = load_data(cfg, tok, Dist())
+    data = load_data(cfg, load_tokenizer(gguf), Dist())
     (stage / DATA_FILE).write_bytes(pack_samples(data))
     budget = part_budget()
     files = [split_file(gguf, carry, gguf.name, budget), split_file(stage / DATA_FILE, carry, DATA_FILE, budget)]

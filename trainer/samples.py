@@ -27,7 +27,7 @@ import numpy as np
 
 from p2p_local.data.format import Item, TaskCard, User, builtin_cards
 from p2p_local.paths import cache_dir
-from p2p_local.pipeline import make_profile, pool_embeddings
+from p2p_local.pipeline import PROMPT_SLACK, examples, fit_prompt, make_profile, pool_embeddings
 from p2p_local.profile import FEATURE_DIM
 
 CACHE_VERSION = 5  # bump when the sample construction below changes
@@ -115,8 +115,33 @@ def truncate_prompt(ids: list[int], max_tokens: int, keep_head: int = 8) -> list
     return ids[:keep_head] + ids[len(ids) - (max_tokens - keep_head):]
 
 
+class PromptTokens:
+    """The trainer's tokenizer behind the engine methods `pipeline.fit_prompt` calls, with a context of
+    `max_prompt_tokens` (+ the app's slack): the sample's prompt is fitted by the app's own rule."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int) -> None:
+        self.tokenizer, self.n_ctx = tokenizer, max_prompt_tokens + PROMPT_SLACK
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_bos)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def sample_prompt(card: TaskCard, query: Item, profile, tokenizer, max_prompt_tokens: int,
+                  prompt_examples: bool) -> str:
+    """The text a sample is trained on: the card's prompt around the query; with `prompt_examples`, after
+    the card's `examples` (the user's retrieved earlier items), as the app answers (`Route.prompt`)."""
+    shots = examples(card, profile) if prompt_examples else []
+    if not shots:
+        return card.prompt(query.input)
+    return fit_prompt(PromptTokens(tokenizer, max_prompt_tokens), card, query.input, shots=shots, reserve=0)[0]
+
+
 def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int, last: bool, seed: int,
-                  max_prompt_tokens: int, max_target_tokens: int, max_history: int, min_history: int) -> list[tuple]:
+                  max_prompt_tokens: int, max_target_tokens: int, max_history: int, min_history: int,
+                  prompt_examples: bool = False) -> list[tuple]:
     """One user's samples: (prompt ids, target ids, user id, item texts, features, label). The profile is the
     app's (pipeline.make_profile) over the user's items before the query; with `max_history` only the latest
     that many are read (the true count still sets the count feature, as the store's bounded read does)."""
@@ -126,7 +151,8 @@ def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int,
         query = user.items[i]
         history = user.items[:i] if max_history <= 0 else user.items[max(0, i - max_history):i]
         profile = make_profile(card, history, query, n_total=i)  # the app's route (p2p_local.pipeline)
-        p_ids = tokenizer(card.prompt(query.input), add_special_tokens=True)["input_ids"]
+        text = sample_prompt(card, query, profile, tokenizer, max_prompt_tokens, prompt_examples)
+        p_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         t_ids = tokenizer(target_text(card, query), add_special_tokens=False)["input_ids"]
         if card.kind != "generation":
             t_ids = t_ids[:1]  # the label's first token, as the evaluation scores it
@@ -188,6 +214,7 @@ def build_samples(
     max_target_tokens: int,
     max_history: int = 0,
     min_history: int = 2,
+    prompt_examples: bool = False,
     workers: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> SampleSet:
@@ -196,7 +223,8 @@ def build_samples(
     on its batch) and pooled with the app's `pool_embeddings`: the embedding equals the device's bit for bit."""
     log = log or (lambda msg: None)
     kw = dict(items_per_user=items_per_user, last=last, seed=seed, max_prompt_tokens=max_prompt_tokens,
-              max_target_tokens=max_target_tokens, max_history=max_history, min_history=min_history)
+              max_target_tokens=max_target_tokens, max_history=max_history, min_history=min_history,
+              prompt_examples=prompt_examples)
     rows = _map_users(card, users, tokenizer, kw, workers, log)
     vectors = embed_items(sorted({t for r in rows for t in r[3]})) if rows else {}
     if not isinstance(vectors, dict):

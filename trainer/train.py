@@ -441,10 +441,12 @@ def load_data(cfg: TrainConfig, tokenizer, d: Dist) -> tuple[list[SampleSet], li
     for name in names:
         td = load_task(name)
         users = td.train[: cfg.max_users_train] if cfg.max_users_train else td.train
+        # Only where the card shows examples: other samples keep their cache key (and their cached files).
+        kw = dict(common, prompt_examples=True) if cfg.prompt_examples and td.card.examples else common
         train_sets.append(cached_samples(td.card, users, tokenizer, encoder, split="train",
-                                         items_per_user=cfg.max_items_per_user, last=False, seed=cfg.seed, **common))
+                                         items_per_user=cfg.max_items_per_user, last=False, seed=cfg.seed, **kw))
         val_sets.append(cached_samples(td.card, td.val[: cfg.eval_users], tokenizer, encoder, split="val",
-                                       items_per_user=cfg.eval_items_per_user, last=True, seed=cfg.seed, **common))
+                                       items_per_user=cfg.eval_items_per_user, last=True, seed=cfg.seed, **kw))
         cards.append({"name": td.card.name, "kind": td.card.kind, "description": td.card.description,
                       "train_users": len(users), "train_samples": len(train_sets[-1]),
                       "val_users": len(set(val_sets[-1].user_ids)), "val_samples": len(val_sets[-1])})
