@@ -98,14 +98,15 @@ def _import(store, name: str, task: str, user: User, history_n: int, shared: Pat
         import_file(store, name, out, task=task)
 
 
-def _trainer_sample(card, user: User, i: int, encoder, tokenizer=None, max_prompt_tokens: int = 64):
+def _trainer_sample(card, user: User, i: int, encoder, tokenizer=None, max_prompt_tokens: int = 64,
+                    prompt_examples: bool = False):
     """The trainer's sample of the user's item i (`build_samples`, the trainer's own path)."""
     from trainer.samples import build_samples
 
     s = build_samples(card, [User(user.user_id, user.items[: i + 1])], tokenizer or (lambda *a, **k: TRAINER_TOKENS),
                       lambda texts: dict(zip(texts, encoder.embed_each(texts), strict=True)), items_per_user=1,
                       last=True, seed=0, max_prompt_tokens=max_prompt_tokens, max_target_tokens=24,
-                      prompt_examples=tokenizer is not None)
+                      prompt_examples=prompt_examples)
     assert len(s) == 1
     return s
 
@@ -164,7 +165,7 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         assert app_answer.prompt == method.prompt(ctx, q, pipeline.Personalization(ev, ev.fingerprint, task))
         if card.examples:  # trained as answered: the trainer's prompt (`prompt_examples`) is the app's, token for token
             budget = engine.n_ctx - pipeline.answer_tokens(engine, card, query.input) - pipeline.PROMPT_SLACK
-            trained = _trainer_sample(card, user, i, session.encoder, hf_tokenizer, budget).prompt_ids[0]
+            trained = _trainer_sample(card, user, i, session.encoder, hf_tokenizer, budget, True).prompt_ids[0]
             assert trained == engine.tokenize(app_answer.prompt), "the trainer's prompt is not the app's"
         if card.kind == "generation":
             assert app_answer.text == record["text"]

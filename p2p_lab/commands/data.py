@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--task", help="LaMP task (e.g. LaMP_3) when there is no outputs file")
     imp.add_argument("-o", "--out", type=Path, required=True, help="users JSONL to write (card beside it)")
     imp.set_defaults(func=cmd_import_lamp)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
 
 
 def _tasks(names: list[str] | None) -> list[str]:

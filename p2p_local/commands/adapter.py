@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapter", help="export a profile's adapter for llama.cpp, llama-server, Ollama or PEFT",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     asub = p.add_subparsers(dest="adapter_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
     ex = asub.add_parser("export", help="write the profile's adapter under a stable name, with usage notes",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("profile")

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "your profile's adapter proposes for the staged files. It never blocks a commit.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     hsub = p.add_subparsers(dest="hook_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
 
     ins = hsub.add_parser("install", help="install (or update) the hook in a repository", epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--name", required=True, help="a plain name (never a path), e.g. qwen-0.5b")
     add.add_argument("--replace", action="store_true", help="replace a model you added before under this name")
     add.set_defaults(func=cmd_add)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

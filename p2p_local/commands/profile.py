@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="profile_command", metavar="ACTION")
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda _args: parser.print_help() or 2)
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
 
