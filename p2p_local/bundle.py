@@ -10,6 +10,9 @@ ONNX interface (written by `trainer/export.py`):
 
 A bundle is made for exactly one base model (sha256 + arch) and one profile encoder (id + sha256):
 `check()` refuses anything else, because an adapter for another base is noise at best.
+
+It also records the task cards it was trained on (`cards`: {task: `card_hash`}). A card changed since
+is flagged, not refused (`card_status`): the adapter still answers, made for another prompt.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from p2p_local.adapter import MAX_LORA_SCALE, lora_value_problem, tensor_name
+from p2p_local.data.format import TaskCard, canonical_task, card_hash
 from p2p_local.errors import BundleError
 from p2p_local.paths import data_dir, repo_root
 
@@ -55,6 +59,45 @@ def find_bundle(name: str = DEFAULT_BUNDLE) -> Path:
         f"hypernetwork bundle {name!r} not found (looked in {', '.join(str(d) for d in bundle_dirs())})",
         hint="the source checkout ships models/gemma3-270m-p2p; or train one: `make train && make export`",
     )
+
+
+def installed_bundles() -> list[Path]:
+    """Every bundle directory in `bundle_dirs()`, in lookup order (a name may appear twice: the first wins)."""
+    return [d for root in bundle_dirs() if root.is_dir()
+            for d in sorted(root.iterdir()) if (d / MANIFEST).is_file()]
+
+
+def read_manifest(directory: Path) -> tuple[bytes, dict[str, Any]]:
+    """A bundle directory's manifest (bytes and checked JSON); BundleError if missing or malformed."""
+    manifest_path = directory / MANIFEST
+    try:
+        manifest_bytes = manifest_path.read_bytes()
+        manifest = json.loads(manifest_bytes)
+    except FileNotFoundError as e:
+        raise BundleError(f"{manifest_path} is missing", hint="a bundle is a directory with manifest.json and hypernet.onnx") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise BundleError(f"{manifest_path} is not valid JSON ({e})", hint="the bundle is corrupt: re-export or reinstall it") from e
+    _check_manifest(manifest, manifest_path)
+    return manifest_bytes, manifest
+
+
+def trained_cards(manifest: Mapping[str, Any]) -> dict[str, str] | None:
+    """{task: card_hash} of the cards a bundle was trained on (current task names); None: not recorded."""
+    cards = manifest.get("cards")
+    return {canonical_task(k): v for k, v in cards.items()} if isinstance(cards, dict) else None
+
+
+def card_status(manifest: Mapping[str, Any], card: TaskCard) -> str:
+    """How `card` relates to what the bundle was trained on:
+    "same": trained on this card's prompt (equal `card_hash`);
+    "different": trained on this task with another prompt (e.g. the card shows examples or diffs since);
+    "untrained": the bundle records its cards and this task is not among them (a user's own task);
+    "unknown": the bundle records no cards (exported before they were recorded)."""
+    cards = trained_cards(manifest)
+    if cards is None:
+        return "unknown"
+    trained = cards.get(canonical_task(card.name))
+    return "untrained" if trained is None else "same" if trained == card_hash(card) else "different"
 
 
 class Bundle:
@@ -108,15 +151,7 @@ class Bundle:
                 directory = find_bundle(str(p))
             else:
                 raise BundleError(f"no hypernetwork bundle at {p}", hint="pass a bundle directory holding manifest.json")
-        manifest_path = directory / MANIFEST
-        try:
-            manifest_bytes = manifest_path.read_bytes()
-            manifest = json.loads(manifest_bytes)
-        except FileNotFoundError as e:
-            raise BundleError(f"{manifest_path} is missing", hint="a bundle is a directory with manifest.json and hypernet.onnx") from e
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
-            raise BundleError(f"{manifest_path} is not valid JSON ({e})", hint="the bundle is corrupt: re-export or reinstall it") from e
-        _check_manifest(manifest, manifest_path)
+        manifest_bytes, manifest = read_manifest(directory)
         onnx_path = directory / manifest["onnx"]["file"]
         if not onnx_path.is_file():
             raise BundleError(f"{onnx_path} is missing", hint="the bundle is incomplete: re-export or reinstall it")
@@ -147,6 +182,14 @@ class Bundle:
             raise BundleError(f"{self.onnx_path} lacks outputs {missing}", hint="re-export the bundle")
 
     # --- compatibility ----------------------------------------------------------------------------
+    def trained_card(self, task: str) -> str | None:
+        """The `card_hash` of the card `task` was trained on; None where the bundle records none."""
+        return (trained_cards(self.manifest) or {}).get(canonical_task(task))
+
+    def card_status(self, card: TaskCard) -> str:
+        """One of "same", "different", "untrained", "unknown": see the module's `card_status`."""
+        return card_status(self.manifest, card)
+
     def check_features(self) -> None:
         """Refuse a bundle trained on another feature contract (version + names) than this code computes."""
         from p2p_local.profile import FEATURE_NAMES, FEATURE_VERSION
@@ -309,6 +352,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     check("name", manifest.get("name"), isinstance(manifest.get("name", ""), str), "a string")
     tasks = manifest.get("tasks", [])
     check("tasks", tasks, isinstance(tasks, list), "a list")
+    cards = manifest.get("cards", {})
+    check("cards", cards, isinstance(cards, dict) and all(isinstance(v, str) for v in cards.values()),
+          "an object of task name to card hash")
 
     check("lora.rank", lora["rank"], is_int(lora["rank"], 1, _MAX_RANK), f"an integer in 1..{_MAX_RANK}")
     alpha = lora["alpha"]

@@ -107,6 +107,7 @@ class Engine:
         self._adapters: list[Adapter] = []
         self.last_finish: str | None = None  # how the last generation ended: "stop" or "length" (its budget)
         self.active: tuple[Adapter | None, float] = (None, 0.0)
+        self._kv_prompt: list[int] | None = None  # a prompt `branches` left in llama.cpp's cache (same adapter)
         _quiet_llama()
         try:
             with _silence_stderr():
@@ -150,6 +151,7 @@ class Engine:
                     raise EngineError(f"llama.cpp could not attach {adapter.path.name} (code {rc})")
                 self.active = (adapter, float(scale))
             self.llm.reset()
+            self._kv_prompt = None
 
     def free_adapter(self, adapter: Adapter) -> None:
         with self._lock:
@@ -181,6 +183,7 @@ class Engine:
         `last_finish` then says why it ended: "stop" (a stop string or end of text) or "length" (max_tokens)."""
         with self._lock:
             self.last_finish = None
+            self._kv_prompt = None
             n_prompt = len(self.tokenize(prompt))
             max_tokens = max(1, min(max_tokens, self.n_ctx - n_prompt - 1))
             if n_prompt >= self.n_ctx - 1:
@@ -208,6 +211,7 @@ class Engine:
                               hint="free chat needs an instruct model with one: `p2p models add FILE --name N`")
         with self._lock:
             self.last_finish = None
+            self._kv_prompt = None
             try:
                 stream = self.llm.create_chat_completion(
                     list(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -232,6 +236,7 @@ class Engine:
             raise EngineError(f"prompt of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
         with self._lock:
             self.llm.reset()  # no prefix reuse: logits must come from exactly this setup
+            self._kv_prompt = None
             self.llm.eval(tokens)
             ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
@@ -250,8 +255,13 @@ class Engine:
             raise EngineError(f"prompt + continuation of {len(tokens) + len(cont)} tokens do not fit the context ({self.n_ctx})")
         out = np.empty(len(cont))
         with self._lock:
-            self.llm.reset()
-            self.llm.eval(tokens)  # logits at the prompt's last position predict cont[0]
+            if self._kv_prompt == tokens and len(tokens) > 1:  # just answered by `branches`: its cache holds the
+                self.llm.n_tokens = len(tokens) - 1  # prompt; only the last position is decoded again
+                self.llm.eval(tokens[-1:])
+            else:
+                self.llm.reset()
+                self.llm.eval(tokens)  # logits at the prompt's last position predict cont[0]
+            self._kv_prompt = None
             first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
             out[0] = _log_softmax_at(first, cont[0])
             rest = cont[:-1]
@@ -268,6 +278,42 @@ class Engine:
                     out[start + i + 1] = _log_softmax_at(row, cont[start + i + 1])
             self.llm.reset()
         return out
+
+    def branches(self, prompt: str, n: int, max_tokens: int) -> list[tuple[str, float, int]]:
+        """Greedy one-line continuations of `prompt` from each of its `n` most likely first tokens (the
+        first is the greedy answer itself): [(text, summed log-probability, tokens)], in first-token order.
+        A line ends at a newline or the end of text. The prompt is evaluated once; each branch then costs
+        one single-token decode a token (llama.cpp drops the cache past the prompt before each branch)."""
+        tokens = self.tokenize(prompt)
+        if len(tokens) + max_tokens >= self.n_ctx:
+            max_tokens = self.n_ctx - len(tokens) - 1
+        if max_tokens < 1:
+            raise EngineError(f"prompt of {len(tokens)} tokens does not fit the context ({self.n_ctx})",
+                              hint="shorten the input or the profile shown in the prompt")
+        eos = self.llm.token_eos()
+        out: list[tuple[str, float, int]] = []
+        with self._lock:
+            self.llm.reset()
+            self.llm.eval(tokens)
+            first = _log_softmax(self._logits())
+            for t0 in np.argsort(-first)[: max(1, n)]:
+                t, lp, ids = int(t0), float(first[t0]), []
+                self.llm.n_tokens = len(tokens)  # back to the prompt: the next eval drops the branch's cache
+                while t != eos:
+                    ids.append(t)
+                    if "\n" in self.detokenize([t]) or len(ids) >= max_tokens:
+                        break
+                    self.llm.eval([t])
+                    row = _log_softmax(self._logits())
+                    t = int(np.argmax(row))
+                    lp += float(row[t])
+                out.append((self.detokenize(ids), lp, max(1, len(ids))))
+            self.llm.reset()  # what llama-cpp-python's own calls see: nothing to reuse
+            self._kv_prompt = tokens  # what `continuation_logprobs` may reuse (the cache keeps the prompt)
+        return out
+
+    def _logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
 
     # --- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -306,3 +352,9 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
     x = logits.astype(np.float64)
     m = float(x.max())
     return float(x[token] - m - np.log(np.exp(x - m).sum()))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())

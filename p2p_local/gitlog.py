@@ -14,11 +14,14 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from p2p_local.data.records import commit_item, parse_time
+from p2p_local.diffs import DIFF_ARGS, LINE_CHARS, MAX_PATCH_CHARS, compact_diff
 from p2p_local.errors import DataError, UsageError
 from p2p_local.store import NewItem
 
@@ -85,7 +88,7 @@ def git_items(repo: str | Path, authors: Sequence[str] = (), since: str | None =
     who = [a.strip() for a in authors if a and a.strip()] or [_config_email(repo)]
     wanted = {a.casefold() for a in who}
     marker = "p2p-" + secrets.token_hex(16)
-    args = ["log", "--no-color", "--no-ext-diff", "--no-textconv", "--encoding=UTF-8", "--name-only", "-z",
+    args = ["log", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames", "--encoding=UTF-8", "--name-only", "-z",
             f"--format={marker}%x00{_FIELDS}"]
     if since:
         args.append(f"--since={_since(since)}")
@@ -112,12 +115,18 @@ def git_items(repo: str | Path, authors: Sequence[str] = (), since: str | None =
             stats["empty_subject_skipped"] += 1
             continue
         inp, out, meta = made
+        meta["sha"] = sha  # until its diff is read (below)
         items.append(NewItem(inp, out, float(when) if when.isdigit() and len(when) < 16 else None, meta,
                              COMMIT_TASK, where=f"{repo} commit {sha[:12]}"))
         if len(items) > MAX_COMMITS:
             raise DataError(f"{repo}: more than {MAX_COMMITS:,} commits", hint="narrow it with --since")
     if progress and stats["commits_read"] >= PROGRESS_EVERY:
         progress(-stats["commits_read"])  # negative: the last report
+    diffs = commit_diffs(repo, [it.meta["sha"] for it in items])  # the change itself: what the query reads
+    for it in items:
+        sha = it.meta.pop("sha")
+        if diffs.get(sha):
+            it.meta["diff"] = diffs[sha]
     items.reverse()  # git lists newest first
     items.sort(key=lambda it: (it.time is not None, it.time or 0.0))  # stable: equal times keep git's order
     return items, stats, who
@@ -239,22 +248,64 @@ def first_line(text: str) -> str:
     return lines[0] if lines else "no message"
 
 
-# --- the query of a commit not written yet -------------------------------------------------------
-_DIFF_FILE = re.compile(r"^diff --git a/(.*) b/(.*)$")
+# --- the change: diffs of imported commits, the staged change ------------------------------------
+def commit_diffs(repo: str | Path, shas: Sequence[str]) -> dict[str, str]:
+    """Each commit's compact diff (`diffs.compact_diff`, against its first parent), read in one streamed
+    `git log --no-walk --stdin -p` over just these commits."""
+    if not shas:
+        return {}
+    marker = "p2p-" + secrets.token_hex(16)  # no diff line can start with it: each starts with + - @ or a git word
+    args = ["log", "--no-walk=unsorted", "--stdin", "-p", *DIFF_ARGS, f"--format={marker}%H"]
+    proc = subprocess.Popen(git_command(Path(repo), args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=git_env())
+    out: dict[str, str] = {}
+    assert proc.stdin is not None and proc.stdout is not None
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, shas), daemon=True)
+    feeder.start()
+    sha, lines, size = None, [], 0
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if line.startswith(marker):
+                if sha is not None:
+                    out[sha] = compact_diff("\n".join(lines)).text
+                sha, lines, size = line[len(marker):].strip(), [], 0
+            elif size < MAX_PATCH_CHARS:  # the rest of a huge patch is read past, not kept
+                lines.append(line[:LINE_CHARS + 1])
+                size += len(lines[-1]) + 1
+        if sha is not None:
+            out[sha] = compact_diff("\n".join(lines)).text
+        proc.wait(timeout=GIT_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out
 
 
-def looks_like_diff(text: str) -> bool:
-    return text.lstrip().startswith("diff --git ")
+def _feed(stdin: Any, shas: Sequence[str]) -> None:
+    try:
+        for sha in shas:
+            stdin.write(sha.encode() + b"\n")
+        stdin.close()
+    except (BrokenPipeError, OSError):  # git stopped early: its exit status says why
+        pass
 
 
-def diff_files(diff: str) -> list[str]:
-    """The changed files of a unified `git diff` (new names; a deleted file by its old name), in git's order."""
-    files: list[str] = []
-    for line in diff.splitlines():
-        m = _DIFF_FILE.match(line)
-        if m:
-            files.append(m.group(2))
-    return list(dict.fromkeys(files))
+def files_shown(commit_input: str) -> tuple[int, int]:
+    """(files named, files changed) of a commit item's input ("files: a, b (+3 more)")."""
+    head = commit_input.split("\n", 1)[0]
+    if not head.startswith("files: ") or head == "files: none":
+        return 0, 0
+    names, more = head[len("files: "):], 0
+    m = _MORE.search(names)
+    if m:
+        names, more = names[:m.start()], int(m.group(1))
+    named = names.count(", ") + 1
+    return named, named + more
+
+
+_MORE = re.compile(r" \(\+(\d+) more\)$")
 
 
 def commit_query(files: Sequence[str], body: str = "") -> str:
@@ -265,10 +316,11 @@ def commit_query(files: Sequence[str], body: str = "") -> str:
     return made[0]
 
 
-def staged_files(repo: str | Path = ".") -> list[str]:
-    """The files `git commit` would record now (honours GIT_INDEX_FILE, as git sets it for hooks)."""
-    r = subprocess.run(git_command(Path(repo), ["diff", "--cached", "--name-only", "-z", "--no-ext-diff"]),
-                       capture_output=True, env=git_env(), timeout=60)
+def staged_diff(repo: str | Path = ".") -> str:
+    """The change `git commit` would record now, as git shows it by the compact rule's options (honours
+    GIT_INDEX_FILE, as git sets it for hooks). At most MAX_PATCH_CHARS are read."""
+    r = subprocess.run(git_command(Path(repo), ["diff", "--cached", *DIFF_ARGS]), capture_output=True,
+                       env=git_env(), timeout=60)
     if r.returncode != 0:
         raise DataError(f"{repo}: git diff --cached failed: {first_line(r.stderr.decode(errors='replace'))}")
-    return [f for f in r.stdout.decode("utf-8", errors="replace").split("\0") if f]
+    return r.stdout[:MAX_PATCH_CHARS].decode("utf-8", errors="replace")

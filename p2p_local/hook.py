@@ -6,8 +6,9 @@ first, and comes back on `p2p hook uninstall`. The script calls `p2p hook run`, 
 
 - proposes only when git opens the editor on an empty message (not for `-m`, `-F`, merges, squashes,
   amends, or a template that already holds a subject);
-- reads the staged files as the commit-subject task reads a commit (`gitlog.commit_query`: the training
-  items' format), personalizes with the profile's adapter and writes the answer as the first line;
+- reads the staged change as the commit-subject task reads a commit (its files line and compact diff,
+  `pipeline.query_item`: the imported commits' rule), personalizes with the profile's adapter and writes
+  the best proposal as the first line, the others and what was read as `#` lines below it;
 - never blocks a commit: a missing model, profile or store, an error or a run past the timeout
   (`--timeout`, or `P2P_HOOK_TIMEOUT` seconds) leaves the message as git made it, and the script
   always exits 0 for its own part.
@@ -20,16 +21,19 @@ import shlex
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from p2p_local.errors import StoreError, UsageError
 from p2p_local.files import atomic_write, disk_error
-from p2p_local.gitlog import COMMIT_TASK, commit_query, first_line, git_command, git_env, staged_files
+from p2p_local.gitlog import COMMIT_TASK, first_line, git_command, git_env, staged_diff
 
 HOOK = "prepare-commit-msg"
 SAVED = HOOK + ".p2p-saved"
 MARK = "# p2p-local prepare-commit-msg hook"
 DEFAULT_TIMEOUT_S = 10.0
+PROPOSALS = 3  # the subject, then two more as `#` lines
 PROPOSE_SOURCES = ("", "template")
 _ENTRY = "import sys; sys.path.pop(0); from p2p_local.cli import main; sys.exit(main())"  # sys.path[0]: the cwd  # git's 2nd argument: no source (plain `git commit`) or a template
 
@@ -52,16 +56,53 @@ def is_ours(path: Path) -> bool:
         return False
 
 
-def script(profile: str, task: str, timeout: float, python: str | None = None) -> str:
+# What makes the hook step aside without starting Python: files in the git dir while a rebase, cherry-pick,
+# revert or merge is under way (each of their commits would otherwise pay a Python start).
+BUSY = ("rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD", "REVERT_HEAD", "MERGE_HEAD")
+GONE = "# p2p-local: no proposal: data dir {} is gone (p2p hook install again)"
+
+
+def recorded_env() -> dict[str, str]:
+    """What the hook exports for `p2p hook run` unless the commit's environment sets it: the data dir in use now
+    (a commit from a shell without P2P_HOME still finds the profile), and P2P_MODELS when it is set."""
+    from p2p_local.paths import data_dir
+
+    out = {"P2P_HOME": os.path.abspath(data_dir(create=False))}
+    if os.environ.get("P2P_MODELS"):
+        out["P2P_MODELS"] = os.path.abspath(os.path.expanduser(os.environ["P2P_MODELS"]))
+    return out
+
+
+def script(profile: str, task: str, timeout: float, python: str | None = None,
+           env: dict[str, str] | None = None) -> str:
     """The hook: the saved hook first (its failure still stops the commit), then ours, whose failure never does.
-    `_ENTRY` drops the current folder from sys.path: the repository's own folders must not shadow the installed
-    p2p_local (a clone of this one would)."""
+
+    Ours exits in the shell, before any Python, unless git opens the editor on a new message (no source, or a
+    template) outside a rebase/cherry-pick/revert/merge: a rebase of N commits then costs N shell starts, not N
+    Python starts. The git dir is the message file's folder (git writes COMMIT_EDITMSG there; 2.39 sets GIT_DIR
+    for hooks only in a linked worktree), so no `git rev-parse` either. `env` (default `recorded_env()`) is exported unless
+    already set. `_ENTRY` drops the current folder from sys.path: the repository's own folders must not shadow
+    the installed p2p_local (a clone of this one would)."""
     py = shlex.quote(python or sys.executable)
+    sources = "|".join(shlex.quote(s) for s in PROPOSE_SOURCES)
+    exports = "".join(f'[ -n "${{{k}-}}" ] || {k}={shlex.quote(v)}; export {k}\n'
+                      for k, v in (recorded_env() if env is None else env).items())
+    gone = shlex.quote(GONE.format("%s") + "\\n")  # printf's format: the data dir goes in as an argument
     return f"""#!/bin/sh
 {MARK} (p2p hook uninstall removes it and restores any earlier hook)
-hooks_dir=$(dirname "$0")
+case $0 in */*) hooks_dir=${{0%/*}} ;; *) hooks_dir=. ;; esac
 if [ -x "$hooks_dir/{SAVED}" ]; then
   "$hooks_dir/{SAVED}" "$@" || exit $?
+fi
+case ${{2-}} in {sources}) ;; *) exit 0 ;; esac
+git_dir=${{1%/*}}
+[ "$git_dir" != "$1" ] && [ -f "$git_dir/HEAD" ] || git_dir=$(git rev-parse --git-dir 2>/dev/null) || exit 0
+for f in {" ".join(BUSY)}; do
+  [ -e "$git_dir/$f" ] && exit 0
+done
+{exports}if [ ! -d "$P2P_HOME" ]; then
+  printf {gone} "$P2P_HOME" >>"$1"
+  exit 0
 fi
 {py} -c {shlex.quote(_ENTRY)} hook run --profile {shlex.quote(profile)} --task {shlex.quote(task)} --timeout {timeout:g} "$@" \\
   </dev/null >/dev/null 2>&1 || true
@@ -69,8 +110,10 @@ exit 0
 """
 
 
-def install(repo: str | Path, profile: str, task: str = COMMIT_TASK, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
-    """Install (or update) the hook; an earlier, foreign hook is kept as SAVED and still runs first."""
+def install(repo: str | Path, profile: str, task: str = COMMIT_TASK, timeout: float = DEFAULT_TIMEOUT_S, *,
+            python: str | None = None, env: dict[str, str] | None = None) -> Path:
+    """Install (or update) the hook; an earlier, foreign hook is kept as SAVED and still runs first.
+    `python`: the interpreter the hook starts (default: this one); `env`: what it exports (`script`)."""
     d = hooks_dir(repo)
     path, saved = d / HOOK, d / SAVED
     moved = False
@@ -81,7 +124,7 @@ def install(repo: str | Path, profile: str, task: str = COMMIT_TASK, timeout: fl
                                  hint="move one of them away, then run p2p hook install again")
             os.replace(path, saved)
             moved = True
-        atomic_write(path, script(profile, task, timeout), mode=0o755)
+        atomic_write(path, script(profile, task, timeout, python, env), mode=0o755)
     except (OSError, StoreError) as e:
         if moved:  # the foreign hook goes back where it was: a failed install changes nothing
             os.replace(saved, path)
@@ -106,8 +149,8 @@ def uninstall(repo: str | Path) -> tuple[Path, bool]:
     return path, False
 
 
-def propose(query: str, profile: str, task: str) -> str:
-    """The personalized subject for a commit query (what `p2p ask QUERY --profile P --task T` prints)."""
+def propose(query: str, profile: str, task: str) -> Proposal:
+    """The personalized proposals for a commit query, a staged diff (what `p2p ask - --candidates 3` prints)."""
     from p2p_local.errors import ModelError
     from p2p_local.models import get_spec, model_path
     from p2p_local.personalize import Session
@@ -117,7 +160,25 @@ def propose(query: str, profile: str, task: str) -> str:
     with Session.open() as s:
         if not s.store.profile_exists(profile):
             raise StoreError(f"no profile {profile!r}")
-        return s.answer(query, profile=profile, task=task).finish().text
+        a = s.answer(query, profile=profile, task=task).finish()
+        return Proposal([c.text for c in a.candidates[:PROPOSALS]] or [a.text], a.request.read)
+
+
+@dataclass
+class Proposal:
+    """The hook's proposals (best first) and what was read of the staged change (`pipeline.what_was_read`)."""
+
+    lines: list[str]
+    read: dict[str, Any] | None = None
+
+    def comments(self) -> list[str]:
+        """The `#` lines under the subject: the other proposals, and what was read (never cut silently)."""
+        out = [f"# p2p-local also proposes: {line}" for line in self.lines[1:]]
+        r = self.read
+        if r:
+            out.append(f"# p2p-local read {r['files']} of {r['files_total']} files and {r['diff_chars']:,} of "
+                       f"{r['diff_chars_total']:,} diff characters")
+        return out
 
 
 def run(msg_file: str | Path, source: str = "", *, profile: str, task: str = COMMIT_TASK,
@@ -133,11 +194,10 @@ def run(msg_file: str | Path, source: str = "", *, profile: str, task: str = COM
     text = msg_file.read_text(encoding="utf-8", errors="replace")
     if any(ln.strip() and not ln.startswith("#") for ln in text.splitlines()):
         return None  # a template (or something) already wrote a message: leave it
-    files = staged_files(repo)
-    if not files:
+    query = staged_diff(repo)
+    if not query.strip():
         return None
-    query = commit_query(files)
-    found: list[str] = []
+    found: list[Proposal] = []
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -153,9 +213,10 @@ def run(msg_file: str | Path, source: str = "", *, profile: str, task: str = COM
         raise TimeoutError(f"no subject within {timeout:g} s")
     if errors:
         raise errors[0]
-    subject = found[0].splitlines()[0].strip() if found and found[0].strip() else ""
-    if not subject:
+    lines = [ln.strip() for ln in (found[0].lines if found else []) if ln.strip()]
+    if not lines:
         return None
     mode = msg_file.stat().st_mode & 0o777
-    atomic_write(msg_file, subject + "\n" + text, mode=mode)
-    return subject
+    comments = "".join(c + "\n" for c in found[0].comments())
+    atomic_write(msg_file, lines[0].splitlines()[0] + "\n" + comments + text, mode=mode)
+    return lines[0]

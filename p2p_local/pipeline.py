@@ -36,6 +36,7 @@ import numpy as np
 from p2p_local.adapter import BaseInfo, write_adapter
 from p2p_local.bundle import Bundle
 from p2p_local.data.format import FREE_CHAT, Item, TaskCard
+from p2p_local.diffs import compact_diff, looks_like_diff, shown
 from p2p_local.encoder import Encoder
 from p2p_local.errors import AdapterError, DataError
 from p2p_local.profile import MAX_SUMMARY_ITEMS, Profile, build_profile
@@ -56,19 +57,48 @@ PROMPT_SLACK = 4  # tokens kept free beside the answer (token counts are not add
 
 
 # --- 1-3: items and the profile -------------------------------------------------------------------
-def read_query(card: TaskCard | None, text: str) -> str:
-    """What the task reads of the typed text: a `git diff` asked of the commit-subject task becomes the
-    commit as the task reads one (its files, the training items' format); any other text is itself."""
-    from p2p_local.gitlog import COMMIT_TASK, commit_query, diff_files, looks_like_diff
-
-    if card is not None and card.name == COMMIT_TASK and looks_like_diff(text):
-        return commit_query(diff_files(text))
-    return text
-
-
 def query_item(card: TaskCard, text: str) -> Item:
-    """The query a user typed, as the card reads it: no output, metadata parsed from the text."""
+    """The query a user typed, as the card reads it: no output, metadata parsed from the text. A diff asked
+    of a task that reads changes (`card.diff_chars`: commit subjects) becomes the commit being written:
+    its files line in the training items' format (`gitlog.commit_query`) and its compact diff
+    (`diffs.compact_diff`, the rule of every entry point) as `meta["diff"]`."""
+    if card.diff_chars and looks_like_diff(text):
+        from p2p_local.gitlog import commit_query
+
+        d = compact_diff(text)
+        return Item(commit_query(d.files), "", None, {"diff": d.text, "diff_total": d.chars_total})
     return Item(text, "", None, card.input_meta(text))
+
+
+def served_query(card: TaskCard, item: Item) -> Item:
+    """A held-out item as the app receives its query: a change-reading task is asked at commit time (the
+    hook, `git diff --cached | p2p ask -`), when the change exists and its message body does not yet, so
+    the query is the files line and the diff alone. Any other item is itself."""
+    if not card.diff_chars or "\n" not in item.input:
+        return item
+    return Item(item.input.split("\n", 1)[0], item.output, item.time, item.meta)
+
+
+def prompt_input(card: TaskCard, item: Item, example: bool = False) -> str:
+    """What the prompt shows of an item (the query, or an `example`): its input, then (a task that reads
+    changes) the first `card.diff_chars` (an example: `card.example_diff_chars`) characters of its compact
+    diff, whole lines."""
+    chars = card.example_diff_chars if example else card.diff_chars
+    diff = shown(item.meta.get("diff") or "", chars) if card.diff_chars and chars else ""
+    return f"{item.input}\n{diff}" if diff else item.input
+
+
+def what_was_read(card: TaskCard, item: Item) -> dict[str, Any] | None:
+    """What a change-reading answer read of the change (never cut silently): files named of all, diff
+    characters shown of the whole compact diff. None for a task that reads no change."""
+    if not card.diff_chars:
+        return None
+    from p2p_local.gitlog import files_shown
+
+    diff = item.meta.get("diff") or ""
+    named, total = files_shown(item.input)
+    return {"files": named, "files_total": total, "diff_chars": len(shown(diff, card.diff_chars)),
+            "diff_chars_total": int(item.meta.get("diff_total") or len(diff))}
 
 
 def history_item(card: TaskCard, input: str, output: str, time: float | None = None,
@@ -172,7 +202,7 @@ def render_items(card: TaskCard, items: Sequence[Item]) -> list[str]:
     the pattern it sees, and with a second format in the prompt it answered commit-subject queries
     with "Input: files: ..." (measured); examples in the query's own format are the strong baseline.
     """
-    return [card.prompt(it.input) + it.output for it in items]
+    return [card.prompt(prompt_input(card, it, example=True)) + it.output for it in items]
 
 
 def examples(card: TaskCard | None, profile: Profile | None) -> list[str]:
@@ -387,6 +417,60 @@ class GuardedStream:
                 close()
 
 
+# --- one-line answers: proposals, and no parroting ----------------------------------------------------
+# A small base model shown the user's earlier lines tends to repeat one of them word for word (39% of commit
+# answers did, against 2.2% of the authors' own subjects). A one-line answer is therefore chosen among
+# greedy lines from the CANDIDATE_BRANCHES most likely first tokens: the greedy line first, except that
+# a line equal (case- and whitespace-insensitively) to one of the user's earlier outputs goes below every
+# other line whose mean token log-probability is within COPY_MARGIN of it. The proposals (`--candidates`)
+# are the same list. Both constants were chosen by measurement (reports/commit-anticopy.md).
+CANDIDATE_BRANCHES = 4
+COPY_MARGIN = 1.0  # nats per token
+
+
+@dataclass
+class Candidate:
+    """One proposed line: its text, mean token log-probability, and whether it repeats an earlier output."""
+
+    text: str
+    logprob: float
+    copy: bool = False
+    branch: int = 0  # its first token's rank (0: the greedy line)
+
+
+def copy_key(text: str) -> str:
+    """The form two outputs are compared in for copying: case- and whitespace-insensitive."""
+    return _norm(text)
+
+
+def rank_candidates(cands: list[Candidate], margin: float = COPY_MARGIN) -> list[Candidate]:
+    """Branch order (greedy line first), a copy moved below the others when one of them scores within `margin`."""
+    def demoted(c: Candidate) -> bool:
+        return c.copy and any(not d.copy and d.logprob >= c.logprob - margin for d in cands)
+
+    return [c for c in cands if not demoted(c)] + [c for c in cands if demoted(c)]
+
+
+def one_line_candidates(engine: Any, card: TaskCard, prompt: str, earlier: set[str], max_tokens: int,
+                        branches: int = CANDIDATE_BRANCHES, margin: float = COPY_MARGIN) -> tuple[list[Candidate], str]:
+    """The distinct lines of `engine.branches`, ranked (`rank_candidates`); and how the first ended."""
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    finish = "stop"
+    for i, (raw, lp, n) in enumerate(engine.branches(prompt, branches, max_tokens)):
+        loop = repeat_scan(raw)[0]  # a line that starts over ends where it repeats (GuardedStream's rule)
+        text = finish_text(card, raw if loop is None else raw[:loop])
+        key = copy_key(text)
+        if not text or key in seen:
+            continue
+        seen.add(key)
+        out.append(Candidate(text, lp / n, key in earlier, i))
+        if i == 0 and "\n" not in raw and n >= max_tokens:
+            finish = "length"
+    ranked = rank_candidates(out, margin)
+    return ranked, finish if ranked and out and ranked[0] is out[0] else "stop"
+
+
 def finish_text(card: TaskCard | None, text: str) -> str:
     """The answer as scored and shown: stripped; a one-line task's first line."""
     text = text.strip()
@@ -418,15 +502,33 @@ class Request:
         return FREE_CHAT if self.free_chat or self.card is None else self.card.name
 
     @property
+    def query_item(self) -> Item | None:
+        """The query as the task reads it (`query_item`: a staged diff becomes the commit); the held-out
+        item in the evaluation; None for free chat or no text."""
+        if self.item is not None:
+            return self.item
+        if self.card is None or not self.text:
+            return None
+        if self.free_chat:  # a free-chat bundle's profile: the text as typed
+            return Item(self.text, "", None, self.card.input_meta(self.text))
+        return query_item(self.card, self.text)
+
+    @property
     def query(self) -> str:
-        """The text as the task reads it (`read_query`: a staged diff becomes the commit)."""
-        return read_query(None if self.free_chat else self.card, self.text)
+        """The query as the prompt shows it (`prompt_input`); free chat: the text itself."""
+        item = self.query_item
+        return self.text if item is None or self.card is None or self.free_chat else prompt_input(self.card, item)
+
+    @property
+    def read(self) -> dict[str, Any] | None:
+        """What the answer read of a change (`what_was_read`), for the tasks that read one."""
+        item = self.query_item
+        return None if item is None or self.card is None else what_was_read(self.card, item)
 
     def build_profile(self) -> Profile:
         """The profile this request is personalized with (query-aware when there is a query)."""
         assert self.card is not None
-        item = self.item if self.item is not None else (query_item(self.card, self.query) if self.text else None)
-        return make_profile(self.card, self.history, item, n_total=self.n_total)
+        return make_profile(self.card, self.history, self.query_item, n_total=self.n_total)
 
 
 @dataclass
@@ -471,6 +573,7 @@ class Answer:
         self.scale = 0.0
         self.finish_reason: str | None = None  # a generated answer: "stop", "repeat" or "length" (`GuardedStream`)
         self.examples = 0  # the user's own history items shown before the query (the card's `examples`)
+        self.candidates: list[Candidate] = []  # a one-line answer's proposals, best first (`text` is the first)
         self.timings_ms: dict[str, float] = {}
 
     @property
@@ -524,6 +627,8 @@ class Route:
         self._loaded: Any = None
 
     chat_engine: Any = None  # free chat on an instruct model of the user's choice (`--model`), if any
+    branches = CANDIDATE_BRANCHES  # first tokens a one-line answer is chosen among (1: the greedy line)
+    copy_margin = COPY_MARGIN
 
     # --- the one function ----------------------------------------------------------------------------
     def answer(self, request: Request, *, personalized: bool = True, scale: float = 1.0, temperature: float = 0.0,
@@ -560,6 +665,14 @@ class Route:
                 kw = generation_settings(self.engine, card, req.query)
                 if max_tokens:
                     kw["max_tokens"] = max_tokens
+                if card is not None and card.one_line and temperature == 0:
+                    earlier = {copy_key(it.output) for it in req.history}
+                    a.candidates, a.finish_reason = one_line_candidates(
+                        self.engine, card, a.prompt, earlier, kw["max_tokens"], self.branches, self.copy_margin)
+                    a.text = a.candidates[0].text if a.candidates else ""
+                    if a.text:
+                        yield a.text
+                    return
                 raw: list[str] = []
                 if card is None and self.chat_engine is not None and a.personalization is None:
                     # Free chat on the chosen instruct model: its chat template, the summary as system prompt.

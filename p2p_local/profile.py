@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2p_local.data.format import Item, TaskCard
+from p2p_local.diffs import shown
 
 # A profile describes the user's recent self: statistics over the latest MAX_SUMMARY_ITEMS items, retrieval
 # over the latest MAX_RETRIEVAL_ITEMS. The trainer builds every training sample with the same windows
@@ -388,7 +389,13 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
 
 def _doc(card: TaskCard, item: Item) -> str:
     # Rating/label outputs are single tokens with no retrieval value; text outputs carry the topic.
-    return item.input if card.kind != "generation" else f"{item.input} {item.output}"
+    return _with_change(card, item, item.input if card.kind != "generation" else f"{item.input} {item.output}")
+
+
+def _with_change(card: TaskCard, item: Item, text: str) -> str:
+    """A task that reads changes retrieves by the change too: the part of the diff the prompt shows."""
+    diff = shown(item.meta.get("diff") or "", card.diff_chars) if card.diff_chars else ""
+    return f"{text} {diff}" if diff else text
 
 
 @functools.lru_cache(maxsize=1 << 15)
@@ -417,7 +424,8 @@ def _retrieve(card: TaskCard, history: list[Item], query: Item | None, k: int) -
         return recent[:k], 0
     tokens = [list(_bm25_tokens(_doc(card, it))) for it in pool]
     keep = [i for i, t in enumerate(tokens) if t]
-    q = bm25s.tokenize([query.input], stopwords="en", show_progress=False, return_ids=False)
+    q = bm25s.tokenize([_with_change(card, query, query.input)], stopwords="en", show_progress=False,
+                       return_ids=False)
     picked: list[int] = []
     if keep and q[0]:
         index = bm25s.BM25()

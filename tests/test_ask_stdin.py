@@ -15,7 +15,7 @@ import pytest
 from p2p_local.cli import main
 from p2p_local.commands.ask import query_text
 from p2p_local.data.format import builtin_card
-from p2p_local.pipeline import read_query
+from p2p_local.pipeline import Request
 
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
 
@@ -63,5 +63,7 @@ def test_diff_as_commit_query(monkeypatch):
             "-a\n+b\ndiff --git a/old name.txt b/new name.txt\nsimilarity index 100%\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(diff))
     text = query_text("-")
-    assert read_query(builtin_card("commit-subject"), text) == "files: src/app.py, new name.txt"
-    assert read_query(builtin_card("movielens-rating"), text) == text  # other tasks read the text as it is
+    assert Request(builtin_card("commit-subject"), text).query == (
+        "files: src/app.py, new name.txt\ndiff --git a/src/app.py b/src/app.py\n@@\n-a\n+b\n"
+        "diff --git a/old name.txt b/new name.txt\nsimilarity index 100%")  # files, then the compact diff
+    assert Request(builtin_card("movielens-rating"), text).query == text  # other tasks read the text as it is

@@ -203,7 +203,7 @@ def test_the_cards_examples_reach_the_evaluation_and_key_only_the_methods_that_s
 
     assert run_key(EvalConfig(), card, "s") == run_key(EvalConfig(), dataclasses.replace(card, examples=0), "s")
     shows = {name for name, cls in METHODS.items() if getattr(cls, "uses_examples", False)}
-    assert shows == {"p2p", "p2p-shuffled"}
+    assert shows == {"p2p", "p2p-shuffled", "p2p-before"}
     m = METHODS["p2p"]()
-    m.bundle, m.examples = SimpleNamespace(sha256="ab" * 32), 2
+    m.bundle, m.examples, m.decoding = SimpleNamespace(sha256="ab" * 32), 2, ""
     assert m.fingerprint() == "ab" * 8 + ":examples=2"

@@ -77,7 +77,8 @@ def test_hook_proposes_what_ask_answers(repo: Path, capsys):
                             "--profile", "me", "--json"], input=diff, capture_output=True, text=True,
                            env=_env(repo), check=True)
     answer = json.loads(asked.stdout)
-    assert answer["query"] == "files: docs/usage.md, src/app.py"  # the diff, read as the task reads a commit
+    # the diff, read as the task reads a commit: its files line, then its compact diff
+    assert answer["query"].startswith("files: docs/usage.md, src/app.py\ndiff --git a/docs/usage.md b/docs/usage.md\n")
     assert answer["adapter"] is not None
     proposed = answer["text"].strip()
     assert proposed

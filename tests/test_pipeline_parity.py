@@ -48,7 +48,8 @@ def _replayable(user: User) -> bool:
 
 def _git_repo(user: User, n: int, tmp: Path) -> Path:
     """A real git repository whose author me@example.org made the user's first `n` commits: each commit
-    touches the files its item names, with the item's subject, body and date."""
+    touches the files its item names, with the item's subject, body and date. Item `n`'s change is left
+    staged: the commit being written, as the hook and `git diff --cached | p2p ask -` read it."""
     import subprocess
 
     repo = tmp / f"repo-{user.user_id}"
@@ -71,11 +72,39 @@ def _git_repo(user: User, n: int, tmp: Path) -> Path:
         date = f"@{int(it.time)} +0000"
         run("commit", "-q", "--allow-empty", "-m", it.output + (f"\n\n{body}" if body else ""),
             GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date)
+    head = user.items[n].input.split("\n")[0]
+    for f in [] if head == "files: none" else head.removeprefix("files: ").split(", "):
+        path = repo / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(f"{n}\n")
+        run("add", "--", f)
     return repo
 
 
-def _import(store, name: str, task: str, user: User, history_n: int, shared: Path, tmp: Path) -> None:
-    """Import the user's first `history_n` items as a user would: their own file, `p2p profile import`."""
+def _as_replayed(store, name: str, user: User, i: int, repo: Path) -> tuple[User, str]:
+    """The commit author as the replay repository holds them: each stored item's diff (what `--git` read)
+    in place of the dataset's, and the held-out commit at commit time (`pipeline.served_query`) with the
+    staged diff; and that staged diff, the app's query text."""
+    from p2p_local.data.format import Item
+    from p2p_local.gitlog import staged_diff
+
+    stored = store.items(name, "commit-subject")
+    assert [s.output for s in stored] == [it.output for it in user.items[:i]]
+    items = [Item(it.input, it.output, it.time, {**{k: v for k, v in it.meta.items() if k != "diff"},
+                                                  **({"diff": s.meta["diff"]} if s.meta.get("diff") else {})})
+             for it, s in zip(user.items[:i], stored, strict=True)]
+    diff = staged_diff(repo)
+    query = pipeline.query_item(builtin_card("commit-subject"), diff)
+    held = pipeline.served_query(builtin_card("commit-subject"), user.items[i])
+    assert query.input == held.input
+    items.append(Item(held.input, held.output, held.time, {**user.items[i].meta, "diff": query.meta["diff"]}))
+    return User(user.user_id, items), diff
+
+
+def _import(store, name: str, task: str, user: User, history_n: int, shared: Path, tmp: Path) -> Path | None:
+    """Import the user's first `history_n` items as a user would: their own file, `p2p profile import`
+    (a commit author: their replayed repository, returned)."""
     store.create_profile(name, task=task)
     if task == "movielens-rating":
         # MovieLens' own files: this user's rows, in file order, up to the held-out one.
@@ -91,11 +120,14 @@ def _import(store, name: str, task: str, user: User, history_n: int, shared: Pat
         shutil.copy(src / "movies.csv", tmp / "movies.csv")
         import_file(store, name, out, user=user.user_id, movies=tmp / "movies.csv")
     elif task == "commit-subject":  # the author's own repository, read by `p2p profile import --git`
-        import_git(store, name, _git_repo(user, history_n, tmp), authors=["me@example.org"])
+        repo = _git_repo(user, history_n, tmp)
+        import_git(store, name, repo, authors=["me@example.org"])
+        return repo
     else:
         out = tmp / f"{name}.jsonl"
         write_users_jsonl(out, [User(user.user_id, user.items[:history_n])])
         import_file(store, name, out, task=task)
+    return None
 
 
 def _trainer_sample(card, user: User, i: int, encoder, tokenizer=None, max_prompt_tokens: int = 64,
@@ -128,12 +160,15 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
     method.prepare(ctx)
     for k, user in enumerate(_users(task)):
         i = len(user.items) - 1  # the held-out query: the user's last item, history = everything before
-        query = user.items[i]
         name = f"u{k}"
-        _import(session.store, name, task, user, i, shared_data, tmp_path)
+        repo = _import(session.store, name, task, user, i, shared_data, tmp_path)
+        asked = user.items[i].input  # what the user asks: the item's text (a commit: its staged diff)
+        if repo is not None:
+            user, asked = _as_replayed(session.store, name, user, i, repo)
+        query = user.items[i]
 
         # 1. the profile: app (store -> Session) == evaluation (dataset -> EvalContext) == trainer
-        app = session.profile_text(name, task, query.input)
+        app = session.profile_text(name, task, asked)
         q = Query(user.user_id, 0, user.items[:i], query)
         ev = ctx.profile(q)
         assert app.text == ev.text, f"{task} user {user.user_id}: the profile text differs"
@@ -156,7 +191,7 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
 
         # 3. the answer: the app (`Session.answer`, what `p2p ask` renders) and the evaluation's P2P record,
         # both `pipeline.Route.answer`
-        app_answer = session.answer(query.input, profile=name, task=task).finish()
+        app_answer = session.answer(asked, profile=name, task=task).finish()
         record = method.predict(ctx, q)
         # the prompt: the card's retrieved examples (P2P + retrieval where the card asks for it), then the query
         shots = pipeline.examples(card, app)

@@ -57,6 +57,7 @@ def test_ask_renders_the_routes_answer_with_its_distribution(session, routed, ev
     assert route == "_CachedRoute" and request.card.name == TASK and request.profile_name == "demo"
     assert out["text"] == answer.text and out["adapter"] == str(answer.adapter) and out["scale"] == 1.0
     assert list(out["distribution"]) == builtin_card(TASK).labels
+    assert out["card"] == "same"  # the bundle was trained on this card's prompt (tests/test_bundle_cards.py)
     assert out["distribution"] == pytest.approx(answer.distribution, abs=1e-6)
     assert len(evaluations) == 1  # the answer and its distribution: one evaluation of the prompt
 
@@ -81,9 +82,10 @@ def test_the_hook_proposes_the_routes_answer(session, routed) -> None:
 
     session.store.create_profile("me", task="commit-subject")
     session.store.add_item("me", "commit-subject", "files: src/app.py", "Fix the app", time=1.0)
-    subject = hook.propose("files: src/app.py, src/cli.py", "me", "commit-subject")
+    proposal = hook.propose("files: src/app.py, src/cli.py", "me", "commit-subject")
     [(_, request, answer)] = routed
-    assert subject == answer.text and request.card.name == "commit-subject" and answer.personalization
+    assert proposal.lines[0] == answer.text and request.card.name == "commit-subject" and answer.personalization
+    assert proposal.lines == [c.text for c in answer.candidates[:hook.PROPOSALS]]
 
 
 def test_a_commit_answer_shows_the_authors_own_commits_first(session, routed, capsys) -> None:
@@ -111,8 +113,9 @@ def test_a_commit_answer_shows_the_authors_own_commits_first(session, routed, ca
 def test_a_staged_diff_is_read_as_the_commit_by_every_entry_point(session, routed) -> None:
     diff = "diff --git a/src/app.py b/src/app.py\n--- a/src/app.py\n+++ b/src/app.py\n@@ -1 +1 @@\n-a\n+b\n"
     answer = session.answer(diff, task="commit-subject", personalized=False, max_tokens=4).finish()
-    assert answer.request.query == "files: src/app.py" and answer.prompt.endswith(
-        builtin_card("commit-subject").prompt("files: src/app.py"))
+    read = "files: src/app.py\ndiff --git a/src/app.py b/src/app.py\n@@\n-a\n+b"  # files, then the compact diff
+    assert answer.request.query == read and answer.prompt.endswith(builtin_card("commit-subject").prompt(read))
+    assert answer.request.read == {"files": 1, "files_total": 1, "diff_chars": 45, "diff_chars_total": 45}
 
 
 def test_adapter_export_is_the_routes_adapter(session, routed, evaluations, tmp_path: Path) -> None:

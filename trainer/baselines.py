@@ -24,6 +24,7 @@ import torch
 
 from p2p_local.adapter import read_adapter, write_adapter
 from p2p_local.data.format import Item, TaskCard, builtin_card, read_users_jsonl
+from p2p_local.pipeline import prompt_input, served_query
 from p2p_local.profile import FEATURE_DIM
 from trainer.config import HyperConfig, recipe
 from trainer.lora import FunctionalLoRA, SharedLoRA
@@ -56,7 +57,7 @@ def item_samples(card: TaskCard, items: list[Item], tokenizer, max_prompt_tokens
             t = t[:1]
         if not t:
             continue
-        p = tokenizer(card.prompt(it.input), add_special_tokens=True)["input_ids"]
+        p = tokenizer(card.prompt(prompt_input(card, served_query(card, it))), add_special_tokens=True)["input_ids"]
         prompts.append(truncate_prompt(p, max_prompt_tokens))
         targets.append(t[:max_target_tokens])
     n = len(prompts)

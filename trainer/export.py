@@ -122,6 +122,37 @@ def encoder_info() -> dict:
     return {"id": encoder.ENCODER_ID, "sha256": encoder.SOURCE_SHA256, "dim": encoder.Encoder.dim}
 
 
+def trained_cards(tasks: list[dict] | None, training: dict | None) -> dict[str, str]:
+    """{task: card_hash} of the cards a run trained on: the hash the trainer recorded per task (`card` in
+    `tasks` or `training["data"]`) where it did; else the app's card (p2p_lab's prepared card for a task
+    not built in), its `examples` kept only where the run showed them (`training["prompt_examples"]`,
+    else the recipe's default)."""
+    from p2p_local.data.format import TaskCard, builtin_card, builtin_cards, canonical_task, card_hash
+    from p2p_local.errors import DataError
+    from trainer.config import RECIPES
+
+    training = training or {}
+    shows = training.get("prompt_examples", RECIPES.get(training.get("recipe"), {}).get("prompt_examples", False))
+    recorded = {t["name"]: t["card"] for t in [*training.get("data", []), *(tasks or [])] if t.get("card")}
+    out: dict[str, str] = {}
+    for name in [t["name"] for t in tasks or []]:
+        if name in recorded:
+            out[name] = recorded[name]
+            continue
+        try:
+            if canonical_task(name) in builtin_cards():
+                card = builtin_card(name)
+            else:
+                from p2p_lab.data.prepare import task_dir  # the trainer's card for a task of its own
+
+                card = TaskCard.load(task_dir(name) / "card.json")
+        except (ImportError, DataError) as e:  # no record for it: the app says "untrained", never refuses
+            print(f"warning: no card recorded for task {name!r} ({e})")
+            continue
+        out[name] = card_hash(card if shows else TaskCard.from_dict({**card.to_dict(), "examples": 0}))
+    return out
+
+
 def export_bundle(
     net: HyperNet,
     out_dir: str | Path,
@@ -134,8 +165,10 @@ def export_bundle(
     evaluation: dict | None = None,
     feature_names: list[str] | None = None,
     fp16_weights: bool = True,
+    cards: dict[str, str] | None = None,
 ) -> Path:
-    """Write `out_dir/{hypernet.onnx, manifest.json}` atomically (a temp dir renamed into place)."""
+    """Write `out_dir/{hypernet.onnx, manifest.json}` atomically (a temp dir renamed into place).
+    `cards`: {task: card_hash} trained on (default: `trained_cards(tasks, training)`; none when neutral)."""
     cfg = net.cfg
     if base is None:
         base, base_name = base_info()
@@ -170,6 +203,8 @@ def export_bundle(
                  "fp16_weights": fp16_weights},
         "hypernet": {"config": cfg.to_dict(), "params": count_params(net)},
         "tasks": tasks or [],
+        # The cards trained on: the app flags an answer on a card changed since (p2p_local.bundle.card_status).
+        "cards": {} if neutral else cards if cards is not None else trained_cards(tasks, training),
         "training": training or {},
         "evaluation": evaluation or {},
     }
@@ -244,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         net, ckpt = load_checkpoint(args.checkpoint)
         extra = ckpt.get("export_meta", {})
+        extra.setdefault("training", {}).setdefault("prompt_examples", bool(ckpt["config"].get("prompt_examples")))
     if args.neutral:
         extra["feature_names"] = default_feature_names()
     training = extra.get("training", {})

@@ -27,10 +27,18 @@ import numpy as np
 
 from p2p_local.data.format import Item, TaskCard, User, builtin_cards
 from p2p_local.paths import cache_dir
-from p2p_local.pipeline import PROMPT_SLACK, examples, fit_prompt, make_profile, pool_embeddings
+from p2p_local.pipeline import (
+    PROMPT_SLACK,
+    examples,
+    fit_prompt,
+    make_profile,
+    pool_embeddings,
+    prompt_input,
+    served_query,
+)
 from p2p_local.profile import FEATURE_DIM
 
-CACHE_VERSION = 5  # bump when the sample construction below changes
+CACHE_VERSION = 6  # 6: the commit query is served_query + prompt_input (files + diff). Bump when the sample construction below changes
 
 
 @dataclass
@@ -134,9 +142,10 @@ def sample_prompt(card: TaskCard, query: Item, profile, tokenizer, max_prompt_to
     """The text a sample is trained on: the card's prompt around the query; with `prompt_examples`, after
     the card's `examples` (the user's retrieved earlier items), as the app answers (`Route.prompt`)."""
     shots = examples(card, profile) if prompt_examples else []
+    text = prompt_input(card, query)  # a commit: its files and compact diff, as the app shows them
     if not shots:
-        return card.prompt(query.input)
-    return fit_prompt(PromptTokens(tokenizer, max_prompt_tokens), card, query.input, shots=shots, reserve=0)[0]
+        return card.prompt(text)
+    return fit_prompt(PromptTokens(tokenizer, max_prompt_tokens), card, text, shots=shots, reserve=0)[0]
 
 
 def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int, last: bool, seed: int,
@@ -148,7 +157,7 @@ def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int,
     rng = np.random.default_rng([seed, *user.user_id.encode()])  # per user: independent of worker order
     out = []
     for i in pick_queries(user, items_per_user, rng, min_history, last):
-        query = user.items[i]
+        query = served_query(card, user.items[i])  # as the app is asked: a commit at commit time (no body)
         history = user.items[:i] if max_history <= 0 else user.items[max(0, i - max_history):i]
         profile = make_profile(card, history, query, n_total=i)  # the app's route (p2p_local.pipeline)
         text = sample_prompt(card, query, profile, tokenizer, max_prompt_tokens, prompt_examples)

@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oppu-max-items", type=int,
                    help="OPPU trains on each user's latest N earlier items (default 0: all of them)")
     p.add_argument("--max-tokens", type=int, help="generation budget (default: ~24 one-line, 1.5x input otherwise)")
+    p.add_argument("--branches", type=int, help="one-line answers: first tokens the line is chosen among "
+                   "(default: the app's; 1 = the plain greedy line)")
+    p.add_argument("--copy-margin", type=float, help="one-line answers: nats/token within which a line that is "
+                   "not one of the user's earlier outputs goes first (default: the app's; 0 = no copy rule)")
+    p.add_argument("--card-field", action="append", default=[], metavar="NAME=JSON",
+                   help="evaluate the task card with a field changed, e.g. examples=1 or examples_diff_chars=200 "
+                        "(repeatable; the run is stored apart)")
     p.add_argument("--fresh", action="store_true", help="ignore results stored by earlier runs")
     p.add_argument("--summary", action="store_true",
                    help="evaluate nothing: gather the reports in --out into SUMMARY.md, summary.json and summary.png")
@@ -86,10 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         task=args.task, split=args.split, methods=methods, users=args.users, queries=args.queries,
         out=args.out, data=args.data, task_card=args.task_card, seed=args.seed, bootstrap=args.bootstrap,
-        fresh=args.fresh, command=command_line(args),
+        fresh=args.fresh, command=command_line(args), card_fields=card_fields(args.card_field),
         options=MethodOptions(n_ctx=args.n_ctx, seed=args.seed, bundle=args.bundle, mtlora=args.mtlora,
                               oppu_dir=args.oppu_dir, oppu_train=args.oppu_train, oppu_users=args.oppu_users, oppu_max_items=args.oppu_max_items or 0,
-                              max_tokens=args.max_tokens),
+                              max_tokens=args.max_tokens, branches=args.branches, copy_margin=args.copy_margin),
     )
     out = run_eval(cfg)
     rep = out.report
@@ -105,3 +112,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(p)
     sys.stdout.flush()
     return 0
+
+
+def card_fields(pairs: list[str]) -> dict:
+    """--card-field NAME=JSON (repeatable) -> {NAME: value}; a malformed one is a usage error."""
+    import json
+
+    from p2p_local.errors import UsageError
+
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError("no NAME=")
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            raise UsageError(f"--card-field {pair[:60]!r} is not NAME=JSON", hint="e.g. --card-field examples=1") from None
+    return out

@@ -9,6 +9,7 @@ raises `DataError`. Decisions (truncation, ordering, filtering) are documented i
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from p2p_local.data.records import (
     movie_item,
     truncate,
 )
+from p2p_local.diffs import compact_diff
 from p2p_local.errors import DataError
 from p2p_local.paths import shared_data_dir
 
@@ -259,6 +261,7 @@ def convert_commits(src: Path) -> Converted:
     by_user: dict[str, list[Item]] = {}
     seen: set[tuple[str, str]] = set()
     for path in paths:
+        diffs = _commit_diffs(path.parent / COMMIT_DIFFS / f"{path.stem}.jsonl.gz", stats)
         for line in _read_text(path, stats).splitlines():
             rec = _commit_record(line, stats)
             if rec is None:
@@ -277,12 +280,38 @@ def convert_commits(src: Path) -> Converted:
                 stats["commits_empty_body"] += 1
             inp, out, meta = made
             stats[f"repo_commits:{repo}"] += 1
+            diff = diffs.get((repo, sha))
+            if diff:
+                meta["diff"] = compact_diff(diff).text  # the app's rule (lock/vendored files last), idempotent
+            else:
+                stats["commits_without_diff"] += 1
             by_user.setdefault(uid, []).append(Item(inp, out, t, {**meta, "repo": repo}))
     few = [u for u, items in by_user.items() if MIN_USER_ITEMS <= len(items) < MIN_COMMITS]
     stats["users_dropped_few_commits"] = len(few)
     for u in few:
         del by_user[u]
     return Converted(_finish(by_user, stats), stats)
+
+
+COMMIT_DIFFS = "diffs"  # commits/diffs/<name>.jsonl.gz: each commit's compact diff (the rule of p2p_local.diffs)
+
+
+def _commit_diffs(path: Path, stats: Counter) -> dict[tuple[str, str], str]:
+    """(repo, commit) -> the stored compact diff; empty (counted) when the repository has no diff file."""
+    if not path.is_file():
+        stats["repos_without_diff_file"] += 1
+        return {}
+    out: dict[tuple[str, str], str] = {}
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                stats["diff_rows_malformed"] += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("diff"), str):
+                out[(str(rec.get("repo")), str(rec.get("commit")))] = rec["diff"]
+    return out
 
 
 def _commit_record(line: str, stats: Counter) -> tuple[str, float, str, str, list, str, str] | None:

@@ -39,7 +39,7 @@ from p2p_local.data.format import (
 )
 from p2p_local.errors import DataError, P2PError
 
-DATA_VERSION = 2  # bump when conversion or splitting changes: cached sets are rebuilt
+DATA_VERSION = 4  # 4: commits carry their compact diff (meta["diff"], p2p_local.diffs); bump when conversion or splitting changes: cached sets are rebuilt
 TASKS: tuple[str, ...] = tuple(CONVERTERS)
 SPLITS = ("train", "val", "test", "ood")
 REPO_SPLIT_TASKS = ("commit-subject",)  # OOD = whole held-out repositories (splits.RepoSplitConfig)

@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class MethodOptions:
     rag_k: int = 2
     max_tokens: int | None = None  # generation; None = the app's rule (pipeline.generation_settings)
     logreg_users: int = 300  # training users whose samples fit LogReg (profiles cost time)
+    branches: int | None = None  # one-line answers: first tokens tried; None = the app's (pipeline.CANDIDATE_BRANCHES)
+    copy_margin: float | None = None  # one-line answers: the copy rule's margin; None = the app's (pipeline.COPY_MARGIN)
 
 
 @dataclass
@@ -139,8 +141,10 @@ def reserve_tokens(ctx: EvalContext, q: Query) -> int:
 
 
 def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tuple[str, int]:
-    """The app's `pipeline.fit_prompt` for a query, with this run's answer budget kept free."""
-    return pipeline.fit_prompt(ctx.engine, ctx.card, q.item.input, header, shots, reserve_tokens(ctx, q))
+    """The app's `pipeline.fit_prompt` for a query (as the app shows it: `pipeline.prompt_input`), with
+    this run's answer budget kept free."""
+    return pipeline.fit_prompt(ctx.engine, ctx.card, pipeline.prompt_input(ctx.card, q.item), header, shots,
+                               reserve_tokens(ctx, q))
 
 
 # --- the interface --------------------------------------------------------------------------------
@@ -215,11 +219,22 @@ class LLMMethod(Method):
 
     def prepare(self, ctx: EvalContext) -> None:
         self.route = MethodRoute(self, ctx, self.personalizer, ctx.run_dir / "tmp" / f"{self.name}.gguf")
+        # The one-line decoding rule (proposals, no parroting) and the change shown: part of every result's key.
+        r = self.route
+        if ctx.options.branches is not None:
+            r.branches = ctx.options.branches
+        if ctx.options.copy_margin is not None:
+            r.copy_margin = ctx.options.copy_margin
+        self.decoding = (f"branches={r.branches}:margin={r.copy_margin:g}:diff={ctx.card.diff_chars}"
+                         f":ex_diff={ctx.card.example_diff_chars}" if ctx.card.one_line else "")
+
+    def fingerprint(self) -> str:
+        return getattr(self, "decoding", "")
 
     def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         """The app's prompt: the card's examples from the personalization's profile, then the query."""
         shots = pipeline.examples(ctx.card, p.profile if p is not None else None)
-        return pipeline.task_prompt(ctx.engine, ctx.card, q.item.input, shots)
+        return pipeline.task_prompt(ctx.engine, ctx.card, pipeline.prompt_input(ctx.card, q.item), shots)
 
     def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
         profile = ctx.profile(q)
@@ -234,7 +249,10 @@ class LLMMethod(Method):
         a = self.route.answer(request, personalized=self.personalized, seed=ctx.options.seed,
                               max_tokens=ctx.options.max_tokens).finish()
         if ctx.card.kind == "generation":
-            return {"text": a.text, "unparseable": not a.text, **target_nll(ctx, a.prompt, q.item)}
+            rec = {"text": a.text, "unparseable": not a.text, **target_nll(ctx, a.prompt, q.item)}
+            if a.candidates:  # every line the answer was chosen among: other rules can be scored offline
+                rec["candidates"] = [[c.text, round(c.logprob, 4), c.copy, c.branch] for c in a.candidates]
+            return rec
         return label_record(a.scores)
 
     def close(self, ctx: EvalContext) -> None:
@@ -332,7 +350,7 @@ class MTLoRA(AdapterMethod):
         self.attach(ctx, self.path)
 
     def fingerprint(self) -> str:
-        return _file_id(self.path)
+        return _file_id(self.path) + super().fingerprint()
 
 
 def torch_available() -> bool:
@@ -447,7 +465,7 @@ class P2P(LLMMethod):
         self._rng = np.random.default_rng(ctx.options.seed)
 
     def fingerprint(self) -> str:
-        return self.bundle.sha256[:16] + (f":examples={self.examples}" if self.examples else "")
+        return self.bundle.sha256[:16] + (f":examples={self.examples}" if self.examples else "") + self.decoding
 
     def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
         profile = self.profile_for(ctx, q)
@@ -485,6 +503,30 @@ class P2PAlone(P2P):
 
     def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
         return super().prompt(ctx, q, None)
+
+
+class P2PBefore(P2P):
+    """The app's answer before the change was read (issue 23): the query is the files line alone (no diff),
+    examples and retrieval by the files, the plain greedy line (no proposals, no copy rule). Today's answer
+    on the same queries, for the paired comparison."""
+
+    name = "p2p-before"
+    description = "the app's answer before the diff: files-only query and retrieval, plain greedy line"
+
+    def prepare(self, ctx: EvalContext) -> None:
+        if not ctx.card.diff_chars:
+            raise Skip("the same as p2p: this task's card reads no change")
+        self.card = replace(ctx.card, diff_chars=0)
+        super().prepare(ctx)
+        self.route.branches = 1
+        self.decoding = "before-diff"
+
+    def profile_for(self, ctx: EvalContext, q: Query):
+        return make_profile(self.card, q.history, q.item)
+
+    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
+        shots = pipeline.examples(self.card, p.profile if p is not None else None)
+        return pipeline.task_prompt(ctx.engine, self.card, q.item.input, shots)
 
 
 class P2PShuffled(P2P):
@@ -668,7 +710,7 @@ class LogReg(Classic):
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PAlone, P2PRAG, P2PShuffled, P2PRandom,
+    Base, RAG, PAG, AllHistory, MTLoRA, OPPU, P2P, P2PAlone, P2PBefore, P2PRAG, P2PShuffled, P2PRandom,
     GlobalMean, UserMean, UserItemBias, LogReg,
 )}
 

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from p2p_lab.eval.methods import (
     default_methods,
     user_samples,
 )
-from p2p_local.data.format import TaskCard, User
+from p2p_local import pipeline
+from p2p_local.data.format import Item, TaskCard, User
 from p2p_local.errors import DataError, P2PError
 
 SPLITS = ("test", "ood", "val", "all")
@@ -51,6 +52,7 @@ class EvalConfig:
     out: Path = Path("reports")
     data: Path | None = None  # bring-your-own users JSONL (generic format)
     task_card: Path | None = None
+    card_fields: dict[str, Any] = field(default_factory=dict)  # the task card with these fields changed (a study)
     seed: int = 0
     bootstrap: int = 1000
     fresh: bool = False  # ignore stored results
@@ -104,6 +106,12 @@ def load(cfg: EvalConfig) -> Loaded:
         if cfg.split == "all":
             train = []
         source = f"built-in task {cfg.task}"
+    if cfg.card_fields:  # a study of the card itself (e.g. how much of each example's diff is shown)
+        known = set(TaskCard.__dataclass_fields__) - {"name", "kind"}
+        if set(cfg.card_fields) - known:
+            raise DataError(f"--card-field: no card field {sorted(set(cfg.card_fields) - known)}",
+                            hint=f"fields: {', '.join(sorted(known))}")
+        card = replace(card, **cfg.card_fields)
     users = [u for u in split_list if len(u.items) >= 2]  # one item has no earlier history to query with
     if not users:
         raise DataError(f"the {cfg.split} split has no user with 2+ items", hint="try another split or more data")
@@ -118,9 +126,14 @@ def subset(users: list[User], n: int | None, seed: int) -> list[User]:
     return sorted((users[int(i)] for i in order), key=lambda u: u.user_id)
 
 
-def build_queries(users: list[User], n: int) -> dict[str, list[Query]]:
+def build_queries(users: list[User], n: int, card: TaskCard | None = None) -> dict[str, list[Query]]:
+    """Each user's last `n` items as queries, as the app receives them (`pipeline.served_query`: a commit is
+    asked at commit time, its files and diff, before any body is written)."""
+    def served(item: Item) -> Item:
+        return pipeline.served_query(card, item) if card is not None else item
+
     return {
-        u.user_id: [Query(u.user_id, i, history, item) for i, (history, item) in enumerate(user_samples(u, n))]
+        u.user_id: [Query(u.user_id, i, history, served(item)) for i, (history, item) in enumerate(user_samples(u, n))]
         for u in users
     }
 
@@ -207,7 +220,7 @@ def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
     (run_dir / "config.json").write_text(json.dumps(
         {"task": task, "split": cfg.split, "queries": cfg.queries, "seed": cfg.seed, "source": loaded.source,
          "options": asdict(cfg.options)}, indent=2, default=str) + "\n")
-    queries = build_queries(loaded.users, cfg.queries)
+    queries = build_queries(loaded.users, cfg.queries, loaded.card)
     users = [u for u in loaded.users if queries[u.user_id]]
     n_q = sum(len(queries[u.user_id]) for u in users)
     log(f"eval {task} [{cfg.split}]: {len(users)} of {loaded.n_split_users} users, {n_q} queries, "
@@ -286,6 +299,9 @@ def _run_method(ctx: EvalContext, m, res: MethodResult, users: list[User], queri
                     rec.update(i=q.index, n_hist=len(q.history), target=q.item.output)
                     if ctx.card.kind == "generation":  # the history's case style (stats: case_hist)
                         rec["hist_lower"] = history_lower_share(q.history)
+                        earlier = {pipeline.copy_key(it.output) for it in q.history}
+                        rec["copy"] = pipeline.copy_key(rec.get("text") or "") in earlier  # an earlier output, verbatim
+                        rec["real_copy"] = pipeline.copy_key(q.item.output) in earlier  # the user's own rate
                     records.append(rec)
             except Skip as e:
                 res.skipped_users[user.user_id] = str(e)

@@ -27,7 +27,7 @@ from p2p_local.profile import first_word, starts_lowercase
 HIGHER_IS_BETTER = {
     "mae": False, "rmse": False, "mae_argmax": False, "mae_ev": False, "rmse_ev": False, "ce": False,
     "acc": True, "f1": True, "rouge1": True, "rougeL": True, "nll": False,
-    "first_word": True, "case": True, "case_hist": True,
+    "first_word": True, "case": True, "case_hist": True, "copy": False, "copy_real": False,
 }
 PRIMARY = {"rating": "mae", "label": "acc", "generation": "rougeL"}
 METRIC_DOC = {
@@ -45,6 +45,8 @@ METRIC_DOC = {
     "first_word": "share of answers whose first word is the real output's (case-insensitive)",
     "case": "share of answers that open in the real output's case (lower-case or not)",
     "case_hist": "for users whose history opens >= 90% in one case: share of answers that open in that case",
+    "copy": "share of answers equal (case- and whitespace-insensitively) to one of the user's earlier outputs",
+    "copy_real": "the same share for the user's real outputs (what an answer's copy rate should be near)",
 }
 CASE_CONSISTENT = 0.9  # a history that opens in one case this often has a case style an answer should keep
 
@@ -54,7 +56,7 @@ def metric_names(kind: str) -> list[str]:
         return ["mae", "rmse", "mae_argmax", "mae_ev", "rmse_ev", "ce", "acc"]
     if kind == "label":
         return ["acc", "f1", "ce"]
-    return ["rouge1", "rougeL", "nll", "first_word", "case", "case_hist"]
+    return ["rouge1", "rougeL", "nll", "first_word", "case", "case_hist", "copy", "copy_real"]
 
 
 # --- per-query statistics ------------------------------------------------------------------------
@@ -78,7 +80,7 @@ class Scorer:
             per_label = [f"{s}_{i}" for i in range(len(self.labels)) for s in ("tp", "fp", "fn")]
             return ["n", "n_ce", "nll", "correct", "unparseable", *per_label]
         return ["n", "rouge1", "rougeL", "unparseable", "tok_nll", "n_tok", "first_match", "case_match",
-                "n_case_hist", "case_hist_ok"]
+                "n_case_hist", "case_hist_ok", "copy", "real_copy"]
 
     def query_stats(self, rec: Mapping) -> np.ndarray:
         v = np.zeros(len(self.keys))
@@ -94,6 +96,7 @@ class Scorer:
             text, target = rec.get("text", "") or "", str(rec["target"])
             v[ix["first_match"]] = float(first_word(text) is not None and first_word(text) == first_word(target))
             v[ix["case_match"]] = float(starts_lowercase(text) == starts_lowercase(target))
+            v[ix["copy"]], v[ix["real_copy"]] = float(bool(rec.get("copy"))), float(bool(rec.get("real_copy")))
             lower = rec.get("hist_lower")  # the history's share of lower-case openings (runner)
             if lower is not None and (lower >= CASE_CONSISTENT or lower <= 1 - CASE_CONSISTENT):
                 v[ix["n_case_hist"]] = 1.0
@@ -141,6 +144,7 @@ class Scorer:
             out["nll"] = col["tok_nll"] / np.where(col["n_tok"] > 0, col["n_tok"], np.nan)
             out["first_word"], out["case"] = col["first_match"] / n, col["case_match"] / n
             out["case_hist"] = col["case_hist_ok"] / np.where(col["n_case_hist"] > 0, col["n_case_hist"], np.nan)
+            out["copy"], out["copy_real"] = col["copy"] / n, col["real_copy"] / n
             return out
         n_ce = np.where(col["n_ce"] > 0, col["n_ce"], np.nan)
         if self.kind == "rating":

@@ -9,6 +9,7 @@ import math
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_TOKENS = 2048  # the engine's context: more can never be generated
+MAX_CANDIDATES = 8  # proposals of a one-line answer (each costs a short greedy branch)
 
 
 def scale_arg(value: str) -> float:
@@ -34,12 +35,22 @@ def _bounded_float(value: str, top: float, note: str = "") -> float:
 
 def max_tokens_arg(value: str) -> int:
     """How many tokens an answer may have, 1 .. MAX_TOKENS."""
+    return _bounded_int(value, MAX_TOKENS)
+
+
+def candidates_arg(value: str) -> int:
+    """How many proposals a one-line answer lists, 1 .. MAX_CANDIDATES."""
+    return _bounded_int(value, MAX_CANDIDATES)
+
+
+def _bounded_int(value: str, top: int) -> int:
+    """A whole number in 1..top, else argparse's usage error naming the range."""
     try:
         n = int(value) if len(value) <= 12 else -1
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value[:30]!r} is not an integer") from None
-    if not 1 <= n <= MAX_TOKENS:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 1..{MAX_TOKENS}")
+    if not 1 <= n <= top:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 1..{top}")
     return n
 
 

@@ -2,8 +2,8 @@
 
 The query may come from standard input (`-`, or nothing given while stdin is a pipe):
 `git diff --cached | p2p ask - --task commit-subject --profile me`. For the commit-subject task a
-diff is read as the task reads a commit (`pipeline.read_query`, for every entry point): its changed files
-(and no body yet), the training items' format.
+diff is read as the task reads a commit (`pipeline.query_item`, for every entry point): its changed files in
+the training items' format and its compact diff (`p2p_local.diffs`); `--json` says what was read.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from p2p_local.commands.args import max_tokens_arg, scale_arg, task_arg, temperature_arg
+from p2p_local.commands.args import candidates_arg, max_tokens_arg, scale_arg, task_arg, temperature_arg
 from p2p_local.errors import UsageError
 
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --base     # no adapter\n"
                "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task commit-subject --json\n"
                "  git diff --cached | p2p ask - --task commit-subject --profile me   # the query from stdin\n"
+               "  git diff --cached | p2p ask - --profile me --candidates 3           # three proposals, best first\n"
                "  p2p ask 'what should I watch tonight?' --profile demo --model smollm2-135m  # free chat, instruct model",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
@@ -35,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=scale_arg, default=1.0, help="adapter strength 0-2 (default 1)")
     p.add_argument("--temperature", type=temperature_arg, default=0.0, help="0 = greedy (default), at most 2")
     p.add_argument("--max-tokens", type=max_tokens_arg, help="at most this many tokens (1-2048)")
+    p.add_argument("--candidates", type=candidates_arg, default=1, metavar="N",
+                   help="one-line tasks (commit subjects): N distinct proposals, best first, one a line (1-8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=run)
 
@@ -42,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from p2p_local.data.format import FREE_CHAT, is_free_chat
     from p2p_local.personalize import Session
-    from p2p_local.pipeline import CUT_MARK, lora_scale, read_query
+    from p2p_local.pipeline import CUT_MARK, Request, lora_scale
 
     text = query_text(args.text)
     if args.model is not None and args.task and not is_free_chat(args.task):
@@ -54,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
             profile, task = None, task or FREE_CHAT
         else:
             profile, task = s.choose(args.profile, task)
-        query = read_query(None if is_free_chat(task) else s.card(task), text)  # as the task will read it
+        card = None if is_free_chat(task) else s.card(task)
+        query = Request(card, text).query  # as the task will read it (a diff: files + compact diff)
         if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
             raise UsageError(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
-                             hint="ask with a shorter text (a diff for commit-subject is read by its file names)")
+                             hint="ask with a shorter text (a diff for commit-subject is read in its compact form)")
         if task != FREE_CHAT:
             text = complete_title(s, text, task, profile, quiet=args.json)
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
@@ -67,22 +71,30 @@ def run(args: argparse.Namespace) -> int:
                 if not args.json:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
+    proposals = [c.text for c in answer.candidates[: args.candidates]] or [answer.text]
     if args.json:
         out = {"text": answer.text, "query": answer.request.query, "profile": profile,
                "task": answer.request.task, "adapter": str(answer.adapter) if answer.adapter else None,
                "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason,
-               "examples": answer.examples}
+               "examples": answer.examples, "read": answer.request.read,
+               # the bundle's record of this task's card (Bundle.card_status); None: free chat
+               "card": s.bundle.card_status(answer.request.card) if answer.request.card else None}
+        if answer.candidates:
+            out["candidates"] = [{"text": c.text, "logprob": round(c.logprob, 4), "copy": c.copy}
+                                 for c in answer.candidates[: args.candidates]]
         if answer.distribution is not None:
             out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
         print(json.dumps(out))
     else:
         sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
+        for more in proposals[1:]:  # the other proposals, one a line
+            print(more)
         if answer.finish_reason == "length":
             print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0
 
 
-MAX_STDIN_CHARS = 64 << 20  # a big diff is fine (only its file names are read); the prompt keeps what fits
+MAX_STDIN_CHARS = 64 << 20  # a big diff is fine (its compact form is read); the prompt keeps what fits
 MAX_QUERY_CHARS = 16_000  # what reaches the model: more than its 2048-token context holds in any language
 
 

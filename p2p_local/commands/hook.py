@@ -62,7 +62,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         raise UsageError(f"no profile holds {task} items yet",
                          hint="p2p profile import me --git . --create   (then p2p hook install)")
     path = hook.install(args.repo, profile, task, args.timeout or hook.DEFAULT_TIMEOUT_S)
-    print(f"installed {path} (profile {profile!r}, task {task})")
+    print(f"installed {path} (profile {profile!r}, task {task}, data dir {hook.recorded_env()['P2P_HOME']})")
     print("  git commit now opens the editor with your personalized subject line; "
           f"p2p hook uninstall --repo {args.repo} removes it")
     return 0

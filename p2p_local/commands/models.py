@@ -1,4 +1,5 @@
-"""`p2p models list | prepare | add`: the base models and the profile encoder on this machine."""
+"""`p2p models list | prepare | add`: the base models and the profile encoder on this machine; `list`
+also shows the hypernetwork bundles and, per task, whether a bundle was trained on the app's prompt."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from p2p_local import models
 
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
 
-    ls = msub.add_parser("list", help="show known base models and whether they are ready",
+    ls = msub.add_parser("list", help="show known base models and bundles, and whether they are ready",
                          epilog="examples:\n  p2p models list\n  p2p models list --json",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -52,13 +54,56 @@ def cmd_list(args: argparse.Namespace) -> int:
          "status": models.status(s), "description": s.description}
         for s in models.known_models().values()
     ]
+    bundles = bundle_rows()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"models": rows, "bundles": bundles}, indent=2))
     else:
         for r in rows:
             print(f"{r['name']:<16} {r['arch']:<8} {r['status']:<14} {r['description']}")
             print(f"{'':<16} {r['file']}")  # the path llama.cpp's own tools take with -m
+        for b in bundles:
+            print(f"\nbundle {b['name']}{' (in use)' if b['in_use'] else ''}: {b['path']}")
+            if b.get("error"):
+                print(f"  {b['error']}")
+            for t in b["tasks"]:
+                print(f"  {t['task']:<24} {CARD_WORDS[t['card']].format(**t)}")
     return 0
+
+
+CARD_WORDS = {  # how `list` says a bundle task's `card_status`
+    "same": "trained on this prompt",
+    "different": "trained on another prompt (card {trained} vs {current})",
+    "untrained": "not trained on this task",
+    "unknown": "prompt not recorded (an older bundle)",
+    "no card": "no task card of this name here",
+}
+
+
+def bundle_rows() -> list[dict[str, Any]]:
+    """Each installed bundle and, per task it names, how its trained card relates to the app's card
+    (`bundle.card_status`; "no card" where this p2p-local has no card of that name). Reads manifests only."""
+    from p2p_local.bundle import DEFAULT_BUNDLE, card_status, installed_bundles, read_manifest, trained_cards
+    from p2p_local.data.format import builtin_card, builtin_cards, canonical_task, card_hash
+    from p2p_local.errors import BundleError
+
+    out, seen = [], set()
+    for d in installed_bundles():
+        row: dict[str, Any] = {"name": d.name, "path": str(d), "in_use": d.name == DEFAULT_BUNDLE and d.name not in seen,
+                               "tasks": []}
+        seen.add(d.name)
+        out.append(row)
+        try:
+            _, manifest = read_manifest(d)
+        except BundleError as e:
+            row["error"] = str(e)
+            continue
+        recorded = trained_cards(manifest) or {}
+        names = [canonical_task(t["name"]) for t in manifest.get("tasks", []) if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        for task in dict.fromkeys([*names, *recorded]):
+            card = builtin_card(task) if task in builtin_cards() else None
+            row["tasks"].append({"task": task, "card": card_status(manifest, card) if card else "no card",
+                                 "trained": recorded.get(task), "current": card_hash(card) if card else None})
+    return out
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ used in the profile wrapper. See docs/DATA.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -107,6 +108,12 @@ class TaskCard:
     # answer is personalized: P2P + retrieval, the default where it measured better than the adapter alone
     # (commit subjects: reports/commit-subject-*.md). 0: the query alone.
     examples: int = 0
+    # A task that reads a change (commit subjects): the query may be a diff, read by `p2p_local.diffs`, and
+    # this many characters of an item's compact diff (`meta["diff"]`) follow its input in the prompt and in
+    # retrieval. 0: the task reads no change.
+    diff_chars: int = 0
+    # Characters of each shown example's diff (`examples`); None: `diff_chars`, as the query.
+    examples_diff_chars: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -132,8 +139,18 @@ class TaskCard:
             raise DataError(f"task card {self.name!r}: input_fields maps a meta key to {{\"after\": TEXT, \"split\": SEP}}")
         if isinstance(self.examples, bool) or not isinstance(self.examples, int) or not 0 <= self.examples <= 8:
             raise DataError(f"task card {self.name!r}: examples must be a whole number from 0 to 8")
+        if isinstance(self.diff_chars, bool) or not isinstance(self.diff_chars, int) or not 0 <= self.diff_chars <= 2000:
+            raise DataError(f"task card {self.name!r}: diff_chars must be a whole number from 0 to 2000")
+        if self.examples_diff_chars is not None and (isinstance(self.examples_diff_chars, bool) or not isinstance(
+                self.examples_diff_chars, int) or not 0 <= self.examples_diff_chars <= 2000):
+            raise DataError(f"task card {self.name!r}: examples_diff_chars must be a whole number from 0 to 2000")
         if self.one_line is None and self.kind == "generation":
             self.one_line = "line" in self.template.split("{input}")[-1].lower()  # "Subject line:" is one line
+
+    @property
+    def example_diff_chars(self) -> int:
+        """Characters of an example's diff shown (`examples_diff_chars`, else the query's `diff_chars`)."""
+        return self.diff_chars if self.examples_diff_chars is None else self.examples_diff_chars
 
     def input_meta(self, text: str) -> dict[str, Any]:
         """The metadata a typed input carries by this card's `input_fields` (the last "after" marker on)."""
@@ -183,6 +200,19 @@ class TaskCard:
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def card_hash(card: TaskCard) -> str:
+    """16 hex digits of sha256 over the canonical JSON of what defines the text the model is trained on
+    and answers from: the template, the examples shown, the diff characters shown (`diff_chars`, 0 on a
+    card without the field), one-line answers, the query's input fields, and the kind and labels (a
+    rating's label follows the prompt). The name, description and metrics do not count. A bundle records
+    this per task (`manifest["cards"]`), so the app can say whether it answers with the prompt the
+    bundle was trained on."""
+    fields = {"template": card.template, "examples": card.examples, "diff_chars": getattr(card, "diff_chars", 0),
+              "one_line": card.one_line, "input_fields": card.input_fields, "kind": card.kind, "labels": card.labels}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # Former names of built-in tasks, still accepted wherever a task is named (stored profiles, bundles, files).

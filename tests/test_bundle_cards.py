@@ -1,0 +1,102 @@
+"""The bundle records the task cards it was trained on (`manifest["cards"]`, `card_hash`) and the app flags,
+never refuses, an answer on a card changed since: `Bundle.card_status`, `p2p models list`, `p2p ask --json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from p2p_local.bundle import DEFAULT_BUNDLE, Bundle, card_status, read_manifest
+from p2p_local.cli import main
+from p2p_local.data.format import TaskCard, builtin_card, builtin_cards, card_hash
+from p2p_local.errors import BundleError
+from p2p_local.paths import repo_root
+
+SHIPPED = repo_root() / "models" / DEFAULT_BUNDLE
+COMMIT = "commit-subject"
+
+
+def as_trained(card: TaskCard) -> TaskCard:
+    """The commit card the shipped bundle was trained on: no examples (recipe `full`), no diff."""
+    return TaskCard.from_dict({**card.to_dict(), "examples": 0, "diff_chars": 0})
+
+
+def test_the_hash_follows_the_prompt_not_the_description() -> None:
+    card = builtin_card(COMMIT)
+    h = card_hash(card)
+    assert len(h) == 16 and int(h, 16) >= 0
+    for change in ({"template": "Change:\n{input}\nSubject line:\n"}, {"examples": card.examples + 1},
+                   {"diff_chars": card.diff_chars + 100}, {"one_line": False}):
+        assert card_hash(dataclasses.replace(card, **change)) != h, change
+    assert card_hash(dataclasses.replace(card, description="another sentence", metrics=["rouge1"])) == h
+    assert card_hash(TaskCard.from_dict(card.to_dict())) == h  # stable across a save/load
+
+
+def test_the_shipped_bundle_was_trained_on_the_older_commit_card() -> None:
+    _, manifest = read_manifest(SHIPPED)
+    assert set(manifest["cards"]) == set(builtin_cards())
+    assert manifest["cards"][COMMIT] == card_hash(as_trained(builtin_card(COMMIT)))
+    assert card_status(manifest, builtin_card(COMMIT)) == "different"  # the card shows examples and diffs since
+    for task in set(builtin_cards()) - {COMMIT}:
+        assert card_status(manifest, builtin_card(task)) == "same", task
+    own = TaskCard("my-task", "generation", "Q: {input}\nA:", "my own task")
+    assert card_status(manifest, own) == "untrained"
+    assert card_status({k: v for k, v in manifest.items() if k != "cards"}, builtin_card(COMMIT)) == "unknown"
+
+
+def _copy(tmp_path: Path, cards: dict | None) -> Path:
+    dest = tmp_path / DEFAULT_BUNDLE
+    shutil.copytree(SHIPPED, dest, ignore=shutil.ignore_patterns("*.gguf", "*.md"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    if cards is None:
+        del manifest["cards"]
+    else:
+        manifest["cards"] = cards
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def test_a_bundle_trained_on_the_current_card_is_the_same(tmp_path) -> None:
+    current = {t: card_hash(builtin_card(t)) for t in builtin_cards()}
+    b = Bundle.load(_copy(tmp_path, {"pytest-commit-subject": current[COMMIT]}), threads=1)  # a former name counts
+    assert b.trained_card(COMMIT) == current[COMMIT] and b.card_status(builtin_card(COMMIT)) == "same"
+    assert b.card_status(builtin_card("movielens-rating")) == "untrained"
+    old = Bundle.load(_copy(tmp_path / "old", None), threads=1)
+    assert old.trained_card(COMMIT) is None and old.card_status(builtin_card(COMMIT)) == "unknown"
+    bad = _copy(tmp_path / "bad", {COMMIT: 3})
+    with pytest.raises(BundleError, match="cards"):
+        read_manifest(bad)
+
+
+def test_models_list_flags_a_bundle_trained_on_another_prompt(p2p_home, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("P2P_MODELS", str(tmp_path / "m"))  # no base model to verify: fast
+    trained, now = card_hash(as_trained(builtin_card(COMMIT))), card_hash(builtin_card(COMMIT))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"bundle {DEFAULT_BUNDLE} (in use)" in out
+    assert f"{COMMIT:<24} trained on another prompt (card {trained} vs {now})" in out
+    assert f"{'movielens-rating':<24} trained on this prompt" in out
+
+    # the user's copy, re-exported on today's card, overrides the shipped one
+    _copy(p2p_home / "bundles", {t: card_hash(builtin_card(t)) for t in builtin_cards()})
+    assert main(["models", "list", "--json"]) == 0
+    user, shipped = json.loads(capsys.readouterr().out)["bundles"]
+    assert user["in_use"] and not shipped["in_use"] and Path(user["path"]).parent == p2p_home / "bundles"
+    assert {t["task"]: t["card"] for t in user["tasks"]} == dict.fromkeys(builtin_cards(), "same")
+    assert {t["task"]: t["card"] for t in shipped["tasks"]}[COMMIT] == "different"
+
+
+def test_export_records_the_cards_as_trained() -> None:
+    pytest.importorskip("torch")
+    from trainer.export import trained_cards
+
+    tasks = [{"name": t} for t in builtin_cards()]
+    plain = trained_cards(tasks, {"recipe": "full"})
+    assert plain[COMMIT] == card_hash(TaskCard.from_dict({**builtin_card(COMMIT).to_dict(), "examples": 0}))
+    assert trained_cards(tasks, {"recipe": "full-examples"})[COMMIT] == card_hash(builtin_card(COMMIT))
+    assert trained_cards(tasks, {"recipe": "full", "data": [{"name": COMMIT, "card": "recorded"}]})[COMMIT] == "recorded"
+    assert plain["movielens-rating"] == card_hash(builtin_card("movielens-rating"))
