@@ -45,7 +45,7 @@ REPORT_MD = REPO / "reports" / "robustness.md"
 REPORT_JSON = REPO / "reports" / "robustness.json"
 COMMAND = "python -m p2p_lab.robustness"
 CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
-           "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
+           "odd diffs", "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
            "export names", "stdin", "privacy", "bad values")
 PROFILE = "demo"
 TASK = "movielens-rating"
@@ -866,6 +866,16 @@ def _query_cases() -> list[Case]:
                       stdin=b"hello " * 170_000))
     cases.append(Case("odd queries", "100 KB --base generation", ["ask", "x " * 50_000, "--base", "--task",
                                                                  "commit-subject"]))
+    # Diffs piped to the commit task (the compact rule reads them: p2p_local/diffs.py)
+    commit = ["ask", "-", "--base", "--task", "commit-subject", "--candidates", "3"]
+    head = b"diff --git a/x b/x\n"
+    cases.append(Case("odd diffs", "4 MB one-line diff", commit, stdin=head + b"+" + b"y" * (4 << 20)))
+    cases.append(Case("odd diffs", "20,000 files", commit,
+                      stdin=b"".join(b"diff --git a/f%d b/f%d\n+x\n" % (i, i) for i in range(20_000))))
+    cases.append(Case("odd diffs", "headers only", commit, stdin=head * 3 + b"index 1..2\n--- a/x\n+++ b/x\n"))
+    cases.append(Case("odd diffs", "quoted names, ESC and NUL", commit,
+                      stdin=b'diff --git "a/t\\tb" "b/t\\tb"\n+\x1b[2J\x00\n-\x07\n'))
+    cases.append(Case("odd diffs", "invalid UTF-8 in a diff", commit, stdin=head + b"+\xff\xfe\n"))
     return cases
 
 
@@ -880,6 +890,8 @@ def _arg_cases() -> list[Case]:
         "--temperature 1e30": ask + ["--temperature", "1e30"],
         "--max-tokens 0": ask + ["--max-tokens", "0"], "--max-tokens -5": ask + ["--max-tokens", "-5"],
         "--max-tokens 1e9": ask + ["--max-tokens", "1000000000"],
+        "--candidates 0": ask + ["--candidates", "0"], "--candidates 9": ask + ["--candidates", "9"],
+        "--candidates abc": ask + ["--candidates", "abc"], "--candidates 10**30": ask + ["--candidates", "1" + "0" * 30],
         "--items -1": ["profile", "show", PROFILE, "--items", "-1"],
         "--items abc": ["profile", "show", PROFILE, "--items", "abc"],
         "--items 10**30": ["profile", "show", PROFILE, "--items", "1" + "0" * 30],

@@ -27,11 +27,16 @@ p2p profile import me --git .
 p2p personalize me
 echo "the profile's adapter, now for the change being committed:" > docs/NOTE.md
 git add docs/NOTE.md
-show "git diff --cached | p2p ask - --task $TASK --profile me"
-git diff --cached | "$ROOT/.venv/bin/p2p" ask - --task "$TASK" --profile me 2>&1 | clean
+show "git diff --cached | p2p ask - --task $TASK --profile me --candidates 3"
+git diff --cached | "$ROOT/.venv/bin/p2p" ask - --task "$TASK" --profile me --candidates 3 2>&1 | clean
+show "git diff --cached | p2p ask - --task $TASK --profile me --json    # its \"read\" field:"
+git diff --cached | "$ROOT/.venv/bin/p2p" ask - --task "$TASK" --profile me --json 2>&1 \
+  | "$ROOT/.venv/bin/python" -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["read"], separators=(",", ":")))'
 p2p hook install --profile me
 show "git commit        # the editor opens on the proposed subject; saved as it is"
 GIT_EDITOR=true git commit -q 2>&1 | clean
+show "head -4 .git/COMMIT_EDITMSG   # what the editor showed"
+head -4 .git/COMMIT_EDITMSG
 show "git log -1 --format=%s"
 git log -1 --format=%s
 p2p hook uninstall

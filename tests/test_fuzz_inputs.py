@@ -424,3 +424,48 @@ def test_fuzz_task_card_examples(tmp_path_factory, value: object) -> None:
         clean(e)
         return
     assert type(value) is int and 0 <= card.examples == value <= 8
+
+
+@given(st.sampled_from(["diff_chars", "examples_diff_chars"]), _json_values)
+def test_fuzz_task_card_diff_fields(tmp_path_factory, field: str, value: object) -> None:
+    """A card's diff budgets as `--task-card` reads them: a whole number 0-2000 (or null for the examples' one:
+    the query's), or a DataError."""
+    from p2p_local.data.format import TaskCard, builtin_card
+
+    d = builtin_card("commit-subject").to_dict() | {field: value}
+    path = tmp_path_factory.mktemp("card") / "card.json"
+    path.write_text(json.dumps(d))
+    try:
+        card = TaskCard.load(path)
+    except P2PError as e:
+        clean(e)
+        return
+    assert (value is None and field == "examples_diff_chars") or (type(value) is int and 0 <= value <= 2000)
+    assert 0 <= card.example_diff_chars <= 2000
+
+
+_diff_lines = st.lists(st.one_of(
+    st.sampled_from(["diff --git a/x b/x", "diff --git a/poetry.lock b/poetry.lock", 'diff --git "a/t\\tb" "b/t\\tb"',
+                     "index 1..2 100644", "--- a/x", "+++ b/x", "@@ -1,2 +3,4 @@ def f():", "@@ -0,0 +1 @@",
+                     "new file mode 100644", "Binary files a/x and b/x differ", "\\ No newline at end of file", ""]),
+    st.text(max_size=250).map(lambda t: t.replace("\n", " ")).flatmap(lambda t: st.sampled_from(["+", "-", " ", ""]).map(lambda p: p + t)),
+), max_size=40)
+
+
+@given(_diff_lines, st.integers(min_value=0, max_value=3000))
+def test_fuzz_compact_diff(lines: list[str], budget: int) -> None:
+    """Any text piped as a diff: the compact rule never raises, keeps within its budget, cuts lines at 200,
+    is idempotent, and the commit query it makes says truthfully what was read."""
+    from p2p_local import pipeline
+    from p2p_local.data.format import builtin_card
+    from p2p_local.diffs import compact_diff
+
+    text = "\n".join(lines)
+    d = compact_diff(text, budget)
+    assert len(d.text) <= budget and all(len(ln) <= 200 for ln in d.text.split("\n"))
+    assert compact_diff(d.text, budget).text == d.text
+    card = builtin_card("commit-subject")
+    req = pipeline.Request(card, "diff --git a/x b/x\n" + text)
+    read = req.read
+    assert read is not None and 0 <= read["diff_chars"] <= min(card.diff_chars, read["diff_chars_total"])
+    assert 1 <= read["files"] <= read["files_total"] and req.query.startswith("files: ")

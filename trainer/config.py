@@ -138,10 +138,10 @@ RECIPES: dict[str, dict] = {
 # The shipped recipe with the app's prompt: commit subjects are answered after the author's two nearest
 # earlier commits (commit-subject.json `examples`), so they are trained that way; 320 tokens hold both.
 RECIPES["full-examples"] = {**RECIPES["full"], "prompt_examples": True, "max_prompt_tokens": 320}
-# What the app serves since issue 23: the query reads the change (files + compact diff) and shows two examples
-# with theirs; 640 tokens keep the query's diff and, most of the time, both examples (fit_prompt drops the
-# farthest example first).
-RECIPES["full-diff"] = {**RECIPES["full-examples"], "max_prompt_tokens": 640}
+# What the app serves since issue 23: the query reads the change (its files and 800 characters of compact diff,
+# no body: asked at commit time) after the author's two nearest earlier commits (files + subject, no diff);
+# 512 tokens hold that prompt whole nearly always (fit_prompt drops the farthest example first).
+RECIPES["full-diff"] = {**RECIPES["full-examples"], "max_prompt_tokens": 512}
 
 
 def recipe(name: str, **overrides) -> TrainConfig:

@@ -108,7 +108,12 @@ def query_text(text: str | None) -> str:
         try:
             text.encode("utf-8")  # undecodable bytes arrive as lone surrogates
         except UnicodeEncodeError:
-            raise UsageError("standard input is not valid UTF-8 text", hint="pipe UTF-8 text") from None
+            from p2p_local.diffs import looks_like_diff
+
+            if not looks_like_diff(text):
+                raise UsageError("standard input is not valid UTF-8 text", hint="pipe UTF-8 text") from None
+            # A diff of a file in another encoding: its odd bytes become U+FFFD, as in the hook's staged diff.
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         if len(text) > MAX_STDIN_CHARS:
             raise UsageError(f"the query on standard input is longer than {MAX_STDIN_CHARS:,} characters",
                              hint="pipe a shorter text (for commits: git diff --cached --stat, or the diff itself)")

@@ -204,13 +204,15 @@ class TaskCard:
 
 def card_hash(card: TaskCard) -> str:
     """16 hex digits of sha256 over the canonical JSON of what defines the text the model is trained on
-    and answers from: the template, the examples shown, the diff characters shown (`diff_chars`, 0 on a
-    card without the field), one-line answers, the query's input fields, and the kind and labels (a
+    and answers from: the template, the examples shown, the diff characters shown (`diff_chars`, and
+    `examples_diff_chars` where it applies), one-line answers, the query's input fields, and the kind and labels (a
     rating's label follows the prompt). The name, description and metrics do not count. A bundle records
     this per task (`manifest["cards"]`), so the app can say whether it answers with the prompt the
     bundle was trained on."""
-    fields = {"template": card.template, "examples": card.examples, "diff_chars": getattr(card, "diff_chars", 0),
+    fields = {"template": card.template, "examples": card.examples, "diff_chars": card.diff_chars,
               "one_line": card.one_line, "input_fields": card.input_fields, "kind": card.kind, "labels": card.labels}
+    if card.diff_chars:  # only a change-reading card shows examples' diffs (other cards' hashes stay as they were)
+        fields["examples_diff_chars"] = card.example_diff_chars
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
