@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 
 from p2p_local import __version__
+from p2p_local.data.format import TaskCard, builtin_cards
 
 PROMPT = "Movie: The Matrix (1999) | Genres: Action|Sci-Fi|Thriller\nA short review of this movie:"
 
@@ -271,19 +272,21 @@ def plot_history(result: dict, path: Path) -> None:
 
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-# A fixed query set per task, asked of the demo profile (a MovieLens user: its adapters for the other
-# tasks are made from an empty history, the hypernetwork's population adapter for the task).
-STRENGTH_QUERIES = {
-    "movielens-rating": QUERIES,
-    "popquorn-offensiveness": ["You are an idiot and nobody likes you.", "Thanks for sharing, great post!",
-                               "Women should stay out of politics.", "This team plays like garbage tonight."],
-    "popquorn-email-rewrite": ["hey, cant make it to the meeting tmrw, something came up. sorry for the late notice",
-                               "hi all, the party is moved to saturday, hope you can still come",
-                               "can u send me the report by friday? thx"],
-    "commit-subject": ["files: p2p_local/engine.py, tests/test_engine.py",
-                       "files: README.md, docs/ARCHITECTURE.md",
-                       "files: p2p_local/store/db.py, p2p_local/store/upgrades/0004.sql, tests/test_store.py"],
-}
+# Each task's card `samples` are its fixed query set, asked of the demo profile (a MovieLens user: its adapters
+# for the other tasks are made from an empty history, the hypernetwork's population adapter for the task).
+STRENGTH_MAX_QUERIES = 8  # samples asked per task (a card holds at most 8)
+
+
+def strength_queries(cards: dict[str, TaskCard], log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Each task's queries for `bench_strength`: its card's samples; a task without samples is left out,
+    with the reason logged."""
+    out = {}
+    for task, card in cards.items():
+        if card.samples:
+            out[task] = list(card.samples[:STRENGTH_MAX_QUERIES])
+        else:
+            log(f"bench strength: {task} left out (its task card has no samples)")
+    return out
 
 
 def bench_strength(strengths: tuple[float, ...] = STRENGTHS) -> dict:
@@ -297,8 +300,9 @@ def bench_strength(strengths: tuple[float, ...] = STRENGTHS) -> dict:
         s = _session_with(len(_demo_items()), Path(tmp))
         try:
             tasks = {}
-            for task, queries in STRENGTH_QUERIES.items():
-                card = s.card(task)
+            cards = {task: s.card(task) for task in builtin_cards()}
+            for task, queries in strength_queries(cards).items():
+                card = cards[task]
                 answers: dict[float, list] = {x: [] for x in strengths}
                 effect: dict[float, list[float]] = {x: [] for x in strengths}
                 for q in queries:
@@ -306,14 +310,14 @@ def bench_strength(strengths: tuple[float, ...] = STRENGTHS) -> dict:
                     for x in strengths:
                         text = "".join(s.answer(q, profile="u", task=task, scale=x, personalized=x > 0))
                         answers[x].append(text.strip())
-                        if card.kind != "generation":
+                        if card.labelled:
                             dist = np.array(list(s.label_distribution(q, task).values()))
                             base_dist = dist if base_dist is None else base_dist
                             effect[x].append(0.5 * float(np.abs(dist - base_dist).sum()))
                 ref, base = answers[1.0], answers[0.0]
                 n = len(queries)
                 tasks[task] = {
-                    "effect_measure": "label distribution's distance from the base (TV)" if card.kind != "generation"
+                    "effect_measure": "label distribution's distance from the base (TV)" if card.labelled
                     else "share of answers unlike the base's",
                     "effect": [round(float(np.mean(effect[x])), 3) if effect[x] else
                                round(sum(a != b for a, b in zip(answers[x], base, strict=True)) / n, 3) for x in strengths],

@@ -359,6 +359,8 @@ def _good_tensors(ctx: Ctx) -> tuple[dict, float, str]:
 
 def _adapter_mutation(kind: str) -> Setup:
     def setup(ctx: Ctx) -> None:
+        from p2p_local.adapter import parse_tensor_name, tensor_name
+
         path = _cached_adapter(ctx)
         good = path.read_bytes()
         t, alpha, sha = _good_tensors(ctx)
@@ -424,10 +426,9 @@ def _adapter_mutation(kind: str) -> Setup:
             elif kind == "missing-b":
                 tensors[first] = (a0, None)
             elif kind == "unknown-target":
-                tensors["blk.0.attn_zzz.weight"] = (a0, b0)
+                tensors[tensor_name(0, "attn_zzz")] = (a0, b0)
             elif kind == "layer-out-of-range":
-                tensors[first.replace("blk.0.", "blk.999.", 1) if first.startswith("blk.0.")
-                        else "blk.999.attn_q.weight"] = (a0, b0)
+                tensors[tensor_name(999, parse_tensor_name(first)[1])] = (a0, b0)
             elif kind == "non-lora-tensor":
                 kw["extra"] = {"token_embd.weight": np.zeros((4, 4), np.float16)}
             elif kind == "no-tensors":
@@ -494,6 +495,8 @@ def _gguf_base(path: Path, *, block_count: int | None = 0, arch: str = "gemma3",
                kv_only: bool = False) -> None:
     import gguf
 
+    from p2p_local.adapter import tensor_name
+
     w = gguf.GGUFWriter(str(path), arch)
     if block_count is not None:
         w.add_block_count(block_count)
@@ -506,7 +509,7 @@ def _gguf_base(path: Path, *, block_count: int | None = 0, arch: str = "gemma3",
         w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
         if block_count:
             for i in range(block_count):
-                w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((8, 8), np.float32))
+                w.add_tensor(tensor_name(i, "attn_q"), np.zeros((8, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -61,7 +61,7 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
     write_adapter(dest, adapter.tensors, alpha=adapter.alpha, base=session.engine.base, dtype="f16",
                   generator=str(adapter.meta.get("p2p.generator.name") or "p2p-local"),
                   profile_fingerprint=r.fingerprint, name=f"p2p-local {profile} {r.task}", task_name=r.task,
-                  prompt_prefix=card.template.split("{input}")[0], base_model=spec.base_model_meta())
+                  prompt_prefix=card.prefix, base_model=spec.base_model_meta())
     dest.chmod(mode)
     atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
     atomic_write(modelfile, ollama_modelfile(dest, base_path, card), mode=mode)
@@ -72,7 +72,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
     """The README beside an exported GGUF adapter: exact commands for llama.cpp's tools and Ollama."""
     example = query or _example(card)
     prompt = card.prompt(example)
-    rating = card.kind in ("rating", "label")
+    rating = card.labelled
     n = 1 if rating else 32
     from p2p_local.pipeline import lora_scale, stop_strings
 
@@ -183,17 +183,16 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hf}"), 
 ```
 
 Prompt (no chat template): {json.dumps(card.template)} with `{{input}}` replaced by the input.
-{"Answers are read off the distribution over the labels " + ", ".join(card.labels) + (" (median)." if card.kind == "rating" else " (most likely).") if card.kind != "generation" else "Answers are decoded greedily; the first line is kept." if card.one_line else "Answers are decoded greedily."}
+{"Answers are read off the distribution over the labels " + ", ".join(card.labels) + (" (median)." if card.kind == "rating" else " (most likely).") if card.labelled else "Answers are decoded greedily; the first line is kept." if card.one_line else "Answers are decoded greedily."}
 """
 
 
-EXAMPLES = {"movielens-rating": "Heat (1995) | Genres: Action|Crime|Thriller",
-            "popquorn-email-rewrite": "hey, can u send me the file by tmrw? thx",
-            "popquorn-offensiveness": "This is the worst take I have read all week."}
+NO_SAMPLE = "<your input>"  # a card without `samples`: the README shows where the input goes
 
 
 def _example(card: Any) -> str:
-    return EXAMPLES.get(card.name, "files: src/app.py")
+    """The README's example input: the card's first sample."""
+    return card.samples[0] if card.samples else NO_SAMPLE
 
 
 def _base(session: Any) -> tuple[Any, Path]:

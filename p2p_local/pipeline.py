@@ -150,7 +150,7 @@ class Personalizer:
 
     def write_tensors(self, tensors: Tensors, path: Path, fingerprint: str, card: TaskCard | None = None) -> None:
         """The GGUF adapter; with the task card it names its task and prompt for llama.cpp's tools."""
-        named = {"task_name": card.name, "prompt_prefix": card.template.split("{input}")[0]} if card else {}
+        named = {"task_name": card.name, "prompt_prefix": card.prefix} if card else {}
         write_adapter(path, tensors, alpha=self.bundle.alpha, base=self.base, dtype="f16",
                       generator=f"p2p-local/{self.bundle.name}", profile_fingerprint=fingerprint, **named)
 
@@ -177,7 +177,7 @@ def lora_scale(strength: float) -> float:
 # --- 5: the answer ---------------------------------------------------------------------------------
 def answer_tokens(engine: Any, card: TaskCard, text: str) -> int:
     """Tokens an answer may take: one label token, or the generation budget of the card's kind."""
-    if card.kind != "generation":
+    if card.labelled:
         return 1
     if card.one_line:
         return ONE_LINE_TOKENS
@@ -341,7 +341,7 @@ def stop_strings(card: TaskCard | None) -> list[str]:
         return list(CHAT_STOP)
     if card.one_line:
         return ["\n"]
-    head = card.template.split("{input}")[0].strip().splitlines()
+    head = card.prefix.strip().splitlines()
     return (["\n" + head[0]] if head and head[0] else []) + ["\n\n\n"]
 
 
@@ -656,7 +656,7 @@ class Route:
             a.examples = sum(shot in a.prompt for shot in examples(req.card, p.profile if p is not None else None))
             card = None if req.free_chat else req.card
             try:
-                if card is not None and card.kind in ("rating", "label"):
+                if card is not None and card.labelled:
                     a.scores = label_scores(self.engine, a.prompt, self.label_ids(card))
                     a.distribution = dict(zip(card.labels, np.exp(a.scores["lp"]).tolist(), strict=True))
                     a.text = decode_label(card, a.scores["lp"])

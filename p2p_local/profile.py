@@ -389,7 +389,7 @@ def _text_block(hist, query, retrieved, f, stats, n_total) -> list[str]:
 
 def _doc(card: TaskCard, item: Item) -> str:
     # Rating/label outputs are single tokens with no retrieval value; text outputs carry the topic.
-    return _with_change(card, item, item.input if card.kind != "generation" else f"{item.input} {item.output}")
+    return _with_change(card, item, item.input if card.labelled else f"{item.input} {item.output}")
 
 
 def _with_change(card: TaskCard, item: Item, text: str) -> str:
@@ -494,7 +494,7 @@ def build_profile(card: TaskCard, history: list[Item], query: Item | None = None
     f[_IDX["log_count"]] = math.log1p(n_total) / math.log1p(COUNT_SCALE)
     retrieved, matched = _retrieve(card, history, query, k)
     match = matched / len(retrieved) if retrieved else 0.0
-    f[_IDX["r_neighbour_match" if card.kind != "generation" else "t_neighbour_match"]] = match
+    f[_IDX["r_neighbour_match" if card.labelled else "t_neighbour_match"]] = match
     if card.kind == "generation":
         lines = _text_block(hist, query, retrieved, f, stats, n_total)
     else:
@@ -503,7 +503,7 @@ def build_profile(card: TaskCard, history: list[Item], query: Item | None = None
         lines.append(f"(Statistics over the latest {len(hist)}.)")
     summary = " ".join(lines)
     parts = [head, f"Summary: {summary}"]
-    if card.kind != "generation":
+    if card.labelled:
         parts.append(label_frequency(card, hist))
     if retrieved:
         parts.append("Relevant past items:\n" + render_history(retrieved))

@@ -177,3 +177,12 @@ def test_export_refuses_special_files_and_forget_removes_exports(session, tmp_pa
     capsys.readouterr()
     assert main(["profile", "forget", "demo", "--yes"]) == 0
     assert list(exports.iterdir()) == []
+
+
+def test_the_readme_example_is_the_cards_first_sample() -> None:
+    from p2p_local.adapter_export import NO_SAMPLE, _example
+    from p2p_local.data.format import TaskCard, builtin_card
+
+    card = builtin_card("popquorn-email-rewrite")
+    assert _example(card) == card.samples[0]
+    assert _example(TaskCard.from_dict(card.to_dict() | {"samples": []})) == NO_SAMPLE

@@ -91,3 +91,23 @@ def test_prepare_continues_past_a_broken_source(home, tmp_path, monkeypatch, sha
 def test_unknown_task_is_a_usage_error(home, capsys):
     assert main(["data", "prepare", "--tasks", "nope"]) == DataError.exit_code
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["users", "repository"])
+def test_the_card_says_how_users_are_split(home, monkeypatch, rule):
+    """prepare.py takes the split rule from the card's `split`, not from a list of task names."""
+    from p2p_lab.data import prepare
+    from p2p_lab.data.converters import Converted
+    from p2p_lab.data.splits import Splits
+    from p2p_local.data.format import Item, TaskCard, User, builtin_card
+
+    card = TaskCard.from_dict(builtin_card("popquorn-email-rewrite").to_dict() | {"split": rule})
+    users = [User("u", [Item("a", "b"), Item("c", "d")])]
+    used = []
+    monkeypatch.setattr(prepare, "builtin_card", lambda task: card)
+    monkeypatch.setattr(prepare, "convert", lambda task, src=None: Converted(users))
+    monkeypatch.setattr(prepare, "split_by_repo", lambda u, cfg: used.append("repository") or Splits(u, [], [], []))
+    monkeypatch.setattr(prepare, "split_users",
+                        lambda u, c, cfg, embed=None: used.append("users") or Splits(u, [], [], []))
+    stats = prepare.prepare_task(card.name, embed=None, log=lambda msg: None)
+    assert used == [rule] and (stats["encoder_unavailable"] == "none (repository split)") == (rule == "repository")

@@ -102,6 +102,7 @@ def test_builtin_cards_follow_the_label_convention():
     for name in names:
         card = builtin_card(name)
         assert card.name == name and card.description and card.metrics
+        assert 2 <= len(card.samples) <= 4 and all(card.prompt(x) for x in card.samples)  # what a user might type
         if card.kind in ("rating", "label"):
             # the label is appended directly: the template ends in ": " and labels carry no spaces
             assert card.template.endswith(": ")
@@ -117,6 +118,12 @@ def test_builtin_cards_follow_the_label_convention():
         ({"template": "no placeholder"}, "{input}"),
         ({"template": "{input} {other}"}, "format string"),
         ({"labels": []}, "labels"),
+        ({"samples": "Heat (1995)"}, "samples"),
+        ({"samples": ["Heat (1995)", " "]}, "samples"),
+        ({"samples": ["Heat (1995)"] * 9}, "samples"),
+        ({"samples": ["x" * 2001]}, "samples"),
+        ({"samples": [5]}, "samples"),
+        ({"split": "items"}, "split"),
     ],
 )
 def test_invalid_cards_are_rejected(changes, fragment):
@@ -164,3 +171,12 @@ def test_the_commit_task_keeps_its_former_name_as_an_alias(tmp_path) -> None:
         assert [i.task for i in s.items("me")] == ["commit-subject"]
         s.add_item("me", "pytest-commit-subject", "files: b.py", "Fix b")
         assert s.task_counts("me") == {"commit-subject": 2}
+
+
+def test_samples_and_split_key_no_cached_result():
+    """The evaluation's run dirs are keyed by the card: fields no result depends on stay out of the key, so run
+    dirs made before the cards had them are still found."""
+    card = builtin_card("commit-subject")
+    assert card.samples and card.split == "repository"
+    assert card.keyed_dict() == {k: v for k, v in card.to_dict().items() if k not in ("samples", "split")}
+    assert TaskCard.from_dict(card.to_dict()) == card  # saved and loaded with them

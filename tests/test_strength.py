@@ -46,7 +46,7 @@ def test_bench_strength_writes_the_curve_and_a_png(p2p_home, monkeypatch, tmp_pa
     from p2p_lab import bench
     from p2p_local.cli import main
 
-    monkeypatch.setattr(bench, "STRENGTH_QUERIES", {k: v[:1] for k, v in bench.STRENGTH_QUERIES.items()})
+    monkeypatch.setattr(bench, "STRENGTH_MAX_QUERIES", 1)
     monkeypatch.setattr(bench, "STRENGTHS", (0.0, 0.5, 1.0, 2.0))
     monkeypatch.setattr(bench.bench_strength, "__defaults__", ((0.0, 0.5, 1.0, 2.0),))
     out = tmp_path / "bench.json"
@@ -58,3 +58,14 @@ def test_bench_strength_writes_the_curve_and_a_png(p2p_home, monkeypatch, tmp_pa
     assert (tmp_path / "bench-strength.png").stat().st_size > 1000
     assert "movielens-rating: share of answers unlike x1's" in (tmp_path / "bench.md").read_text()
     assert "strength" in capsys.readouterr().out
+
+
+def test_strength_queries_are_the_cards_samples_and_a_task_without_them_is_left_out() -> None:
+    from p2p_lab.bench import strength_queries
+    from p2p_local.data.format import TaskCard, builtin_card
+
+    bare = TaskCard.from_dict(builtin_card(TASK).to_dict() | {"name": "bare", "samples": []})
+    said: list[str] = []
+    queries = strength_queries({TASK: builtin_card(TASK), "bare": bare}, log=said.append)
+    assert queries == {TASK: builtin_card(TASK).samples}
+    assert said == ["bench strength: bare left out (its task card has no samples)"]

@@ -216,6 +216,8 @@ async def test_send_streams_a_reply_and_stores_it(fake, store):
         assert screen.task_name == "movielens-rating"  # the profile's default task
         await until(pilot, lambda: fake.personalized_profiles, "the adapter to be prepared")
         assert fake.personalized_profiles[0] == (DEMO_PROFILE, "movielens-rating")
+        # the input's placeholder is the card's first sample
+        assert screen.query_one(ChatInput).placeholder.startswith(f"movielens-rating: {screen.card.samples[0]}")
         screen.query_one(ChatInput).load_text("Zodiac (2007) | Genres: Crime|Drama|Thriller")
         await pilot.press("enter")
         # Halfway through, the reply is already on screen while the model still "generates".

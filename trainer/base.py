@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -20,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from p2p_local.adapter import parse_tensor_name
-from p2p_local.errors import ModelError
+from p2p_local.adapter import parse_tensor_name, tensor_name
+from p2p_local.errors import ModelError, StoreError
+from p2p_local.files import replacing_dir
 from p2p_local.paths import cache_dir
 from p2p_local.peft_export import gguf_to_hf_modules, hf_module_name
 
@@ -92,6 +90,10 @@ def load_tokenizer(gguf_path: str | Path | None = None, *, sha256: str | None = 
     return AutoTokenizer.from_pretrained(cached)
 
 
+class _FinishedFirst(Exception):
+    """Leaves `replacing_dir` without its swap: a concurrent converter's complete folder stays in place."""
+
+
 def _convert(gguf_path: Path, sha256: str, dest: Path) -> None:
     """De-quantize the GGUF with transformers and save it as a plain HF folder, atomically."""
     import transformers
@@ -108,25 +110,20 @@ def _convert(gguf_path: Path, sha256: str, dest: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        source = {"gguf": gguf_path.name, "sha256": sha256, "transformers": transformers.__version__,
-                  "arch": model.config.model_type}
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        if (dest / SOURCE_FILE).is_file():
-            return  # a concurrent converter (another process, another rank) finished first
-        if dest.exists():  # a stale, incomplete cache (no SOURCE_FILE): replace it
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except OSError:
+        with replacing_dir(dest) as tmp:  # a stale, incomplete cache (no SOURCE_FILE) is replaced whole
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            source = {"gguf": gguf_path.name, "sha256": sha256, "transformers": transformers.__version__,
+                      "arch": model.config.model_type}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+            if (dest / SOURCE_FILE).is_file():
+                raise _FinishedFirst  # another process or rank converted it meanwhile: keep the folder it reads
+    except _FinishedFirst:
+        pass
+    except StoreError:
         if not (dest / SOURCE_FILE).is_file():  # not a concurrent writer that finished first
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hf_gguf_module_map(model: nn.Module, arch: str = "gemma3") -> dict[str, str]:
@@ -141,13 +138,13 @@ def hf_gguf_module_map(model: nn.Module, arch: str = "gemma3") -> dict[str, str]
 
     n_layers = model.config.num_hidden_layers
     name_map = gguf.get_tensor_name_map(arch_enum(arch), n_layers)
-    targets = set(gguf_to_hf_modules(arch))
+    wanted = {tensor_name(layer, m) for layer in range(n_layers) for m in gguf_to_hf_modules(arch)}
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         mapped = name_map.get_name(name)
-        if mapped and mapped.startswith("blk.") and mapped.split(".")[2] in targets:
+        if mapped and f"{mapped}.weight" in wanted:
             out[f"{mapped}.weight"] = name
     return out
 

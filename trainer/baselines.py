@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2p_local.adapter import read_adapter, write_adapter
+from p2p_local.adapter import parse_tensor_name, read_adapter, write_adapter
 from p2p_local.data.format import Item, TaskCard, builtin_card, read_users_jsonl
 from p2p_local.pipeline import prompt_input, served_query
 from p2p_local.profile import FEATURE_DIM
@@ -53,7 +53,7 @@ def item_samples(card: TaskCard, items: list[Item], tokenizer, max_prompt_tokens
     prompts, targets = [], []
     for it in items:
         t = tokenizer(target_text(card, it), add_special_tokens=False)["input_ids"]
-        if card.kind != "generation":
+        if card.labelled:
             t = t[:1]
         if not t:
             continue
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = read_adapter(args.init)
         init = adapter.tensors
         cfg.rank, cfg.scale = adapter.rank, adapter.scale
-        cfg.targets = sorted({name.split(".")[2] for name in init})
+        cfg.targets = sorted({parse_tensor_name(name)[1] for name in init})
     model, tokenizer = load_base()
     tensors, stats = train_oppu(builtin_card(args.task), users[0].items, model, tokenizer, cfg, init)
     write_gguf(args.out, tensors, cfg.scale, cfg.rank, "p2p-local oppu")

@@ -17,9 +17,7 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from p2p_local.adapter import tensor_name
 from p2p_local.bundle import (
     DEFAULT_BUNDLE,
     FORMAT,
@@ -36,6 +35,7 @@ from p2p_local.bundle import (
     MANIFEST,
     output_names,
 )
+from p2p_local.files import replacing_dir
 from p2p_local.paths import repo_root
 from trainer.config import HyperConfig, TrainConfig, contract_feature_dim
 from trainer.hypernet import HyperNet, count_params
@@ -174,7 +174,7 @@ def export_bundle(
         base, base_name = base_info()
     for layer in cfg.layers:
         for m in cfg.targets:
-            got = tuple(base.shapes.get(f"blk.{layer}.{m}.weight", ()))
+            got = tuple(base.shapes.get(tensor_name(layer, m), ()))
             if got != tuple(cfg.shapes[m]):
                 raise ValueError(f"hypernetwork shape {cfg.shapes[m]} for {m} does not match base tensor {got}")
     data = to_onnx(net, fp16_weights=fp16_weights)
@@ -209,22 +209,9 @@ def export_bundle(
         "evaluation": evaluation or {},
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary shipped folder
-    try:
+    with replacing_dir(out_dir) as tmp:  # an ordinary shipped folder (0755), swapped in whole
         (tmp / ONNX_FILE).write_bytes(data)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

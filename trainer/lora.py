@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from p2p_local.adapter import tensor_name
 from trainer.base import hf_module_name
 
 Adapters = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -78,8 +79,8 @@ def to_gguf_tensors(adapters: Adapters, layers: list[int], index: int = 0) -> di
     out = {}
     for m, (a, b) in adapters.items():
         for j, layer in enumerate(layers):
-            out[f"blk.{layer}.{m}.weight"] = (a[index, j].detach().float().cpu().numpy(),
-                                              b[index, j].detach().float().cpu().numpy())
+            out[tensor_name(layer, m)] = (a[index, j].detach().float().cpu().numpy(),
+                                          b[index, j].detach().float().cpu().numpy())
     return out
 
 
@@ -106,7 +107,7 @@ class SharedLoRA(nn.Module):
             b = torch.zeros(len(cfg.layers), n_out, cfg.rank)
             if init is not None:  # start from an existing adapter (GGUF names -> numpy (A, B))
                 for j, layer in enumerate(cfg.layers):
-                    a0, b0 = init[f"blk.{layer}.{m}.weight"]
+                    a0, b0 = init[tensor_name(layer, m)]
                     a[j], b[j] = torch.as_tensor(a0), torch.as_tensor(b0)
             self.a[m], self.b[m] = nn.Parameter(a), nn.Parameter(b)
 

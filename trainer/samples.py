@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from p2p_local.data.format import Item, TaskCard, User, builtin_cards
+from p2p_local.files import atomic_open
 from p2p_local.paths import cache_dir
 from p2p_local.pipeline import (
     PROMPT_SLACK,
@@ -38,6 +39,7 @@ from p2p_local.pipeline import (
 )
 from p2p_local.profile import FEATURE_DIM
 
+CACHE_MODE = 0o644  # derived from the shared data sets, as before (the umask's default)
 CACHE_VERSION = 6  # 6: the commit query is served_query + prompt_input (files + diff). Bump when the sample construction below changes
 
 
@@ -112,7 +114,7 @@ def pick_queries(user: User, n: int, rng: np.random.Generator, min_history: int 
 
 
 def target_text(card: TaskCard, item: Item) -> str:
-    return item.output if card.kind != "generation" else item.output.strip() + "\n"
+    return item.output if card.labelled else item.output.strip() + "\n"
 
 
 def truncate_prompt(ids: list[int], max_tokens: int, keep_head: int = 8) -> list[int]:
@@ -163,7 +165,7 @@ def _user_samples(card: TaskCard, user: User, tokenizer, *, items_per_user: int,
         text = sample_prompt(card, query, profile, tokenizer, max_prompt_tokens, prompt_examples)
         p_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         t_ids = tokenizer(target_text(card, query), add_special_tokens=False)["input_ids"]
-        if card.kind != "generation":
+        if card.labelled:
             t_ids = t_ids[:1]  # the label's first token, as the evaluation scores it
         if not t_ids:
             continue
@@ -241,11 +243,11 @@ def build_samples(
     emb = (np.concatenate([pool_embeddings(np.stack([vectors[t] for t in r[3]])) for r in rows])
            if rows else np.zeros((0, 0), np.float32))
     label_ids = []
-    if card.kind != "generation":
+    if card.labelled:
         label_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"][0] for lab in card.labels]
     return SampleSet(card.name, card.kind, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], emb,
                      np.asarray([r[4] for r in rows], dtype=np.float32).reshape(-1, FEATURE_DIM),
-                     [r[5] for r in rows] if card.kind != "generation" else [], label_ids, list(card.labels))
+                     [r[5] for r in rows] if card.labelled else [], label_ids, list(card.labels))
 
 
 class ItemVectors:
@@ -269,11 +271,8 @@ class ItemVectors:
         if missing:
             self.log(f"  embedding {len(missing)} new item texts ({len(self.table)} cached)")
             self.table.update(zip(missing, _embed_parallel(self.encoder, missing, self.workers, self.log), strict=True))
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_open(self.path, CACHE_MODE) as f:
                 pickle.dump(self.table, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.path)
         return {t: self.table[t] for t in texts}
 
 
@@ -310,7 +309,7 @@ def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, spl
                    log: Callable[[str], None] | None = None, **kw) -> SampleSet:
     """`build_samples` through an on-disk cache keyed by task, users, settings, tokenizer and encoder."""
     key = {
-        "v": CACHE_VERSION, "task": card.to_dict(), "split": split, "encoder": encoder.sha256,
+        "v": CACHE_VERSION, "task": card.keyed_dict(), "split": split, "encoder": encoder.sha256,
         "tokenizer": len(tokenizer), "feature_dim": FEATURE_DIM,
         "users": hashlib.sha256("\n".join(f"{u.user_id}:{len(u.items)}:{u.items[-1].time if u.items else ''}"
                                           for u in users).encode()).hexdigest(),
@@ -328,11 +327,8 @@ def cached_samples(card: TaskCard, users: list[User], tokenizer, encoder, *, spl
     samples = build_samples(card, users, tokenizer, ItemVectors(encoder, workers, log), workers=workers, log=log, **kw)
     if log:
         log(f"  [{card.name}/{split}] {len(samples)} samples in {time.time() - t0:.0f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, CACHE_MODE) as f:
         pickle.dump(samples, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
     return samples
 
 

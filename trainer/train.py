@@ -35,8 +35,9 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from p2p_local.files import atomic_write_with
 from p2p_local.pipeline import median_index
 from p2p_local.profile import FEATURE_NAMES
 from trainer.base import hidden_entering, lower_layers_skipped
@@ -477,9 +479,7 @@ def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSe
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: torch.save(state, tmp), mode=0o644)  # never a half-written last.pt
 
 
 # What may change when a run is resumed; everything else (data, model, optimiser) comes from the checkpoint.
@@ -511,6 +511,61 @@ def resume_config(current: TrainConfig, saved: TrainConfig, verbose: bool = True
 def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> dict:
     """Run (or resume) a training run; returns a summary. Writes <out_dir>/{last.pt, metrics.jsonl, config.json}.
     `base` = (model, tokenizer) already loaded (tests reuse one), else trainer.base.load_base()."""
+    run = setup_run(cfg, resume, base)
+    run_steps(run)
+    return finish_run(run)
+
+
+@dataclass
+class Run:
+    """What a run holds from its setup through its steps to its result (rank-local)."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    model: nn.Module
+    net: nn.Module
+    ddp_net: nn.Module
+    lora: FunctionalLoRA
+    cache: LowerCache | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    clock: dict  # {"progress": fraction of max_wall_s spent} under a wall-clock schedule, else None
+    sampler: TaskMixture
+    train_sets: list[SampleSet]
+    val_sets: list[SampleSet]
+    cards: list[dict]
+    step: int = 0
+    elapsed_before: float = 0.0  # seconds trained before a resume
+    best: dict = field(default_factory=lambda: {"score": math.inf, "step": 0})
+    last: dict = field(default_factory=dict)  # the last step's metrics
+    log: IO[str] | None = None  # metrics.jsonl, rank 0 only
+    t_start: float = 0.0
+    wall_stop: bool = False
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    def validate(self) -> dict:
+        batch = 128 if self.d.device.type == "cuda" else 32
+        return evaluate(self.net, self.lora, self.model, self.val_sets, self.d.device, self.cfg.bf16, batch_size=batch)
+
+    def state(self) -> dict:
+        return _state(self.cfg, self.net, self.opt, self.sched, self.sampler, self.step, self.elapsed(), self.cards,
+                      self.last)
+
+
+def setup_run(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> Run:
+    """Everything before the first step: processes, the checkpoint to resume (its config, but for the run-time
+    settings), the base, the data, the model, optimiser, schedule and sampler (restored when resuming)."""
     d = setup_dist()
     out = Path(cfg.out_dir)
     ckpt_path = out / "last.pt"
@@ -546,140 +601,159 @@ def train(cfg: TrainConfig, resume: bool = True, base: tuple | None = None) -> d
     clock: dict = {"progress": 0.0 if cfg.time_schedule and cfg.max_wall_s else None}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, clock))
     sampler = TaskMixture([len(s) for s in train_sets], cfg.seed, cfg.task_power)
-    best_path = out / "best.pt"
-    best = {"score": math.inf, "step": 0}
-    step, elapsed_before = 0, 0.0
+    run = Run(cfg, d, out, model, net, ddp_net, lora, cache, opt, sched, clock, sampler, train_sets, val_sets, cards)
     if ck is not None:
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sampler.load_state_dict(ck["sampler"])
-        step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
-        best = ck.get("best", best)
+        run.step, run.elapsed_before = ck["step"], ck.get("elapsed", 0.0)
+        run.best = ck.get("best", run.best)
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
         if d.main:
-            print(f"resumed {ckpt_path} at step {step}")
+            print(f"resumed {ckpt_path} at step {run.step}")
     if d.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         n_params = sum(p.numel() for p in net.parameters())
         tasks = ", ".join(f"{c['name']} ({c['train_samples']} samples)" for c in cards)
         print(f"tasks: {tasks}; {cfg.method} {n_params / 1e6:.2f}M params; device {d.device}, world {d.world}")
-    per_rank = cfg.batch_size // d.world
-    if per_rank * d.world != cfg.batch_size:
+    if cfg.batch_size % d.world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
-    micro = min(cfg.micro_batch, per_rank)
-    if d.main and step == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    log = open(out / "metrics.jsonl", "a") if d.main else None
+    if d.main:
+        if run.step == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        run.log = open(out / "metrics.jsonl", "a")
+    return run
+
+
+def run_steps(run: Run) -> None:
+    """The optimiser steps, until `steps`, `stop_after` steps or `max_wall_s`: metrics logged, the model
+    validated (best.pt kept) and checkpointed (last.pt) on their cadences."""
+    cfg, d = run.cfg, run.d
     bar = None
     if d.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=cfg.recipe, dynamic_ncols=True)
-    t_start = last_eval = time.time()
-    eval_batch = 128 if d.device.type == "cuda" else 32
-    last = {}
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    wall_stop = False
-    net.train()
-    while step < stop_at:
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=cfg.recipe, dynamic_ncols=True)
+    micro = min(cfg.micro_batch, cfg.batch_size // d.world)
+    run.t_start = last_eval = time.time()
+    stop_at = min(cfg.steps, run.step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    run.net.train()
+    while run.step < stop_at:
         t0 = time.time()
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)  # dropout noise: a function of (seed, step, rank)
-        picks = sampler.batch(step, cfg.batch_size)[d.rank::d.world]
-        if clock["progress"] is not None:
-            clock["progress"] = min(1.0, (time.time() - t_start) / cfg.max_wall_s)
-        loss_sum, grad_norm = optimizer_step(cfg, ddp_net, net, lora, model, train_sets, picks, opt, sched, d,
-                                             micro=micro, cache=cache)
-        step += 1
+        torch.manual_seed(cfg.seed * 1_000_003 + run.step * 1009 + d.rank)  # dropout noise: a function of (seed, step, rank)
+        picks = run.sampler.batch(run.step, cfg.batch_size)[d.rank::d.world]
+        if run.clock["progress"] is not None:
+            run.clock["progress"] = min(1.0, (time.time() - run.t_start) / cfg.max_wall_s)
+        loss_sum, grad_norm = optimizer_step(cfg, run.ddp_net, run.net, run.lora, run.model, run.train_sets, picks,
+                                             run.opt, run.sched, d, micro=micro, cache=run.cache)
+        run.step += 1
+        step = run.step
         dt = time.time() - t0
         if d.world > 1:
             t = torch.tensor([loss_sum], device=d.device)
             dist.all_reduce(t)
             loss_sum = float(t) / d.world
-        last = {"step": step, "loss": round(loss_sum, 5), "grad_norm": round(grad_norm, 4),
-                "lr": sched.get_last_lr()[-1], "s_per_step": round(dt, 3), "samples_per_s": round(cfg.batch_size / dt, 2),
-                "elapsed": round(elapsed_before + time.time() - t_start, 1)}
+        run.last = {"step": step, "loss": round(loss_sum, 5), "grad_norm": round(grad_norm, 4),
+                    "lr": run.sched.get_last_lr()[-1], "s_per_step": round(dt, 3),
+                    "samples_per_s": round(cfg.batch_size / dt, 2), "elapsed": round(run.elapsed(), 1)}
         if d.main:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", gn=f"{grad_norm:.2f}", sps=f"{cfg.batch_size / dt:.1f}")
             if step % cfg.log_every == 0 or step == 1:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                run.log.write(json.dumps(run.last) + "\n")
+                run.log.flush()
         eval_due = ((cfg.eval_every and step % cfg.eval_every == 0)
                     or (cfg.eval_every_s and time.time() - last_eval >= cfg.eval_every_s))
         if cfg.eval_every_s:  # a wall-clock cadence: every rank must agree on it
             eval_due = _agree(bool(eval_due), d)
         if eval_due and step < cfg.steps:
             last_eval = time.time()
-            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch) if d.main else {}
-            if d.main:
-                score = val_score(ev)
-                log.write(json.dumps({"step": step, "eval": ev, "val_score": score}) + "\n")
-                log.flush()
-                print(_eval_line(ev) + f" | val loss sum {score:.4f}")
-                if cfg.select_best and score < best["score"]:
-                    best = {"score": score, "step": step}
-                    save_checkpoint(best_path, {"config": cfg.to_dict(), "model": net.state_dict(), "step": step,
-                                                "best": best, "export_meta": _state(
-                                                    cfg, net, opt, sched, sampler, step,
-                                                    elapsed_before + time.time() - t_start, cards, last)["export_meta"]})
-            d.barrier()
+            _validate_mid_run(run)
         if cfg.max_wall_s:  # every rank stops at the same step
-            wall_stop = _agree(time.time() - t_start >= cfg.max_wall_s, d) and step < stop_at
-        if d.main and (step % cfg.ckpt_every == 0 or step == stop_at or wall_stop):
-            state = _state(cfg, net, opt, sched, sampler, step, elapsed_before + time.time() - t_start, cards, last)
-            state["best"] = best
-            save_checkpoint(ckpt_path, state)
+            run.wall_stop = _agree(time.time() - run.t_start >= cfg.max_wall_s, d) and step < stop_at
+        if d.main and (step % cfg.ckpt_every == 0 or step == stop_at or run.wall_stop):
+            state = run.state()
+            state["best"] = run.best
+            save_checkpoint(run.ckpt_path, state)
         d.barrier()
-        if wall_stop:
+        if run.wall_stop:
             break
     if bar is not None:
         bar.close()
+
+
+def _validate_mid_run(run: Run) -> None:
+    """Validate on rank 0, log it, and keep the model as best.pt when it beats every earlier validation."""
+    if run.d.main:
+        ev = run.validate()
+        score = val_score(ev)
+        run.log.write(json.dumps({"step": run.step, "eval": ev, "val_score": score}) + "\n")
+        run.log.flush()
+        print(_eval_line(ev) + f" | val loss sum {score:.4f}")
+        if run.cfg.select_best and score < run.best["score"]:
+            run.best = {"score": score, "step": run.step}
+            save_checkpoint(run.best_path, {"config": run.cfg.to_dict(), "model": run.net.state_dict(),
+                                            "step": run.step, "best": run.best,
+                                            "export_meta": run.state()["export_meta"]})
+    run.d.barrier()
+
+
+def finish_run(run: Run) -> dict:
+    """The summary; on rank 0 of a finished run the final validation and the result's selection
+    (`select_result`), else a resume hint; then the LoRA hooks and the process group go."""
+    cfg, d = run.cfg, run.d
     # A wall-clock budget ends the run as if it were complete: final evaluation and export metadata
     # (the checkpoint says how many steps it got; running the same command again trains on).
-    summary = {"steps": step, "last": last, "cards": cards, "finished": step >= cfg.steps or wall_stop}
-    if wall_stop:
+    summary = {"steps": run.step, "last": run.last, "cards": run.cards, "finished": run.step >= cfg.steps or run.wall_stop}
+    if run.wall_stop:
         summary["stopped"] = f"max_wall_s={cfg.max_wall_s:g}"
-    if cache is not None:
-        summary["hidden_cache"] = {"samples": len(cache.store), "computed": cache.computed,
-                                   "mib": round(cache.bytes / 2**20, 1)}
+    if run.cache is not None:
+        summary["hidden_cache"] = {"samples": len(run.cache.store), "computed": run.cache.computed,
+                                   "mib": round(run.cache.bytes / 2**20, 1)}
     if cfg.save_rank_weights:
-        torch.save(net.state_dict(), out / f"weights-rank{d.rank}.pt")
+        torch.save(run.net.state_dict(), run.out / f"weights-rank{d.rank}.pt")
     if d.main and not summary["finished"]:
-        log.close()
-        print(f"stopped at step {step}/{cfg.steps}; run the same command again to resume")
+        run.log.close()
+        print(f"stopped at step {run.step}/{cfg.steps}; run the same command again to resume")
     elif d.main:
-        ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch) if cfg.eval_users else {}
-        final_score = val_score(ev) if ev else math.inf
-        if cfg.select_best and best_path.is_file() and best["score"] < final_score:
-            # An earlier checkpoint validated better: it is the run's result (training past it overfit).
-            bk = torch.load(best_path, map_location="cpu", weights_only=False)
-            net.load_state_dict(bk["model"])
-            ev = evaluate(net, lora, model, val_sets, d.device, cfg.bf16, batch_size=eval_batch)
-            bk["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
-            bk["export_meta"]["training"]["selected"] = {"step": best["step"], "of": step, "by": "validation loss",
-                                                         "val_score": best["score"], "last_val_score": final_score}
-            save_checkpoint(best_path, bk)
-            summary["selected"] = bk["export_meta"]["training"]["selected"]
-            print(f"selected step {best['step']} (validation loss sum {best['score']:.4f} < last {final_score:.4f})")
-        else:
-            best_path.unlink(missing_ok=True)  # the last step is the best: export it
-        summary["eval"] = ev
-        log.write(json.dumps({"step": step, "eval": ev, "final": True}) + "\n")
-        log.close()
-        if ev:
-            print(_eval_line(ev))
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        ck["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
-        if wall_stop:
-            ck["export_meta"]["training"]["stopped"] = summary["stopped"]
-        save_checkpoint(ckpt_path, ck)
-    lora.remove()
+        select_result(run, summary)
+    run.lora.remove()
     if d.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def select_result(run: Run, summary: dict) -> None:
+    """Validate the last step; keep best.pt as the result only if it validated better (training past it
+    overfit), else remove it; record the evaluation in the result's export metadata and in `summary`."""
+    cfg, best = run.cfg, run.best
+    ev = run.validate() if cfg.eval_users else {}
+    final_score = val_score(ev) if ev else math.inf
+    if cfg.select_best and run.best_path.is_file() and best["score"] < final_score:
+        bk = torch.load(run.best_path, map_location="cpu", weights_only=False)
+        run.net.load_state_dict(bk["model"])
+        ev = run.validate()
+        bk["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
+        bk["export_meta"]["training"]["selected"] = {"step": best["step"], "of": run.step, "by": "validation loss",
+                                                     "val_score": best["score"], "last_val_score": final_score}
+        save_checkpoint(run.best_path, bk)
+        summary["selected"] = bk["export_meta"]["training"]["selected"]
+        print(f"selected step {best['step']} (validation loss sum {best['score']:.4f} < last {final_score:.4f})")
+    else:
+        run.best_path.unlink(missing_ok=True)  # the last step is the best: export it
+    summary["eval"] = ev
+    run.log.write(json.dumps({"step": run.step, "eval": ev, "final": True}) + "\n")
+    run.log.close()
+    if ev:
+        print(_eval_line(ev))
+    ck = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
+    ck["export_meta"]["evaluation"] = {"split": "val", "tasks": ev}
+    if run.wall_stop:
+        ck["export_meta"]["training"]["stopped"] = summary["stopped"]
+    save_checkpoint(run.ckpt_path, ck)
 
 
 def val_score(ev: dict) -> float:

@@ -137,6 +137,42 @@ def _finish(by_user: dict[str, list[Item]], stats: Counter, min_items: int = MIN
     return users
 
 
+# A CSV row's reading: why it is skipped (the counter `rows_skipped_<why>`), or (its item key, its Item's builder).
+RowRead = Callable[[dict[str, str]], str | tuple[str, Callable[[], Item]]]
+
+
+def _convert_csv(path: Path, required: tuple[str, ...], stats: Counter, read: RowRead, user_col: str = "user_id",
+                 optional: tuple[str, ...] = ()) -> Converted:
+    """The CSV converters' one row loop: each well-formed row's user id (missing: counted), then `read(row)`;
+    a repeated (user, key) pair keeps the first. A builder runs only for a kept row, so what it counts
+    (`texts_truncated`) counts kept items. An `optional` column the file lacks is counted once
+    (`column_missing_<col>`)."""
+    by_user: dict[str, list[Item]] = {}
+    seen: set[tuple[str, str]] = set()
+    first = True
+    for _, row in _csv_rows(path, required, stats):
+        if first:
+            first = False
+            for col in optional:
+                if col not in row:
+                    stats[f"column_missing_{col}"] = 1
+        uid = _user_id(row[user_col])
+        if not uid:
+            stats["rows_skipped_missing_user"] += 1
+            continue
+        got = read(row)
+        if isinstance(got, str):
+            stats[f"rows_skipped_{got}"] += 1
+            continue
+        key, build = got
+        if (uid, key) in seen:
+            stats["rows_skipped_duplicate"] += 1
+            continue
+        seen.add((uid, key))
+        by_user.setdefault(uid, []).append(build())
+    return Converted(_finish(by_user, stats), stats)
+
+
 # ---------------------------------------------------------------- MovieLens
 
 
@@ -147,101 +183,70 @@ def convert_movielens(src: Path) -> Converted:
     movies: dict[str, tuple[str, list[str]]] = {}
     for _, row in _csv_rows(d / "movies.csv", ("movieId", "title", "genres"), Counter()):
         movies[row["movieId"].strip()] = (row["title"], movie_genres(row["genres"]))
-    by_user: dict[str, list[Item]] = {}
-    seen: set[tuple[str, str]] = set()
-    has_time = None
-    for _, row in _csv_rows(d / "ratings.csv", ("userId", "movieId", "rating"), stats):
-        if has_time is None:
-            has_time = "timestamp" in row
-            if not has_time:
-                stats["column_missing_timestamp"] = 1  # items then keep file order
-        uid, mid = _user_id(row["userId"]), row["movieId"].strip()
-        if not uid:
-            stats["rows_skipped_missing_user"] += 1
-            continue
+
+    def read(row: dict[str, str]) -> str | tuple[str, Callable[[], Item]]:
         rating = _to_rating(row["rating"])
         if rating is None:
-            stats["rows_skipped_bad_rating"] += 1
-            continue
+            return "bad_rating"
+        mid = row["movieId"].strip()
         if mid not in movies:
-            stats["rows_skipped_unknown_movie"] += 1
-            continue
+            return "unknown_movie"
         t = None
-        if has_time:
+        if "timestamp" in row:  # without the column, items keep file order
             try:
                 t = float(row["timestamp"])
             except ValueError:
-                stats["rows_skipped_bad_time"] += 1
-                continue
-        if (uid, mid) in seen:
-            stats["rows_skipped_duplicate"] += 1
-            continue
-        seen.add((uid, mid))
-        text, meta = movie_item(*movies[mid], mid)  # the importer's rule too (p2p_local.data.records)
-        by_user.setdefault(uid, []).append(Item(text, str(rating), t, meta))
-    return Converted(_finish(by_user, stats), stats)
+                return "bad_time"
+
+        def build() -> Item:
+            text, meta = movie_item(*movies[mid], mid)  # the importer's rule too (p2p_local.data.records)
+            return Item(text, str(rating), t, meta)
+
+        return mid, build
+
+    return _convert_csv(d / "ratings.csv", ("userId", "movieId", "rating"), stats, read, user_col="userId",
+                        optional=("timestamp",))
 
 
 # ---------------------------------------------------------------- POPQUORN
 
 
+def _instance_meta(iid: str) -> dict[str, int | str]:
+    return {"item_id": int(iid) if iid.isdigit() else iid}
+
+
 def convert_offensiveness(src: Path) -> Converted:
     """Annotator's 1-5 offensiveness score of a Reddit comment. No timestamps: items keep file order."""
     stats: Counter = Counter()
-    by_user: dict[str, list[Item]] = {}
-    seen: set[tuple[str, str]] = set()
-    path = src / "popquorn" / "offensiveness.csv"
-    for _, row in _csv_rows(path, ("instance_id", "user_id", "text", "offensiveness"), stats):
-        uid = _user_id(row["user_id"])
-        if not uid:
-            stats["rows_skipped_missing_user"] += 1
-            continue
+
+    def read(row: dict[str, str]) -> str | tuple[str, Callable[[], Item]]:
         score = _to_rating(row["offensiveness"])
         if score is None:
-            stats["rows_skipped_bad_rating"] += 1
-            continue
+            return "bad_rating"
         text = clean_text(row["text"])
         if not text:
-            stats["rows_skipped_empty_text"] += 1
-            continue
+            return "empty_text"
         iid = row["instance_id"].strip()
-        if (uid, iid) in seen:
-            stats["rows_skipped_duplicate"] += 1
-            continue
-        seen.add((uid, iid))
-        meta = {"item_id": int(iid) if iid.isdigit() else iid}
-        by_user.setdefault(uid, []).append(
-            Item(truncate(text, MAX_COMMENT_CHARS, stats), str(score), None, meta)
-        )
-    return Converted(_finish(by_user, stats), stats)
+        return iid, lambda: Item(truncate(text, MAX_COMMENT_CHARS, stats), str(score), None, _instance_meta(iid))
+
+    path = src / "popquorn" / "offensiveness.csv"
+    return _convert_csv(path, ("instance_id", "user_id", "text", "offensiveness"), stats, read)
 
 
 def convert_email_rewrite(src: Path) -> Converted:
     """Original (informal) email -> the annotator's revised email. No timestamps: file order."""
     stats: Counter = Counter()
-    by_user: dict[str, list[Item]] = {}
-    seen: set[tuple[str, str]] = set()
-    path = src / "popquorn" / "email_rewriting.csv"
-    for _, row in _csv_rows(path, ("instance_id", "user_id", "original email", "revised email"), stats):
-        uid = _user_id(row["user_id"])
-        if not uid:
-            stats["rows_skipped_missing_user"] += 1
-            continue
+
+    def read(row: dict[str, str]) -> str | tuple[str, Callable[[], Item]]:
         original, revised = clean_text(row["original email"]), clean_text(row["revised email"])
         if not original or not revised:
-            stats["rows_skipped_empty_text"] += 1
-            continue
+            return "empty_text"
         iid = row["instance_id"].strip()
-        if (uid, iid) in seen:
-            stats["rows_skipped_duplicate"] += 1
-            continue
-        seen.add((uid, iid))
-        meta = {"item_id": int(iid) if iid.isdigit() else iid}
-        item = Item(
-            truncate(original, MAX_EMAIL_CHARS, stats), truncate(revised, MAX_EMAIL_CHARS, stats), None, meta
-        )
-        by_user.setdefault(uid, []).append(item)
-    return Converted(_finish(by_user, stats), stats)
+        return iid, lambda: Item(truncate(original, MAX_EMAIL_CHARS, stats), truncate(revised, MAX_EMAIL_CHARS, stats),
+                                 None, _instance_meta(iid))
+
+    path = src / "popquorn" / "email_rewriting.csv"
+    return _convert_csv(path, ("instance_id", "user_id", "original email", "revised email"), stats, read)
 
 
 # ---------------------------------------------------------------- commits

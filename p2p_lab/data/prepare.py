@@ -38,11 +38,11 @@ from p2p_local.data.format import (
     write_users_jsonl,
 )
 from p2p_local.errors import DataError, P2PError
+from p2p_local.files import atomic_write
 
 DATA_VERSION = 4  # 4: commits carry their compact diff (meta["diff"], p2p_local.diffs); bump when conversion or splitting changes: cached sets are rebuilt
 TASKS: tuple[str, ...] = tuple(CONVERTERS)
 SPLITS = ("train", "val", "test", "ood")
-REPO_SPLIT_TASKS = ("commit-subject",)  # OOD = whole held-out repositories (splits.RepoSplitConfig)
 
 Log = Callable[[str], None]
 
@@ -119,7 +119,7 @@ def prepare_task(
     conv = convert(task, src)
     log(f"[{task}] {len(conv.users)} users, {sum(len(u.items) for u in conv.users)} items")
     encoder = embed_name
-    if task in REPO_SPLIT_TASKS:  # whole repositories held out: no clustering, no encoder needed
+    if card.split == "repository":  # the card's rule: whole repositories held out, no clustering, no encoder needed
         embed, encoder = None, "none (repository split)"
         log(f"[{task}] splitting by repository (OOD) and by user")
         sp = split_by_repo(conv.users, RepoSplitConfig(seed=seed))
@@ -146,9 +146,7 @@ def prepare_task(
         "split_info": sp.info,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "stats.json")
+    atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n", mode=0o644)  # as the .jsonl beside it
     s = stats["splits"]
     log(
         f"[{task}] train {s['train']['users']} / val {s['val']['users']} / test {s['test']['users']} / "

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from p2p_local import pipeline
-from p2p_local.data.format import Item, TaskCard, User
+from p2p_local.data.format import KINDS, LABELLED_KINDS, Item, TaskCard, User
 from p2p_local.errors import BundleError, P2PError
 
 
@@ -150,7 +150,7 @@ def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tup
 # --- the interface --------------------------------------------------------------------------------
 class Method:
     name = ""
-    kinds = ("rating", "label", "generation")
+    kinds = KINDS
     description = ""
 
     def prepare(self, ctx: EvalContext) -> None:
@@ -580,7 +580,7 @@ class P2PRandom(P2P):
 
 # --- classic references (no LLM) ------------------------------------------------------------------------
 class Classic(Method):
-    kinds = ("rating", "label")
+    kinds = LABELLED_KINDS
 
     def prepare(self, ctx: EvalContext) -> None:
         if not ctx.train:

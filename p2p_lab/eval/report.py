@@ -29,7 +29,7 @@ from p2p_lab.eval.stats import (
     paired_difference,
     summarize,
 )
-from p2p_local.data.format import TaskCard, User
+from p2p_local.data.format import LABELLED_KINDS, TaskCard, User
 
 REFERENCE = "p2p"  # paired differences are taken against this method
 ACTIVITY_BUCKETS = ((2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 300), (301, None))
@@ -242,7 +242,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
         cells = [fmt(e["metrics"].get(k)) for k in metrics]
         lines.append(f"| {name} | {e['n_users']} | {e['n_queries']} | " + " | ".join(cells) + f" | {e['unparseable']} |")
     lines += ["", "Metrics: " + "; ".join(f"**{k}** = {v}" for k, v in rep["metric_doc"].items()) + "."]
-    if kind != "generation":
+    if kind in LABELLED_KINDS:
         lines.append("Unparseable = queries where the model's most likely next token (full vocabulary) is not a "
                      "label, i.e. free decoding would not have produced an answer; scores use the label "
                      "distribution regardless.")

@@ -146,7 +146,7 @@ def run_key(cfg: EvalConfig, card: TaskCard, source: str) -> str:
     """The run dir's key: what every method's results depend on. The card's `examples` is left out: only the
     methods that show them depend on it, and their fingerprints carry it (so the others' rows stay valid)."""
     o = cfg.options
-    card_d = {k: v for k, v in card.to_dict().items() if k != "examples"}
+    card_d = {k: v for k, v in card.keyed_dict().items() if k != "examples"}  # run dirs made before samples/split stay
     return _hash({"version": RECORDS_VERSION, "card": card_d, "source": source, "split": cfg.split, "queries": cfg.queries,
                   "seed": cfg.seed, "n_ctx": o.n_ctx, "rag_k": o.rag_k, "max_tokens": o.max_tokens,
                   "logreg_users": o.logreg_users})

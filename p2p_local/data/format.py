@@ -22,6 +22,12 @@ from p2p_local.errors import DataError
 from p2p_local.files import atomic_open, atomic_write
 
 KINDS = ("rating", "label", "generation")
+LABELLED_KINDS = ("rating", "label")  # kinds answered by one of the card's labels (a distribution over them)
+MAX_SAMPLES, MAX_SAMPLE_CHARS = 8, 2000  # a card's `samples`: a few short inputs, not a data set
+SPLITS_BY = ("users", "repository")  # a card's `split`: how the lab's prepared data holds users out
+# Card fields no cached result depends on (example inputs; the split rule, whose effect the data's own hash
+# carries): `keyed_dict` leaves them out, so results keyed before these fields existed stay valid.
+UNKEYED_FIELDS = ("samples", "split")
 
 
 @dataclass
@@ -114,6 +120,12 @@ class TaskCard:
     diff_chars: int = 0
     # Characters of each shown example's diff (`examples`); None: `diff_chars`, as the query.
     examples_diff_chars: int | None = None
+    # Example inputs a user might type (at most MAX_SAMPLES): the chat's input placeholder, an exported
+    # adapter's README and `p2p bench strength`'s queries read them, so no code spells a task's inputs.
+    samples: list[str] = field(default_factory=list)
+    # How the lab splits the task's users (p2p_lab/data/prepare.py): "users" holds out clusters of users,
+    # "repository" whole repositories (commits: an author's style must not reach training from another repo).
+    split: str = "users"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,7 +139,7 @@ class TaskCard:
                 f"task card {self.name!r}: template is not a valid format string ({e})",
                 hint="write literal braces as '{{' and '}}'",
             ) from None
-        if self.kind != "generation" and not self.labels:
+        if self.labelled and not self.labels:
             raise DataError(f"task card {self.name!r}: a {self.kind} task needs 'labels'")
         if self.value_range is not None:
             self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
@@ -144,8 +156,24 @@ class TaskCard:
         if self.examples_diff_chars is not None and (isinstance(self.examples_diff_chars, bool) or not isinstance(
                 self.examples_diff_chars, int) or not 0 <= self.examples_diff_chars <= 2000):
             raise DataError(f"task card {self.name!r}: examples_diff_chars must be a whole number from 0 to 2000")
+        if not isinstance(self.samples, list) or len(self.samples) > MAX_SAMPLES or not all(
+                isinstance(x, str) and x.strip() and len(x) <= MAX_SAMPLE_CHARS for x in self.samples):
+            raise DataError(f"task card {self.name!r}: samples must be a list of at most {MAX_SAMPLES} non-empty "
+                            f"texts of at most {MAX_SAMPLE_CHARS} characters")
+        if self.split not in SPLITS_BY:
+            raise DataError(f"task card {self.name!r}: split must be one of {SPLITS_BY}, got {self.split!r}")
         if self.one_line is None and self.kind == "generation":
             self.one_line = "line" in self.template.split("{input}")[-1].lower()  # "Subject line:" is one line
+
+    @property
+    def labelled(self) -> bool:
+        """Whether an answer is one of the labels (rating, label), read off the label distribution."""
+        return self.kind in LABELLED_KINDS
+
+    @property
+    def prefix(self) -> str:
+        """The template's text before "{input}" (an adapter's prompt prefix; a rewrite's stop cue)."""
+        return self.template.split("{input}")[0]
 
     @property
     def example_diff_chars(self) -> int:
@@ -176,6 +204,10 @@ class TaskCard:
         d = asdict(self)
         d["value_range"] = list(self.value_range) if self.value_range is not None else None
         return d
+
+    def keyed_dict(self) -> dict[str, Any]:
+        """`to_dict()` less UNKEYED_FIELDS: the card as keys of cached results read it (the evaluation's run dir)."""
+        return {k: v for k, v in self.to_dict().items() if k not in UNKEYED_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskCard:

@@ -180,8 +180,7 @@ class ChatScreen(Screen):
             compare=self.compare, adapter=self.adapter_note, free_chat=free,
         )
         card = self.card
-        example = "Zodiac (2007) | Genres: Crime|Drama|Thriller" if card and card.name == "movielens-rating" else ""
-        what = f"{card.name}: {example or card.description}" if card else "Say something (free chat)"
+        what = f"{card.name}: {card.samples[0] if card.samples else card.description}" if card else "Say something (free chat)"
         self.query_one(ChatInput).placeholder = f"{what}   ⏎ send · ^j newline"
         task = self.task_name or f"{FREE_CHAT} · {FREE_CHAT_MODES[free or 'base']}"
         self.app.sub_title = f"{self.profile or 'no profile'} · {task}"
@@ -207,7 +206,7 @@ class ChatScreen(Screen):
         await self.messages.mount(MessageView("system", self.welcome_text(), title="p2p chat"))
 
     def welcome_text(self) -> str:
-        from p2p_local.demo import DEMO_PROFILE, DEMO_QUESTIONS
+        from p2p_local.demo import DEMO_PROFILE, DEMO_QUESTIONS, DEMO_TASK
 
         lines = []
         if self.profile:
@@ -223,7 +222,7 @@ class ChatScreen(Screen):
                          "adapter would answer everything in its task's format). Tasks (`ctrl+t`) show the adapter.")
         else:
             lines.append("Free chat: the default model is a small *base* model, so tasks (`ctrl+t`) work best.")
-        if self.profile == DEMO_PROFILE and self.task_name == "movielens-rating":
+        if self.profile == DEMO_PROFILE and self.task_name == DEMO_TASK:  # the demo's questions fit its task only
             lines.append("Try: `" + "`  or  `".join(DEMO_QUESTIONS) + "`, or a bare title such as `Toy Story`.")
         lines.append("`ctrl+b` compares base vs personalized side by side; `ctrl+↑/↓` sets the adapter strength.")
         lines.append("`ctrl+n` new conversation · `ctrl+f` search · `ctrl+s` export as Markdown · `ctrl+l` copy the "
@@ -348,7 +347,8 @@ class ChatScreen(Screen):
         card = self.card
         kind = card.kind if card else None
         transcript = None if card else self.free_chat_turns()
-        stops = LABEL_STOPS if kind in ("rating", "label") else (() if card else CHAT_STOPS)
+        labelled = card is not None and card.labelled
+        stops = LABEL_STOPS if labelled else (() if card else CHAT_STOPS)
         if self.conversation_id is None:  # titled by its first question
             self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60])
         conv = self.conversation_id
@@ -370,7 +370,7 @@ class ChatScreen(Screen):
             # Titled as the reply will be, less the profile and time until it is done.
             view = MessageView("assistant", title=reply_title({**meta, "profile": None}) + " …", kind=kind)
             return Job(view, conv, text, self.profile, self.task_name or SESSION_FREE_CHAT, personalized, self.scale,
-                       transcript, stops, meta, dist=kind in ("rating", "label"))
+                       transcript, stops, meta, dist=labelled)
 
         if self.compare and self.profile is not None:
             jobs = [job(True), job(False)]

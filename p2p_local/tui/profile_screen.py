@@ -170,7 +170,7 @@ class ProfileScreen(Screen[bool | str]):
             self.notify("An item needs an input and an output.", severity="warning")
             return
         card = self.app.cards.get(task)
-        if card is not None and card.kind != "generation" and answer not in card.labels:
+        if card is not None and card.labelled and answer not in card.labels:
             self.notify(f"{task} answers are one of {', '.join(card.labels)}", severity="warning")
             return
         try:

@@ -13,6 +13,8 @@ from textual.content import Content
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
+from p2p_local.data.format import LABELLED_KINDS
+
 # Keys that insert a newline instead of sending. Most terminals send the same byte for Enter and
 # Shift+Enter; ctrl+j (a raw line feed) works everywhere, shift/alt+enter where the terminal tells them apart.
 NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
@@ -111,7 +113,7 @@ class MessageView(Vertical, can_focus=True):
         if self.role == "user":
             # The user's text is shown as typed, never interpreted as Markdown.
             yield Static(self.text, classes="body", markup=False)
-        elif self.kind in ("rating", "label"):
+        elif self.kind in LABELLED_KINDS:
             with Horizontal(classes="answer-row"):
                 yield Markdown(self._shown(self.text), classes="body")
                 chart = DistChart(classes="dist")
