@@ -179,13 +179,17 @@ def bench_chat_rating(repeat: int = 15) -> dict:
     prompt); `after` reads the distribution off the `Answer` (one evaluation). Each round's query is made
     personal first (its adapter cached), so both variants time the same attach + evaluation path; the
     order of the two alternates round by round."""
+    from p2p_local import pipeline
+
     with tempfile.TemporaryDirectory() as tmp:
         s = _session_with(len(_demo_items()), Path(tmp))
         try:
-            def before(q: str) -> None:
-                answer = s.answer(q, profile="u", task="movielens-rating")
-                "".join(answer)
-                s.label_distribution(q, "movielens-rating")
+            card = s.card("movielens-rating")
+
+            def before(q: str) -> None:  # the answer, then the prompt evaluated again (the chat's old second read)
+                s.answer(q, profile="u", task="movielens-rating").finish()
+                with s.lock:
+                    pipeline.label_scores(s.engine, pipeline.task_prompt(s.engine, card, q), s.route.label_ids(card))
 
             def after(q: str) -> None:
                 answer = s.answer(q, profile="u", task="movielens-rating").finish()
@@ -308,10 +312,10 @@ def bench_strength(strengths: tuple[float, ...] = STRENGTHS) -> dict:
                 for q in queries:
                     base_dist = None
                     for x in strengths:
-                        text = "".join(s.answer(q, profile="u", task=task, scale=x, personalized=x > 0))
-                        answers[x].append(text.strip())
-                        if card.labelled:
-                            dist = np.array(list(s.label_distribution(q, task).values()))
+                        answer = s.answer(q, profile="u", task=task, scale=x, personalized=x > 0)
+                        answers[x].append(answer.text)
+                        if card.labelled:  # the distribution the answer was read off
+                            dist = np.array(list(answer.distribution.values()))
                             base_dist = dist if base_dist is None else base_dist
                             effect[x].append(0.5 * float(np.abs(dist - base_dist).sum()))
                 ref, base = answers[1.0], answers[0.0]

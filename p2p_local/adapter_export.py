@@ -43,17 +43,12 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
         raise UsageError(f"no adapter for free chat from profile {profile!r}", hint="name a task: --task TASK")
     card = answer.request.card
     stem = export_name(profile, r.task, query)
+    if fmt == "peft":
+        _make_folder(to, mode)
+        out = write_peft(session, profile, r, card, to / stem, query, mode)
+        return Export(out, out / "README.md", r.task, profile, r.fingerprint, r.adapter_path)
     adapter = read_adapter(r.adapter_path)
     spec, base_path = _base(session)
-    if fmt == "peft":
-        from p2p_local.peft_export import export_peft
-
-        _make_folder(to, mode)
-        out = export_peft(adapter, to / stem, spec.hf_id or spec.name,
-                          card=peft_card(profile, r, card, adapter, spec, query))
-        readme = out / "README.md"
-        _chmod_tree(out, mode)
-        return Export(out, readme, r.task, profile, r.fingerprint, r.adapter_path)
     dest, readme, modelfile = to / f"{stem}.gguf", to / f"{stem}.README.md", to / f"{stem}.Modelfile"
     for target in (dest, readme, modelfile):  # checked before any is written: all three or none
         refuse_special(target, UsageError)
@@ -66,6 +61,22 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
     atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
     atomic_write(modelfile, ollama_modelfile(dest, base_path, card), mode=mode)
     return Export(dest, readme, r.task, profile, r.fingerprint, r.adapter_path)
+
+
+def write_peft(session: Any, profile: str, r: Any, card: Any, out_dir: Path, query: str | None = None,
+               mode: int | None = None) -> Path:
+    """The personalization `r`'s adapter as a PEFT folder at `out_dir`, with its model card (`peft_card`): what
+    `p2p adapter export --format peft` and `p2p personalize --peft-out` write. `mode`: the files' (the folder
+    gets x where it has r); None leaves `export_peft`'s (private files)."""
+    from p2p_local.adapter import read_adapter
+    from p2p_local.peft_export import export_peft
+
+    adapter = read_adapter(r.adapter_path)
+    spec = _base(session)[0]
+    out = export_peft(adapter, out_dir, spec.hf_id or spec.name, card=peft_card(profile, r, card, adapter, spec, query))
+    if mode is not None:
+        _chmod_tree(out, mode)
+    return out
 
 
 def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:

@@ -100,6 +100,13 @@ def card_status(manifest: Mapping[str, Any], card: TaskCard) -> str:
     return "untrained" if trained is None else "same" if trained == card_hash(card) else "different"
 
 
+def untrained_note(task: str) -> str:
+    """What `ask`, `personalize` and the chat say of an adapter for a task the bundle was never trained on
+    (`card_status` "untrained": a user's own card): it still answers, from the nearest task it learned."""
+    return (f"the adapter was not trained on task {task}: answers come from the hypernetwork's nearest "
+            "behaviour (the tasks it was trained on)")
+
+
 class Bundle:
     """A loaded hypernetwork bundle. `generate()` is thread-safe (onnxruntime sessions are)."""
 

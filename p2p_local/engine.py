@@ -212,6 +212,9 @@ class Engine:
         with self._lock:
             self.last_finish = None
             self._kv_prompt = None
+            # No prefix reuse: a reused prompt cache decodes in other batches, and the reply then drifts
+            # from the same question asked fresh (the chat and `p2p ask` must agree).
+            self.llm.reset()
             try:
                 stream = self.llm.create_chat_completion(
                     list(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

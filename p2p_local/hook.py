@@ -5,7 +5,10 @@ honoured). A hook that was there before is kept beside it (`prepare-commit-msg.p
 first, and comes back on `p2p hook uninstall`. The script calls `p2p hook run`, which
 
 - proposes only when git opens the editor on an empty message (not for `-m`, `-F`, merges, squashes,
-  amends, or a template that already holds a subject);
+  amends, or a template that already holds a subject); the script itself decides the cheap cases in the
+  shell, without starting Python: a message source other than none/template, or a rebase, cherry-pick,
+  revert or merge in progress. It exports the data dir it was installed with (unless the commit's
+  environment sets one), so a shell without P2P_HOME still finds the profile;
 - reads the staged change as the commit-subject task reads a commit (its files line and compact diff,
   `pipeline.query_item`: the imported commits' rule), personalizes with the profile's adapter and writes
   the best proposal as the first line, the others and what was read as `#` lines below it;

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.data.records import brief, movie_genres, movie_item, parse_time
-from p2p_local.errors import DataError
+from p2p_local.errors import DataError, UsageError
 from p2p_local.paths import regular_file
 from p2p_local.store import NewItem, Store
 
@@ -140,7 +140,7 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
     serialized (`Store.import_lock`): the duplicate check and the write see one state."""
     default_task = task or parsed.task
     fallback = default_task or (prof.task if prof is not None else None)  # the task of an item naming none
-    check_answers(parsed.items, fallback)
+    check_answers(parsed.items, fallback, store)
     t1 = time.perf_counter()
     if dry_run:
         new, dups = _new_items(store, prof, parsed.items, fallback)
@@ -200,35 +200,46 @@ def read_import(
         raise DataError(f"{path}: unreadable CSV ({e})", hint="check the file is the CSV it claims to be") from None
 
 
-def check_answers(items: Iterable[NewItem], default_task: str | None) -> None:
-    """Refuse, at import as at `profile add`, answers outside a rating/label task's labels."""
+def check_answers(items: Iterable[NewItem], default_task: str | None, store: Any = None) -> None:
+    """Refuse, at import as at `profile add`, answers outside a rating/label task's labels (the task's card
+    found as every command finds it: `answer_labels`)."""
     allowed: dict[str | None, list[str] | None] = {}
     for n, it in enumerate(items, 1):
         task = it.task or default_task
         if task not in allowed:
-            allowed[task] = answer_labels(task)
+            allowed[task] = answer_labels(task, store)
         labels = allowed[task]
         if labels is not None and it.output.strip() not in labels:
             raise DataError(f"{it.where or f'item {n}'}: {task} answers are one of {', '.join(labels)}, "
                             f"got {brief(it.output)}", hint=f"e.g. {labels[-1]}")
 
 
-def check_label(task: str | None, output: str) -> None:
+def check_label(task: str | None, output: str, store: Any = None) -> None:
     """One answer, as `check_answers` checks each imported one (for `profile add` / `edit`)."""
-    labels = answer_labels(task)
+    labels = answer_labels(task, store)
     if labels is not None and output.strip() not in labels:
         raise DataError(f"{task} answers are one of {', '.join(labels)}, got {brief(output)}",
                         hint=f"e.g. --output {labels[-1]}")
 
 
-def answer_labels(task: str | None) -> list[str] | None:
+def answer_labels(task: str | None, store: Any = None) -> list[str] | None:
     """The answers a rating/label task card allows (e.g. "1".."5"); None for free text or an unknown task.
+    The card: the store's resolver (`Store.task_card`: built-in, else the user's own); without a store
+    (a dry run before there is one) the built-in cards only.
     Why: the profile builder skips any other output, and a value out of range poisons features."""
     from p2p_local.data.format import builtin_card, builtin_cards  # late: cards are read on use
 
-    if task is None or task not in builtin_cards():
+    if task is None:
         return None
-    card = builtin_card(task)
+    if hasattr(store, "task_card"):
+        try:
+            card = store.task_card(task)
+        except UsageError:  # a task no card describes: its answers are free text
+            return None
+    elif task in builtin_cards():
+        card = builtin_card(task)
+    else:
+        return None
     return None if card.kind == "generation" else list(card.labels)
 
 

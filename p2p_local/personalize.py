@@ -12,18 +12,13 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
-
 from p2p_local import pipeline
 from p2p_local.bundle import Bundle
 from p2p_local.data.format import (
     FREE_CHAT,
     Item,
     TaskCard,
-    builtin_card,
-    builtin_cards,
-    canonical_task,
-    is_free_chat,
+    resolve_task,
 )
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
@@ -41,9 +36,9 @@ __all__ = ["FREE_CHAT", "Answer", "Personalization", "Personalizer", "Session", 
 def choose(store: Store, profile: str | None, task: str | None) -> tuple[str | None, str | None]:
     """The one rule for which profile answers which task (ask, chat, hook): an explicit profile (its own
     task unless one is named); else the only profile holding items of the task (of any task, when none is
-    named); none at all: no profile (the base model); else a usage error naming the candidates.
-    Returns (profile, task); task None: the profile's own task."""
-    task = FREE_CHAT if is_free_chat(task) else (canonical_task(task) if task else None)
+    named); none at all: no profile (the base model); else a usage error naming the candidates. `task`:
+    a task as `resolve_task` reads it (a card's name, or FREE_CHAT). Returns (profile, task); task None: the
+    profile's own task."""
     if profile is not None:
         return store.get_profile(profile).name, task  # raises StoreError with a "did you mean" hint
     profiles = store.list_profiles()
@@ -122,7 +117,6 @@ class Session:
         self.personalizer = Personalizer(bundle, encoder, engine.base)
         self.route = _CachedRoute(self)
         self.lock = self.route.lock
-        self._cards = {name: builtin_card(name) for name in builtin_cards()}
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
@@ -158,27 +152,31 @@ class Session:
 
     # --- what there is -----------------------------------------------------------------------------
     def task_cards(self) -> dict[str, TaskCard]:
-        return dict(self._cards)
+        """Every task's card: the built-in ones and the user's own stored in this data dir."""
+        return self.store.task_cards()
 
     def card(self, task: str) -> TaskCard:
-        task = canonical_task(task)
-        if task not in self._cards:
-            raise UsageError(f"unknown task {task!r}", hint=f"known tasks: {', '.join(self._cards)}")
-        return self._cards[task]
+        """The task's card by the store's one resolver (`Store.task_card`: built-in, else the user's own)."""
+        return self.store.task_card(task)
 
     def default_task(self, profile: str) -> str:
         """The profile's own task, else the task most of its items belong to."""
         p = self.store.get_profile(profile)
-        if p.task in self._cards:
+        known = self.store.task_names()
+        if p.task in known:
             return p.task
-        counts = {t: n for t, n in self.store.task_counts(profile).items() if t in self._cards}
+        counts = {t: n for t, n in self.store.task_counts(profile).items() if t in known}
         if not counts:
             raise StoreError(f"profile {profile!r} has no items of a known task",
-                             hint=f"add items with --task one of: {', '.join(self._cards)}")
+                             hint=f"add items with --task one of: {', '.join(known)}")
         return max(counts, key=counts.get)
 
     def choose(self, profile: str | None, task: str | None) -> tuple[str | None, str]:
-        """`choose`'s profile and the task it answers (the profile's own, or free chat without a profile)."""
+        """`choose`'s profile and the task it answers (the profile's own, or free chat without a profile), for
+        a task as the user named it (`resolve_task`)."""
+        if task is not None:
+            card = resolve_task(task, self.card)
+            task = FREE_CHAT if card is None else card.name
         profile, task = choose(self.store, profile, task)
         return profile, task or (self.default_task(profile) if profile else FREE_CHAT)
 
@@ -191,16 +189,17 @@ class Session:
 
     def request(self, text: str, profile: str | None, task: str | None, *, personalized: bool = True,
                 transcript: list[tuple[str, str]] | None = None) -> Request:
-        """What the store knows for this question: the card, the profile's history (when personalized)."""
-        task = FREE_CHAT if is_free_chat(task) else (canonical_task(task) if task else None)
-        task = task or (self.default_task(profile) if profile else FREE_CHAT)
+        """What the store knows for this question: the card (`task` as the user named it: `resolve_task`; None:
+        the profile's own), the profile's history (when personalized). Free chat has no card, or free chat's
+        own when the bundle was trained for it (`free_chat_adapter`)."""
+        card = resolve_task(task, self.card) if task else self.card(self.default_task(profile)) if profile else None
         personalized = personalized and profile is not None
-        if task == FREE_CHAT and not (personalized and self.free_chat_adapter()):
-            return Request(None, text, transcript=transcript or (), free_chat=True,
-                           about=self.about(profile) if personalized and profile else "")
-        card = self.card(task)
-        history, n_total = self.history(profile, task) if personalized and profile else ([], None)
-        return Request(card, text, history, n_total, profile, transcript or (), free_chat=task == FREE_CHAT)
+        if card is None and personalized and self.free_chat_adapter():
+            card = self.card(FREE_CHAT)
+        if card is None:
+            return Request(None, text, transcript=transcript or (), about=self.about(profile) if personalized else "")
+        history, n_total = self.history(profile, card.name) if personalized else ([], None)
+        return Request(card, text, history, n_total, profile, transcript or ())
 
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
@@ -231,15 +230,6 @@ class Session:
                              hint="name a task: p2p personalize PROFILE --task TASK")
         with self.lock:
             return self.route.personalize(request, scale, force)
-
-    def label_distribution(self, text: str, task: str) -> dict[str, float]:
-        """The probabilities over the task's labels under whatever adapter is attached (a rating `Answer`
-        carries its own: `Answer.distribution`)."""
-        card = self.card(task)
-        with self.lock:
-            scores = pipeline.label_scores(self.engine, pipeline.task_prompt(self.engine, card, text),
-                                           self.route.label_ids(card))
-        return dict(zip(card.labels, np.exp(scores["lp"]).tolist(), strict=True))
 
     def about(self, profile: str) -> str:
         """What free chat tells the base model about the user: the summary of the profile's own task."""

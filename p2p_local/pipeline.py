@@ -482,9 +482,10 @@ def finish_text(card: TaskCard | None, text: str) -> str:
 class Request:
     """What is asked: the task's card, the user's history and the typed text.
 
-    `card` None is free chat (`free_chat`: a plain transcript after `about`, what is known of the user);
-    a free-chat request with a card is answered with that card's adapter (a bundle trained for free chat).
-    `item` (the evaluation) is the held-out item, so its metadata and time reach the profile as stored.
+    Free chat (`free_chat`: a plain transcript after `about`, what is known of the user) is a request
+    without a card, or with the card of free chat itself (`FREE_CHAT`: a bundle trained for free chat, whose
+    adapter answers it). `item` (the evaluation) is the held-out item, so its metadata and time reach the
+    profile as stored.
     """
 
     card: TaskCard | None
@@ -494,12 +495,16 @@ class Request:
     profile_name: str | None = None  # the stored profile (the adapter cache's key), if any
     transcript: Sequence[tuple[str, str]] = ()
     about: str = ""
-    free_chat: bool = False
     item: Item | None = None
 
     @property
+    def free_chat(self) -> bool:
+        """A plain transcript, not a task's prompt: no card, or free chat's own."""
+        return self.card is None or self.card.name == FREE_CHAT
+
+    @property
     def task(self) -> str:
-        return FREE_CHAT if self.free_chat or self.card is None else self.card.name
+        return FREE_CHAT if self.card is None else self.card.name
 
     @property
     def query_item(self) -> Item | None:
@@ -517,7 +522,7 @@ class Request:
     def query(self) -> str:
         """The query as the prompt shows it (`prompt_input`); free chat: the text itself."""
         item = self.query_item
-        return self.text if item is None or self.card is None or self.free_chat else prompt_input(self.card, item)
+        return self.text if item is None or self.free_chat else prompt_input(self.card, item)
 
     @property
     def read(self) -> dict[str, Any] | None:
@@ -558,14 +563,16 @@ _ATTACHED = object()  # the route's marker: personalized and attached, nothing e
 
 
 class Answer:
-    """One answer, streamed: iterate for the text pieces (closing cancels). Once the stream ends, `text` is
-    the answer as scored and shown (`finish_text`); a rating/label answer is read off its one evaluation of
-    the prompt, kept as `scores` (label log-probabilities, mass, unparseable) and `distribution`."""
+    """One answer, streamed: iterate for the text pieces (closing cancels). `text` is the answer as scored
+    and shown (`finish_text`, set by the route as its stream ends): reading it runs what is left of the
+    stream first (as `llm`'s `Response.text()` does), so a caller that wants no stream just reads it, and
+    the other fields are whole after it (or after `finish()`). A rating/label answer is read off its one
+    evaluation of the prompt, kept as `scores` (label log-probabilities, mass, unparseable) and `distribution`."""
 
     def __init__(self, request: Request, steps: Iterator[Any] | None = None) -> None:
         self.request = request
         self._steps: Iterator[Any] = iter(steps if steps is not None else ())
-        self.text = ""
+        self._text = ""
         self.prompt = ""
         self.scores: dict[str, Any] | None = None
         self.distribution: dict[str, float] | None = None
@@ -575,6 +582,12 @@ class Answer:
         self.examples = 0  # the user's own history items shown before the query (the card's `examples`)
         self.candidates: list[Candidate] = []  # a one-line answer's proposals, best first (`text` is the first)
         self.timings_ms: dict[str, float] = {}
+
+    @property
+    def text(self) -> str:
+        """The whole answer as scored and shown: the stream is drained first (a closed one stays as it ended)."""
+        self.finish()
+        return self._text
 
     @property
     def adapter(self) -> Path | None:
@@ -659,8 +672,8 @@ class Route:
                 if card is not None and card.labelled:
                     a.scores = label_scores(self.engine, a.prompt, self.label_ids(card))
                     a.distribution = dict(zip(card.labels, np.exp(a.scores["lp"]).tolist(), strict=True))
-                    a.text = decode_label(card, a.scores["lp"])
-                    yield a.text
+                    a._text = decode_label(card, a.scores["lp"])
+                    yield a._text
                     return
                 kw = generation_settings(self.engine, card, req.query)
                 if max_tokens:
@@ -669,9 +682,9 @@ class Route:
                     earlier = {copy_key(it.output) for it in req.history}
                     a.candidates, a.finish_reason = one_line_candidates(
                         self.engine, card, a.prompt, earlier, kw["max_tokens"], self.branches, self.copy_margin)
-                    a.text = a.candidates[0].text if a.candidates else ""
-                    if a.text:
-                        yield a.text
+                    a._text = a.candidates[0].text if a.candidates else ""
+                    if a._text:
+                        yield a._text
                     return
                 raw: list[str] = []
                 if card is None and self.chat_engine is not None and a.personalization is None:
@@ -687,7 +700,7 @@ class Route:
                         raw.append(piece)
                         yield piece
                 finally:
-                    a.text, a.finish_reason = finish_text(card, "".join(raw)), stream.finish
+                    a._text, a.finish_reason = finish_text(card, "".join(raw)), stream.finish
             finally:
                 t2 = time.perf_counter()
                 a.timings_ms.update({"personalize_ms": (t1 - t0) * 1e3, "answer_ms": (t2 - t1) * 1e3,
@@ -702,7 +715,7 @@ class Route:
     def prompt(self, request: Request, p: Personalization | None = None) -> str:
         """The card's prompt around the query (after the card's retrieved examples when personalized), or
         (free chat) a transcript after what is known of the user."""
-        if request.free_chat or request.card is None:
+        if request.free_chat:
             return chat_prompt(request.text, request.transcript, request.about)
         shots = examples(request.card, p.profile if p is not None else None)
         return task_prompt(self.engine, request.card, request.query, shots)

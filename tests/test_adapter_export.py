@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from p2p_local import pipeline
 from p2p_local.adapter import read_adapter
 from p2p_local.adapter_export import export_adapter, export_name
 from p2p_local.cli import main
@@ -26,6 +27,14 @@ def _kv(reader: gguf.GGUFReader, key: str):
     return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v[0]
 
 
+def _attached_distribution(session, text: str) -> dict[str, float]:
+    """The label distribution of `text` under whatever adapter is attached to the engine (by hand here)."""
+    card = session.card(TASK)
+    prompt = pipeline.task_prompt(session.engine, card, text)
+    lp = pipeline.label_scores(session.engine, prompt, session.route.label_ids(card))["lp"]
+    return dict(zip(card.labels, np.exp(lp).tolist(), strict=True))
+
+
 def test_exported_adapter_loads_in_llama_cpp_with_the_apps_effect(session, tmp_path: Path):
     out = tmp_path / "exports"
     ex = export_adapter(session, "demo", out, task=TASK, query=QUERY)
@@ -34,7 +43,7 @@ def test_exported_adapter_loads_in_llama_cpp_with_the_apps_effect(session, tmp_p
 
     # The app's answer: what `p2p ask QUERY --profile demo --task movielens-rating` computes.
     r = session.personalize("demo", TASK, query=QUERY)
-    app = session.label_distribution(QUERY, TASK)
+    app = session.answer(QUERY, profile="demo", task=TASK).finish().distribution
     assert read_adapter(r.adapter_path).tensors.keys() == read_adapter(ex.path).tensors.keys()
     for name, (a, b) in read_adapter(r.adapter_path).tensors.items():
         a2, b2 = read_adapter(ex.path).tensors[name]
@@ -44,9 +53,9 @@ def test_exported_adapter_loads_in_llama_cpp_with_the_apps_effect(session, tmp_p
     adapter = session.engine.load_adapter(ex.path)
     try:
         session.engine.use(adapter, 1.0)
-        exported = session.label_distribution(QUERY, TASK)
+        exported = _attached_distribution(session, QUERY)
         session.engine.use(None)
-        base = session.label_distribution(QUERY, TASK)
+        base = _attached_distribution(session, QUERY)
     finally:
         session.engine.use(None)
         session.engine.free_adapter(adapter)

@@ -122,8 +122,8 @@ async def test_chat_with_model_runs_free_chat_on_it(engine, p2p_home, instruct_g
             await pilot.pause()
             conv = s.store.conversations()[0]
             reply = [m for m in s.store.messages(conv.id) if m.role == "assistant"][-1]
-        answer = s.answer(QUESTION, profile=DEMO_PROFILE, task="chat").finish()
-        expected = answer.text
+        answer = s.answer(QUESTION, profile=DEMO_PROFILE, task="chat")
+        expected = answer.text  # runs the answer: the text forces the stream
         assert reply.content.strip() == expected and expected
         assert chat.last_finish is not None or answer.finish_reason == "repeat"  # the chat engine answered
     finally:

@@ -29,8 +29,7 @@ def test_half_and_double_strength_move_the_answer(session) -> None:
     def dists(x: float) -> np.ndarray:
         out = []
         for q in QUERIES:
-            "".join(session.answer(q, profile="demo", task=TASK, scale=x))
-            out.append(list(session.label_distribution(q, TASK).values()))
+            out.append(list(session.answer(q, profile="demo", task=TASK, scale=x).finish().distribution.values()))
         return np.array(out)
 
     half, one, two = dists(0.5), dists(1.0), dists(2.0)

@@ -92,7 +92,7 @@ class FakeSession:
         reply = self.free_reply if task == "chat" else self.replies[personalized] + ("!" * 20)
 
         card = None if task == "chat" else builtin_card(task)
-        answer = Answer(Request(card, text, free_chat=card is None))
+        answer = Answer(Request(card, text))
         fake = self
 
         class Rating(Answer):  # a rating's distribution, read off the answer's one evaluation, once asked
@@ -120,6 +120,7 @@ class FakeSession:
                     if i == half and self.gate is not None:
                         self.gate.wait(WAIT_S)
                     yield c
+                answer._text = reply  # what the route sets as its stream ends (`Answer.text`)
             finally:
                 self.closed += 1
 

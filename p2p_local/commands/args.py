@@ -55,12 +55,20 @@ def _bounded_int(value: str, top: int) -> int:
 
 
 def task_arg(value: str) -> str:
-    """A built-in task card's name, or free chat (any of its names: `data.format.FREE_CHAT_NAMES`)."""
-    from p2p_local.data.format import FREE_CHAT, builtin_cards, canonical_task, is_free_chat
+    """A task's name: a built-in card's, a card of the user's own stored in this data dir (`p2p profile create
+    NAME --task-card FILE`), or free chat (any of its names: `data.format.FREE_CHAT_NAMES`)."""
+    from p2p_local.data.format import FREE_CHAT, builtin_cards, resolve_task
+    from p2p_local.errors import UsageError
+    from p2p_local.store.task_cards import stored_task_names
 
-    known = builtin_cards()
-    if is_free_chat(value):
-        return FREE_CHAT
-    if canonical_task(value) in known:
-        return canonical_task(value)
-    raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat/free)")
+    try:  # free chat (None) or a built-in card (a former name gives today's): the one reading of a task
+        card = resolve_task(value)
+        return FREE_CHAT if card is None else card.name
+    except UsageError:
+        pass
+    own = stored_task_names()  # read-only: a bad argument never creates or upgrades the store
+    if value in own:
+        return value
+    known = builtin_cards() + own
+    raise argparse.ArgumentTypeError(f"unknown task {value[:70]!r} (known: {', '.join(known)}, or chat/free; "
+                                     "your own: p2p profile create NAME --task-card FILE)")

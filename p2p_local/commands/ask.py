@@ -43,12 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2p_local.data.format import FREE_CHAT, is_free_chat
+    from p2p_local.bundle import untrained_note
+    from p2p_local.data.format import FREE_CHAT, resolve_task
     from p2p_local.personalize import Session
     from p2p_local.pipeline import CUT_MARK, Request, lora_scale
 
     text = query_text(args.text)
-    if args.model is not None and args.task and not is_free_chat(args.task):
+    if args.model is not None and args.task and args.task != FREE_CHAT:
         raise UsageError(f"--model is for free chat; {args.task} answers come from the bundle's base",
                          hint="drop --model, or ask with --task chat")
     task = args.task or (FREE_CHAT if args.model is not None else None)
@@ -57,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
             profile, task = None, task or FREE_CHAT
         else:
             profile, task = s.choose(args.profile, task)
-        card = None if is_free_chat(task) else s.card(task)
+        card = resolve_task(task, s.card)
         query = Request(card, text).query  # as the task will read it (a diff: files + compact diff)
         if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
             raise UsageError(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
                              hint="ask with a shorter text (a diff for commit-subject is read in its compact form)")
-        if task != FREE_CHAT:
+        if card is not None:
             text = complete_title(s, text, task, profile, quiet=args.json)
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
+        if answer.adapter and answer.request.card and s.bundle.card_status(answer.request.card) == "untrained":
+            print(f"note: {untrained_note(answer.request.card.name)}", file=sys.stderr)
         for more in proposals[1:]:  # the other proposals, one a line
             print(more)
         if answer.finish_reason == "length":

@@ -43,11 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def pick_profile(store, requested: str | None, demo: bool, task: str | None = None) -> str | None:
     """The profile to open: the requested one, or for a named task the one `personalize.choose` picks
     (as ask and hook do); else the demo (imported if needed) or the one used last."""
-    from p2p_local.data.format import is_free_chat
+    from p2p_local.data.format import FREE_CHAT
     from p2p_local.demo import import_demo
     from p2p_local.personalize import choose
 
-    if requested is not None or (task is not None and not is_free_chat(task) and store.list_profiles() and not demo):
+    if requested is not None or (task not in (None, FREE_CHAT) and store.list_profiles() and not demo):
         return choose(store, requested, task)[0]
     if demo or not store.list_profiles():
         return import_demo(store)

@@ -69,13 +69,14 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _known_task(task: str) -> str:
-    """A built-in task card (the hook would otherwise fail silently at every commit)."""
-    from p2p_local.data.format import builtin_cards, canonical_task
+    """A built-in task card (the hook would otherwise fail silently at every commit); free chat is none."""
+    from p2p_local.data.format import builtin_cards, resolve_task
     from p2p_local.errors import UsageError
 
-    if canonical_task(task) not in builtin_cards():
-        raise UsageError(f"unknown task {task[:70]!r}", hint=f"known: {', '.join(builtin_cards())}")
-    return canonical_task(task)
+    card = resolve_task(task)
+    if card is None:
+        raise UsageError(f"unknown task {task[:70]!r}", hint=f"known tasks: {', '.join(builtin_cards())}")
+    return card.name
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -27,21 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from p2p_local.bundle import untrained_note
+    from p2p_local.data.format import FREE_CHAT
     from p2p_local.personalize import Session
 
     with Session.open(bundle=args.bundle, n_ctx=512) as s:
         r = s.personalize(args.profile, args.task, query=args.query, force=args.force)
         peft_dir = None
         if args.peft_out:
-            from p2p_local.adapter import read_adapter
-            from p2p_local.adapter_export import _base, peft_card
-            from p2p_local.peft_export import export_peft
+            from p2p_local.adapter_export import write_peft
 
-            adapter = read_adapter(r.adapter_path)
-            spec = _base(s)[0]
-            peft_dir = export_peft(adapter, args.peft_out, spec.hf_id or spec.name,
-                                   card=peft_card(args.profile, r, s.card(r.task), adapter, spec, args.query))
-        out = {"profile": args.profile, "task": r.task, "items": r.n_items, "adapter": str(r.adapter_path),
+            peft_dir = write_peft(s, args.profile, r, s.card(r.task), args.peft_out, args.query)
+        # the bundle's record of this task's card (Bundle.card_status); "untrained": a user's own task
+        card = None if r.task == FREE_CHAT else s.bundle.card_status(s.card(r.task))
+        untrained = card == "untrained"
+        out = {"profile": args.profile, "task": r.task, "card": card, "items": r.n_items, "adapter": str(r.adapter_path),
                "fingerprint": r.fingerprint, "cached": r.cached, "neutral_bundle": r.neutral, "empty_profile": r.empty,
                "bundle": s.bundle.name, "timings_ms": {k: round(v, 2) for k, v in r.timings_ms.items()}}
         if peft_dir:
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print("  note: the loaded bundle is the neutral stand-in; its adapter changes nothing yet")
     if r.empty:
         print("  note: the profile has no items for this task: this is the hypernetwork's neutral adapter")
+    if untrained:
+        print(f"  note: {untrained_note(r.task)}")
     if peft_dir:
         print(f"  PEFT export: {peft_dir}")
     return 0

@@ -25,6 +25,7 @@ from p2p_local.store.records import check_name
 
 EPILOG = """examples:
   p2p profile create alice --task movielens-rating
+  p2p profile create me --task-card my-task.json          # a task of your own (docs/DATA.md: "Your own task")
   p2p profile import alice ratings.csv --user 42          # MovieLens (movies.csv beside it)
   p2p profile import bob history.jsonl                    # {"user_id", "items": [{"input", "output", "time"}]}
   p2p profile add alice --input "Heat (1995) | Genres: Action|Crime" --output 5
@@ -59,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("create", cmd_create, "create an empty profile", "p2p profile create alice --task movielens-rating", "name")
     p.add_argument("--task", type=_task_arg, help="default task of its items (e.g. movielens-rating)")
+    p.add_argument("--task-card", type=Path, metavar="FILE",
+                   help="a task card JSON of your own (docs/DATA.md): stored in this data dir under its name, "
+                        "which becomes the profile's task and names it in every command")
 
     add("list", cmd_list, "list profiles with their item counts", "p2p profile list --json")
 
@@ -117,11 +121,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # --- handlers ------------------------------------------------------------------------------------
 def cmd_create(args: argparse.Namespace) -> int:
-    with Store() as s:
-        prof = s.create_profile(args.name, task=args.task)
+    from p2p_local.data.format import TaskCard
+
+    card = TaskCard.load(args.task_card) if args.task_card is not None else None  # TaskCard's rules first
+    if card is not None and args.task is not None and args.task != card.name:
+        raise UsageError(f"--task {args.task} names another task than the card ({card.name})",
+                         hint="drop --task: the card's name is the profile's task")
+    with Store() as s, s.transaction():  # the card and the profile together, or neither
+        if card is not None:
+            s.save_task_card(card)
+        prof = s.create_profile(args.name, task=card.name if card is not None else args.task)
     if args.json:
         return _print_json(asdict(prof))
     print(f"created profile {prof.name!r}" + (f" (task {prof.task})" if prof.task else ""))
+    if card is not None:
+        print(f"task card {card.name!r} stored in this data dir: --task {card.name} finds it in every command")
     print(f"next: p2p profile import {prof.name} FILE   or   p2p profile add {prof.name} --input ... --output ...")
     return 0
 
@@ -169,7 +183,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     meta = _json_object(args.meta, "--meta") if args.meta else None
     with Store() as s:
-        check_label(args.task or s.get_profile(args.name).task, args.output)
+        check_label(args.task or s.get_profile(args.name).task, args.output, s)
         item = s.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
     if args.json:
         return _print_json(asdict(item))
@@ -274,7 +288,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with Store() as s:
         old = _item_of(s, args.name, args.item_id)
         if "output" in fields or "task" in fields:
-            check_label(fields.get("task", old.task), fields.get("output", old.output))
+            check_label(fields.get("task", old.task), fields.get("output", old.output), s)
         item = s.edit_item(args.item_id, **fields)
     if args.json:
         return _print_json(asdict(item))

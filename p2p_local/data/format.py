@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from p2p_local.errors import DataError
+from p2p_local.errors import DataError, UsageError
 from p2p_local.files import atomic_open, atomic_write
 
 KINDS = ("rating", "label", "generation")
@@ -257,9 +257,18 @@ FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template, no ta
 FREE_CHAT_NAMES = (FREE_CHAT, "free", "free chat")  # how a user may name it (`--task free`, the chat's picker)
 
 
-def is_free_chat(task: str | None) -> bool:
-    """Whether `task` names free chat (any of its spellings)."""
-    return task in FREE_CHAT_NAMES
+def resolve_task(name: str, card: Callable[[str], TaskCard] | None = None) -> TaskCard | None:
+    """A task as the user named it (`--task`, the chat's picker, `Session.answer(task=...)`), read once at
+    the boundary: None for free chat (any of FREE_CHAT_NAMES), else the task's card through `card`, a name ->
+    card lookup (`Session.card`: the store's, which knows the user's own cards too); by default the built-in
+    cards alone, a former name giving today's card and an unknown one a UsageError naming the known tasks."""
+    if name in FREE_CHAT_NAMES:
+        return None
+    if card is not None:
+        return card(name)
+    if canonical_task(name) not in builtin_cards():
+        raise UsageError(f"unknown task {name[:70]!r}", hint=f"known tasks: {', '.join(builtin_cards())}")
+    return builtin_card(name)
 
 
 def canonical_task(name: str) -> str:

@@ -1,5 +1,6 @@
 """The private profile store: one SQLite file under the data dir (0600, WAL, foreign keys on) holding profiles,
-their items with a per-item change history, the adapter cache and the chat's conversations.
+their items with a per-item change history, the adapter cache, the chat's conversations and the user's own
+task cards.
 
     from p2p_local.store import Store
     with Store() as s:                       # p2p_local.paths.store_path(), created 0600 on first use
@@ -8,8 +9,8 @@ their items with a per-item change history, the adapter cache and the chat's con
 
 Every write is one transaction (a process killed mid-import leaves all of the import or none), and
 `secure_delete` overwrites forgotten data in the file. db.py: the `Store` facade (one per thread) over
-connection.py's connection; profiles.py, adapter_cache.py, conversations.py: the aggregates; records.py:
-the record types and value checks.
+connection.py's connection; profiles.py, adapter_cache.py, conversations.py, task_cards.py (with the one
+task name -> card resolver): the aggregates; records.py: the record types and value checks.
 """
 
 from p2p_local.store.db import Store

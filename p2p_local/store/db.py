@@ -1,4 +1,4 @@
-"""The `Store` facade: the three aggregates on one connection, plus `forget_profile`, which spans them."""
+"""The `Store` facade: the aggregates on one connection, plus `forget_profile`, which spans them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from p2p_local.store.adapter_cache import AdapterCache, remove_private
 from p2p_local.store.conversations import ConversationStore, conversation_export_path
 from p2p_local.store.profiles import ProfileStore
 from p2p_local.store.records import ForgetReport
+from p2p_local.store.task_cards import TaskCardStore
 
 
-class Store(ProfileStore, AdapterCache, ConversationStore):
+class Store(ProfileStore, AdapterCache, ConversationStore, TaskCardStore):
     """`with Store() as s: s.create_profile("alice", task="movielens-rating")`."""
 
     def __enter__(self) -> Store:
@@ -43,6 +44,9 @@ class Store(ProfileStore, AdapterCache, ConversationStore):
             ):
                 counts[key] = c.execute(sql, {"p": p.id}).rowcount
             c.execute("DELETE FROM profiles WHERE id = ?", (p.id,))
+            # A user's task card goes with the last profile that uses it (it may describe the user too).
+            c.execute("DELETE FROM task_cards WHERE name NOT IN (SELECT task FROM profiles WHERE task IS NOT NULL)"
+                      " AND name NOT IN (SELECT DISTINCT task FROM items)")
         removed = sum(remove_private(f) for f in files)
         if self.has_fts and counts["messages"]:
             self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens

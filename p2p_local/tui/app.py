@@ -16,7 +16,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from p2p_local.data.format import is_free_chat
+from p2p_local.data.format import resolve_task
 from p2p_local.tui.chat_screen import ChatScreen
 from p2p_local.tui.first_run_screen import first_run_done, own_profiles
 from p2p_local.tui.session import ChatSession
@@ -33,7 +33,7 @@ class ChatApp(App[None]):
 
     def __init__(
         self,
-        session: ChatSession,  # `task=None`: the profile's task; free chat by any of its names: none
+        session: ChatSession,  # `task=None`: the profile's task; free chat by any of its names (`resolve_task`)
         *,
         profile: str | None = None,
         task: str | None = None,
@@ -53,8 +53,9 @@ class ChatApp(App[None]):
         if task is None and profile is not None:  # the profile's default task
             default = self.store.get_profile(profile).task
             task = default if default in self.cards else None
-        elif is_free_chat(task):
-            task = None
+        elif task is not None:
+            card = resolve_task(task, self.cards.__getitem__)
+            task = card.name if card is not None else None
         self._start = dict(profile=profile, task=task, personalized=personalized, compare=compare, resume=resume)
 
     def session_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

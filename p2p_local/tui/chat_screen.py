@@ -22,25 +22,24 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
-from p2p_local.pipeline import CUT_MARK
+from p2p_local.bundle import untrained_note
+from p2p_local.data.format import FREE_CHAT, resolve_task
+from p2p_local.pipeline import CUT_MARK, stop_strings
 from p2p_local.tui.chat_export import export_conversation
 from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
 from p2p_local.tui.history_screen import HistoryScreen
 from p2p_local.tui.picker_screen import PickerScreen
 from p2p_local.tui.profile_screen import FORGOTTEN, ProfileScreen
-from p2p_local.tui.session import SESSION_FREE_CHAT, AdapterResult, error_text, free_chat_mode
+from p2p_local.tui.session import AdapterResult, error_text, free_chat_mode, untrained_task
 from p2p_local.tui.titles import Catalogue, Movie, needs_completion
 from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
 
 FLUSH_S = 0.05  # hand streamed text to the UI at most this often
 SCALE_STEP, SCALE_MAX = 0.25, 2.0
-FREE_CHAT = "free chat"  # shown in the UI; the session's own name for it is SESSION_FREE_CHAT
+FREE_CHAT_LABEL = "free chat"  # the task picker's name for FREE_CHAT (one of FREE_CHAT_NAMES: `resolve_task` reads it)
 FREE_CHAT_MODES = {"summary": "base model + your profile summary", "adapter": "free-chat adapter",
                    "base": "base model"}
 AS_TYPED = "(send as typed)"
-# The session stops free chat at the next turn; the same stops here keep a half-typed "\nUser:" off screen.
-CHAT_STOPS = ("\nUser:", "\n\n\n")
-LABEL_STOPS = ("\n",)
 
 
 @dataclass
@@ -51,11 +50,11 @@ class Job:
     conversation_id: int
     text: str
     profile: str | None
-    task: str  # a task card name, or SESSION_FREE_CHAT
+    task: str  # a task card name, or FREE_CHAT
     personalized: bool
     scale: float
     transcript: list[tuple[str, str]] | None  # free chat: earlier (role, text) turns
-    stops: tuple[str, ...]
+    stops: tuple[str, ...]  # the route's (`stop_strings`): kept off screen while a half-typed one may arrive
     meta: dict[str, Any] = field(default_factory=dict)
     dist: bool = False  # a rating/label reply: also read the label distribution (the bar chart)
 
@@ -182,7 +181,9 @@ class ChatScreen(Screen):
         card = self.card
         what = f"{card.name}: {card.samples[0] if card.samples else card.description}" if card else "Say something (free chat)"
         self.query_one(ChatInput).placeholder = f"{what}   ⏎ send · ^j newline"
-        task = self.task_name or f"{FREE_CHAT} · {FREE_CHAT_MODES[free or 'base']}"
+        task = self.task_name or f"{FREE_CHAT_LABEL} · {FREE_CHAT_MODES[free or 'base']}"
+        if untrained_task(self.app.session, card):  # a user's own card: the adapter never learned it
+            task += " · adapter not trained on this task"
         self.app.sub_title = f"{self.profile or 'no profile'} · {task}"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -217,6 +218,8 @@ class ChatScreen(Screen):
         card = self.card
         if card is not None:
             lines.append(f"Task **{card.name}**: {card.description}")
+            if untrained_task(self.app.session, card):
+                lines.append(f"Note: {untrained_note(card.name)}.")
         elif self.free_chat == "summary":
             lines.append("Free chat: the *base* model answers, with your profile's summary in its prompt (a task "
                          "adapter would answer everything in its task's format). Tasks (`ctrl+t`) show the adapter.")
@@ -348,7 +351,6 @@ class ChatScreen(Screen):
         kind = card.kind if card else None
         transcript = None if card else self.free_chat_turns()
         labelled = card is not None and card.labelled
-        stops = LABEL_STOPS if labelled else (() if card else CHAT_STOPS)
         if self.conversation_id is None:  # titled by its first question
             self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60])
         conv = self.conversation_id
@@ -369,8 +371,8 @@ class ChatScreen(Screen):
                     meta["scale"] = None
             # Titled as the reply will be, less the profile and time until it is done.
             view = MessageView("assistant", title=reply_title({**meta, "profile": None}) + " …", kind=kind)
-            return Job(view, conv, text, self.profile, self.task_name or SESSION_FREE_CHAT, personalized, self.scale,
-                       transcript, stops, meta, dist=labelled)
+            return Job(view, conv, text, self.profile, self.task_name or FREE_CHAT, personalized, self.scale,
+                       transcript, tuple(stop_strings(card)), meta, dist=labelled)
 
         if self.compare and self.profile is not None:
             jobs = [job(True), job(False)]
@@ -402,13 +404,13 @@ class ChatScreen(Screen):
         t0 = time.monotonic()
         last = t0 - FLUSH_S  # the first piece shows at once; later ones are batched
         with app.session_lock:
-            pieces = None
+            answer = None
             try:
                 # answer() reads the store and returns the `Answer`; iterating it personalizes, attaches
                 # and streams (llama.cpp), here in the worker.
-                pieces = app.session_call(app.session.answer, j.text, profile=j.profile, task=j.task,
+                answer = app.session_call(app.session.answer, j.text, profile=j.profile, task=j.task,
                                           personalized=j.personalized, scale=j.scale, transcript=j.transcript)
-                for piece in pieces:
+                for piece in answer:
                     text += piece
                     visible, hit_stop = visible_text(text, j.stops)
                     stopped = worker.is_cancelled
@@ -420,17 +422,17 @@ class ChatScreen(Screen):
                         self._call(j.view.append_text, visible[len(shown):])
                         shown, last = visible, now
                 else:
-                    text = visible_text(text, j.stops)[0]
-                    if getattr(pieces, "finish_reason", None) == "length":
+                    text = answer.text  # the stream ended: the answer as the route finished it
+                    if answer.finish_reason == "length":
                         j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
             except Exception as e:  # keep the chat alive; show what went wrong in the message
                 error = error_text(e)
             finally:
-                if pieces is not None and hasattr(pieces, "close"):
-                    pieces.close()  # closing the generator stops llama.cpp mid-reply
-            if j.dist and text.strip() and not (stopped or error) and pieces is not None:
+                if answer is not None:
+                    answer.close()  # closing the generator stops llama.cpp mid-reply
+            if j.dist and text.strip() and not (stopped or error) and answer is not None:
                 # The distribution the answer was read off (one evaluation of the prompt, in `answer`).
-                got = getattr(pieces, "distribution", None)
+                got = answer.distribution
                 dist = {label: round(float(p), 4) for label, p in got.items()} if got else None
         self._call(self.finish_job, j, text.strip(), stopped, error, time.monotonic() - t0, dist)
 
@@ -474,7 +476,7 @@ class ChatScreen(Screen):
             if free_chat_mode(self._app.session, profile, True) != "adapter":
                 self._call(self.set_adapter_note, "no adapter in free chat")
                 return
-            task = SESSION_FREE_CHAT
+            task = FREE_CHAT
         self._call(self.set_adapter_note, "making adapter …")
         worker = get_current_worker()
         try:
@@ -486,7 +488,7 @@ class ChatScreen(Screen):
             self._call(self.set_adapter_note, "no adapter")
             self._call(self.notify, error_text(e), title="personalization failed", severity="error", timeout=10)
             return
-        if (profile, task) == (self.profile, self.task_name or SESSION_FREE_CHAT):
+        if (profile, task) == (self.profile, self.task_name or FREE_CHAT):
             self._call(self.set_adapter_note, adapter_note(result))
 
     def set_adapter_note(self, note: str) -> None:
@@ -514,17 +516,18 @@ class ChatScreen(Screen):
             self.prepare_adapter()
 
     def action_pick_task(self) -> None:
-        options = [(FREE_CHAT, "plain transcript, no task template")]
+        options = [(FREE_CHAT_LABEL, "plain transcript, no task template")]
         options += [(name, card.description) for name, card in sorted(self.app.cards.items())]
 
         def picked(choice: str | None) -> None:
             if choice is None:
                 return
-            self.task_name = None if choice == FREE_CHAT else choice
+            card = resolve_task(choice, self.app.cards.__getitem__)
+            self.task_name = card.name if card is not None else None
             self.refresh_status()
             self.prepare_adapter()
 
-        self.app.push_screen(PickerScreen("Task", options, current=self.task_name or FREE_CHAT), picked)
+        self.app.push_screen(PickerScreen("Task", options, current=self.task_name or FREE_CHAT_LABEL), picked)
 
     def action_pick_profile(self) -> None:
         options = [(p.name, f"{p.n_items} items · {p.task or 'no default task'}") for p in self.store.list_profiles()]

@@ -8,16 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from p2p_local.data.format import FREE_CHAT, TaskCard
+from p2p_local.data.format import TaskCard
 from p2p_local.errors import P2PError
 from p2p_local.profile import Profile
 from p2p_local.store import Store
 
 if TYPE_CHECKING:
     from p2p_local.pipeline import Answer
-
-SESSION_FREE_CHAT = FREE_CHAT  # the session's name for free chat (the UI says "free chat")
-
 
 @runtime_checkable
 class AdapterResult(Protocol):
@@ -66,6 +63,13 @@ def free_chat_mode(session: ChatSession, profile: str | None, personalized: bool
     if profile is None or not personalized:
         return "base"
     return "adapter" if session.free_chat_adapter() else "summary"
+
+
+def untrained_task(session: ChatSession, card: TaskCard | None) -> bool:
+    """Whether the session's bundle was never trained on `card`'s task (a user's own card: `Bundle.card_status`).
+    A session without a bundle (the tests' fake) says no."""
+    bundle = getattr(session, "bundle", None)
+    return card is not None and bundle is not None and bundle.card_status(card) == "untrained"
 
 
 def error_text(e: Exception) -> str:
