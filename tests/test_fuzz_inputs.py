@@ -409,39 +409,35 @@ _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.float
                             max_leaves=6)
 
 
-@given(_json_values)
-def test_fuzz_task_card_examples(tmp_path_factory, value: object) -> None:
-    """A task card's `examples` (how many of the user's own items go before the query), as `--task-card`
-    reads it: a whole number 0-8, or a DataError; the prompt it builds holds at most that many."""
+def _card_with(tmp_path_factory, field: str, value: object):
+    """The commit card with `field` set to `value`, as `--task-card` reads it: the card, or None after a clean
+    refusal."""
     from p2p_local.data.format import TaskCard, builtin_card
 
-    d = builtin_card("commit-subject").to_dict() | {"examples": value}
     path = tmp_path_factory.mktemp("card") / "card.json"
-    path.write_text(json.dumps(d))
+    path.write_text(json.dumps(builtin_card("commit-subject").to_dict() | {field: value}))
     try:
-        card = TaskCard.load(path)
+        return TaskCard.load(path)
     except P2PError as e:
         clean(e)
-        return
-    assert type(value) is int and 0 <= card.examples == value <= 8
+        return None
+
+
+@given(_json_values)
+def test_fuzz_task_card_examples(tmp_path_factory, value: object) -> None:
+    """A task card's `examples` (how many of the user's own items go before the query): a whole number 0-8,
+    or a DataError."""
+    card = _card_with(tmp_path_factory, "examples", value)
+    assert card is None or (type(value) is int and 0 <= card.examples == value <= 8)
 
 
 @given(st.sampled_from(["diff_chars", "examples_diff_chars"]), _json_values)
 def test_fuzz_task_card_diff_fields(tmp_path_factory, field: str, value: object) -> None:
-    """A card's diff budgets as `--task-card` reads them: a whole number 0-2000 (or null for the examples' one:
-    the query's), or a DataError."""
-    from p2p_local.data.format import TaskCard, builtin_card
-
-    d = builtin_card("commit-subject").to_dict() | {field: value}
-    path = tmp_path_factory.mktemp("card") / "card.json"
-    path.write_text(json.dumps(d))
-    try:
-        card = TaskCard.load(path)
-    except P2PError as e:
-        clean(e)
-        return
-    assert (value is None and field == "examples_diff_chars") or (type(value) is int and 0 <= value <= 2000)
-    assert 0 <= card.example_diff_chars <= 2000
+    """A card's diff budgets: a whole number 0-2000 (or null for the examples' one: the query's), or a DataError."""
+    card = _card_with(tmp_path_factory, field, value)
+    if card is not None:
+        assert (value is None and field == "examples_diff_chars") or (type(value) is int and 0 <= value <= 2000)
+        assert 0 <= card.example_diff_chars <= 2000
 
 
 _diff_lines = st.lists(st.one_of(
