@@ -343,14 +343,27 @@ class MTLoRA(AdapterMethod):
     def prepare(self, ctx: EvalContext) -> None:
         path = ctx.options.mtlora or default_baselines_dir(ctx.task) / "mt-lora.gguf"
         if not Path(path).is_file():
-            raise Skip(f"no MT-LoRA adapter at {path}: train one with `python -m trainer.baselines mtlora "
-                       f"--task {ctx.task} --out {path}` (needs torch) and pass --mtlora")
+            shipped = _shipped_mtlora()
+            hint = f"the shipped one: --mtlora {shipped}" if shipped else (
+                f"train one with `python -m trainer.baselines mtlora --task {ctx.task} --out {path}` (needs torch)")
+            raise Skip(f"no MT-LoRA adapter at {path}: pass {hint}")
         super().prepare(ctx)
         self.path = Path(path)
         self.attach(ctx, self.path)
 
     def fingerprint(self) -> str:
         return _file_id(self.path) + super().fingerprint()
+
+
+def _shipped_mtlora() -> Path | None:
+    """The MT-LoRA adapter that ships beside the default bundle (trained with it), if any."""
+    from p2p_local.bundle import find_bundle
+
+    try:
+        path = find_bundle() / "mt-lora.gguf"
+    except P2PError:
+        return None
+    return path if path.is_file() else None
 
 
 def torch_available() -> bool:
