@@ -549,7 +549,7 @@ def bench_hook_proposal(repeat: int = 7, sizes: tuple[int, ...] = HOOK_DIFF_CHAR
         try:
             from p2p_local.cli import main as p2p
 
-            p2p(["profile", "import", "bench", "--git", str(repo), "--create"])
+            p2p(["profile", "import", "bench", "--git", str(repo), "--author", "bench@example.org", "--create"])
             hook.install(repo, "bench", timeout=600, env={"P2P_HOME": str(home)})
             base = git("rev-parse", "HEAD").strip()
 
