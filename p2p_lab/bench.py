@@ -533,8 +533,11 @@ def bench_hook_proposal(repeat: int = 7, sizes: tuple[int, ...] = HOOK_DIFF_CHAR
         env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
                     "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
                     "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(home), "GIT_EDITOR": "true"})
-        old_home = os.environ.get("P2P_HOME")
-        os.environ["P2P_HOME"] = str(home)
+        from p2p_local.paths import models_dir
+
+        env["P2P_MODELS"] = str(models_dir())  # the prepared models, resolved before the home moves
+        old_home, old_models = os.environ.get("P2P_HOME"), os.environ.get("P2P_MODELS")
+        os.environ.update(P2P_HOME=str(home), P2P_MODELS=env["P2P_MODELS"])
 
         def git(*args: str, stdin: str | None = None) -> str:
             return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
@@ -550,7 +553,7 @@ def bench_hook_proposal(repeat: int = 7, sizes: tuple[int, ...] = HOOK_DIFF_CHAR
             from p2p_local.cli import main as p2p
 
             p2p(["profile", "import", "bench", "--git", str(repo), "--author", "bench@example.org", "--create"])
-            hook.install(repo, "bench", timeout=600, env={"P2P_HOME": str(home)})
+            hook.install(repo, "bench", timeout=600, env={"P2P_HOME": str(home), "P2P_MODELS": env["P2P_MODELS"]})
             base = git("rev-parse", "HEAD").strip()
 
             def stage(size: int, round_: int) -> None:
@@ -587,10 +590,11 @@ def bench_hook_proposal(repeat: int = 7, sizes: tuple[int, ...] = HOOK_DIFF_CHAR
             finally:
                 s.close()
         finally:
-            if old_home is None:
-                os.environ.pop("P2P_HOME", None)
-            else:
-                os.environ["P2P_HOME"] = old_home
+            for key, old in (("P2P_HOME", old_home), ("P2P_MODELS", old_models)):
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
     out: dict = {"sizes": list(sizes), "repeat": repeat}
     for size, d in per.items():
         for k, v in d.items():
