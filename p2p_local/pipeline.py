@@ -20,6 +20,7 @@ which override only the step a control changes (its prompt, its profile or its a
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import tempfile
@@ -506,7 +507,7 @@ class Request:
     def task(self) -> str:
         return FREE_CHAT if self.card is None else self.card.name
 
-    @property
+    @functools.cached_property  # parsing a large piped diff once, not for query, read and the profile each
     def query_item(self) -> Item | None:
         """The query as the task reads it (`query_item`: a staged diff becomes the commit); the held-out
         item in the evaluation; None for free chat or no text."""
