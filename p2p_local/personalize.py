@@ -203,7 +203,7 @@ class Session:
 
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
-        return self.request(query or "", profile, task).build_profile()
+        return self.request(query or "", profile, task).profile
 
     # --- the route ---------------------------------------------------------------------------------
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,

@@ -531,7 +531,8 @@ class Request:
         item = self.query_item
         return None if item is None or self.card is None else what_was_read(self.card, item)
 
-    def build_profile(self) -> Profile:
+    @functools.cached_property  # retrieval and features once per request (every evaluated method shares it)
+    def profile(self) -> Profile:
         """The profile this request is personalized with (query-aware when there is a query)."""
         assert self.card is not None
         return make_profile(self.card, self.history, self.query_item, n_total=self.n_total)
@@ -710,7 +711,7 @@ class Route:
     # --- the steps a subclass may change ---------------------------------------------------------------
     def personalization(self, request: Request) -> Personalization:
         """The profile the request is personalized with (a control feeds another)."""
-        profile = request.build_profile()
+        profile = request.profile
         return Personalization(profile, profile.fingerprint, request.task)
 
     def prompt(self, request: Request, p: Personalization | None = None) -> str:

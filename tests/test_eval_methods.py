@@ -57,7 +57,7 @@ def test_all_history_fills_the_context_with_the_newest_earlier_items(movielens, 
     m = AllHistory()
     m.prepare(ctx)
     first = ctx.queries[user.user_id][0]  # later items exist: they must never appear
-    prompt = m.prompt(ctx, first)
+    prompt = m.prompt(ctx.request(first))
     n = len(engine.tokenize(prompt))
     assert engine.n_ctx - 120 < n <= engine.n_ctx - 1  # filled, and room for the answer token
     assert prompt.endswith(card.prompt(first.item.input))
@@ -80,10 +80,10 @@ def test_rag_and_pag_prompts(movielens, engine, tmp_path):
     pag.prepare(ctx)
     retrieved = ctx.profile(q).retrieved
     assert len(retrieved) == 2
-    p = rag.prompt(ctx, q)
+    p = rag.prompt(ctx.request(q))
     shots = [card.prompt(it.input) + it.output for it in retrieved]
     assert p == "\n\n".join([shots[1], shots[0], card.prompt(q.item.input)])  # best example nearest the query
-    p = pag.prompt(ctx, q)
+    p = pag.prompt(ctx.request(q))
     assert p.startswith("About this user: " + ctx.profile(q).summary) and shots[0] in p and shots[1] not in p
     assert ctx.profile(q).n_history == len(q.history)  # the profile is built from earlier items only
 
@@ -94,7 +94,7 @@ def test_long_generation_input_is_cut_to_fit(engine, tmp_path):
     user = User("u", [Item("hi there", "Hello.", None), Item(long_text, "Dear team, numbers by Friday.", None)])
     ctx = _ctx(card, [user], [user], engine, tmp_path, max_tokens=8)
     q = ctx.queries["u"][0]
-    prompt, kept = fit_prompt(ctx, q, "", ["Email:\nhi there\nRewritten by the user:\nHello."])
+    prompt, kept = fit_prompt(ctx, ctx.request(q), "", ["Email:\nhi there\nRewritten by the user:\nHello."])
     assert len(engine.tokenize(prompt)) <= engine.n_ctx - 8 - 4
     assert prompt.startswith("Email:\nPlease send me") and kept == 0  # the query wins over the example
     out = Base()

@@ -197,7 +197,7 @@ def test_app_eval_and_trainer_agree(task: str, session, shared_data: Path, tmp_p
         shots = pipeline.examples(card, app)
         assert len(shots) == min(card.examples, len(app.retrieved)) and (shots or not card.examples)
         assert all(shot in app_answer.prompt for shot in shots)
-        assert app_answer.prompt == method.prompt(ctx, q, pipeline.Personalization(ev, ev.fingerprint, task))
+        assert app_answer.prompt == method.prompt(ctx.request(q), pipeline.Personalization(ev, ev.fingerprint, task))
         if card.examples:  # trained as answered: the trainer's prompt (`prompt_examples`) is the app's, token for token
             budget = engine.n_ctx - pipeline.answer_tokens(engine, card, query.input) - pipeline.PROMPT_SLACK
             trained = _trainer_sample(card, user, i, session.encoder, hf_tokenizer, budget, True).prompt_ids[0]

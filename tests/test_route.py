@@ -143,9 +143,9 @@ def test_the_evaluations_methods_answer_through_the_route(session, routed, evalu
         n = len(evaluations)
         record = m.predict(ctx, q)
         route, request, answer = routed[-1]
-        assert route == "MethodRoute" and request.item is user.items[-1] and request.history == q.history
+        assert route == type(m).__name__ and request.item is user.items[-1] and request.history == q.history
         assert record["lp"] == [round(float(x), 5) for x in answer.scores["lp"]]
         assert len(evaluations) == n + 1  # one evaluation of the prompt per rating answer
         assert (answer.personalization is not None) == isinstance(m, P2P)
         m.close(ctx)
-    assert [r for r, *_ in routed] == ["MethodRoute"] * 3
+    assert [r for r, *_ in routed] == ["Base", "RAG", "P2P"]

@@ -434,6 +434,9 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
         summary = fake.profile_text(DEMO_PROFILE, "movielens-rating").summary
         assert summary and str(panel.query_one("#summary-text").render()).startswith(summary.split("\n")[0])
 
+        card = fake.task_cards()["movielens-rating"]  # the add row shows the task's own sample and labels
+        assert panel.query_one("#new-input", Input).placeholder == f"input, e.g. {card.samples[0]}"
+        assert panel.query_one("#new-output", Input).placeholder == "output (1-5)"
         await pilot.press("a")
         assert panel.focused is panel.query_one("#new-input", Input)
         await pilot.press(*"Heat (1995) | Genres: Action|Crime|Thriller", "enter")
@@ -626,7 +629,7 @@ def test_bar_chart_and_title_catalogue(store):
     card = builtin_card("movielens-rating")
     assert needs_completion(card, "Frozen") and not needs_completion(card, "Frozen (2013) | Genres: Animation")
     assert not needs_completion(builtin_card("popquorn-offensiveness"), "Frozen") and not needs_completion(None, "x")
-    cat = Catalogue(store, "movielens-rating")
+    cat = Catalogue(store, builtin_card("movielens-rating"))
     assert [m.text for m in cat.lookup("toy story")] == [
         "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"]
     assert [m.title for m in cat.lookup("The Matrix")] == ["Matrix, The (1999)"]  # articles either end

@@ -43,7 +43,7 @@ class Query:
     index: int  # position among this user's queries
     history: list[Item]  # strictly earlier items only
     item: Item  # the held-out item: input is shown, output is the target
-    profile: Any = None  # built once, shared by every method (ctx.profile)
+    request: pipeline.Request | None = None  # built once, shared by every method (ctx.request): its profile too
 
 
 @dataclass
@@ -91,10 +91,14 @@ class EvalContext:
             self._owns_engine = True
         return self._engine
 
+    def request(self, q: Query) -> pipeline.Request:
+        """The query as the route's `Request` (the held-out item as `item`), one per query for every method."""
+        if q.request is None:
+            q.request = pipeline.Request(self.card, q.item.input, q.history, item=q.item)
+        return q.request
+
     def profile(self, q: Query):
-        if q.profile is None:
-            q.profile = make_profile(self.card, q.history, q.item)
-        return q.profile
+        return self.request(q).profile
 
     def close(self) -> None:
         if self._engine is not None and self._owns_engine:
@@ -135,16 +139,15 @@ def target_nll(ctx: EvalContext, prompt: str, item: Item) -> dict[str, Any]:
     return {"nll_sum": round(float(-lp.sum()), 5), "n_tok": len(ids)}
 
 
-def reserve_tokens(ctx: EvalContext, q: Query) -> int:
+def reserve_tokens(ctx: EvalContext, request: pipeline.Request) -> int:
     """Tokens kept free after the prompt: the answer (1 label token, or the generation budget)."""
-    return ctx.options.max_tokens or pipeline.answer_tokens(ctx.engine, ctx.card, q.item.input)
+    return ctx.options.max_tokens or pipeline.answer_tokens(ctx.engine, ctx.card, request.text)
 
 
-def fit_prompt(ctx: EvalContext, q: Query, header: str, shots: list[str]) -> tuple[str, int]:
-    """The app's `pipeline.fit_prompt` for a query (as the app shows it: `pipeline.prompt_input`), with
-    this run's answer budget kept free."""
-    return pipeline.fit_prompt(ctx.engine, ctx.card, pipeline.prompt_input(ctx.card, q.item), header, shots,
-                               reserve_tokens(ctx, q))
+def fit_prompt(ctx: EvalContext, request: pipeline.Request, header: str, shots: list[str]) -> tuple[str, int]:
+    """The app's `pipeline.fit_prompt` for a query (as the app shows it: `Request.query`), with this run's
+    answer budget kept free."""
+    return pipeline.fit_prompt(ctx.engine, ctx.card, request.query, header, shots, reserve_tokens(ctx, request))
 
 
 # --- the interface --------------------------------------------------------------------------------
@@ -185,69 +188,34 @@ class Method:
         return []
 
 
-@dataclass
-class EvalRequest(pipeline.Request):
-    """A query of the evaluation as the route's `Request` (the held-out item as `item`), with its `Query`."""
-
-    q: Query | None = None
-
-
-class MethodRoute(pipeline.Route):
-    """The app's route (`pipeline.Route.answer`) with the steps a method changes: its prompt, its profile or
-    its own adapter."""
-
-    def __init__(self, method: LLMMethod, ctx: EvalContext, personalizer: Any = None, scratch: Path | None = None):
-        super().__init__(ctx.engine, personalizer, scratch)
-        self.method, self.ctx = method, ctx
-
-    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
-        return self.method.prompt(self.ctx, request.q, p)
-
-    def personalization(self, request: pipeline.Request) -> pipeline.Personalization:
-        return self.method.personalization(self.ctx, request.q)
-
-    def personalize(self, request: pipeline.Request, scale: float = 1.0, force: bool = False) -> pipeline.Personalization:
-        return self.method.personalize(self.ctx, request, scale) or super().personalize(request, scale, force)
-
-
-class LLMMethod(Method):
-    """Answers each query through the app's route (`pipeline.Route.answer`); the base model unless
-    `personalized`. Subclasses change the prompt (RAG, PAG...), the profile (controls) or the adapter."""
+class LLMMethod(Method, pipeline.Route):
+    """A method is the app's route (`pipeline.Route.answer`) with the steps it changes overridden: the prompt
+    (RAG, PAG...), the profile (the controls) or the adapter (MT-LoRA, OPPU); the base model unless
+    `personalized`."""
 
     personalized = False
     personalizer: Any = None
 
+    def __init__(self) -> None:
+        """Nothing yet: the route is set up in `prepare`, once the run's engine exists."""
+
     def prepare(self, ctx: EvalContext) -> None:
-        self.route = MethodRoute(self, ctx, self.personalizer, ctx.run_dir / "tmp" / f"{self.name}.gguf")
+        pipeline.Route.__init__(self, ctx.engine, self.personalizer, ctx.run_dir / "tmp" / f"{self.name}.gguf")
+        self.ctx = ctx
         # The one-line decoding rule (proposals, no parroting) and the change shown: part of every result's key.
-        r = self.route
         if ctx.options.branches is not None:
-            r.branches = ctx.options.branches
+            self.branches = ctx.options.branches
         if ctx.options.copy_margin is not None:
-            r.copy_margin = ctx.options.copy_margin
-        self.decoding = (f"branches={r.branches}:margin={r.copy_margin:g}:diff={ctx.card.diff_chars}"
+            self.copy_margin = ctx.options.copy_margin
+        self.decoding = (f"branches={self.branches}:margin={self.copy_margin:g}:diff={ctx.card.diff_chars}"
                          f":ex_diff={ctx.card.example_diff_chars}" if ctx.card.one_line else "")
 
     def fingerprint(self) -> str:
         return getattr(self, "decoding", "")
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        """The app's prompt: the card's examples from the personalization's profile, then the query."""
-        shots = pipeline.examples(ctx.card, p.profile if p is not None else None)
-        return pipeline.task_prompt(ctx.engine, ctx.card, pipeline.prompt_input(ctx.card, q.item), shots)
-
-    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
-        profile = ctx.profile(q)
-        return pipeline.Personalization(profile, profile.fingerprint, ctx.card.name)
-
-    def personalize(self, ctx: EvalContext, request: pipeline.Request, scale: float) -> pipeline.Personalization | None:
-        """A method's own adapter (already attached), or None: the route makes one from the profile."""
-        return None
-
     def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
-        request = EvalRequest(ctx.card, q.item.input, q.history, item=q.item, q=q)
-        a = self.route.answer(request, personalized=self.personalized, seed=ctx.options.seed,
-                              max_tokens=ctx.options.max_tokens).finish()
+        a = self.answer(ctx.request(q), personalized=self.personalized, seed=ctx.options.seed,
+                        max_tokens=ctx.options.max_tokens).finish()
         if ctx.card.kind == "generation":
             rec = {"text": a.text, "unparseable": not a.text, **target_nll(ctx, a.prompt, q.item)}
             if a.candidates:  # every line the answer was chosen among: other rules can be scored offline
@@ -256,9 +224,8 @@ class LLMMethod(Method):
         return label_record(a.scores)
 
     def close(self, ctx: EvalContext) -> None:
-        route = getattr(self, "route", None)
-        if route is not None:
-            route.release()
+        if hasattr(self, "engine"):
+            self.release()
 
 
 class Base(LLMMethod):
@@ -271,58 +238,49 @@ class RAG(Base):
     name = "rag"
     description = "top-k BM25-retrieved history items in the prompt"
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        retrieved = list(ctx.profile(q).retrieved)[: ctx.options.rag_k]
-        shots = render_items(ctx.card, list(reversed(retrieved)))  # best last: nearest the query, dropped last
-        return fit_prompt(ctx, q, "", shots)[0]
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
+        retrieved = list(request.profile.retrieved)[: self.ctx.options.rag_k]
+        shots = render_items(self.ctx.card, list(reversed(retrieved)))  # best last: nearest the query, dropped last
+        return fit_prompt(self.ctx, request, "", shots)[0]
 
 
 class PAG(Base):
     name = "pag"
     description = "profile summary + the top-1 retrieved item in the prompt"
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        profile = ctx.profile(q)
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
+        profile = request.profile
         header = f"About this user: {profile.summary}" if profile.summary else ""
-        return fit_prompt(ctx, q, header, render_items(ctx.card, list(profile.retrieved)[:1]))[0]
+        return fit_prompt(self.ctx, request, header, render_items(self.ctx.card, list(profile.retrieved)[:1]))[0]
 
 
 class AllHistory(Base):
     name = "all-history"
     description = "as many most-recent history items as fit in the context"
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
         # Only the newest items can fit: render a bounded tail, fit_prompt drops the oldest first.
-        tail = q.history[-max(1, ctx.engine.n_ctx // 8):]
-        return fit_prompt(ctx, q, "", render_items(ctx.card, tail))[0]
+        tail = request.history[-max(1, self.engine.n_ctx // 8):]
+        return fit_prompt(self.ctx, request, "", render_items(self.ctx.card, tail))[0]
 
 
 class AdapterMethod(LLMMethod):
     """Answers under one GGUF adapter of its own (attached per run or per user), never one made per query."""
 
     personalized = True
-    _adapter: Any = None
 
-    def attach(self, ctx: EvalContext, path: Path) -> None:
-        self.detach(ctx)
-        self._adapter = ctx.engine.load_adapter(path)
-        ctx.engine.use(self._adapter, 1.0)
+    def load(self, path: Path) -> None:
+        """This method's adapter file, loaded in llama.cpp (the one before freed); attached per answer."""
+        self.release()
+        self._loaded = self.engine.load_adapter(path)
 
-    def detach(self, ctx: EvalContext) -> None:
-        if self._adapter is not None:
-            ctx.engine.free_adapter(self._adapter)
-            self._adapter = None
-
-    def personalize(self, ctx: EvalContext, request: pipeline.Request, scale: float) -> pipeline.Personalization | None:
-        if self._adapter is None:
-            raise Skip("no adapter attached")
-        if ctx.engine.active[0] is not self._adapter:
-            ctx.engine.use(self._adapter, scale)
-        return pipeline.Personalization(None, "", ctx.card.name, adapter_path=self._adapter.path)
-
-    def close(self, ctx: EvalContext) -> None:
-        self.detach(ctx)
-        super().close(ctx)
+    def personalize(self, request: pipeline.Request, scale: float = 1.0, force: bool = False) -> pipeline.Personalization:
+        """The method's own adapter, never one made from the profile."""
+        if self._loaded is None:
+            raise Skip("no adapter loaded")
+        if self.engine.active[0] is not self._loaded:
+            self.engine.use(self._loaded, scale)
+        return pipeline.Personalization(None, "", self.ctx.card.name, adapter_path=self._loaded.path)
 
 
 def _file_id(path: Path) -> str:
@@ -349,7 +307,7 @@ class MTLoRA(AdapterMethod):
             raise Skip(f"no MT-LoRA adapter at {path}: pass {hint}")
         super().prepare(ctx)
         self.path = Path(path)
-        self.attach(ctx, self.path)
+        self.load(self.path)
 
     def fingerprint(self) -> str:
         return _file_id(self.path) + super().fingerprint()
@@ -405,10 +363,10 @@ class OPPU(AdapterMethod):
             # Train on the items before the user's first query only (never on a query's answer).
             train_oppu(ctx, user, len(queries[0].history) if queries else len(user.items), path,
                        ctx.options.oppu_max_items)
-        self.attach(ctx, path)
+        self.load(path)
 
     def end_user(self, ctx: EvalContext) -> None:
-        self.detach(ctx)
+        self.release()
 
     def fingerprint(self) -> str:
         return f"{self.dir}:max_items={self.max_items}" if self.max_items else str(self.dir)
@@ -480,15 +438,15 @@ class P2P(LLMMethod):
     def fingerprint(self) -> str:
         return self.bundle.sha256[:16] + (f":examples={self.examples}" if self.examples else "") + self.decoding
 
-    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
-        profile = self.profile_for(ctx, q)
-        return pipeline.Personalization(profile, profile.fingerprint, ctx.card.name)
+    def personalization(self, request: pipeline.Request) -> pipeline.Personalization:
+        profile = self.profile_for(request)
+        return pipeline.Personalization(profile, profile.fingerprint, request.task)
 
-    def profile_for(self, ctx: EvalContext, q: Query):
-        return ctx.profile(q)
+    def profile_for(self, request: pipeline.Request):
+        return request.profile
 
     def end_user(self, ctx: EvalContext) -> None:
-        self.route.release()  # the last query's adapter: detached and freed
+        self.release()  # the last query's adapter: detached and freed
 
 
 class P2PRAG(P2P):
@@ -498,8 +456,8 @@ class P2PRAG(P2P):
     description = "the P2P adapter plus the top-k BM25-retrieved history items in the prompt"
     uses_examples = False  # its own top-k (rag_k), whatever the card says
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        return RAG.prompt(self, ctx, q)
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
+        return RAG.prompt(self, request, p)
 
 
 class P2PAlone(P2P):
@@ -514,8 +472,8 @@ class P2PAlone(P2P):
             raise Skip("the same as p2p: this task's card shows no examples")
         super().prepare(ctx)
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
-        return super().prompt(ctx, q, None)
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
+        return super().prompt(request, None)
 
 
 class P2PBefore(P2P):
@@ -531,15 +489,15 @@ class P2PBefore(P2P):
             raise Skip("the same as p2p: this task's card reads no change")
         self.card = replace(ctx.card, diff_chars=0)
         super().prepare(ctx)
-        self.route.branches = 1
+        self.branches = 1
         self.decoding = "before-diff"
 
-    def profile_for(self, ctx: EvalContext, q: Query):
-        return make_profile(self.card, q.history, q.item)
+    def profile_for(self, request: pipeline.Request):
+        return make_profile(self.card, request.history, request.item)
 
-    def prompt(self, ctx: EvalContext, q: Query, p: pipeline.Personalization | None = None) -> str:
+    def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
         shots = pipeline.examples(self.card, p.profile if p is not None else None)
-        return pipeline.task_prompt(ctx.engine, self.card, q.item.input, shots)
+        return pipeline.task_prompt(self.engine, self.card, request.text, shots)
 
 
 class P2PShuffled(P2P):
@@ -555,7 +513,12 @@ class P2PShuffled(P2P):
         # A cyclic shift of a random order: a derangement, nobody is paired with themselves.
         self.partner = {ids[order[i]]: ids[order[(i + 1) % len(ids)]] for i in range(len(ids))}
 
-    def profile_for(self, ctx: EvalContext, q: Query):
+    def predict(self, ctx: EvalContext, q: Query) -> dict[str, Any]:
+        self.q = q  # whose partner's history the profile is made of
+        return super().predict(ctx, q)
+
+    def profile_for(self, request: pipeline.Request):
+        q, ctx = self.q, self.ctx
         other = ctx.queries[self.partner[q.user_id]]
         if other:
             history = other[min(q.index, len(other) - 1)].history
@@ -583,12 +546,12 @@ class P2PRandom(P2P):
         f = np.stack(feats) if feats else np.zeros((1, self.bundle.feature_dim))
         self.mu, self.sd = f.mean(0), f.std(0)
 
-    def personalization(self, ctx: EvalContext, q: Query) -> pipeline.Personalization:
+    def personalization(self, request: pipeline.Request) -> pipeline.Personalization:
         emb = self._rng.standard_normal((1, self.bundle.embedding_dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         feats = self.mu + self.sd * self._rng.standard_normal((1, len(self.mu)))
         tensors = self.personalizer.tensors_from(emb.astype(np.float32), feats.astype(np.float32))
-        return pipeline.Personalization(None, "random", ctx.card.name, tensors=tensors)
+        return pipeline.Personalization(None, "random", request.task, tensors=tensors)
 
 
 # --- classic references (no LLM) ------------------------------------------------------------------------

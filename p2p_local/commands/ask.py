@@ -153,7 +153,7 @@ def complete_title(session, text: str, task: str, profile: str | None, quiet: bo
     card = session.card(task)
     if not needs_completion(card, text):
         return text
-    matches = Catalogue(session.store, card.name).lookup(text, profile)
+    matches = Catalogue(session.store, card).lookup(text, profile)
     if not matches:
         return text
     if not quiet:

@@ -316,7 +316,7 @@ class ChatScreen(Screen):
         if not needs_completion(card, text):
             return None
         if self._catalogue is None or self._catalogue.task != card.name:
-            self._catalogue = Catalogue(self.store, card.name)
+            self._catalogue = Catalogue(self.store, card)
         return self._catalogue.lookup(text, self.profile)
 
     async def complete_and_send(self, text: str) -> None:

@@ -65,8 +65,8 @@ class ProfileScreen(Screen[bool | str]):
             with TabPane("Items", id="items"):
                 yield DataTable(id="item-table", cursor_type="row", zebra_stripes=True)
                 with Horizontal(id="add-row"):
-                    yield Input(placeholder="input, e.g. Heat (1995) | Genres: Action|Crime|Thriller", id="new-input")
-                    yield Input(placeholder="output, e.g. 5", id="new-output")
+                    yield Input(placeholder="input", id="new-input")
+                    yield Input(placeholder="output", id="new-output")
                     yield Button("add", id="add-button", variant="primary")
             with TabPane("Summary", id="summary"):
                 with VerticalScroll():
@@ -91,8 +91,19 @@ class ProfileScreen(Screen[bool | str]):
     def on_mount(self) -> None:
         table = self.query_one("#item-table", DataTable)
         table.add_columns("id", "when", "task", "input", "output")
+        self.show_examples()
         self.refresh_all()
         table.focus()
+
+    def show_examples(self) -> None:
+        """The add row's placeholders from the task's card: a sample input and the kind of output it takes."""
+        card = self.app.cards.get(self.item_task or "")
+        if card is None:
+            return
+        if card.samples:
+            self.query_one("#new-input", Input).placeholder = f"input, e.g. {card.samples[0]}"
+        output = f"{card.labels[0]}-{card.labels[-1]}" if card.labelled and card.labels else "the text"
+        self.query_one("#new-output", Input).placeholder = f"output ({output})"
 
     def refresh_all(self) -> None:
         self.refresh_items()

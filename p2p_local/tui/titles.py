@@ -28,7 +28,7 @@ class Movie:
 
 
 def needs_completion(card: TaskCard | None, text: str) -> bool:
-    """A typed query the card would read without its metadata: a movie without " | Genres: ", one line."""
+    """A typed query the card would read without its metadata (a movie without its genres), one line."""
     if card is None or "genres" not in card.input_fields or "\n" in text.strip():
         return False
     return card.input_meta(text) == {} and bool(text.strip())
@@ -37,8 +37,9 @@ def needs_completion(card: TaskCard | None, text: str) -> bool:
 class Catalogue:
     """normal title -> movies, built from the store's items of one task (rebuilt when the store changes)."""
 
-    def __init__(self, store: Store, task: str) -> None:
-        self.store, self.task = store, task
+    def __init__(self, store: Store, card: TaskCard) -> None:
+        self.store, self.task = store, card.name
+        self.after = card.input_fields["genres"]["after"]  # where a stored input's genres begin
         self._key: tuple | None = None
         self._index: dict[str, list[tuple[str, int, str, list[str]]]] = {}
 
@@ -50,7 +51,7 @@ class Catalogue:
             genres_of: dict[str, str] = {}  # the first item read of each title
             for p in order:
                 for it in self.store.items(p.name, task=self.task):
-                    title, _, genres = it.input.partition(" | Genres: ")
+                    title, _, genres = it.input.partition(self.after)
                     if title:
                         genres_of.setdefault(title, genres)
             movies = {i: (title.strip(), [g for g in genres.split("|") if g and g != "unknown"])
