@@ -379,13 +379,29 @@ def test_fuzz_export_names_are_safe_and_distinct(names: list[str]) -> None:
     assert len({s.lower() for s in stems}) == len(stems)
 
 
+BIDI_AND_SEPARATORS = set("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 @given(st.text(max_size=300))
 def test_fuzz_terminal_text_has_no_control_characters(text: str) -> None:
+    """The one terminal rule: no control character (C0, C1, DEL) or bidi control reaches the terminal, whatever
+    the text; `printable` keeps only line breaks and tabs; `json_text` is valid JSON of the same value."""
+    import json
     import unicodedata
 
-    from p2p_local.commands.terminal import shown
+    from p2p_local.terminal import Printer, json_text, printable, shown
 
-    assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in shown(text))
+    def unsafe(c: str) -> bool:
+        return unicodedata.category(c) == "Cc" or c in BIDI_AND_SEPARATORS
+
+    assert not any(unsafe(c) for c in shown(text))
+    assert not any(unsafe(c) and c not in "\n\t" for c in printable(text))
+    dumped = json_text({"t": text})
+    assert json.loads(dumped) == {"t": text} and not any(unsafe(c) for c in dumped)
+    for cut in (0, len(text) // 3, len(text) // 2, len(text)):  # streamed in pieces: nothing unsafe either
+        printer = Printer()
+        out = printer.feed(text[:cut]) + printer.feed(text[cut:]) + printer.flush()
+        assert not any(unsafe(c) and c not in "\n\t" for c in out)
 
 
 @given(st.binary(max_size=300))

@@ -9,7 +9,6 @@ the training items' format and its compact diff (`p2p_local.diffs`); `--json` sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from p2p_local.commands.args import candidates_arg, max_tokens_arg, scale_arg, task_arg, temperature_arg
@@ -47,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from p2p_local.data.format import FREE_CHAT, resolve_task
     from p2p_local.personalize import Session
     from p2p_local.pipeline import CUT_MARK, Request, lora_scale
+    from p2p_local.terminal import Printer, json_text, shown
 
     text = query_text(args.text)
     if args.model is not None and args.task and args.task != FREE_CHAT:
@@ -67,11 +67,14 @@ def run(args: argparse.Namespace) -> int:
             text = complete_title(s, text, task, profile, quiet=args.json)
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
+        printer = Printer()  # the model may repeat an escape sequence of the profile's items
         with answer:
             for piece in answer:
                 if not args.json:
-                    sys.stdout.write(piece)
+                    sys.stdout.write(printer.feed(piece))
                     sys.stdout.flush()
+        if not args.json:
+            sys.stdout.write(printer.flush())
     proposals = [c.text for c in answer.candidates[: args.candidates]] or [answer.text]
     if args.json:
         out = {"text": answer.text, "query": answer.request.query, "profile": profile,
@@ -85,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
                                  for c in answer.candidates[: args.candidates]]
         if answer.distribution is not None:
             out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
-        print(json.dumps(out))
+        print(json_text(out))
     else:
         sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
         if answer.adapter and answer.request.card and s.bundle.card_status(answer.request.card) == "untrained":
             print(f"note: {untrained_note(answer.request.card.name)}", file=sys.stderr)
         for more in proposals[1:]:  # the other proposals, one a line
-            print(more)
+            print(shown(more))
         if answer.finish_reason == "length":
             print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
     return 0

@@ -15,13 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from p2p_local.commands.terminal import shown
 from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
 from p2p_local.importers import FORMATS, MAX_FIELD_CHARS, check_label, import_file, import_git
 from p2p_local.store import Store, StoredItem
 from p2p_local.store.records import check_name
+from p2p_local.terminal import json_text, shown
 
 EPILOG = """examples:
   p2p profile create alice --task movielens-rating
@@ -352,7 +352,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         data = s.export_profile(args.name)
     text = json.dumps(data, ensure_ascii=False) + "\n"  # one line: a valid .json and .jsonl file
     if args.output is None or str(args.output) == "-":
-        sys.stdout.write(text)
+        sys.stdout.write(json_text(data) + "\n")  # the same values; nothing a terminal acts on
         return 0
     out = _export_target(args.output)
     # Atomic: the old file stays whole until the new one is complete (a full disk loses nothing).
@@ -468,7 +468,7 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
 
 
 def _print_json(obj: Any) -> int:
-    print(json.dumps(obj, ensure_ascii=False, default=str))
+    print(json_text(obj, default=str))
     return 0
 
 

@@ -13,6 +13,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
+from p2p_local.terminal import shown
+
 MAX_CONVERSATIONS = 200
 SNIPPET = 90
 
@@ -64,7 +66,7 @@ class HistoryScreen(ModalScreen[int | None]):
         if not query.strip():
             for c in store.conversations()[:MAX_CONVERSATIONS]:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
-                line = Content.assemble((c.title or f"conversation {c.id}", "bold"), "\n    ",
+                line = Content.assemble((shown(c.title) or f"conversation {c.id}", "bold"), "\n    ",
                                         (f"{c.profile or 'no profile'} · {c.n_messages} messages · {when}", "dim"))
                 results.add_option(Option(line, id=f"c{c.id}"))
             return
@@ -72,8 +74,8 @@ class HistoryScreen(ModalScreen[int | None]):
         titles = {c.id: c for c in store.conversations()}
         for m in hits:
             conv = titles.get(m.conversation_id)
-            head = (conv.title if conv and conv.title else f"conversation {m.conversation_id}")
-            line = Content.assemble((f"{m.role}: ", "bold"), snippet(m.content, query), "\n    ",
+            head = (shown(conv.title) if conv and conv.title else f"conversation {m.conversation_id}")
+            line = Content.assemble((f"{m.role}: ", "bold"), snippet(shown(m.content), query), "\n    ",
                                     (f"in “{head}” · {conv.profile if conv else ''}", "dim"))
             results.add_option(Option(line, id=f"m{m.id}:{m.conversation_id}"))
         if not hits:

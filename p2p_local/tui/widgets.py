@@ -14,6 +14,7 @@ from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
 from p2p_local.data.format import LABELLED_KINDS
+from p2p_local.terminal import Printer, printable
 
 # Keys that insert a newline instead of sending. Most terminals send the same byte for Enter and
 # Shift+Enter; ctrl+j (a raw line feed) works everywhere, shift/alt+enter where the terminal tells them apart.
@@ -107,12 +108,13 @@ class MessageView(Vertical, can_focus=True):
         self.kind = kind  # task kind of the reply (rating answers are shown with stars)
         self.dist = dist
         self._title = title or {"user": "you", "assistant": "assistant", "system": "note"}.get(role, role)
+        self._printer = Printer()  # the streamed text: an escape sequence cut between pieces is removed whole
 
     def compose(self) -> ComposeResult:
         yield Static(self._title, classes="title")
         if self.role == "user":
             # The user's text is shown as typed, never interpreted as Markdown.
-            yield Static(self.text, classes="body", markup=False)
+            yield Static(printable(self.text), classes="body", markup=False)
         elif self.kind in LABELLED_KINDS:
             with Horizontal(classes="answer-row"):
                 yield Markdown(self._shown(self.text), classes="body")
@@ -125,7 +127,7 @@ class MessageView(Vertical, can_focus=True):
     def _shown(self, text: str) -> str:
         if self.kind == "rating" and text.strip() and stars(text):
             return f"**{text.strip()}**  {stars(text)}"
-        return text
+        return printable(text)  # the model may repeat an escape sequence of the profile's items
 
     @property
     def body(self) -> Markdown:
@@ -137,7 +139,7 @@ class MessageView(Vertical, can_focus=True):
             return
         self.text += delta
         self.add_class("streaming")
-        await self.body.append(delta)
+        await self.body.append(self._printer.feed(delta))
 
     async def finish(self, text: str, *, title: str | None = None, stopped: bool = False,
                      dist: dict[str, float] | None = None) -> None:
