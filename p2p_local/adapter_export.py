@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.exports import export_name
+from p2p_local.files import quoted
 
 
 @dataclass
@@ -31,12 +32,22 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
                    fmt: str = "gguf", mode: int = 0o600) -> Export:
     """Make the profile's adapter (the route `Session.answer` takes, run up to the attached adapter: what
     `p2p ask QUERY` would answer with) and copy it to `to`."""
+    from p2p_local.errors import UsageError
+    from p2p_local.files import refuse_special
+
+    to = Path(to)
+    refuse_special(to, UsageError)  # `--to /dev/null`: not a folder to write into
+    # A `forget` of the profile waits for the export, then removes it. The route's lock first, as an answer
+    # takes them (the route, then the profile while it writes the adapter): never the other way round.
+    with session.route.lock, session.store.profile_lock(profile):
+        return _export(session, profile, to, task, query, fmt, mode)
+
+
+def _export(session: Any, profile: str, to: Path, task: str | None, query: str | None, fmt: str, mode: int) -> Export:
     from p2p_local.adapter import read_adapter, write_adapter
     from p2p_local.errors import UsageError
     from p2p_local.files import atomic_write, refuse_special
 
-    to = Path(to)
-    refuse_special(to, UsageError)  # `--to /dev/null`: not a folder to write into
     with session.answer(query or "", profile=profile, task=task) as answer:
         r = answer.prepare().personalization
     if r is None:
@@ -52,6 +63,7 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
     dest, readme, modelfile = to / f"{stem}.gguf", to / f"{stem}.README.md", to / f"{stem}.Modelfile"
     for target in (dest, readme, modelfile):  # checked before any is written: all three or none
         refuse_special(target, UsageError)
+    modelfile_text = ollama_modelfile(dest, base_path, card)  # refuses a path no Modelfile can carry
     _make_folder(to, mode)
     write_adapter(dest, adapter.tensors, alpha=adapter.alpha, base=session.engine.base, dtype="f16",
                   generator=str(adapter.meta.get("p2p.generator.name") or "p2p-local"),
@@ -59,7 +71,7 @@ def export_adapter(session: Any, profile: str, to: Path | str, *, task: str | No
                   prompt_prefix=card.prefix, base_model=spec.base_model_meta())
     dest.chmod(mode)
     atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
-    atomic_write(modelfile, ollama_modelfile(dest, base_path, card), mode=mode)
+    atomic_write(modelfile, modelfile_text, mode=mode)
     return Export(dest, readme, r.task, profile, r.fingerprint, r.adapter_path)
 
 
@@ -87,7 +99,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
     n = 1 if rating else 32
     from p2p_local.pipeline import lora_scale, stop_strings
 
-    base_q, adapter_q = _sh(str(base)), _sh(str(adapter))
+    base_q, adapter_q = quoted(str(base)), quoted(str(adapter))
     stops = [] if rating else stop_strings(card)
     stop = {"stop": stops} if stops else {}
     labels = ", ".join(card.labels)
@@ -102,7 +114,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
 With llama-server, ask for the top tokens of the one next token and do the same:
 
 ```sh
-curl -s http://127.0.0.1:8080/completion -d {_sh(json.dumps({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}]}))}
+curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}]}))}
 ```
 """) if rating else f"""
 ## Reading the answer
@@ -126,8 +138,8 @@ The prompt is the task card's template around your input (no chat template):
 ## llama.cpp
 
 ```sh
-llama-completion -m {base_q} --lora {adapter_q} -p {_sh(prompt)} -n {n} --temp 0
-llama-completion -m {base_q} --lora-scaled {_sh(f"{adapter}:{lora_scale(0.5):g}")} -p {_sh(prompt)} -n {n} --temp 0   # the app's x0.5
+llama-completion -m {base_q} --lora {adapter_q} -p {quoted(prompt)} -n {n} --temp 0
+llama-completion -m {base_q} --lora-scaled {quoted(f"{adapter}:{lora_scale(0.5):g}")} -p {quoted(prompt)} -n {n} --temp 0   # the app's x0.5
 ```
 (`llama-cli -no-cnv ...` in builds before llama-completion existed.)
 
@@ -136,7 +148,7 @@ llama-completion -m {base_q} --lora-scaled {_sh(f"{adapter}:{lora_scale(0.5):g}"
 ```sh
 llama-server -m {base_q} --lora {adapter_q} --lora-init-without-apply
 curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and prompt_prefix of each adapter
-curl -s http://127.0.0.1:8080/completion -d {_sh(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}]}))}
+curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}]}))}
 ```
 The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
 The app's strength xS is llama.cpp scale `2S - 1` at or above x1 (x2: 3) and `0.01 ** (1 - S)` below it
@@ -149,8 +161,8 @@ The app's strength xS is llama.cpp scale `2S - 1` at or above x1 (x2: 3) and `0.
 ```
 {ollama_modelfile(adapter, base, card)}```
 ```sh
-ollama create {_sh(adapter.stem)} -f {_sh(str(adapter.with_suffix('.Modelfile')))}
-ollama run {_sh(adapter.stem)} {_sh(prompt)}
+ollama create {quoted(adapter.stem)} -f {quoted(str(adapter.with_suffix('.Modelfile')))}
+ollama run {quoted(adapter.stem)} {quoted(prompt)}
 ```
 {decode}"""
 
@@ -161,7 +173,7 @@ def ollama_modelfile(adapter: Path, base: Path, card: Any = None) -> str:
     from p2p_local.pipeline import stop_strings
 
     stops = stop_strings(card) if card is not None and card.kind == "generation" else []
-    return (f"FROM {base}\nADAPTER {adapter}\nTEMPLATE \"\"\"{{{{ .Prompt }}}}\"\"\"\n"
+    return (f"FROM {quoted(base, 'modelfile')}\nADAPTER {quoted(adapter, 'modelfile')}\nTEMPLATE \"\"\"{{{{ .Prompt }}}}\"\"\"\n"
             "PARAMETER temperature 0\n" + "".join(f'PARAMETER stop """{x}"""\n' for x in stops))
 
 
@@ -231,8 +243,3 @@ def _chmod_tree(folder: Path, mode: int) -> None:
     for f in folder.iterdir():
         f.chmod(mode)
 
-
-def _sh(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -78,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     except P2PError as e:
         _say(f"error: {e}")
         return e.exit_code
+    except sqlite3.DatabaseError as e:  # the store damaged past what opening it reads: a store error, not a bug
+        from p2p_local.paths import store_path
+        from p2p_local.store.connection import damaged
+
+        err = damaged(store_path(), e)
+        _say(f"error: {err}")
+        return err.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
         return 130

@@ -33,6 +33,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def quoted(path: str | Path, into: str = "shell") -> str:
+    """A path (or any text) as written into a generated file, the one rule for all of them: a shell line
+    (the hook, a README's commands) gets it single-quoted; a Modelfile line takes it as it is, and a path
+    holding a line break or another control character is refused there (a Modelfile cannot carry one, and it
+    would begin a directive of its own)."""
+    import shlex
+
+    text = str(path)
+    if into == "shell":
+        return shlex.quote(text)
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in text):
+        from p2p_local.errors import UsageError
+
+        raise UsageError(f"the path {text!r} holds a line break or control character: a Modelfile cannot carry it",
+                         hint="export to a folder whose path has none (--to DIR)")
+    return text
+
+
 def disk_error(e: OSError, path: Path, need: int | None = None) -> StoreError:
     """An OSError from a write, said plainly: a full disk names the path and the space needed."""
     if e.errno == errno.ENOSPC:

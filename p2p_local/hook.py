@@ -20,7 +20,6 @@ first, and comes back on `p2p hook uninstall`. The script calls `p2p hook run`, 
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local.errors import StoreError, UsageError
-from p2p_local.files import atomic_write, disk_error
+from p2p_local.files import atomic_write, disk_error, quoted
 from p2p_local.gitlog import COMMIT_TASK, first_line, git_command, git_env, staged_diff
 
 HOOK = "prepare-commit-msg"
@@ -86,11 +85,11 @@ def script(profile: str, task: str, timeout: float, python: str | None = None,
     for hooks only in a linked worktree), so no `git rev-parse` either. `env` (default `recorded_env()`) is exported unless
     already set. `_ENTRY` drops the current folder from sys.path: the repository's own folders must not shadow
     the installed p2p_local (a clone of this one would)."""
-    py = shlex.quote(python or sys.executable)
-    sources = "|".join(shlex.quote(s) for s in PROPOSE_SOURCES)
-    exports = "".join(f'[ -n "${{{k}-}}" ] || {k}={shlex.quote(v)}; export {k}\n'
+    py = quoted(python or sys.executable)
+    sources = "|".join(quoted(s) for s in PROPOSE_SOURCES)
+    exports = "".join(f'[ -n "${{{k}-}}" ] || {k}={quoted(v)}; export {k}\n'
                       for k, v in (recorded_env() if env is None else env).items())
-    gone = shlex.quote(GONE.format("%s") + "\\n")  # printf's format: the data dir goes in as an argument
+    gone = quoted(GONE.format("%s") + "\\n")  # printf's format: the data dir goes in as an argument
     return f"""#!/bin/sh
 {MARK} (p2p hook uninstall removes it and restores any earlier hook)
 case $0 in */*) hooks_dir=${{0%/*}} ;; *) hooks_dir=. ;; esac
@@ -107,7 +106,7 @@ done
   printf {gone} "$P2P_HOME" >>"$1"
   exit 0
 fi
-{py} -c {shlex.quote(_ENTRY)} hook run --profile {shlex.quote(profile)} --task {shlex.quote(task)} --timeout {timeout:g} "$@" \\
+{py} -c {quoted(_ENTRY)} hook run --profile {quoted(profile)} --task {quoted(task)} --timeout {timeout:g} "$@" \\
   </dev/null >/dev/null 2>&1 || true
 exit 0
 """

@@ -137,7 +137,7 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
                parse_seconds: float = 0.0, create: str | None = None) -> ImportResult:
     """Add what a reader parsed to profile `prof` (None: a dry run into a profile not created yet, or the
     profile `create` names, made in the same transaction as its items). Imports into one profile are
-    serialized (`Store.import_lock`): the duplicate check and the write see one state."""
+    serialized (`Store.profile_lock`): the duplicate check and the write see one state."""
     default_task = task or parsed.task
     fallback = default_task or (prof.task if prof is not None else None)  # the task of an item naming none
     check_answers(parsed.items, fallback, store)
@@ -149,7 +149,7 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
         name = prof.name if prof is not None else create
         if name is None:
             raise ValueError("add_parsed: no profile to import into")
-        with store.import_lock(name), store.transaction():
+        with store.profile_lock(name), store.transaction():
             # As it is now, under the lock (another import may have made it since we looked).
             prof = store.get_profile(name) if store.profile_exists(name) else store.create_profile(name, task=task)
             fallback = default_task or prof.task
@@ -542,6 +542,10 @@ def _read_letterboxd(path: Path, text: str, movies_path: Path | None) -> ParsedI
     if not all(c in header for c in LETTERBOXD_COLUMNS):
         raise DataError(f"{path}:1: not a Letterboxd export (header {header[:6]})",
                         hint="expected columns Date,Name,Year,Rating (Letterboxd: Settings > Import & Export)")
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:  # csv keeps the last of two "Rating" columns: which one the user meant is unknowable
+        raise DataError(f"{path}:1: {'columns' if len(twice) > 1 else 'column'} {', '.join(map(brief, twice))} "
+                        f"{'appear' if len(twice) > 1 else 'appears'} more than once", hint="keep one column of each name")
     when_col = "Watched Date" if "Watched Date" in header else ("Date" if "Date" in header else None)
     items, unrated, unmatched = [], 0, 0
     for row in reader:

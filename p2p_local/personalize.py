@@ -70,6 +70,14 @@ class _CachedRoute(pipeline.Route):
     def chat_engine(self) -> Engine | None:  # type: ignore[override]
         return self.session.chat_engine
 
+    def personalize(self, request: Request, scale: float = 1.0, force: bool = False) -> Personalization:
+        """The route's step under the profile's lock: a `forget` waits until the adapter file is written,
+        recorded and loaded, then removes it (or came first: then the profile is unknown, and nothing is made)."""
+        if request.profile_name is None:
+            return super().personalize(request, scale, force)
+        with self.session.store.profile_lock(request.profile_name):
+            return super().personalize(request, scale, force)
+
     def adapter_file(self, p: Personalization, request: Request, force: bool = False) -> Path:
         store, sha, name = self.session.store, self.session.bundle.sha256, request.profile_name
         cached = None if force or name is None else store.cached_adapter(name, p.fingerprint, sha)

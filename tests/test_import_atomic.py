@@ -86,3 +86,13 @@ def test_dry_run_on_a_new_machine_writes_nothing(tmp_path: Path, p2p_home: Path)
     assert not p2p_home.exists(), "a dry run created the data dir"
     assert main(["profile", "import", "carol", str(_file(tmp_path)), "--dry-run"]) != 0  # no such profile: said
     assert not p2p_home.exists() and time.time() - t0 < 60
+
+
+def test_dry_run_into_an_existing_store_leaves_no_file_behind(tmp_path: Path, p2p_home: Path) -> None:
+    """Not even SQLite's -wal and -shm files: a reader in `mode=ro` creates them and never removes them."""
+    from p2p_local.cli import main
+
+    assert main(["profile", "create", "carol"]) == 0
+    before = sorted(p.name for p in p2p_home.iterdir())
+    assert main(["profile", "import", "carol", str(_file(tmp_path)), "--dry-run"]) == 0
+    assert sorted(p.name for p in p2p_home.iterdir()) == before

@@ -136,3 +136,13 @@ def test_imported_profile_shows_and_round_trips(store: Store, tmp_path: Path, ca
     assert main(["profile", "export", "alice", "-o", str(out)]) == 0
     store.create_profile("copy", task="movielens-rating")
     assert import_file(store, "copy", out).imported == 2
+
+
+def test_letterboxd_with_a_column_twice_is_refused(tmp_path: Path, p2p_home: Path) -> None:
+    """csv keeps the last of two "Rating" columns: the file is refused, not read by a guess."""
+    from p2p_local.cli import main
+
+    f = tmp_path / "ratings.csv"
+    f.write_text("Date,Name,Year,Letterboxd URI,Rating,Rating\n2020-01-01,Heat,1995,https://boxd.it/x,4,1\n")
+    assert main(["profile", "import", "me", str(f), "--create"]) == 6
+    assert not (p2p_home / "p2p.sqlite3").exists() or main(["profile", "show", "me"]) != 0

@@ -249,7 +249,7 @@ def _import_store(dry_run: bool) -> Any:
     if not dry_run:
         return Store()
     path = paths.store_path(create=False)
-    return Store(path, readonly=True) if path.is_file() else nullcontext(_NoStore())
+    return Store(path, readonly=True, snapshot=True) if path.is_file() else nullcontext(_NoStore())
 
 
 LARGE_IMPORT_BYTES = 4 << 20  # files above this say what they are doing (on a terminal)

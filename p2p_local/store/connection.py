@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import os
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -17,22 +18,33 @@ from p2p_local import paths
 from p2p_local.errors import StoreError
 from p2p_local.store.migrations import available_upgrades, migrate, refuse_newer
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 
 class StoreBase:
     """The connection and its transactions; the aggregates subclass it and `Store` composes them."""
 
-    def __init__(self, path: Path | str | None = None, readonly: bool | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, readonly: bool | None = None, snapshot: bool = False) -> None:
         """Open (creating and upgrading) the store. `readonly=None`: read-only exactly when the database
         or its folder cannot be written (a read-only mount, a chmod'ed data dir), so reading commands
-        still work there and writing ones fail with a StoreError saying why; True forces it."""
+        still work there and writing ones fail with a StoreError saying why; True forces it. `snapshot`
+        (read-only, a short read such as a dry run): leave no file behind either, not even SQLite's -wal and
+        -shm, when no other process has the store open."""
         self.path = Path(path) if path is not None else paths.store_path()
         self.readonly = not store_writable(self.path) if readonly is None else bool(readonly)
-        self.conn = _connect_readonly(self.path) if self.readonly else _connect(self.path)
+        self.conn = _connect_readonly(self.path, snapshot) if self.readonly or snapshot else _connect(self.path)
+        self.readonly = self.readonly or snapshot
         try:
             if self.readonly:
                 _check_schema_current(self.conn, self.path)
             else:
                 migrate(self.conn)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # pages damaged past the header
+            self.conn.close()
+            raise damaged(self.path, e) from e
         except BaseException:
             self.conn.close()
             raise
@@ -49,26 +61,13 @@ class StoreBase:
         return self._write()
 
     @contextmanager
-    def import_lock(self, profile: str) -> Iterator[None]:
-        """Serialize imports into one profile across processes (blocking): each reads what the profile holds
-        to skip duplicates, then writes, and two at once would both add everything. One byte per profile
-        (by a hash of its name) of a lock file beside the store: no file names the profile."""
-        try:
-            import fcntl
-        except ImportError:  # no POSIX locks (Windows): the write transaction still keeps the store whole
+    def profile_lock(self, profile: str) -> Iterator[None]:
+        """One profile's changes, one at a time, across processes and threads (blocking): an import (it reads
+        what the profile holds to skip duplicates, then writes), an answer's adapter file and its cache row, an
+        export, and `forget_profile`, so no adapter or export made from a forgotten profile survives it.
+        Re-entrant in a thread (an export makes its adapter under the lock)."""
+        with _profile_lock(self.path.with_name(self.path.name + ".import-lock"), profile):
             yield
-            return
-        offset = int(hashlib.sha256(profile.encode("utf-8")).hexdigest()[:7], 16)
-        try:
-            fd = os.open(self.path.with_name(self.path.name + ".import-lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise StoreError(f"cannot lock the profile store for an import: {e.strerror}",
-                             hint="check the data dir's permissions") from e
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -122,6 +121,48 @@ class StoreBase:
         return row[0]
 
 
+class _Held:
+    """A profile's lock in this process: its thread lock and how deep the holding thread is in it."""
+
+    def __init__(self) -> None:
+        self.rlock, self.depth = threading.RLock(), 0
+
+
+_HELD: dict[tuple[str, str], _Held] = {}
+_LOCK_FILES: dict[str, int] = {}  # lock file -> one descriptor for the process's life (see below)
+_GUARD = threading.Lock()
+
+
+@contextmanager
+def _profile_lock(lock_file: Path, profile: str) -> Iterator[None]:
+    """A thread lock per profile, and (outermost only) a POSIX lock on one byte of `lock_file` chosen by a
+    hash of the name (no file names the profile). The descriptor stays open: closing any descriptor of a file
+    drops every POSIX lock the process holds on it, another thread's included."""
+    with _GUARD:
+        held = _HELD.setdefault((str(lock_file), profile), _Held())
+    with held.rlock:
+        outermost = held.depth == 0
+        fd, offset = -1, int(hashlib.sha256(profile.encode("utf-8")).hexdigest()[:7], 16)
+        if outermost and fcntl is not None:  # no POSIX locks (Windows): the transactions keep the store whole
+            with _GUARD:
+                fd = _LOCK_FILES.get(str(lock_file), -1)
+                if fd < 0:
+                    try:
+                        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+                    except OSError as e:
+                        raise StoreError(f"cannot lock the profile store: {e.strerror}",
+                                         hint="check the data dir's permissions") from e
+                    _LOCK_FILES[str(lock_file)] = fd
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if outermost and fd >= 0:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,12 +184,16 @@ def _connect(path: Path) -> sqlite3.Connection:
         # to this size instead of keeping a copy of the whole import on disk.
         conn.execute("PRAGMA journal_size_limit = 16777216")
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise StoreError(
-            f"cannot open the profile store {path}: {e}",
-            hint="if the file is damaged, move it aside (your profiles are in it) and run the command again",
-        ) from e
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # random bytes: a garbage journal-mode name too
+        raise damaged(path, e) from e
     return conn
+
+
+def damaged(path: Path, e: BaseException) -> StoreError:
+    """The one error of a store SQLite cannot read, wherever it shows (opening, upgrading, any later query)."""
+    what = str(e) if isinstance(e, sqlite3.Error) else "unreadable contents"
+    return StoreError(f"cannot read the profile store {path}: {what}",
+                      hint="if the file is damaged, move it aside (your profiles are in it) and run the command again")
 
 
 def store_writable(path: Path) -> bool:
@@ -165,8 +210,10 @@ def store_writable(path: Path) -> bool:
         return True
 
 
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """The store opened read-only (sqlite `mode=ro`): no file is created, changed or chmod'ed."""
+def _connect_readonly(path: Path, snapshot: bool = False) -> sqlite3.Connection:
+    """The store opened read-only (sqlite `mode=ro`): no file is created, changed or chmod'ed. A `snapshot`
+    opens `immutable` first when there is no -wal file (SQLite removes it when the last connection closes, so
+    nothing has the store open): a plain `mode=ro` reader would create -wal and -shm files and leave them."""
     if not path.is_file():
         raise StoreError(f"there is no profile store at {path}, and its folder is read-only",
                          hint="set P2P_HOME to a writable directory (or make this one writable)")
@@ -174,7 +221,8 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
     last: sqlite3.Error | None = None
     # A WAL database on a read-only folder without its -shm file only opens as `immutable` (nothing
     # else can be writing it: the folder is read-only). Tried second, when plain mode=ro cannot read.
-    for suffix in ("", "&immutable=1"):
+    idle = snapshot and not path.with_name(path.name + "-wal").exists()
+    for suffix in ("&immutable=1", "") if idle else ("", "&immutable=1"):
         conn = None
         try:
             conn = sqlite3.connect(uri + suffix, uri=True, timeout=10.0, isolation_level=None)
@@ -182,7 +230,7 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             return conn
-        except sqlite3.Error as e:
+        except (sqlite3.Error, UnicodeDecodeError) as e:
             last = e
             if conn is not None:
                 conn.close()

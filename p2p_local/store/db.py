@@ -26,31 +26,32 @@ class Store(ProfileStore, AdapterCache, ConversationStore, TaskCardStore):
         """Remove the profile and everything derived from it: items, history, adapters (rows AND
         files), conversations and their messages. Freed pages are zeroed (secure_delete) and the
         WAL is checkpointed, so the text does not linger in the database files."""
-        p = self.get_profile(name)
-        files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
-        # Chats the user exported from the chat screen are traces of the profile too.
-        files += [conversation_export_path(c.id) for c in self.conversations(name)]
-        # So are its adapter exports in <data dir>/exports/ (the chat's export key): READMEs hold queries.
-        files += profile_exports(paths.data_dir() / "exports", p.name, [p.task or "", *self.task_counts(name)])
-        counts = {}
-        with self._write() as c:
-            conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
-            for key, sql in (
-                ("messages", f"DELETE FROM messages WHERE conversation_id IN ({conv_ids})"),
-                ("conversations", "DELETE FROM conversations WHERE profile_id = :p"),
-                ("history", "DELETE FROM item_history WHERE profile_id = :p"),
-                ("items", "DELETE FROM items WHERE profile_id = :p"),
-                ("adapters", "DELETE FROM adapters WHERE profile_id = :p"),
-            ):
-                counts[key] = c.execute(sql, {"p": p.id}).rowcount
-            c.execute("DELETE FROM profiles WHERE id = ?", (p.id,))
-            # A user's task card goes with the last profile that uses it (it may describe the user too).
-            c.execute("DELETE FROM task_cards WHERE name NOT IN (SELECT task FROM profiles WHERE task IS NOT NULL)"
-                      " AND name NOT IN (SELECT DISTINCT task FROM items)")
-        removed = sum(remove_private(f) for f in files)
-        if self.has_fts and counts["messages"]:
-            self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with self.profile_lock(name):  # an answer writing this profile's adapter finishes first
+            p = self.get_profile(name)
+            files = [Path(r.path) for r in self.adapters(name)] + [self.adapter_dir(name, create=False)]
+            # Chats the user exported from the chat screen are traces of the profile too.
+            files += [conversation_export_path(c.id) for c in self.conversations(name)]
+            # So are its adapter exports in <data dir>/exports/ (the chat's export key): READMEs hold queries.
+            files += profile_exports(paths.data_dir() / "exports", p.name, [p.task or "", *self.task_counts(name)])
+            counts = {}
+            with self._write() as c:
+                conv_ids = "SELECT id FROM conversations WHERE profile_id = :p"
+                for key, sql in (
+                    ("messages", f"DELETE FROM messages WHERE conversation_id IN ({conv_ids})"),
+                    ("conversations", "DELETE FROM conversations WHERE profile_id = :p"),
+                    ("history", "DELETE FROM item_history WHERE profile_id = :p"),
+                    ("items", "DELETE FROM items WHERE profile_id = :p"),
+                    ("adapters", "DELETE FROM adapters WHERE profile_id = :p"),
+                ):
+                    counts[key] = c.execute(sql, {"p": p.id}).rowcount
+                c.execute("DELETE FROM profiles WHERE id = ?", (p.id,))
+                # A user's task card goes with the last profile that uses it (it may describe the user too).
+                c.execute("DELETE FROM task_cards WHERE name NOT IN (SELECT task FROM profiles WHERE task IS NOT NULL)"
+                          " AND name NOT IN (SELECT DISTINCT task FROM items)")
+            removed = sum(remove_private(f) for f in files)
+            if self.has_fts and counts["messages"]:
+                self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return ForgetReport(counts["items"], counts["history"], counts["adapters"], removed,
                             counts["conversations"], counts["messages"])
 
