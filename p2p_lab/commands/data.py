@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _tasks(names: list[str] | None) -> list[str]:
     from p2p_lab.data.prepare import TASKS
 
-    names = names or list(TASKS)
+    names = [t for n in names for t in n.split(",") if t] if names else list(TASKS)  # "a b" or "a,b"
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise DataError(f"unknown task(s): {', '.join(unknown)}", hint=f"known tasks: {', '.join(TASKS)}")
