@@ -40,6 +40,38 @@ def load_reports(out: Path) -> list[dict[str, Any]]:
     return reps
 
 
+def report_bundle(rep: dict[str, Any]) -> str | None:
+    """The bundle a report measured (the first 16 hex digits of its sha256, the head of the p2p method's
+    fingerprint); None when P2P did not run in it."""
+    fp = (rep["methods"].get(REFERENCE) or {}).get("fingerprint") or ""
+    head = fp.split(":", 1)[0][:16]
+    return head if len(head) == 16 and all(c in "0123456789abcdef" for c in head) else None
+
+
+def split_stale(reps: list[dict[str, Any]], bundle: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(current, stale): a report measured with another bundle than `bundle` (the shipped one) is stale and
+    kept out of every table; None accepts all (no bundle to compare with)."""
+    if bundle is None:
+        return reps, []
+    current = [r for r in reps if report_bundle(r) == bundle[:16]]
+    return current, [r for r in reps if r not in current]
+
+
+def copy_rates(rep: dict[str, Any]) -> dict[str, float] | None:
+    """A generation task's copy rates: P2P's answers equal to one of the user's earlier outputs, and the real
+    outputs' own rate (`copy_real`); None where the report has no copy metric."""
+    m = ((rep["methods"].get(REFERENCE) or {}).get("metrics") or {})
+    if "copy" not in m:
+        return None
+    return {"p2p": m["copy"]["value"], "real": (m.get("copy_real") or {}).get("value")}
+
+
+def measured(rep: dict[str, Any]) -> str:
+    """When, at which commit and with which bundle a report was measured."""
+    git = (rep.get("machine") or {}).get("git_commit") or "?"
+    return f"{str(rep.get('created', '?'))[:10]} · {git} · bundle {(report_bundle(rep) or '?')[:8]}"
+
+
 def verdict(diff: dict | None, higher_is_better: bool) -> str:
     """'win' / 'tie' / 'loss' for P2P from a (method - P2P) difference estimate with its CI."""
     if not diff or diff.get("value") is None:
@@ -126,8 +158,8 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
             "n_queries": rep["data"]["n_queries"], "command": rep["command"],
             "methods": {n: {"n_users": e["n_users"], primary: e["metrics"][primary]}
                         for n, e in rep["methods"].items() if e["status"] == "ok"},
-            "goal": goal_rows(rep),
-            "machine": rep["machine"],
+            "goal": goal_rows(rep), "copy": copy_rates(rep),
+            "machine": rep["machine"], "measured": measured(rep), "bundle": report_bundle(rep),
         })
     wins = [g for t in tasks for g in t["goal"] if g["verdict"] in ("win", "tie", "loss")]
     return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")}}
@@ -138,8 +170,8 @@ HEADLINE = ("p2p", "base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-
 
 def headline_table(summary: dict[str, Any]) -> list[str]:
     """One row per task and split: the primary metric of the main methods (point estimates; CIs below)."""
-    lines = ["| task (split, metric) | users | " + " | ".join(HEADLINE) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in HEADLINE) + " |"]
+    lines = ["| task (split, metric) | users | " + " | ".join(HEADLINE) + " | p2p copies (real) | measured |",
+             "| --- | --- | " + " | ".join("---" for _ in HEADLINE) + " | --- | --- |"]
     for t in summary["tasks"]:
         pm = t["primary_metric"]
         cells = []
@@ -151,7 +183,10 @@ def headline_table(summary: dict[str, Any]) -> list[str]:
                 cell += f" ({m['n_users']} users)"  # e.g. OPPU: not comparable at a glance; see the paired rows
             cells.append(cell)
         arrow = "↑" if t["higher_is_better"] else "↓"
-        lines.append(f"| {t['task']} ({t['split']}, {pm} {arrow}) | {t['n_users']} | " + " | ".join(cells) + " |")
+        c = t.get("copy")
+        copies = "-" if not c else f"{c['p2p']:.1%}" + (f" ({c['real']:.1%})" if c.get("real") is not None else "")
+        lines.append(f"| {t['task']} ({t['split']}, {pm} {arrow}) | {t['n_users']} | " + " | ".join(cells)
+                     + f" | {copies} | {t['measured']} |")
     return lines
 
 
@@ -183,6 +218,10 @@ def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> s
                 else:
                     lines.append(f"| {g['method']} | - | - | not evaluated |")
             lines.append("")
+    if summary.get("stale"):
+        lines += ["## Left out: measured with another bundle", "",
+                  "These reports are older than the shipped bundle; no figure above comes from them.", ""]
+        lines += [f"- {r['task']} ({r['split']}): {r['measured']}" for r in summary["stale"]] + [""]
     c = summary["counts"]
     lines += ["## Scoreboard", "",
               f"Across every task, split and comparison above: P2P **wins {c['win']}**, ties {c['tie']}, "
@@ -252,12 +291,17 @@ def splice_readme(path: Path, summary: dict[str, Any]) -> None:
 def write_summary(out: Path, card_dir: Path | None = None, log=print, readme: Path | None = None) -> list[Path]:
     """Write SUMMARY.md / summary.json / summary.png into `out` (EVAL.md into `card_dir`; the headline
     table into `readme`'s summary block)."""
-    reps = load_reports(out)
+    from p2p_local.bundle import Bundle
+
+    reps, stale = split_stale(load_reports(out), Bundle.load(card_dir).sha256)
     if not reps:
         from p2p_local.errors import DataError
 
-        raise DataError(f"no evaluation reports in {out}", hint="run `p2p eval --task T` first")
+        raise DataError(f"no evaluation reports of the shipped bundle in {out}"
+                        + (f" ({len(stale)} measured with another bundle)" if stale else ""),
+                        hint="run `p2p eval --task T` (scripts/evaluate.sh runs them all)")
     summary = build_summary(reps)
+    summary["stale"] = [{"task": r["task"], "split": r["split"], "measured": measured(r)} for r in stale]
     summary["experiments"] = [{k: e[k] for k in ("set", "task", "command", "variants")} for e in load_experiments(out)]
     paths = [out / "summary.json", out / "SUMMARY.md"]
     paths[0].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
