@@ -46,7 +46,8 @@ REPORT_JSON = REPO / "reports" / "robustness.json"
 COMMAND = "python -m p2p_lab.robustness"
 CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
            "odd diffs", "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
-           "export names", "stdin", "privacy", "bad values")
+           "export names", "stdin", "privacy", "bad values", "terminal output", "damaged store", "generated files",
+           "forget race")
 PROFILE = "demo"
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
@@ -1214,9 +1215,108 @@ def _adapter_refused(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None
     return None
 
 
+# --- issue 28: what reaches the terminal, a damaged store, paths in generated files, forget racing ask ------
+HOSTILE = "fix \x1b[2Jthe\x1b]0;pwned\x07 bug\x9b31m in\rparser\x08s\u202eoof"  # CSI, OSC, C1, CR, BS, RLO
+UNSAFE_OUT = ("\x1b", "\x07", "\x9b", "\r", "\x08", "\u202e")
+
+
+def _hostile_item(ctx: Ctx) -> None:
+    from p2p_local.store import Store
+
+    with Store(ctx.home / "p2p.sqlite3") as st:
+        st.add_item(PROFILE, None, f"{HOSTILE} (1999) | Genres: Drama", "4", time=2.0e9)
+
+
+def _no_unsafe_output(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    bad = [repr(c) for c in UNSAFE_OUT if c in out]
+    return f"wrong result: {', '.join(bad)} reached stdout" if bad else None
+
+
+def _damage(kind: str) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        import random
+
+        db = ctx.home / "p2p.sqlite3"
+        con = sqlite3.connect(db)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        for extra in ("-wal", "-shm"):
+            Path(str(db) + extra).unlink(missing_ok=True)
+        r, data = random.Random(kind), bytearray(db.read_bytes())
+        if kind == "random bytes":
+            data = bytearray(r.randbytes(8192))
+        elif kind == "header + random pages":
+            data = bytearray(b"SQLite format 3\x00" + r.randbytes(8192))
+        elif kind == "cut to a third":
+            data = data[: len(data) // 3]
+        else:  # "pages overwritten N": a few random runs of bytes
+            for _ in range(6):
+                at = r.randrange(len(data))
+                data[at:at + 512] = r.randbytes(512)
+        db.write_bytes(bytes(data))
+    return setup
+
+
+def _store_error(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    return None if rc in (0, 7) else f"wrong result: exit {rc}, not 0 or the store's 7"
+
+
+def _nothing_at(rel: str) -> Callable[[Ctx, int | None, str, str], str | None]:
+    def check(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+        return f"bad data accepted: {rel!r} was written" if (ctx.work / rel).exists() else None
+    return check
+
+
+def _no_orphan_adapters(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    """Every adapter file under the data dir is one the store still records (a forgotten profile's is not)."""
+    files = {p.resolve() for p in (ctx.home / "adapters").rglob("*.gguf")} if (ctx.home / "adapters").is_dir() else set()
+    con = sqlite3.connect(ctx.home / "p2p.sqlite3")
+    try:
+        known = {Path(r[0]).resolve() for r in con.execute("SELECT path FROM adapters")}
+    finally:
+        con.close()
+    orphans = sorted(str(f.name) for f in files - known)
+    return f"bad data accepted: adapters of a forgotten profile survive: {orphans[:3]}" if orphans else None
+
+
+def _issue28_cases() -> list[Case]:
+    cases = [Case("terminal output", f"profile {what} of an item holding escapes", argv, _hostile_item,
+                  check=_no_unsafe_output, store_may_grow=True)
+             for what, argv in (("show", ["profile", "show", PROFILE]), ("show --json", ["profile", "show", PROFILE, "--json"]),
+                                ("list", ["profile", "list"]), ("export", ["profile", "export", PROFILE]),
+                                ("history", ["profile", "history", PROFILE, "1"]))]
+    cases += [Case("terminal output", "ask --json with an escape-holding history",
+                   ["ask", QUERY, "--profile", PROFILE, "--task", TASK, "--json"], _hostile_item,
+                   check=_no_unsafe_output, store_may_grow=True),
+              Case("terminal output", "ask a query holding escapes", ["ask", HOSTILE, "--profile", PROFILE, "--base",
+                                                                     "--max-tokens", "8"], check=_no_unsafe_output)]
+    for kind in ("random bytes", "header + random pages", "cut to a third", *(f"pages overwritten {i}" for i in range(4))):
+        for what, argv in (("profile list", ["profile", "list"]), ("profile show", ["profile", "show", PROFILE]),
+                           ("ask", ["ask", QUERY, "--profile", PROFILE, "--task", TASK])):
+            cases.append(Case("damaged store", f"{what}: {kind}", argv, _damage(kind), store_checked=False,
+                              check=_store_error))
+    newline = "out\nFROM /etc/passwd"
+    cases += [Case("generated files", "adapter export --to a folder with a newline",
+                   ["adapter", "export", PROFILE, "--to", "{W}/" + newline], check=_nothing_at(newline)),
+              Case("generated files", "adapter export --to a folder with a carriage return",
+                   ["adapter", "export", PROFILE, "--to", "{W}/out\rADAPTER x"], check=_nothing_at("out\rADAPTER x")),
+              Case("generated files", "adapter export --to a folder with quotes and $()",
+                   ["adapter", "export", PROFILE, "--to", "{W}/o'u\"t $(touch pwned)"],
+                   check=lambda ctx, rc, o, e: "bad data accepted: the path ran" if (ctx.work / "pwned").exists()
+                   else None)]
+    race = ('for i in 1 2 3; do\n'
+            f'  $P2P ask "{QUERY}" --profile {PROFILE} --task {TASK} >/dev/null 2>&1 &\n'
+            f'  sleep 0.$i; $P2P profile forget {PROFILE} --yes >/dev/null 2>&1; wait\n'
+            f'  $P2P profile import {PROFILE} {{W}}/keep/export.json --create >/dev/null 2>&1\n'
+            'done\n')
+    cases.append(Case("forget race", "ask and forget at once, three times", [], shell=race, timeout=240,
+                      store_checked=False, check=_no_orphan_adapters))
+    return cases
+
+
 def catalogue() -> list[Case]:
     return (_adapter_cases() + _base_cases() + _bundle_cases() + _import_cases() + _name_cases() + _export_cases()
-            + _query_cases() + _arg_cases() + _issue19_cases())
+            + _query_cases() + _arg_cases() + _issue19_cases() + _issue28_cases())
 
 
 def sample(cases: list[Case], per_class: int) -> list[Case]:
