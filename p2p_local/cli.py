@@ -24,7 +24,7 @@ from p2p_local import __version__
 from p2p_local.errors import InternalError, P2PError, UsageError
 
 # Order = order in `p2p --help`.
-GROUPS = ("models", "profile", "personalize", "ask", "chat", "adapter", "hook")
+GROUPS = ("models", "profile", "personalize", "ask", "chat", "serve", "adapter", "hook")
 PLUGIN_GROUP = "p2p_local.commands"
 
 EPILOG = """examples:

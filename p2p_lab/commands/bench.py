@@ -19,16 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  p2p bench runtime --json\n  p2p bench personalize --json\n"
                               "  p2p bench all --json-out reports/bench.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=[*SUITES, "all"])
+    p.add_argument("suite", choices=[*SUITES, "serve", "all"])
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--json-out", type=Path, help="also write the JSON (and a .md table beside it)")
     p.add_argument("--users", type=int, default=3, help="cost: test users timed (default 3)")
     p.add_argument("--oppu-max-items", type=int, default=0,
                    help="cost: OPPU trains on each user's latest N items (default 0: the whole history)")
+    p.add_argument("--requests", type=int, default=32,
+                   help="serve: requests per concurrency level and path (default 32)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "serve":  # its own report: JSON, .md and .png (p2p_lab/serve_bench.py)
+        from p2p_lab.serve_bench import run as run_serve
+
+        return run_serve(args)
     from p2p_lab.bench import ALL, SUITES, machine, table
 
     names = list(ALL) if args.suite == "all" else [args.suite]
