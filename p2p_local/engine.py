@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import llama_cpp.llama_chat_format as llama_chat_format
 import numpy as np
 
 from p2p_local.adapter import BaseInfo, LoraAdapter, validate_adapter
@@ -73,6 +74,27 @@ class Adapter:
     info: LoraAdapter
 
 
+def bounded_chat_handler(llm: llama_cpp.Llama, template: str) -> llama_chat_format.LlamaChatCompletionHandler:
+    """llama-cpp-python's chat handler for the GGUF's template (`Jinja2ChatFormatter.to_chat_handler()`: the same
+    tokens, stop string and stop token), its prompt rendered by `chat_template.render_chat`: bounded in time and
+    size, a ChatTemplateError (a ModelError) when the template fails or passes a bound."""
+    from p2p_local.chat_template import render_chat
+
+    eos_id, bos_id = llm.token_eos(), llm.token_bos()
+    eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""  # as Llama.__init__ reads them
+    bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
+
+    def stop_on_eos(tokens: np.ndarray, logits: np.ndarray) -> bool:
+        return tokens[-1] == eos_id
+
+    def format_chat(*, messages: list[dict], **_: object) -> llama_chat_format.ChatFormatterResponse:
+        return llama_chat_format.ChatFormatterResponse(
+            prompt=render_chat(template, messages, bos_token=bos, eos_token=eos), stop=[eos],
+            stopping_criteria=llama_cpp.StoppingCriteriaList([stop_on_eos]), added_special=True)
+
+    return llama_chat_format.chat_formatter_to_chat_completion_handler(format_chat)
+
+
 class Engine:
     """A loaded GGUF base model. Thread-safe: one request at a time (a lock guards llama.cpp state)."""
 
@@ -123,6 +145,10 @@ class Engine:
         self.n_vocab = self.llm.n_vocab()
         # An instruct model's own chat template (llama.cpp's chat completion applies it); None for a base.
         self.chat_template: str | None = self.llm.metadata.get("tokenizer.chat_template") or None
+        if self.chat_template and self.llm.chat_format == "chat_template.default":
+            # llama-cpp-python would render it with jinja2, unbounded: the app's sandbox renders it instead
+            # (llama.cpp's own formats, picked for templates it recognises, are Python and need no bound).
+            self.llm.chat_handler = bounded_chat_handler(self.llm, self.chat_template)
 
     # --- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, *, check_base_hash: bool = True) -> Adapter:

@@ -138,10 +138,11 @@ def repair_hint(path: Path) -> str:
     return "the file is corrupt or not a GGUF model: add a good copy with `p2p models add FILE --name N --replace`"
 
 
-def read_arch(path: Path, hint: str | None = None) -> str:
-    """The GGUF's `general.architecture`, or a ModelError for a file that is not a readable GGUF."""
+def read_arch(path: Path, hint: str | None = None, reader: gguf.GGUFReader | None = None) -> str:
+    """The GGUF's `general.architecture`, or a ModelError for a file that is not a readable GGUF. `reader`: the
+    file already open (parsing a large vocabulary takes seconds)."""
     try:
-        reader = gguf.GGUFReader(str(path), "r")
+        reader = reader or gguf.GGUFReader(str(path), "r")
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
@@ -242,6 +243,50 @@ def chat_template(path: Path) -> str | None:
         raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})") from e
 
 
+def check_chat_template(path: Path, reader: gguf.GGUFReader | None = None) -> None:
+    """Render the GGUF's chat template once on a test conversation (system, user, assistant, user) in the app's
+    bounded sandbox (`chat_template.check_template`, what `--model` chats through): one that fails, passes a bound
+    or makes no text is a ModelError. A file without a template (a pretrained base) passes. `reader`: the file
+    already open."""
+    from p2p_local.chat_template import ChatTemplateError, check_template
+
+    try:
+        reader = reader or gguf.GGUFReader(str(path), "r")
+        template = _gguf_string(reader, "tokenizer.chat_template")
+        bos, eos = (_gguf_token(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos"))
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})",
+                         hint="pass a llama.cpp model in GGUF format (a .gguf file); nothing was registered") from e
+    if template is None:
+        return
+    try:
+        check_template(template, bos_token=bos, eos_token=eos)
+    except ChatTemplateError as e:
+        raise ModelError(f"{path.name}: {e.args[0]}",
+                         hint="its tokenizer.chat_template cannot frame a chat safely; nothing was registered") from None
+
+
+def _gguf_string(reader: gguf.GGUFReader, key: str) -> str | None:
+    """A string field of the GGUF's metadata (None when absent); another type is an error."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    if field.types != [gguf.GGUFValueType.STRING]:
+        raise ValueError(f"{key} is not a string")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _gguf_token(reader: gguf.GGUFReader, key: str) -> str:
+    """The text of the token whose id `key` holds (as llama.cpp's `token_get_text`); "" when there is none."""
+    field, tokens = reader.fields.get(key), reader.fields.get("tokenizer.ggml.tokens")
+    if field is None or tokens is None:
+        return ""
+    i = int(field.parts[field.data[0]][0])
+    if not 0 <= i < len(tokens.data):
+        return ""
+    return bytes(tokens.parts[tokens.data[i]]).decode("utf-8", errors="replace")
+
+
 def prepare_chat_model(name: str, progress: Progress | None = None) -> tuple[ModelSpec, Path]:
     """The model free chat runs on with `--model NAME`: known, prepared, verified, with a chat template."""
     if not name:
@@ -257,12 +302,20 @@ def prepare_chat_model(name: str, progress: Progress | None = None) -> tuple[Mod
 def add_model(file: Path, name: str, progress: Progress | None = None, *, replace: bool = False) -> ModelSpec:
     """Register another llama.cpp GGUF base (copied into the data dir, hash and arch recorded).
 
-    The file is loaded once by llama.cpp in a child process first: llama.cpp aborts the whole process
-    on hyperparameters it asserts on, and here that is a clear error, not a silent death later.
+    Its chat template, if any, is rendered once in the bounded sandbox (`check_chat_template`). The file is
+    loaded once by llama.cpp in a child process first: llama.cpp aborts the whole process on hyperparameters
+    it asserts on, and here that is a clear error, not a silent death later.
     """
     name = check_model_name(name, replace=replace)
     file = regular_file(file, "model file", MAX_MODEL_BYTES, ModelError)
-    arch = read_arch(file, hint="pass a llama.cpp model in GGUF format (a .gguf file); nothing was registered")
+    hint = "pass a llama.cpp model in GGUF format (a .gguf file); nothing was registered"
+    try:
+        reader = gguf.GGUFReader(str(file), "r")  # once: a large vocabulary takes seconds to parse
+    except Exception as e:
+        raise ModelError(f"{file} is not a readable GGUF model ({type(e).__name__}: {e})", hint=hint) from e
+    arch = read_arch(file, hint=hint, reader=reader)
+    check_chat_template(file, reader)  # before llama.cpp, which compiles the template too: this error says why
+    del reader  # its memory map
     if progress:
         progress(f"loading {file.name} once with llama.cpp in a child process")
     check_loads(file)

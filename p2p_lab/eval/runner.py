@@ -12,11 +12,13 @@ user's data) are unchanged, so an interrupted evaluation continues where it stop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,9 @@ from p2p_lab.eval.methods import (
     user_samples,
 )
 from p2p_local import pipeline
-from p2p_local.data.format import Item, TaskCard, User
-from p2p_local.errors import DataError, P2PError
+from p2p_local.data.format import TASK_NAME, Item, TaskCard, User, check_outputs
+from p2p_local.errors import DataError, P2PError, UsageError
+from p2p_local.files import disk_error
 
 SPLITS = ("test", "ood", "val", "all")
 RECORDS_VERSION = 3  # bump when prompts or stored records change: earlier results are then not reused (2: one route, NLL; 3: the history's case style)
@@ -84,14 +87,19 @@ def load(cfg: EvalConfig) -> Loaded:
 
         if cfg.task_card is None:
             raise DataError("--data needs --task-card (a JSON task card)", hint="see docs/DATA.md")
+        if cfg.task is not None and not TASK_NAME.match(cfg.task):  # it names the report files under --out
+            raise UsageError(f"--task {cfg.task[:70]!r} is not a task name",
+                             hint="use 1-64 letters, digits or . _ @ + - (starting with a letter or digit)")
         card = TaskCard.load(cfg.task_card)
         users = read_users_jsonl(cfg.data)
+        check_outputs(card, users, str(cfg.data))  # every user's, before the split and the run
         if cfg.split == "all":
             train, split_list = [], users
         else:
             s = split_users(users, card, SplitConfig(seed=cfg.seed))
             train, split_list = s.train, getattr(s, cfg.split)
         source = str(cfg.data)
+        everyone = users
     else:
         from p2p_lab.data import load_task
 
@@ -106,12 +114,14 @@ def load(cfg: EvalConfig) -> Loaded:
         if cfg.split == "all":
             train = []
         source = f"built-in task {cfg.task}"
+        everyone = train + split_list
     if cfg.card_fields:  # a study of the card itself (e.g. how much of each example's diff is shown)
         known = set(TaskCard.__dataclass_fields__) - {"name", "kind"}
         if set(cfg.card_fields) - known:
             raise DataError(f"--card-field: no card field {sorted(set(cfg.card_fields) - known)}",
                             hint=f"fields: {', '.join(sorted(known))}")
         card = replace(card, **cfg.card_fields)
+        check_outputs(card, everyone, source)  # the changed card's labels
     users = [u for u in split_list if len(u.items) >= 2]  # one item has no earlier history to query with
     if not users:
         raise DataError(f"the {cfg.split} split has no user with 2+ items", hint="try another split or more data")
@@ -210,6 +220,8 @@ def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
     unknown = [m for m in cfg.methods or [] if m not in METHODS]
     if unknown:  # before loading anything
         raise P2PError(f"unknown method(s): {', '.join(unknown)}", hint=f"known: {', '.join(METHODS)}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UsageError(f"--out {cfg.out} is not a folder", hint="give a folder for the reports (made if missing)")
     loaded = load(cfg)
     card = loaded.card
     task = cfg.task or card.name
@@ -254,8 +266,30 @@ def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
         card=card, task=task, cfg=cfg, users=users, n_split_users=loaded.n_split_users, n_queries=n_q, results=results,
         meta=meta, source=loaded.source, engine=engine_info, seconds=time.time() - started, run_dir=run_dir,
     )
-    paths = report_mod.write_report(rep, Path(cfg.out), log=log)
+    with matplotlib_home(Path(cfg.out)):
+        paths = report_mod.write_report(rep, Path(cfg.out), log=log)
     return RunOutput(rep, paths, run_dir)
+
+
+@contextlib.contextmanager
+def matplotlib_home(out: Path) -> Iterator[Path]:
+    """MPLCONFIGDIR inside `out` (`out/.matplotlib`) while charts are drawn: matplotlib otherwise writes its
+    config and font cache under $HOME, outside the data dir and --out. Set before matplotlib is first imported
+    (it reads the variable once); the previous value is restored afterwards."""
+    d = out / ".matplotlib"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # --out is a file, or read-only
+        raise disk_error(e, d) from None
+    before = os.environ.get("MPLCONFIGDIR")
+    os.environ["MPLCONFIGDIR"] = str(d)
+    try:
+        yield d
+    finally:
+        if before is None:
+            os.environ.pop("MPLCONFIGDIR", None)
+        else:
+            os.environ["MPLCONFIGDIR"] = before
 
 
 def _engine_info(ctx: EvalContext) -> dict[str, Any] | None:
