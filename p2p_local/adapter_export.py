@@ -53,6 +53,7 @@ def _export(session: Any, profile: str, to: Path, task: str | None, query: str |
     if r is None:
         raise UsageError(f"no adapter for free chat from profile {profile!r}", hint="name a task: --task TASK")
     card = answer.request.card
+    prompt = app_prompt(session, answer.request if query else session.request(_example(card), profile, r.task))
     stem = export_name(profile, r.task, query)
     if fmt == "peft":
         _make_folder(to, mode)
@@ -70,7 +71,7 @@ def _export(session: Any, profile: str, to: Path, task: str | None, query: str |
                   profile_fingerprint=r.fingerprint, name=f"p2p-local {profile} {r.task}", task_name=r.task,
                   prompt_prefix=card.prefix, base_model=spec.base_model_meta())
     dest.chmod(mode)
-    atomic_write(readme, usage(dest, base_path, card, query), mode=mode)
+    atomic_write(readme, usage(dest, base_path, card, query, prompt), mode=mode)
     atomic_write(modelfile, modelfile_text, mode=mode)
     return Export(dest, readme, r.task, profile, r.fingerprint, r.adapter_path)
 
@@ -91,10 +92,29 @@ def write_peft(session: Any, profile: str, r: Any, card: Any, out_dir: Path, que
     return out
 
 
-def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
-    """The README beside an exported GGUF adapter: exact commands for llama.cpp's tools and Ollama."""
+def app_prompt(session: Any, request: Any) -> str:
+    """The prompt `p2p ask` builds for `request` (the route's own step: the card's template around the query
+    as the task reads it, after the profile's retrieved examples where the card shows them)."""
+    from p2p_local.pipeline import Personalization
+
+    profile = request.profile if request.card is not None else None
+    p = Personalization(profile, profile.fingerprint, request.task) if profile is not None else None
+    return session.route.prompt(request, p)
+
+
+def _fence(text: str) -> str:
+    """A Markdown code block holding `text` whole (a diff in a prompt may hold a fence of its own)."""
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{ticks}"
+
+
+def usage(adapter: Path, base: Path, card: Any, query: str | None, prompt: str | None = None) -> str:
+    """The README beside an exported GGUF adapter: exact commands for llama.cpp's tools and Ollama, with the
+    prompt `p2p ask` builds (`app_prompt`; without one, the card's template around its first sample)."""
     example = query or _example(card)
-    prompt = card.prompt(example)
+    prompt = prompt or card.prompt(example)
     rating = card.labelled
     n = 1 if rating else 32
     from p2p_local.pipeline import lora_scale, stop_strings
@@ -114,7 +134,7 @@ def usage(adapter: Path, base: Path, card: Any, query: str | None) -> str:
 With llama-server, ask for the top tokens of the one next token and do the same:
 
 ```sh
-curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}]}))}
+curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}], "cache_prompt": False}))}
 ```
 """) if rating else f"""
 ## Reading the answer
@@ -124,17 +144,26 @@ curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt
 answer starts repeating itself. `llama-completion` has no stop string: read its output up to the first
 {json.dumps(stops[0]) if stops else 'stop'}.
 """
+    shots = (f" after the {card.examples} earlier items of the profile nearest the query (in the card's own format)"
+             if card.examples else "")
+    change = " The query reads a change as `p2p ask -` reads a piped diff (its files and compact diff)." if card.diff_chars else ""
+    one_line = ("" if not card.one_line else "\n`p2p ask` chooses the answer among greedy lines started by the model's "
+                "likeliest first tokens, and puts a line equal to one of the user's earlier outputs below any other "
+                "that scores close: plain greedy decoding, as below, gives its first line, which is the app's answer "
+                "unless that line is such a copy.\n")
+    whose = ("the query this adapter was made for (`--query`): with this adapter, the same prompt `p2p ask` answers"
+             if query else "the card's example input, with the examples this profile would show. `p2p ask` makes "
+             "an adapter per question (query-aware): export with `--query` for the exact one")
     return f"""# {adapter.name}
 
 A LoRA adapter made by p2p-local for task `{card.name}` ({card.description}).
 Base model: `{base}` (sha256 recorded in the adapter as `p2p.base.sha256`). Only this base fits it.
 
-The prompt is the task card's template around your input (no chat template):
+The prompt is the one `p2p ask` builds: the task card's template around the input{shots}, no chat
+template.{change} Here it is for {whose}:
 
-```
-{prompt}```
-{"(for a query-aware adapter, the query it was made for)" if query else "(an example input)"}
-
+{_fence(prompt)}
+{one_line}
 ## llama.cpp
 
 ```sh
@@ -148,15 +177,20 @@ llama-completion -m {base_q} --lora-scaled {quoted(f"{adapter}:{lora_scale(0.5):
 ```sh
 llama-server -m {base_q} --lora {adapter_q} --lora-init-without-apply
 curl -s http://127.0.0.1:8080/lora-adapters          # shows task_name and prompt_prefix of each adapter
-curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}]}))}
+curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 1.0}], "cache_prompt": False}))}
+curl -s http://127.0.0.1:8080/completion -d {quoted(json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, **stop, "lora": [{"id": 0, "scale": 0.0}], "cache_prompt": False}))}   # the base model
 ```
-The per-request `lora` list picks adapters by id and scale (scale 0 or leaving it out: the base model).
+The per-request `lora` list picks adapters by id and scale. For the base model send the adapter with scale 0
+(leaving the list out keeps the adapter on in some llama.cpp builds: ggml-org/llama.cpp#28674), and send
+`"cache_prompt": false` whenever the adapter or its scale changes between requests (a prompt cached under
+another adapter mixes the two answers: #26207).
 The app's strength xS is llama.cpp scale `2S - 1` at or above x1 (x2: 3) and `0.01 ** (1 - S)` below it
 (x0.5: 0.1), since the adapter's effect saturates early.
 
-## Ollama
+## Ollama (before 0.34.1)
 
-`{adapter.stem}.Modelfile` beside this file:
+`{adapter.stem}.Modelfile` beside this file. Ollama 0.34.1 and later refuse its `ADAPTER` line at create time:
+there, use llama-server (above) or `p2p serve`.
 
 ```
 {ollama_modelfile(adapter, base, card)}```

@@ -195,3 +195,35 @@ def test_the_readme_example_is_the_cards_first_sample() -> None:
     card = builtin_card("popquorn-email-rewrite")
     assert _example(card) == card.samples[0]
     assert _example(TaskCard.from_dict(card.to_dict() | {"samples": []})) == NO_SAMPLE
+
+
+def test_the_readme_prompt_is_the_one_ask_builds(session, tmp_path: Path) -> None:
+    """Issue 25: the exported README's prompt reproduces the app's (the examples it shows, the change it reads),
+    on every task the demo profile holds: copying it into llama.cpp with the adapter asks what `p2p ask` asks."""
+    import re
+
+    from p2p_local.adapter_export import export_adapter
+    from p2p_local.data.format import builtin_card
+
+    from p2p_local.data.format import builtin_cards
+
+    for task in builtin_cards():  # the demo holds ratings only: a few items of every other task, from its card
+        card = builtin_card(task)
+        if not session.store.count_items("demo", task=task):
+            for i in range(4):
+                out = card.labels[i % len(card.labels)] if card.labelled else f"Reword the note, take {i}"
+                session.store.add_item("demo", task, card.samples[i % len(card.samples)] + f" {i}", out,
+                                       time=1.0e9 + i)
+    for task in builtin_cards():
+        card = builtin_card(task)
+        query = card.samples[0]
+        ex = export_adapter(session, "demo", tmp_path / task, task=task, query=query)
+        readme = ex.readme.read_text()
+        after = readme.split("Here it is for", 1)[1]
+        m = re.search(r"\n(`{3,})\n(.*?)\n\1\n", after, flags=re.S)
+        shown = m.group(2) + "\n"
+        answer = session.answer(query, profile="demo", task=task).finish()
+        assert shown in (answer.prompt, answer.prompt + "\n"), task
+        assert answer.adapter is not None and read_adapter(ex.path).meta.get("p2p.profile.fingerprint") == \
+            read_adapter(answer.adapter).meta.get("p2p.profile.fingerprint")  # the same adapter as the answer's
+        assert '"cache_prompt": false' in readme and '"scale": 0.0' in readme and "before 0.34.1" in readme
