@@ -59,9 +59,12 @@ test: $(DEV)
 	$(BIN)/p2p models prepare
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# The lab's outputs go to LAB_OUT (ignored by git), never over the shipped reports unless told:
+# `make bench LAB_OUT=reports` refreshes reports/bench.*; `make report` (scripts/evaluate.sh) is the shipped run.
+LAB_OUT ?= lab-out
 bench: $(LAB)
 	$(BIN)/p2p models prepare
-	$(BIN)/p2p bench all --json-out reports/bench.json
+	$(BIN)/p2p bench all --json-out $(LAB_OUT)/bench.json
 
 data: $(LAB)
 	$(BIN)/p2p data prepare
@@ -73,7 +76,7 @@ export: $(DEV)
 	$(BIN)/python -m trainer.export $(ARGS)
 
 eval: $(LAB) data
-	$(BIN)/p2p eval $(ARGS)
+	$(BIN)/p2p eval --out $(LAB_OUT) $(ARGS)
 
 # The shipped evaluation (about an hour on 2 cores): every method on every task's test and OOD users,
 # reports/SUMMARY.md, the bundle's EVAL.md and the P2P-vs-OPPU cost. OPPU trains per user: needs torch.

@@ -54,9 +54,12 @@ def models_dir() -> Path:
     return _sub("models", env="P2P_MODELS")
 
 
+ADAPTERS = "adapters"  # the adapter cache's folder, beside the store (`AdapterCache.adapter_dir`)
+
+
 def adapters_dir() -> Path:
-    """Cached per-profile GGUF adapters."""
-    return _sub("adapters")
+    """Cached per-profile GGUF adapters (of the data dir's store)."""
+    return _sub(ADAPTERS)
 
 
 def cache_dir() -> Path:

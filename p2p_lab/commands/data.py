@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-encoder", action="store_true", help="cluster users on profile features, not MiniLM embeddings"
     )
     prep.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    prep.add_argument("--force", action="store_true",
+                      help="rebuild even the sets that are current (same sources, seed, card and code)")
     prep.set_defaults(func=cmd_prepare)
 
     st = dsub.add_parser("stats", help="users and samples per split, and the bad-input counts")
@@ -64,7 +66,7 @@ def _tasks(names: list[str] | None) -> list[str]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from p2p_lab.data.prepare import default_embedder, prepare_task
+    from p2p_lab.data.prepare import default_embedder, is_current, prepare_task, sources_fingerprint
 
     def log(msg: str) -> None:
         if not args.quiet:
@@ -72,6 +74,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     tasks = _tasks(args.tasks)
     t0 = time.perf_counter()
+    if not args.force:  # `make eval` prepares first: a current set is kept, not rebuilt (minutes for commits)
+        sources = sources_fingerprint()
+        current = [t for t in tasks if is_current(t, args.seed, sources)]
+        for t in current:
+            log(f"[{t}] current (same sources, seed, card and code): kept; --force rebuilds it")
+        tasks = [t for t in tasks if t not in current]
+        if not tasks:
+            print(f"all {len(current)} task sets current: nothing to do")
+            return 0
     embed, name, failed = None, "", []
     if not args.no_encoder:
         embed, name = default_embedder(log)  # load once for all tasks

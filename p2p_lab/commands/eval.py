@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help="comma-separated (default: every method that applies to the task)")
     p.add_argument("--users", type=int, help="evaluate at most N users (a seeded subset; default: all)")
     p.add_argument("--queries", type=int, default=10, help="each user's last N items are the queries (default 10)")
-    p.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default reports/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report directory (default: eval/ in the data dir; the shipped reports: --out reports)")
     p.add_argument("--data", type=Path, help="your own users JSONL (generic format)")
     p.add_argument("--task-card", type=Path, help="the task card JSON for --data")
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from p2p_lab.eval.report import fmt
     from p2p_lab.eval.runner import EvalConfig, run_eval
 
+    if args.out is None:  # the lab never writes over the shipped reports unless told to (--out reports)
+        from p2p_local.paths import data_dir
+
+        args.out = data_dir() / "eval"
     if args.summary:
         from p2p_lab.eval.runner import matplotlib_home
         from p2p_lab.eval.summary import write_summary

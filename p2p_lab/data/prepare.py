@@ -34,6 +34,7 @@ from p2p_local.data.format import (
     builtin_card,
     builtin_cards,
     canonical_task,
+    card_hash,
     read_users_jsonl,
     write_users_jsonl,
 )
@@ -138,6 +139,8 @@ def prepare_task(
         "version": DATA_VERSION,
         "task": task,
         "seed": seed,
+        "card": card_hash(card),
+        "sources": sources_fingerprint(src),
         "encoder": encoder if embed else None,  # None: clustered on profile features
         "encoder_unavailable": None if embed else (encoder or "not requested"),
         "conversion": dict(sorted(conv.stats.items())),
@@ -153,6 +156,27 @@ def prepare_task(
         f"ood {s['ood']['users']} users, {stats['seconds']} s -> {out}"
     )
     return stats
+
+
+def sources_fingerprint(src: Path | None = None) -> str:
+    """What the prepared sets are built from, in one hash: every file under the shared data dir (path, size,
+    modification time). A set built from the same sources, seed, card and code is current."""
+    import hashlib
+
+    root = Path(src) if src is not None else paths.shared_data_dir()
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")) if root.is_dir() else []:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def is_current(task: str, seed: int = 0, sources: str | None = None) -> bool:
+    """Whether the prepared set of `task` was built by this code from the same sources, seed and card."""
+    stats = read_stats(task)
+    return bool(stats and stats.get("seed") == seed and stats.get("card") == card_hash(builtin_card(task))
+                and stats.get("sources") == (sources or sources_fingerprint()))
 
 
 def read_stats(task: str) -> dict[str, Any] | None:

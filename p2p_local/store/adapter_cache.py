@@ -22,7 +22,9 @@ class AdapterCache(StoreBase):
     def adapter_dir(self, profile: str, create: bool = True) -> Path:
         """Where this profile's adapter files belong (by id: a re-created name starts clean).
         `forget_profile` removes this whole directory."""
-        d = paths.adapters_dir() / f"profile-{self._pid(profile)}"
+        # Beside this store, not the data dir's: a store elsewhere (a benchmark's, a test's) numbers its
+        # profiles from 1 too, and its adapters once landed in the user's profile-1 folder.
+        d = self.path.parent / paths.ADAPTERS / f"profile-{self._pid(profile)}"
         if create:
             try:
                 paths.private_dir(d)
