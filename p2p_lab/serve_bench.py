@@ -288,10 +288,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from p2p_lab.bench import machine
-    from p2p_local.commands.serve import SERVE_HINT, missing_serve_modules
+    from p2p_local.commands.args import missing_modules
+    from p2p_local.commands.serve import SERVE_HINT, SERVE_MODULES
     from p2p_local.errors import UsageError
 
-    missing = missing_serve_modules()
+    missing = missing_modules(SERVE_MODULES)
     if missing:
         raise UsageError(f"`p2p bench serve` needs the serve extra ({', '.join(missing)} missing)", hint=SERVE_HINT)
     if not 1 <= args.requests <= 10_000:

@@ -553,7 +553,7 @@ def test_without_the_serve_extra_it_says_how_to_install_it(monkeypatch, capsys) 
     from p2p_local.cli import main
     from p2p_local.commands import serve as command
 
-    monkeypatch.setattr(command, "missing_serve_modules", lambda: ["starlette"])
+    monkeypatch.setattr(command, "missing_modules", lambda names: ["starlette"])
     assert main(["serve"]) == 2
     assert "pip install 'p2p-local[serve]'" in capsys.readouterr().err
 

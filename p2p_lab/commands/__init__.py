@@ -8,9 +8,9 @@ install. In an install without it each command still appears, marked, and says h
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable
 
+from p2p_local.commands.args import missing_modules
 from p2p_local.errors import UsageError
 
 # The import names of the `lab` extra's packages (setup.cfg [options.extras_require] lab).
@@ -21,15 +21,7 @@ LAB_HINT = ("install the lab extra: `make data`, `make bench` or `make eval` do 
 
 def missing_lab_modules() -> list[str]:
     """The lab extra's modules this interpreter cannot import (found without importing them)."""
-    missing = []
-    for name in LAB_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    return missing_modules(LAB_MODULES)
 
 
 def needs_lab(name: str, help: str) -> Callable[[Callable[[argparse._SubParsersAction], None]],

@@ -35,23 +35,38 @@ def _bounded_float(value: str, top: float, note: str = "") -> float:
 
 def max_tokens_arg(value: str) -> int:
     """How many tokens an answer may have, 1 .. MAX_TOKENS."""
-    return _bounded_int(value, MAX_TOKENS)
+    return bounded_int(value, MAX_TOKENS)
 
 
 def candidates_arg(value: str) -> int:
     """How many proposals a one-line answer lists, 1 .. MAX_CANDIDATES."""
-    return _bounded_int(value, MAX_CANDIDATES)
+    return bounded_int(value, MAX_CANDIDATES)
 
 
-def _bounded_int(value: str, top: int) -> int:
-    """A whole number in 1..top, else argparse's usage error naming the range."""
+def bounded_int(value: str, top: int, low: int = 1) -> int:
+    """A whole number in low..top, else argparse's usage error naming the range."""
     try:
-        n = int(value) if len(value) <= 12 else -1
+        n = int(value) if len(value) <= 12 else low - 1
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value[:30]!r} is not an integer") from None
-    if not 1 <= n <= top:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 1..{top}")
+    if not low <= n <= top:
+        raise argparse.ArgumentTypeError(f"{value[:30]} is outside {low}..{top}")
     return n
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of an optional extra this interpreter cannot import (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def task_arg(value: str) -> str:

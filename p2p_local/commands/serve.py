@@ -6,10 +6,10 @@ Needs the `serve` extra (starlette + uvicorn); without it the command says how t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import urllib.parse
 
+from p2p_local.commands.args import bounded_int, missing_modules
 from p2p_local.errors import UsageError
 
 SERVE_MODULES = ("starlette", "uvicorn")  # the serve extra's import names (setup.cfg)
@@ -45,23 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def port_arg(value: str) -> int:
-    try:
-        n = int(value) if len(value) <= 6 else -1
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not a port number") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..65535")
-    return n
+    return bounded_int(value, 65535, low=0)
 
 
 def queue_arg(value: str) -> int:
-    try:
-        n = int(value) if len(value) <= 6 else -1
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value[:30]!r} is not an integer") from None
-    if not 0 <= n <= MAX_QUEUE:
-        raise argparse.ArgumentTypeError(f"{value[:30]} is outside 0..{MAX_QUEUE}")
-    return n
+    return bounded_int(value, MAX_QUEUE, low=0)
 
 
 def origin_arg(value: str) -> str:
@@ -75,20 +63,8 @@ def origin_arg(value: str) -> str:
     return value.rstrip("/")
 
 
-def missing_serve_modules() -> list[str]:
-    missing = []
-    for name in SERVE_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
 def run(args: argparse.Namespace) -> int:
-    missing = missing_serve_modules()
+    missing = missing_modules(SERVE_MODULES)
     if missing:
         raise UsageError(f"`p2p serve` needs the serve extra, which is not installed ({', '.join(missing)} missing)",
                          hint=SERVE_HINT)
