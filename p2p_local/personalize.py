@@ -22,8 +22,8 @@ from p2p_local.data.format import (
 )
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
-from p2p_local.errors import StoreError, UsageError
-from p2p_local.models import get_spec, prepare_base, prepare_chat_model
+from p2p_local.errors import P2PError, StoreError, UsageError
+from p2p_local.models import get_spec, known_models, prepare_base, prepare_chat_model
 from p2p_local.pipeline import Answer, Personalization, Personalizer, Request
 from p2p_local.profile import Profile
 from p2p_local.store import Store
@@ -55,6 +55,15 @@ def choose(store: Store, profile: str | None, task: str | None) -> tuple[str | N
         return None, task
     what = f"hold {task} items" if task and task != FREE_CHAT else "exist"
     raise UsageError(f"several profiles {what}: {', '.join(candidates)}", hint="pass --profile NAME (or --base)")
+
+
+def model_name(engine: Engine) -> str:
+    """The name `p2p models list` knows an engine's model file by (its registry name), else the file's name."""
+    path = Path(getattr(engine, "model_path", "") or "")
+    try:
+        return next((n for n, spec in known_models().items() if spec.filename == path.name), path.name)
+    except P2PError:  # a damaged registry: the file's name still says which model it is
+        return path.name
 
 
 class _CachedRoute(pipeline.Route):
@@ -125,6 +134,7 @@ class Session:
         self.personalizer = Personalizer(bundle, encoder, engine.base)
         self.route = _CachedRoute(self)
         self.lock = self.route.lock
+        self._model_names: dict[int, str] = {}  # engine id -> its registry name (the registry is read once)
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
@@ -157,6 +167,46 @@ class Session:
             store = self._local.store = Store(self._store_path)
             self._stores.append(store)
         return store
+
+    # --- which model answers ------------------------------------------------------------------------
+    def _name(self, engine: Engine) -> str:
+        if id(engine) not in self._model_names:
+            self._model_names[id(engine)] = model_name(engine)
+        return self._model_names[id(engine)]
+
+    @property
+    def base_model(self) -> str:
+        """The bundle's base: every task answer, and free chat when no chat model is chosen."""
+        return self._name(self.engine)
+
+    @property
+    def chat_model(self) -> str | None:
+        """The instruct model free chat runs on (`--model`, the chat's model picker); None: the base."""
+        return self._name(self.chat_engine) if self.chat_engine is not None else None
+
+    def model_of(self, answer: Answer) -> str:
+        """The model that answered: the chat model for free chat without an adapter (the route's rule in
+        `Route._steps`), else the bundle's base."""
+        on_chat = answer.request.free_chat and self.chat_engine is not None and answer.adapter is None
+        return self.chat_model if on_chat else self.base_model  # type: ignore[return-value]
+
+    def chat_models(self) -> dict[str, str]:
+        """The registered models (`p2p models list`) free chat may run on: name -> description."""
+        return {name: spec.description for name, spec in known_models().items()}
+
+    def use_chat_model(self, name: str | None) -> None:
+        """Free chat on model `name` from now on (prepared, verified and loaded; the one before closed).
+        None or the base's name: free chat on the base. Task answers stay on the base (the bundle's)."""
+        engine = None
+        if name is not None and name != self.base_model:
+            spec, path = prepare_chat_model(name)  # refuses a model without a chat template
+            engine = Engine(path, n_ctx=self.engine.n_ctx, sha256=spec.sha256)
+            self._model_names[id(engine)] = spec.name
+        with self.lock:  # never while an answer runs on the old one
+            old, self.chat_engine = self.chat_engine, engine
+        if old is not None:
+            self._model_names.pop(id(old), None)
+            old.close()
 
     # --- what there is -----------------------------------------------------------------------------
     def task_cards(self) -> dict[str, TaskCard]:
@@ -196,18 +246,21 @@ class Session:
         return items, self.store.count_items(profile, task=task)
 
     def request(self, text: str, profile: str | None, task: str | None, *, personalized: bool = True,
-                transcript: list[tuple[str, str]] | None = None) -> Request:
+                transcript: list[tuple[str, str]] | None = None, system: str = "") -> Request:
         """What the store knows for this question: the card (`task` as the user named it: `resolve_task`; None:
         the profile's own), the profile's history (when personalized). Free chat has no card, or free chat's
-        own when the bundle was trained for it (`free_chat_adapter`)."""
+        own when the bundle was trained for it (`free_chat_adapter`); `system` (a conversation's system prompt)
+        goes into its `about`, after the profile's summary."""
         card = resolve_task(task, self.card) if task else self.card(self.default_task(profile)) if profile else None
         personalized = personalized and profile is not None
         if card is None and personalized and self.free_chat_adapter():
             card = self.card(FREE_CHAT)
         if card is None:
-            return Request(None, text, transcript=transcript or (), about=self.about(profile) if personalized else "")
+            about = "\n".join(s for s in (self.about(profile) if personalized else "", system.strip()) if s)
+            return Request(None, text, transcript=transcript or (), about=about)
         history, n_total = self.history(profile, card.name) if personalized else ([], None)
-        return Request(card, text, history, n_total, profile, transcript or ())
+        about = system.strip() if card.name == FREE_CHAT else ""
+        return Request(card, text, history, n_total, profile, transcript or (), about=about)
 
     def profile_text(self, profile: str, task: str | None = None, query: str | None = None) -> Profile:
         """The profile as the encoder sees it (summary, retrieved items, exact text, features)."""
@@ -216,12 +269,13 @@ class Session:
     # --- the route ---------------------------------------------------------------------------------
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
                scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
-               transcript: list[tuple[str, str]] | None = None) -> Answer:
+               transcript: list[tuple[str, str]] | None = None, system: str = "") -> Answer:
         """The answer (`pipeline.Route.answer`): with a profile and `personalized`, its adapter attached at
         `scale`. Free chat never attaches a task adapter: the base model answers with the profile's summary
         in the prompt, unless the bundle was trained for free chat. Iterate it to stream; the session lock is
-        held until the stream is exhausted or closed (closing cancels)."""
-        request = self.request(text, profile, task, personalized=personalized, transcript=transcript)
+        held until the stream is exhausted or closed (closing cancels). `system`: free chat's system prompt.
+        Stronger than x1, a profile without items of the task gets no adapter: the base answers (`Route._steps`)."""
+        request = self.request(text, profile, task, personalized=personalized, transcript=transcript, system=system)
         return self.route.answer(request, personalized=personalized and profile is not None, scale=scale,
                                  temperature=temperature, max_tokens=max_tokens)
 

@@ -164,6 +164,9 @@ class Personalizer:
 # moved no median rating of the demo queries, 3 moved three of eight), so the scale rises twice as fast
 # as the strength (x1.5 -> 2, x2 -> 3; at 4 rewrites turned to noise).
 STRENGTH_FLOOR = 0.01
+# A profile without items of the task gets the hypernetwork's population adapter, what it was trained to make of
+# an empty history; stronger than x1 it is noise with nothing personal in it, so the route answers from the base.
+EMPTY_MAX_STRENGTH = 1.0
 
 
 def lora_scale(strength: float) -> float:
@@ -357,7 +360,18 @@ def generation_settings(engine: Any, card: TaskCard | None, text: str) -> dict[s
 # the first verbatim repeat of a sentence or line, or when its tail is one chunk three times over.
 REPEAT_MIN_CHARS = 12  # shorter units repeat legitimately ("Thanks.", "- ok")
 _UNIT = re.compile(r"[^.!?\n]*(?:[.!?]+|\n)")  # a sentence or a line, with its end
-CUT_MARK = " […]"  # shown after an answer its token budget cut (never part of the stored text)
+# How an answer was cut, marked the same way wherever it is shown (the chat, `p2p ask`, the exported Markdown),
+# never part of the stored text: "length" its token budget, "repeat" the guard below (it started over),
+# "stopped" the user (Esc / Ctrl-C). `Answer.finish_reason` "stop" is an answer that ended by itself: no mark.
+CUT_MARKS = {"length": " […]", "repeat": " [… it began repeating itself]", "stopped": " [… stopped]"}
+CUT_NOTES = {"length": "cut at its token budget", "repeat": "cut where it began repeating itself",
+             "stopped": "stopped before it was done"}
+CUT_MARK = CUT_MARKS["length"]
+
+
+def cut_mark(reason: str | None) -> str:
+    """The mark shown after an answer cut for `reason` (a `CUT_MARKS` key, or a `finish_reason`); "" if uncut."""
+    return CUT_MARKS.get(reason or "", "")
 
 
 def _norm(unit: str) -> str:
@@ -660,7 +674,13 @@ class Route:
         with self.lock:
             t0 = time.perf_counter()
             req = a.request
-            if personalized:
+            if personalized and scale > EMPTY_MAX_STRENGTH and not req.history:
+                # No items of this task in the profile: nothing personal to strengthen. The hypernetwork's
+                # population adapter turned to noise above x1 ("5555..." at x2), so no adapter: the base
+                # answers, and `personalization.empty` (with no adapter) says why.
+                self.detach()
+                a.personalization, a.scale = self.personalization(req), 0.0
+            elif personalized:
                 a.personalization, a.scale = self.personalize(req, scale), scale
             else:
                 self.detach()
@@ -689,7 +709,7 @@ class Route:
                         yield a._text
                     return
                 raw: list[str] = []
-                if card is None and self.chat_engine is not None and a.personalization is None:
+                if card is None and self.chat_engine is not None and a.adapter is None:
                     # Free chat on the chosen instruct model: its chat template, the summary as system prompt.
                     chat = self.chat_engine
                     stream = GuardedStream(chat, chat.chat(chat_messages(req.text, req.transcript, req.about),

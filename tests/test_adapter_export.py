@@ -203,9 +203,7 @@ def test_the_readme_prompt_is_the_one_ask_builds(session, tmp_path: Path) -> Non
     import re
 
     from p2p_local.adapter_export import export_adapter
-    from p2p_local.data.format import builtin_card
-
-    from p2p_local.data.format import builtin_cards
+    from p2p_local.data.format import builtin_card, builtin_cards
 
     for task in builtin_cards():  # the demo holds ratings only: a few items of every other task, from its card
         card = builtin_card(task)

@@ -20,7 +20,7 @@ from p2p_local import paths
 from p2p_local.data.format import Item as FormatItem
 from p2p_local.data.format import builtin_card, builtin_cards
 from p2p_local.demo import DEMO_PROFILE, import_demo
-from p2p_local.pipeline import Answer, Request
+from p2p_local.pipeline import Answer, Personalization, Request
 from p2p_local.profile import build_profile
 from p2p_local.store import Store
 from p2p_local.tui import ChatApp
@@ -65,6 +65,11 @@ class FakeSession:
     dist_reads: list = field(default_factory=list)  # (text, task) of each rating answer whose distribution was read
     personalized_profiles: list = field(default_factory=list)
     closed: int = 0
+    base_model: str = "gemma3-270m"
+    chat_model: str | None = None  # free chat's instruct model (`--model`, F2); None: the base
+    empty_tasks: set = field(default_factory=set)  # tasks the profile has no items of: the base answers
+    model_switches: list = field(default_factory=list)
+    finish: str | None = None  # the answer's `finish_reason` as its stream ends ("repeat", "length": cut)
 
     def task_cards(self):
         return {n: builtin_card(n) for n in builtin_cards()}
@@ -85,14 +90,29 @@ class FakeSession:
     def free_chat_adapter(self):
         return self.chat_adapter
 
-    def answer(self, text, *, profile=None, task=None, personalized=True, scale=1.0, transcript=None):
+    def chat_models(self):
+        return {"gemma3-270m": "Gemma 3 270M (base)", "smollm2-135m": "SmolLM2 135M Instruct"}
+
+    def use_chat_model(self, name):
+        self.model_switches.append(name)
+        self.chat_model = None if name in (None, self.base_model) else name
+
+    def model_of(self, answer):
+        # The route's rule: free chat without an adapter runs on the chat model, when one is chosen.
+        on_chat = answer.request.free_chat and self.chat_model and answer.adapter is None
+        return self.chat_model if on_chat else self.base_model
+
+    def answer(self, text, *, profile=None, task=None, personalized=True, scale=1.0, transcript=None, system=""):
         assert threading.current_thread() is threading.main_thread()  # the store's thread (see ChatApp.session_call)
         self.calls.append(dict(text=text, profile=profile, task=task, personalized=personalized, scale=scale,
-                               transcript=transcript))
-        reply = self.free_reply if task == "chat" else self.replies[personalized] + ("!" * 20)
+                               transcript=transcript, system=system))
+        empty = personalized and profile is not None and task in self.empty_tasks and scale > 1  # the route's rule
+        reply = self.free_reply if task == "chat" else self.replies[personalized and not empty] + ("!" * 20)
 
         card = None if task == "chat" else builtin_card(task)
         answer = Answer(Request(card, text))
+        if empty:  # as the route does: the profile without items, no adapter file
+            answer.personalization = Personalization(build_profile(card, []), "empty", task)
         fake = self
 
         class Rating(Answer):  # a rating's distribution, read off the answer's one evaluation, once asked
@@ -107,6 +127,8 @@ class FakeSession:
 
         if card is not None and card.kind in ("rating", "label"):
             answer = Rating(answer.request)
+            if empty:
+                answer.personalization = Personalization(build_profile(card, []), "empty", task)
 
         def pieces():
             try:
@@ -121,6 +143,7 @@ class FakeSession:
                         self.gate.wait(WAIT_S)
                     yield c
                 answer._text = reply  # what the route sets as its stream ends (`Answer.text`)
+                answer.finish_reason = self.finish
             finally:
                 self.closed += 1
 
@@ -217,8 +240,10 @@ async def test_send_streams_a_reply_and_stores_it(fake, store):
         assert screen.task_name == "movielens-rating"  # the profile's default task
         await until(pilot, lambda: fake.personalized_profiles, "the adapter to be prepared")
         assert fake.personalized_profiles[0] == (DEMO_PROFILE, "movielens-rating")
-        # the input's placeholder is the card's first sample
-        assert screen.query_one(ChatInput).placeholder.startswith(f"movielens-rating: {screen.card.samples[0]}")
+        # the input's placeholder: how to send and add a line first (narrow terminals show it), then the card's sample
+        placeholder = screen.query_one(ChatInput).placeholder
+        assert placeholder.startswith("⏎ send · ^j new line") and placeholder.endswith(
+            f"movielens-rating: {screen.card.samples[0]}")
         screen.query_one(ChatInput).load_text("Zodiac (2007) | Genres: Crime|Drama|Thriller")
         await pilot.press("enter")
         # Halfway through, the reply is already on screen while the model still "generates".
@@ -525,7 +550,7 @@ async def test_search_export_copy_and_resume(fake, store):
         await pilot.press("ctrl+s")
         out = paths.data_dir() / "exports" / f"conversation-{first}.md"
         text = out.read_text(encoding="utf-8")
-        assert "Zodiac (2007)" in text and "(movielens-rating, personalized x1)" in text
+        assert "Zodiac (2007)" in text and "(movielens-rating, personalized x1, gemma3-270m)" in text
         assert "_label distribution: " in text  # the rating's bars, as numbers
         assert out.stat().st_mode & 0o777 == 0o600 and out.parent.stat().st_mode & 0o777 == 0o700
 
@@ -648,7 +673,7 @@ async def test_free_chat_says_it_is_the_base_model_with_the_profile_summary(fake
     app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
-        assert app.sub_title == "demo · free chat · base model + your profile summary"
+        assert app.sub_title == "demo · free chat + your profile summary · gemma3-270m"  # the model, named
         status = str(screen.query_one("#status").render())
         assert "base model + your profile summary" in status and "personalized" not in status
         await until(pilot, lambda: screen.adapter_note == "no adapter in free chat", "the adapter note")
@@ -668,12 +693,13 @@ async def test_free_chat_says_it_is_the_base_model_with_the_profile_summary(fake
         assert str(pair.personal.query_one(".title").render()).startswith("base model + your profile summary")
         assert str(pair.base.query_one(".title").render()).startswith("base model ·")
         await pilot.press("ctrl+g", "ctrl+b")  # personalization off: the base model, and it says so
-        assert app.sub_title.endswith("free chat · base model")
+        assert app.sub_title == "demo · free chat · gemma3-270m"
+        assert "base model" in str(screen.query_one("#status").render())
 
     fake.chat_adapter = True  # a bundle trained for free chat: its adapter, and the title says so
     app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT, resume=False)
     async with app.run_test(size=SIZE) as pilot:
-        assert app.sub_title == "demo · free chat · free-chat adapter"
+        assert app.sub_title == "demo · free chat · free-chat adapter · gemma3-270m"
         await until(pilot, lambda: (DEMO_PROFILE, "chat") in fake.personalized_profiles, "the free-chat adapter")
         await send(pilot, "hi")
         assert str(replies(app)[-1].query_one(".title").render()).startswith("personalized ×1.00")

@@ -238,7 +238,7 @@ async def test_real_bare_title_rating_chart_and_honest_free_chat(session):
         await pilot.press("enter")
         await pilot.pause()
         if not session.free_chat_adapter():
-            assert app.sub_title.endswith("free chat · base model + your profile summary")
+            assert app.sub_title == "demo · free chat + your profile summary · gemma3-270m"
             await send(pilot, "Which movie should I watch tonight?")
             view = replies(app)[-1]
             assert no_error(view) and str(view.query_one(".title").render()).startswith(
@@ -274,3 +274,40 @@ async def test_real_chat_rating_is_the_routes_answer_evaluated_once(session, mon
         [answer] = answers
         assert len(evaluations) == 1 and evaluations[0] == answer.prompt
         assert view.text == answer.text and view.dist == pytest.approx(answer.distribution, abs=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_real_model_picker_runs_free_chat_on_the_instruct_model_and_names_it(session):
+    """F2 -> SmolLM2 (the built-in instruct model): free chat answers from it, the reply and the header name it,
+    the switch is noted in the conversation; task answers stay on the bundle's base."""
+    from p2p_local.tui.picker_screen import PickerScreen
+
+    app = ChatApp(session, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.chat
+            await send(pilot, "Hello!")
+            assert session.store.messages(screen.conversation_id)[-1].meta["model"] == "gemma3-270m"
+            await pilot.press("f2")
+            picker = app.screen
+            assert isinstance(picker, PickerScreen)
+            options = picker.query_one("OptionList")
+            ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+            assert ids[0] == "gemma3-270m" and "smollm2-135m" in ids
+            options.highlighted = ids.index("smollm2-135m")
+            await pilot.press("enter")
+            await until(pilot, lambda: app.sub_title.endswith("· smollm2-135m"), "the switch to SmolLM2")
+            await send(pilot, "What movie should I watch tonight?")
+            view = replies(app)[-1]
+            assert no_error(view) and "smollm2-135m" in str(view.query_one(".title").render()), view.text
+            msgs = session.store.messages(screen.conversation_id)
+            assert [m.meta.get("model") for m in msgs if m.role != "user"] == [
+                "gemma3-270m", "smollm2-135m", "smollm2-135m"]  # reply, the switch note, reply
+            assert session.chat_engine.last_finish is not None  # the instruct model's engine answered
+            await pilot.press("ctrl+t")
+            app.screen.query_one("OptionList").highlighted = 1 + sorted(app.cards).index("movielens-rating")
+            await pilot.press("enter")
+            await send(pilot, DEMO_QUESTIONS[0])
+            assert "gemma3-270m" in str(replies(app)[-1].query_one(".title").render())
+    finally:
+        session.use_chat_model(None)  # closes the instruct model's engine (the base is shared)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from p2p_local.bundle import untrained_note
     from p2p_local.data.format import FREE_CHAT, resolve_task
     from p2p_local.personalize import Session
-    from p2p_local.pipeline import CUT_MARK, Request, lora_scale
+    from p2p_local.pipeline import CUT_NOTES, Request, cut_mark, lora_scale
     from p2p_local.terminal import Printer, json_text, shown
 
     text = query_text(args.text)
@@ -68,21 +68,32 @@ def run(args: argparse.Namespace) -> int:
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
         printer = Printer()  # the model may repeat an escape sequence of the profile's items
+        started = False  # a free-chat answer begins with the space after "Assistant:": not printed
         with answer:
-            for piece in answer:
+            try:
+                for piece in answer:
+                    if not args.json:
+                        shown_piece = printer.feed(piece) if started else printer.feed(piece).lstrip()
+                        started = started or bool(shown_piece)
+                        sys.stdout.write(shown_piece)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C: the partial answer stays, marked as the chat marks it
                 if not args.json:
-                    sys.stdout.write(printer.feed(piece))
-                    sys.stdout.flush()
+                    sys.stdout.write(printer.flush() + cut_mark("stopped") + "\n")
+                raise
         if not args.json:
             sys.stdout.write(printer.flush())
+        model = s.model_of(answer)  # the file/registry name of the model that answered
     proposals = [c.text for c in answer.candidates[: args.candidates]] or [answer.text]
     if args.json:
         out = {"text": answer.text, "query": answer.request.query, "profile": profile,
-               "task": answer.request.task, "adapter": str(answer.adapter) if answer.adapter else None,
+               "task": answer.request.task, "model": model,
+               "adapter": str(answer.adapter) if answer.adapter else None,
                "scale": answer.scale, "lora_scale": lora_scale(answer.scale), "finish": answer.finish_reason,
                "examples": answer.examples, "read": answer.request.read,
                # the bundle's record of this task's card (Bundle.card_status); None: free chat
-               "card": s.bundle.card_status(answer.request.card) if answer.request.card else None}
+               "card": s.bundle.card_status(answer.request.card) if answer.request.card else None,
+               "cut": answer.finish_reason if cut_mark(answer.finish_reason) else None}
         if answer.candidates:
             out["candidates"] = [{"text": c.text, "logprob": round(c.logprob, 4), "copy": c.copy}
                                  for c in answer.candidates[: args.candidates]]
@@ -90,13 +101,18 @@ def run(args: argparse.Namespace) -> int:
             out["distribution"] = {k: round(v, 6) for k, v in answer.distribution.items()}
         print(json_text(out))
     else:
-        sys.stdout.write((CUT_MARK if answer.finish_reason == "length" else "") + "\n")
+        sys.stdout.write(cut_mark(answer.finish_reason) + "\n")
         if answer.adapter and answer.request.card and s.bundle.card_status(answer.request.card) == "untrained":
             print(f"note: {untrained_note(answer.request.card.name)}", file=sys.stderr)
+        if answer.personalization is not None and answer.personalization.empty and answer.adapter is None:
+            print(f"note: {profile} has no {answer.request.task} items: above x1 no adapter, the base model answered",
+                  file=sys.stderr)
         for more in proposals[1:]:  # the other proposals, one a line
             print(shown(more))
         if answer.finish_reason == "length":
             print("(cut at its token budget; --max-tokens N allows more)", file=sys.stderr)
+        elif cut_mark(answer.finish_reason):
+            print(f"({CUT_NOTES[answer.finish_reason]})", file=sys.stderr)
     return 0
 
 

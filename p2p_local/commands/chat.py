@@ -16,7 +16,7 @@ EPILOG = """examples:
   p2p chat                                   # the profile used last (the demo on a first run)
   p2p chat --profile me --task commit-subject
   p2p chat --profile demo --compare          # base and personalized answers side by side
-  p2p chat --task free --model smollm2-135m  # free chat on an instruct model (p2p models list)
+  p2p chat --model smollm2-135m              # free chat on an instruct model (p2p models list; F2 in the chat)
   p2p chat --new                             # a new conversation instead of resuming the last
 """
 
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="profile to chat as (default: the one used last)")
     p.add_argument("--task", type=task_arg, help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
     p.add_argument("--model", metavar="NAME", help="free chat on this instruct model (`p2p models list`; your own: "
-                   "`p2p models add FILE --name N`); task answers stay on the bundle's base")
+                   "`p2p models add FILE --name N`), and the chat opens on free chat unless --task is given; "
+                   "task answers stay on the bundle's base")
     p.add_argument("--demo", action="store_true", help="open the demo profile (imported on first use)")
     p.add_argument("--base", action="store_true", help="start with personalization off")
     p.add_argument("--compare", action="store_true", help="start in the side-by-side view")
@@ -58,6 +59,7 @@ def pick_profile(store, requested: str | None, demo: bool, task: str | None = No
 
 
 def run(args: argparse.Namespace) -> int:
+    from p2p_local.data.format import FREE_CHAT
     from p2p_local.personalize import Session
     from p2p_local.tui import ChatApp
 
@@ -65,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("p2p chat needs a terminal (stdin and stdout are not both one)",
                          hint='for scripts and pipes use: p2p ask "..." --profile P   (or: echo ... | p2p ask -)')
     print("loading the model and the hypernetwork …", file=sys.stderr, flush=True)
+    # A chat model is for free chat: `--model` alone opens there (a task's answers would not come from it).
+    task = args.task or (FREE_CHAT if args.model is not None else None)
     with Session.open(chat_model=args.model) as session:
-        profile = pick_profile(session.store, args.profile, args.demo, args.task)
-        ChatApp(session, profile=profile, task=args.task, personalized=not args.base, compare=args.compare,
+        profile = pick_profile(session.store, args.profile, args.demo, task)
+        ChatApp(session, profile=profile, task=task, personalized=not args.base, compare=args.compare,
                 resume=not args.new).run()
     return 0
 

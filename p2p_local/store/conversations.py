@@ -12,8 +12,12 @@ from typing import Any
 
 from p2p_local import paths
 from p2p_local.errors import StoreError
+from p2p_local.store.adapter_cache import remove_private
 from p2p_local.store.connection import StoreBase
 from p2p_local.store.records import ROLES, Conversation, Message, dump_meta
+
+MAX_TITLE_CHARS = 200
+MAX_SYSTEM_PROMPT_CHARS = 4000  # a system prompt shares the small model's context with the transcript
 
 # A conversation with its profile's name (NULL: none) and message count, as `_conversation` reads it.
 _CONVERSATIONS = (
@@ -26,13 +30,46 @@ _CONVERSATIONS = (
 class ConversationStore(StoreBase):
     """The conversations aggregate (a part of `Store`)."""
 
-    def new_conversation(self, profile: str | None = None, title: str = "") -> int:
+    def new_conversation(self, profile: str | None = None, title: str = "", *, system_prompt: str = "",
+                         scale: float | None = None) -> int:
         pid = self._pid(profile) if profile is not None else None
+        title, system_prompt, scale = _title(title), _system_prompt(system_prompt), _scale(scale)
         with self._write() as c:
             cur = c.execute(
-                "INSERT INTO conversations (profile_id, title, created) VALUES (?, ?, ?)", (pid, title, _time.time())
+                "INSERT INTO conversations (profile_id, title, created, system_prompt, scale) VALUES (?, ?, ?, ?, ?)",
+                (pid, title, _time.time(), system_prompt, scale),
             )
         return int(cur.lastrowid)
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            c.execute("UPDATE conversations SET title = ? WHERE id = ?", (_title(title), conversation_id))
+
+    def set_conversation_settings(self, conversation_id: int, *, system_prompt: str | None = None,
+                                  scale: float | None = None) -> None:
+        """Change the conversation's system prompt and/or strength (None: left as it is)."""
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            if system_prompt is not None:
+                c.execute("UPDATE conversations SET system_prompt = ? WHERE id = ?",
+                          (_system_prompt(system_prompt), conversation_id))
+            if scale is not None:
+                c.execute("UPDATE conversations SET scale = ? WHERE id = ?", (_scale(scale), conversation_id))
+
+    def delete_conversation(self, conversation_id: int) -> int:
+        """Remove the conversation as `forget_profile` removes a profile's: its messages (freed pages zeroed:
+        secure_delete), their words in the search index, the Markdown the chat exported of it, and the WAL
+        checkpointed so the text does not linger in the database files. Returns the messages removed."""
+        self._conversation_row(conversation_id)
+        with self._write() as c:
+            n = c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
+            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        remove_private(conversation_export_path(conversation_id))
+        if self.has_fts and n:
+            self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
 
     def add_message(self, conversation_id: int, role: str, content: str, meta: dict[str, Any] | None = None) -> int:
         """Append a message. `meta` e.g. {"mode": "personalized", "adapter": "...", "scale": 1.0}."""
@@ -98,7 +135,31 @@ def conversation_export_path(conversation_id: int) -> Path:
 
 
 def _conversation(r: sqlite3.Row) -> Conversation:
-    return Conversation(r["id"], r["profile_name"], r["title"], r["created"], r["n_messages"])
+    return Conversation(r["id"], r["profile_name"], r["title"], r["created"], r["n_messages"],
+                        r["system_prompt"], r["scale"])
+
+
+def _title(title: str) -> str:
+    if not isinstance(title, str):
+        raise StoreError(f"a conversation title must be a string, got {type(title).__name__}")
+    return " ".join(title.split())[:MAX_TITLE_CHARS]  # one line: it is listed and exported as a heading
+
+
+def _system_prompt(text: str) -> str:
+    if not isinstance(text, str):
+        raise StoreError(f"a system prompt must be a string, got {type(text).__name__}")
+    if len(text) > MAX_SYSTEM_PROMPT_CHARS:
+        raise StoreError(f"the system prompt is {len(text):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,}",
+                         hint="keep it short: it shares the model's context with the conversation")
+    return text.strip()
+
+
+def _scale(scale: float | None) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale <= 4:
+        raise StoreError(f"invalid adapter strength {scale!r}", hint="a number from 0 to 2")
+    return float(scale)
 
 
 def _message(r: sqlite3.Row) -> Message:

@@ -92,6 +92,8 @@ class Conversation:
     title: str
     created: float
     n_messages: int
+    system_prompt: str = ""  # free chat's system prompt in this conversation ("": none)
+    scale: float | None = None  # the adapter strength it was left at (None: the chat's current one)
 
 
 @dataclass(frozen=True)

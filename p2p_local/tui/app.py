@@ -80,14 +80,25 @@ class ChatApp(App[None]):
         chat = self.chat
         if isinstance(chat, ChatScreen) and screen is chat:
             for title, about, action in (
-                ("Task", "Pick the task (its prompt template) or free chat", chat.action_pick_task),
-                ("Switch profile", "Chat as another profile", chat.action_pick_profile),
+                ("Task", "Pick the task (its prompt template) or free chat   ^t", chat.action_pick_task),
+                ("Model", "The model free chat runs on (task answers: the bundle's base)   F2", chat.action_pick_model),
+                ("Switch profile", "Chat as another profile   ^r", chat.action_pick_profile),
                 ("Import history", "A profile from your git commits or a file, or the demo", chat.action_import),
-                ("Profile panel", "Items, summary and the exact encoder text", chat.action_open_profile),
-                ("Personalization on/off", "Answer with or without the adapter", chat.action_toggle_personal),
-                ("Side by side", "Base model and personalized answers next to each other", chat.action_toggle_compare),
-                ("New conversation", "Start over (the old one stays in the history)", chat.action_new_conversation),
-                ("Search conversations", "Full-text search over all messages", chat.action_search),
-                ("Export conversation", "Save it as Markdown in the data dir", chat.action_export),
+                ("Profile panel", "Items, summary and the exact encoder text   ^o", chat.action_open_profile),
+                ("Personalization on/off", "Answer with or without the adapter   ^g", chat.action_toggle_personal),
+                ("Stronger adapter", "Adapter strength up a step   ^↑", lambda: chat.action_scale(1)),
+                ("Weaker adapter", "Adapter strength down a step   ^↓", lambda: chat.action_scale(-1)),
+                ("Side by side", "Base model and personalized answers next to each other   ^b",
+                 chat.action_toggle_compare),
+                ("System prompt", "Free chat's system prompt in this conversation", chat.action_system_prompt),
+                ("New conversation", "Start over (the old one stays in the history)   ^n",
+                 chat.action_new_conversation),
+                ("Rename conversation", "Give this conversation another title", chat.action_rename),
+                ("Delete conversation", "Remove it for good: messages, search index, its export",
+                 chat.action_delete_conversation),
+                ("Search conversations", "Full-text search over all messages (F2 rename, del delete)   ^f",
+                 chat.action_search),
+                ("Export conversation", "Save it as Markdown in the data dir   ^s", chat.action_export),
+                ("Copy last reply", "The last reply's text to the clipboard   ^l", chat.action_copy_last),
             ):
                 yield SystemCommand(title, about, action)

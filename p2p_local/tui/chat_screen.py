@@ -2,10 +2,14 @@
 
 Replies stream from a thread worker (llama.cpp blocks): pieces are collected in the thread and handed
 to the UI at most every FLUSH_S seconds, so typing stays responsive whatever the token rate.
-Esc cancels: the worker notices between pieces and closes the generator, which stops llama.cpp.
-Store writes happen on the UI thread, and session calls go through `ChatApp.session_call` (a sqlite3
-connection belongs to the thread that opened it). A bare movie title is completed (titles.py) before
-it is sent.
+Esc or Ctrl-C cancels (as in oterm and a shell): the worker notices between pieces and closes the generator,
+which stops llama.cpp; the partial reply stays, marked as stopped. Store writes happen on the UI thread, and
+session calls go through `ChatApp.session_call` (a sqlite3 connection belongs to the thread that opened it).
+A bare movie title is completed (titles.py) before it is sent.
+
+Each reply names the model that answered (task answers: the bundle's base; free chat: the chat model picked
+with F2 or `--model`, if any), and a change of model within a conversation leaves a note in it. A conversation
+keeps its own title, system prompt (free chat) and strength (store: `conversations`).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from textual.worker import Worker, get_current_worker
 
 from p2p_local.bundle import untrained_note
 from p2p_local.data.format import FREE_CHAT, resolve_task
-from p2p_local.pipeline import CUT_MARK, stop_strings
-from p2p_local.tui.chat_export import export_conversation
+from p2p_local.errors import StoreError
+from p2p_local.pipeline import Answer, cut_mark, stop_strings
+from p2p_local.terminal import shown
+from p2p_local.tui.ask_screen import AskScreen
+from p2p_local.tui.chat_export import cut_reason, export_conversation
 from p2p_local.tui.first_run_screen import FirstRunScreen, mark_first_run_done, own_profiles
-from p2p_local.tui.history_screen import HistoryScreen
+from p2p_local.tui.history_screen import HistoryScreen, ask_delete, ask_rename
 from p2p_local.tui.picker_screen import PickerScreen
 from p2p_local.tui.profile_screen import FORGOTTEN, ProfileScreen
-from p2p_local.tui.session import AdapterResult, error_text, free_chat_mode, untrained_task
+from p2p_local.tui.session import AdapterResult, answering_model, error_text, free_chat_mode, untrained_task
 from p2p_local.tui.titles import Catalogue, Movie, needs_completion
 from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
 
@@ -39,7 +46,10 @@ SCALE_STEP, SCALE_MAX = 0.25, 2.0
 FREE_CHAT_LABEL = "free chat"  # the task picker's name for FREE_CHAT (one of FREE_CHAT_NAMES: `resolve_task` reads it)
 FREE_CHAT_MODES = {"summary": "base model + your profile summary", "adapter": "free-chat adapter",
                    "base": "base model"}
+# A base model continuing "User: ... Assistant:" may write the next turns itself: free chat ends there too.
+FREE_CHAT_STOPS = ("\nAssistant:",)
 AS_TYPED = "(send as typed)"
+INPUT_KEYS = "⏎ send · ^j new line · ↑ earlier prompts"  # first in the placeholder: narrow terminals show it
 
 
 @dataclass
@@ -57,6 +67,8 @@ class Job:
     stops: tuple[str, ...]  # the route's (`stop_strings`): kept off screen while a half-typed one may arrive
     meta: dict[str, Any] = field(default_factory=dict)
     dist: bool = False  # a rating/label reply: also read the label distribution (the bar chart)
+    system: str = ""  # free chat: the conversation's system prompt
+    base: str = ""  # the session's base model (a reply from another one came from the chat model)
 
 
 def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -70,19 +82,27 @@ def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def reply_title(meta: dict[str, Any]) -> str:
+    """A reply's title line: how it was answered, by which model, for whom, how long, and how it was cut."""
     mode = meta.get("mode", "base")
-    if mode != "personalized":
-        title = "base model"
+    kind = "chat model" if meta.get("chat_model") else "base model"  # the chosen instruct model, or the base
+    personal = mode == "personalized" and not meta.get("empty")
+    if meta.get("empty"):  # no items of the task in the profile: no adapter (the route's rule)
+        title = "base model · no items of this task in the profile"
+    elif mode != "personalized":
+        title = kind
     elif meta.get("free_chat") == "summary":
-        title = FREE_CHAT_MODES["summary"]  # free chat attaches no task adapter: never claim one
+        title = f"{kind} + your profile summary"  # free chat attaches no task adapter: never claim one
     else:
         title = f"personalized ×{meta.get('scale') or 1.0:.2f}"
-    if meta.get("profile") and mode == "personalized":
+    if meta.get("model"):
+        title += f" · {shown(str(meta['model']))}"
+    if meta.get("profile") and personal:
         title += f" · {meta['profile']}"
     if meta.get("seconds") is not None:
         title += f" · {meta['seconds']:.1f} s"
-    if meta.get("stopped"):
-        title += " · stopped"
+    reason = cut_reason(meta)
+    if reason:
+        title += " · stopped" if reason == "stopped" else f" · cut: {reason}"
     if meta.get("error"):
         title += " · error"
     return title
@@ -92,18 +112,23 @@ class ChatScreen(Screen):
     """Chat with the base model, personalized by the current profile's adapter."""
 
     BINDINGS = [
-        # The app's ^q, listed first here so that a narrow footer (80 columns) still shows it.
+        # The footer holds what fits 80 columns beside the input's ⏎/^j and ^p palette (tests/test_chat_ux.py);
+        # the app's ^q is listed first here so that it is always among them.
         Binding("ctrl+q", "app.quit", "quit"),
-        Binding("escape", "stop", "stop"),
+        Binding("escape", "stop", "stop"),  # shown while an answer streams (in place of ⏎ send)
+        # Ctrl-C stops an answer too, before the input's copy; with nothing streaming it is Textual's own
+        # ("press ^q to quit"). Priority: the input (focused) would take it first.
+        Binding("ctrl+c", "stop", "stop", show=False, priority=True),
         Binding("ctrl+t", "pick_task", "task"),
-        Binding("ctrl+r", "pick_profile", "switch"),
-        Binding("ctrl+o", "open_profile", "profile"),
+        Binding("f2", "pick_model", "model", key_display="F2"),
         Binding("ctrl+g", "toggle_personal", "personal"),
-        Binding("ctrl+up,alt+up", "scale(1)", "scale", key_display="^↑↓"),
-        Binding("ctrl+down,alt+down", "scale(-1)", "scale-", show=False),
         Binding("ctrl+b", "toggle_compare", "compare"),
-        Binding("ctrl+f", "search", "search"),
-        # Shown in the welcome note and the command palette (ctrl+p): the footer is full.
+        # In the welcome note, the status line and the command palette (ctrl+p): the footer is full.
+        Binding("ctrl+r", "pick_profile", "switch", show=False),
+        Binding("ctrl+o", "open_profile", "profile", show=False),
+        Binding("ctrl+up,alt+up", "scale(1)", "scale", key_display="^↑↓", show=False),
+        Binding("ctrl+down,alt+down", "scale(-1)", "scale-", show=False),
+        Binding("ctrl+f", "search", "search", show=False),
         Binding("ctrl+n", "new_conversation", "new", show=False),
         Binding("ctrl+s", "export", "export", show=False),
         Binding("ctrl+l", "copy_last", "copy", show=False),
@@ -126,6 +151,7 @@ class ChatScreen(Screen):
         self.compare = compare
         self.resume = resume
         self.conversation_id: int | None = None
+        self.system_prompt = ""  # free chat's, of this conversation (kept with it once it exists)
         self.busy = False
         self.adapter_note = ""
         self._app: Any = None  # the app, for worker threads (no active-app context there)
@@ -172,24 +198,38 @@ class ChatScreen(Screen):
         """How free chat answers now: "summary" (base model + profile summary), "adapter" or "base"."""
         return free_chat_mode(self.app.session, self.profile, self.personalized)
 
+    @property
+    def model(self) -> str:
+        """The model the next reply comes from, as things are set now (the route's rule: `answering_model`)."""
+        free = self.task_name is None
+        return answering_model(self.app.session, free, self.free_chat if free and self.personalized else "base")
+
     def refresh_status(self) -> None:
         free = self.free_chat if self.task_name is None else None
+        on_chat = self.model != self.app.session.base_model
         self.query_one(StatusBar).show(
             profile=self.profile, task=self.task_name, personalized=self.personalized, scale=self.scale,
             compare=self.compare, adapter=self.adapter_note, free_chat=free,
+            model_kind="chat model" if on_chat else "base model", system_prompt=bool(self.system_prompt and free),
         )
         card = self.card
-        what = f"{card.name}: {card.samples[0] if card.samples else card.description}" if card else "Say something (free chat)"
-        self.query_one(ChatInput).placeholder = f"{what}   ⏎ send · ^j newline"
-        task = self.task_name or f"{FREE_CHAT_LABEL} · {FREE_CHAT_MODES[free or 'base']}"
+        what = f"{card.name}: {card.samples[0] if card.samples else card.description}" if card else "say something (free chat)"
+        self.query_one(ChatInput).placeholder = f"{INPUT_KEYS} · {what}"
+        if card is not None:
+            task = card.name
+        elif free == "summary":
+            task = f"{FREE_CHAT_LABEL} + your profile summary"
+        else:
+            task = FREE_CHAT_LABEL + (" · free-chat adapter" if free == "adapter" else "")
         if untrained_task(self.app.session, card):  # a user's own card: the adapter never learned it
             task += " · adapter not trained on this task"
-        self.app.sub_title = f"{self.profile or 'no profile'} · {task}"
+        # The model is part of the conversation: named in the header, on each reply and in the export.
+        self.app.sub_title = f"{self.profile or 'no profile'} · {task} · {self.model}"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Greyed out in the footer when they cannot apply.
+        # Greyed out in the footer when they cannot apply; hidden (False) where the footer needs the room.
         if action == "stop":
-            return True if self.busy else None
+            return self.busy  # not streaming: Esc and Ctrl-C go on to their usual meaning
         if action in ("toggle_personal", "scale", "toggle_compare", "open_profile") and self.profile is None:
             return None
         if action == "scale" and self.task_name is None and self.free_chat != "adapter":
@@ -210,26 +250,36 @@ class ChatScreen(Screen):
         from p2p_local.demo import DEMO_PROFILE, DEMO_QUESTIONS, DEMO_TASK
 
         lines = []
+        session = self.app.session
         if self.profile:
             n = self.store.get_profile(self.profile).n_items
             lines.append(f"Profile **{self.profile}**: {n} items of history, turned into a LoRA adapter on this device.")
         else:
             lines.append("No profile: answers come from the base model.")
+        chat = session.chat_model
+        lines.append(f"Task answers come from **{shown(session.base_model)}** (the bundle's base); free chat from "
+                     f"**{shown(chat or session.base_model)}**" + (" (an instruct model)" if chat else "")
+                     + ". `F2` picks the free-chat model.")
         card = self.card
         if card is not None:
             lines.append(f"Task **{card.name}**: {card.description}")
             if untrained_task(self.app.session, card):
                 lines.append(f"Note: {untrained_note(card.name)}.")
         elif self.free_chat == "summary":
-            lines.append("Free chat: the *base* model answers, with your profile's summary in its prompt (a task "
-                         "adapter would answer everything in its task's format). Tasks (`ctrl+t`) show the adapter.")
-        else:
+            lines.append(f"Free chat: the *{'chat' if chat else 'base'}* model answers, with your profile's summary "
+                         "in its prompt (a task adapter would answer everything in its task's format). Tasks "
+                         "(`ctrl+t`) show the adapter.")
+        elif not chat:
             lines.append("Free chat: the default model is a small *base* model, so tasks (`ctrl+t`) work best.")
         if self.profile == DEMO_PROFILE and self.task_name == DEMO_TASK:  # the demo's questions fit its task only
             lines.append("Try: `" + "`  or  `".join(DEMO_QUESTIONS) + "`, or a bare title such as `Toy Story`.")
-        lines.append("`ctrl+b` compares base vs personalized side by side; `ctrl+↑/↓` sets the adapter strength.")
-        lines.append("`ctrl+n` new conversation · `ctrl+f` search · `ctrl+s` export as Markdown · `ctrl+l` copy the "
-                     "last reply (or Tab to a message and press `c`) · `ctrl+p` every command.")
+        lines.append("`⏎` sends, `ctrl+j` starts a new line, `↑`/`↓` recall earlier prompts; `esc` or `ctrl+c` "
+                     "stops an answer.")
+        lines.append("`ctrl+b` compares base vs personalized side by side; `ctrl+↑/↓` sets the adapter strength; "
+                     "`ctrl+r` switches profile, `ctrl+o` opens it.")
+        lines.append("`ctrl+n` new conversation · `ctrl+f` search (`F2` rename, `del` delete) · `ctrl+s` export as "
+                     "Markdown · `ctrl+l` copy the last reply (or Tab to a message and press `c`) · `ctrl+p` every "
+                     "command: system prompt, rename, delete …")
         return "\n\n".join(lines)
 
     async def load_conversation(self, conversation_id: int, keep_task: bool = False) -> None:
@@ -240,6 +290,10 @@ class ChatScreen(Screen):
             return
         messages = self.store.messages(conversation_id)
         tasks = [m.meta.get("task") for m in messages if m.role == "user"]
+        self.system_prompt = conv.system_prompt
+        if conv.scale is not None:  # the strength it was left at
+            self.scale = conv.scale
+        self.query_one(ChatInput).set_prompts([m.content for m in messages if m.role == "user"])
         # Continue the conversation as it was going: its profile and the task of its last question.
         changed = conv.profile != self.profile or (bool(tasks) and tasks[-1] != self.task_name and not keep_task)
         self.profile = conv.profile
@@ -264,8 +318,10 @@ class ChatScreen(Screen):
                 views.append(MessageView("user", m.content, title="you" + (f" · {asked}" if asked else "")))
                 continue
             card = self.app.cards.get(m.meta.get("task", asked))
-            view = MessageView(m.role, m.content, title=reply_title(m.meta) if m.role == "assistant" else "",
-                               kind=card.kind if card else None, dist=m.meta.get("dist"))
+            reply = m.role == "assistant"
+            title = reply_title(m.meta) if reply else "note · model" if m.meta.get("note") == "model" else ""
+            view = MessageView(m.role, m.content, title=title, kind=card.kind if card else None,
+                               dist=m.meta.get("dist"), mark=cut_mark(cut_reason(m.meta)) if reply else "")
             if m.role == "assistant" and m.meta.get("compare"):
                 if m.meta.get("mode") == "personalized":
                     flush_pair()
@@ -304,9 +360,11 @@ class ChatScreen(Screen):
     async def on_submit(self, event: ChatInput.Submitted) -> None:
         event.stop()
         if self.busy:
-            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            self.notify("Still answering: press Esc or Ctrl-C to stop it first.", severity="warning")
             return
-        self.query_one(ChatInput).clear()
+        inp = self.query_one(ChatInput)
+        inp.clear()
+        inp.remember(event.text)
         await self.complete_and_send(event.text)
 
     # --- a bare movie title -------------------------------------------------------------------------
@@ -351,16 +409,21 @@ class ChatScreen(Screen):
         kind = card.kind if card else None
         transcript = None if card else self.free_chat_turns()
         labelled = card is not None and card.labelled
-        if self.conversation_id is None:  # titled by its first question
-            self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60])
+        if self.conversation_id is None:  # titled by its first question, with the settings made before it
+            self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60],
+                                                               system_prompt=self.system_prompt, scale=self.scale)
         conv = self.conversation_id
         if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
             await self.messages.remove_children()  # the welcome note goes once the chat starts
+        if card is None:
+            await self.note_model_change()
         self.store.add_message(conv, "user", text, {"task": self.task_name})
         title = "you" + (f" · {self.task_name}" if self.task_name else "")
         await self.messages.mount(MessageView("user", text, title=title))
 
-        free = free_chat_mode(self.app.session, self.profile, True) if card is None else None
+        session = self.app.session
+        free = free_chat_mode(session, self.profile, True) if card is None else None
+        stops = tuple(stop_strings(card)) + (FREE_CHAT_STOPS if card is None else ())
 
         def job(personalized: bool) -> Job:
             meta = {"mode": "personalized" if personalized else "base", "task": self.task_name,
@@ -369,10 +432,14 @@ class ChatScreen(Screen):
                 meta["free_chat"] = free  # "summary": the base model, the profile summary in the prompt
                 if free == "summary":
                     meta["scale"] = None
+            # The model expected now; the session says which one answered once it is done (`model_of`).
+            meta["model"] = answering_model(session, card is None, (free or "base") if personalized else "base")
+            meta["chat_model"] = meta["model"] != session.base_model
             # Titled as the reply will be, less the profile and time until it is done.
             view = MessageView("assistant", title=reply_title({**meta, "profile": None}) + " …", kind=kind)
             return Job(view, conv, text, self.profile, self.task_name or FREE_CHAT, personalized, self.scale,
-                       transcript, tuple(stop_strings(card)), meta, dist=labelled)
+                       transcript, stops, meta, dist=labelled, system=self.system_prompt if card is None else "",
+                       base=session.base_model)
 
         if self.compare and self.profile is not None:
             jobs = [job(True), job(False)]
@@ -408,8 +475,10 @@ class ChatScreen(Screen):
             try:
                 # answer() reads the store and returns the `Answer`; iterating it personalizes, attaches
                 # and streams (llama.cpp), here in the worker.
+                system = {"system": j.system} if j.system else {}  # free chat's system prompt, when set
                 answer = app.session_call(app.session.answer, j.text, profile=j.profile, task=j.task,
-                                          personalized=j.personalized, scale=j.scale, transcript=j.transcript)
+                                          personalized=j.personalized, scale=j.scale, transcript=j.transcript,
+                                          **system)
                 for piece in answer:
                     text += piece
                     visible, hit_stop = visible_text(text, j.stops)
@@ -423,8 +492,14 @@ class ChatScreen(Screen):
                         shown, last = visible, now
                 else:
                     text = answer.text  # the stream ended: the answer as the route finished it
-                    if answer.finish_reason == "length":
-                        j.meta["cut"] = True  # shown with CUT_MARK: the answer hit its token budget
+                    if cut_mark(answer.finish_reason):
+                        j.meta["cut"] = answer.finish_reason  # "length" or "repeat": marked as everywhere
+                if isinstance(answer, Answer):  # (a test may stream a bare generator instead)
+                    p = answer.personalization
+                    if p is not None and p.empty and answer.adapter is None:
+                        j.meta["empty"] = True  # no items of the task: no adapter, the base answered
+                    j.meta["model"] = app.session_call(app.session.model_of, answer)
+                    j.meta["chat_model"] = j.meta["model"] != j.base
             except Exception as e:  # keep the chat alive; show what went wrong in the message
                 error = error_text(e)
             finally:
@@ -449,15 +524,20 @@ class ChatScreen(Screen):
         if dist:
             meta["dist"] = dist
         if stopped:
-            meta["stopped"] = True
+            meta["stopped"], meta["cut"] = True, "stopped"
         if error:
             meta["error"] = error
             self.notify(error, title="answer failed", severity="error", timeout=8)
+        if not self.conversation_exists(j.conversation_id):
+            return  # the user deleted its conversation while it streamed: nothing of it is kept
         self.store.add_message(j.conversation_id, "assistant", text, meta)
         if j.view.is_attached:  # not when the user moved to another conversation meanwhile
-            shown = text + (CUT_MARK if meta.get("cut") else "")
-            shown = shown if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
-            await j.view.finish(shown, title=reply_title(meta), stopped=stopped, dist=dist)
+            body = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
+            # The partial text stays, marked as everywhere (after the text: copying it copies the answer alone).
+            await j.view.finish(body, title=reply_title(meta), stopped=stopped, dist=dist,
+                                mark=cut_mark(cut_reason(meta)))
+        if meta.get("empty"):
+            self.set_adapter_note(f"no {j.task} items: above ×1 the base model answers")
 
     def action_stop(self) -> None:
         if self.busy:
@@ -507,6 +587,8 @@ class ChatScreen(Screen):
             return
         # Floor at one step: x0 would be the base model labelled "personalized" (ctrl+g is the base model).
         self.scale = min(SCALE_MAX, max(SCALE_STEP, round(self.scale + direction * SCALE_STEP, 2)))
+        if self.conversation_id is not None:  # the conversation keeps its strength (reopened, it is set again)
+            self.store.set_conversation_settings(self.conversation_id, scale=self.scale)
         self.refresh_status()
 
     def action_toggle_compare(self) -> None:
@@ -545,7 +627,7 @@ class ChatScreen(Screen):
         default_task = self.store.get_profile(name).task if name is not None else None
         if default_task in self.app.cards:
             self.task_name = default_task
-        self.conversation_id = None
+        self.start_conversation()
         last = self.store.conversations(name) if name else []
         if last:
             await self.load_conversation(last[0].id)
@@ -586,18 +668,138 @@ class ChatScreen(Screen):
 
         self.app.push_screen(FirstRunScreen(first=first), done)
 
-    # --- conversations: new, search, export, copy -------------------------------------------------
+    # --- conversations: new, search, rename, delete, system prompt, export, copy -------------------
+    def start_conversation(self) -> None:
+        """No conversation yet (the next message starts one): its own settings start empty."""
+        self.conversation_id = None
+        self.system_prompt = ""
+        self.query_one(ChatInput).set_prompts([])
+        self.refresh_status()
+
     async def action_new_conversation(self) -> None:
         self.action_stop()
-        self.conversation_id = None
+        self.start_conversation()
         await self.show_welcome()
 
     def action_search(self) -> None:
         async def picked(conversation_id: int | None) -> None:
             if conversation_id is not None:
                 await self.load_conversation(conversation_id)
+            elif self.conversation_id is not None and not self.conversation_exists(self.conversation_id):
+                await self.conversation_deleted(self.conversation_id)  # deleted in the list
+            self.refresh_status()
 
         self.app.push_screen(HistoryScreen(), picked)
+
+    def conversation_exists(self, conversation_id: int) -> bool:
+        try:
+            self.store.get_conversation(conversation_id)
+        except StoreError:
+            return False
+        return True
+
+    async def conversation_deleted(self, conversation_id: int) -> None:
+        if conversation_id == self.conversation_id:
+            self.action_stop()
+            self.start_conversation()
+            await self.show_welcome()
+
+    def action_rename(self) -> None:
+        if self.conversation_id is None:
+            self.notify("Nothing to rename yet: the first message starts the conversation.", severity="warning")
+            return
+        ask_rename(self.app, self.conversation_id)
+
+    def action_delete_conversation(self) -> None:
+        if self.conversation_id is None:
+            self.notify("No conversation to delete yet.", severity="warning")
+            return
+
+        async def deleted(conversation_id: int | None) -> None:
+            if conversation_id is not None:
+                await self.conversation_deleted(conversation_id)
+
+        ask_delete(self.app, self.conversation_id, deleted)
+
+    def action_system_prompt(self) -> None:
+        """Free chat's system prompt for this conversation (the next one starts without)."""
+
+        def answered(text: str | None) -> None:
+            if text is None:
+                return
+            self.system_prompt = text
+            if self.conversation_id is not None:
+                self.store.set_conversation_settings(self.conversation_id, system_prompt=text)
+            self.notify(f"system prompt: {shown(text)}" if text else "no system prompt", timeout=3)
+            self.refresh_status()
+
+        self.app.push_screen(AskScreen(
+            "System prompt", "For free chat in this conversation: said to the model before the conversation "
+            "(after what is known of you). Task answers keep their task's prompt. Empty: none.",
+            value=self.system_prompt, placeholder="e.g. Answer in French, in one sentence."), answered)
+
+    # --- the model ----------------------------------------------------------------------------------
+    def action_pick_model(self) -> None:
+        """The registered models (`p2p models list`): free chat runs on the one picked; tasks on the base."""
+        session = self.app.session
+        base = session.base_model
+        try:
+            models = session.chat_models()
+        except Exception as e:  # a damaged registry: say so, keep the chat
+            self.notify(error_text(e), title="no model list", severity="error", timeout=8)
+            return
+        options = [(base, "the bundle's base: every task answer; free chat as a plain transcript")]
+        options += [(name, shown(about) or "registered with p2p models add") for name, about in models.items()
+                    if name != base]
+
+        def picked(choice: str | None) -> None:
+            if choice is not None and choice != (session.chat_model or base):
+                self.switch_model(None if choice == base else choice)
+
+        self.app.push_screen(PickerScreen("Model for free chat", options, current=session.chat_model or base),
+                             picked)
+
+    @work(thread=True, exclusive=True, group="model", exit_on_error=False)
+    def switch_model(self, name: str | None) -> None:
+        """Prepare and load the model (seconds) off the UI thread; never while an answer runs."""
+        app = self._app
+        self._call(self.notify, f"loading {name or app.session.base_model} …", timeout=3)
+        try:
+            with app.session_lock:
+                app.session_call(app.session.use_chat_model, name)
+        except Exception as e:
+            self._call(self.notify, error_text(e), title="model not changed", severity="error", timeout=10)
+            return
+        self._call(self.model_switched)
+
+    async def model_switched(self) -> None:
+        self.notify(f"free chat now runs on {self.app.session.chat_model or self.app.session.base_model}", timeout=3)
+        if self.task_name is None:
+            await self.note_model_change()
+        self.refresh_status()
+
+    def last_free_chat_model(self) -> str | None:
+        """The model that answered this conversation's free chat last (a reply, or a model note), if known."""
+        for m in reversed(self.store.messages(self.conversation_id) if self.conversation_id is not None else []):
+            if m.role == "system" and m.meta.get("note") == "model":
+                return m.meta.get("model")
+            if m.role == "assistant" and m.meta.get("task") is None and m.meta.get("model"):
+                if not (m.meta.get("compare") and m.meta.get("mode") == "base"):
+                    return m.meta["model"]
+        return None
+
+    async def note_model_change(self) -> None:
+        """A note in the conversation where free chat's model changes (stored with the messages, so a resumed
+        conversation shows which model answered what; each reply's title names it too)."""
+        now, before = self.model, self.last_free_chat_model()
+        if self.conversation_id is None or before is None or before == now:
+            return
+        text = f"Free chat now answered by **{shown(now)}** (before: {shown(before)})."
+        self.store.add_message(self.conversation_id, "system", text, {"note": "model", "model": now, "previous": before})
+        if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
+            await self.messages.remove_children()  # the welcome note
+        await self.messages.mount(MessageView("system", text, title="note · model"))
+        self.messages.scroll_end(animate=False)
 
     def action_export(self) -> None:
         if self.conversation_id is None:
@@ -620,8 +822,8 @@ def adapter_note(result: AdapterResult) -> str:
     timings = result.timings_ms or {}
     total = timings.get("total_ms", sum(timings.values()))
     note = "adapter cached" if result.cached else f"adapter made in {total:.0f} ms"
-    if result.empty:
-        note += " · empty profile"
+    if result.empty:  # the population adapter; above x1 the route answers from the base (it turned to noise)
+        note += " · no items of this task: above ×1 the base model answers"
     if result.neutral:
         note += " · untrained bundle: no effect"
     return note

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class AdapterResult(Protocol):
     """What `personalize` tells the status line (`pipeline.Personalization`)."""
 
-    adapter_path: Path
+    adapter_path: Path | None
     timings_ms: dict[str, float]
     cached: bool
     neutral: bool  # the untrained stand-in bundle: the adapter changes nothing
@@ -39,12 +39,35 @@ class ChatSession(Protocol):
 
     def task_cards(self) -> dict[str, TaskCard]: ...
 
+    @property
+    def base_model(self) -> str:
+        """The bundle's base (its registry name): every task answer, and free chat without a chat model."""
+        ...
+
+    @property
+    def chat_model(self) -> str | None:
+        """The instruct model free chat runs on (`--model`, the model picker); None: the base."""
+        ...
+
+    def chat_models(self) -> dict[str, str]:
+        """The registered models free chat may run on (`p2p models list`): name -> description."""
+        ...
+
+    def use_chat_model(self, name: str | None) -> None:
+        """Free chat on `name` from now on (slow: prepares and loads it); None or the base's name: the base."""
+        ...
+
+    def model_of(self, answer: Answer) -> str:
+        """The model that answered `answer` (after its stream ended)."""
+        ...
+
     def personalize(self, profile: str, task: str | None = None) -> AdapterResult: ...
 
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
-               scale: float = 1.0, transcript: list[tuple[str, str]] | None = None) -> Answer:
+               scale: float = 1.0, transcript: list[tuple[str, str]] | None = None, system: str = "") -> Answer:
         """The `pipeline.Answer`: iterate to stream, closing cancels; a rating's `distribution` is set once its
-        stream ends. `task` "chat": free chat with `transcript`."""
+        stream ends. `task` "chat": free chat with `transcript` and `system` (the conversation's system prompt).
+        Above x1, a profile without items of the task answers from the base (`personalization.empty`, no adapter)."""
         ...
 
     def profile_text(self, profile: str, task: str | None = None) -> Profile: ...
@@ -63,6 +86,13 @@ def free_chat_mode(session: ChatSession, profile: str | None, personalized: bool
     if profile is None or not personalized:
         return "base"
     return "adapter" if session.free_chat_adapter() else "summary"
+
+
+def answering_model(session: ChatSession, free_chat: bool, mode: str) -> str:
+    """The model that will answer (the route's rule, `Session.model_of` once answered): free chat without an
+    adapter (`mode` of `free_chat_mode`, or "base") runs on the chat model when one is chosen, else the base."""
+    chat = session.chat_model
+    return chat if free_chat and chat and mode != "adapter" else session.base_model
 
 
 def untrained_task(session: ChatSession, card: TaskCard | None) -> bool:

@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
+from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
@@ -22,11 +23,12 @@ NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 
 
 class ChatInput(TextArea):
-    """Multi-line input: Enter sends, ctrl+j (or shift+enter) starts a new line."""
+    """Multi-line input: Enter sends, ctrl+j (or shift+enter) starts a new line; ↑/↓ on a single line recall
+    the conversation's earlier prompts, as a shell does (`prompts`, oldest first; the draft comes back last)."""
 
     BINDINGS = [
         Binding("enter", "submit", "send", key_display="⏎"),
-        Binding("ctrl+j", "newline", "newline", key_display="^j", show=False),
+        Binding("ctrl+j", "newline", "line", key_display="^j"),
     ]
 
     @dataclass
@@ -35,9 +37,50 @@ class ChatInput(TextArea):
 
     def __init__(self, **kw) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kw)
+        self.prompts: list[str] = []  # (not `history`: TextArea's undo history)
+        self._recall: int | None = None  # index into history while browsing it
+        self._draft = ""  # what was typed before browsing began
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "submit" and getattr(self.screen, "busy", False):
+            return False  # hidden while an answer streams: the footer shows how to stop it instead
+        return super().check_action(action, parameters)
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        self.prompts = [p for i, p in enumerate(prompts) if not i or p != prompts[i - 1]]
+        self._recall = None
+
+    def remember(self, prompt: str) -> None:
+        if not self.prompts or self.prompts[-1] != prompt:
+            self.prompts.append(prompt)
+        self._recall = None
+
+    def _recalling(self) -> bool:
+        """↑/↓ browse the history: on an empty or one-line input, or on a recalled prompt left as it was."""
+        if self._recall is not None and self.text == self.prompts[self._recall]:
+            return True
+        return "\n" not in self.text and bool(self.prompts)
+
+    def recall(self, step: int) -> None:
+        """One prompt back (-1) or forward (+1); forward past the newest brings the draft back."""
+        if self._recall is None or self.text != self.prompts[self._recall]:
+            if step > 0:
+                return
+            self._recall, self._draft = len(self.prompts), self.text
+        at = self._recall + step
+        if at < 0:
+            return
+        self._recall = at if at < len(self.prompts) else None
+        self.load_text(self.prompts[at] if self._recall is not None else self._draft)
+        self.move_cursor(self.document.end)
 
     async def _on_key(self, event: events.Key) -> None:
         # TextArea inserts "\n" for Enter in its own key handler, before any binding: intercept here.
+        if event.key in ("up", "down") and self._recalling():
+            event.stop()
+            event.prevent_default()
+            self.recall(-1 if event.key == "up" else 1)
+            return
         if event.key not in ("enter", *NEWLINE_KEYS):
             await super()._on_key(event)
             return
@@ -96,15 +139,17 @@ class DistChart(Static):
 
 class MessageView(Vertical, can_focus=True):
     """One message: a title line and a Markdown body that can grow while a reply streams in (and for a
-    rating/label reply, its `dist` chart). Focus it (Tab, or click) and press `c` to copy its text."""
+    rating/label reply, its `dist` chart). A cut reply shows its `mark` (`pipeline.cut_mark`) after the text,
+    never part of it. Focus it (Tab, or click) and press `c` to copy its text."""
 
-    BINDINGS = [Binding("c", "copy", "copy message")]
+    BINDINGS = [Binding("c", "copy", "copy")]
 
     def __init__(self, role: str, text: str = "", *, title: str = "", kind: str | None = None,
-                 dist: dict[str, float] | None = None, **kw) -> None:
+                 dist: dict[str, float] | None = None, mark: str = "", **kw) -> None:
         super().__init__(classes=f"message {role}", **kw)
         self.role = role
         self.text = text
+        self.mark = mark
         self.kind = kind  # task kind of the reply (rating answers are shown with stars)
         self.dist = dist
         self._title = title or {"user": "you", "assistant": "assistant", "system": "note"}.get(role, role)
@@ -122,7 +167,7 @@ class MessageView(Vertical, can_focus=True):
                 chart.show(self.dist, self.text)
                 yield chart
         else:
-            yield Markdown(self._shown(self.text), classes="body")
+            yield Markdown(self._shown(self.text) + self.mark, classes="body")
 
     def _shown(self, text: str) -> str:
         if self.kind == "rating" and text.strip() and stars(text):
@@ -142,14 +187,15 @@ class MessageView(Vertical, can_focus=True):
         await self.body.append(self._printer.feed(delta))
 
     async def finish(self, text: str, *, title: str | None = None, stopped: bool = False,
-                     dist: dict[str, float] | None = None) -> None:
-        """Show the final text (re-rendered once, with the rating shown as stars and its distribution)."""
-        self.text = text
+                     dist: dict[str, float] | None = None, mark: str = "") -> None:
+        """Show the final text (re-rendered once, with the rating shown as stars and its distribution, and
+        the cut `mark`)."""
+        self.text, self.mark = text, mark
         self.remove_class("streaming")
         self.set_class(stopped, "stopped")
         if title is not None:
             self.query_one(".title", Static).update(title)
-        await self.body.update(self._shown(text) if text else "_(no answer)_")
+        await self.body.update((self._shown(text) if text else "_(no answer)_") + mark)
         if dist is not None:
             self.dist = dist
         charts = self.query(DistChart)
@@ -187,19 +233,24 @@ class StatusBar(Static):
         compare: bool,
         adapter: str = "",
         free_chat: str | None = None,
+        model_kind: str = "base model",
+        system_prompt: bool = False,
     ) -> None:
-        """`free_chat` (task None): how it answers, "adapter", "summary" (base model + profile summary) or "base"."""
-        parts = [f"[b]profile[/b] {profile or '—'}", f"[b]task[/b] {task or 'free chat'}"]
+        """`free_chat` (task None): how it answers, "adapter", "summary" (base model + profile summary) or "base";
+        `model_kind`: "chat model" when free chat runs on the chosen instruct model; `system_prompt`: one is set."""
+        parts = [f"[b]profile[/b] {escape(profile or '—')}", f"[b]task[/b] {escape(task or 'free chat')}"]
         if profile is None:
-            parts.append("[dim]base model only[/dim]")
+            parts.append(f"[dim]{model_kind} only[/dim]")
         elif task is None and free_chat == "summary":
-            parts.append("[b $success]base model + your profile summary[/] [dim](no adapter in free chat)[/dim]")
+            parts.append(f"[b $success]{model_kind} + your profile summary[/] [dim](no adapter in free chat)[/dim]")
         elif personalized and free_chat != "base":
-            parts.append(f"[b $success]personalized[/] ×{scale:.2f}")
+            parts.append(f"[b $success]personalized[/] ×{scale:.2f} [dim]^↑↓[/dim]")
         else:
-            parts.append("[b $warning]base model[/]")
+            parts.append(f"[b $warning]{model_kind}[/]")
+        if system_prompt:
+            parts.append("[dim]system prompt[/dim]")
         if compare:
             parts.append("[b $accent]side by side[/]")
         if adapter:
-            parts.append(f"[dim]{adapter}[/dim]")
+            parts.append(f"[dim]{escape(adapter)}[/dim]")
         self.update("  ·  ".join(parts))
