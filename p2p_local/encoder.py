@@ -264,6 +264,22 @@ def _is_prepared(folder: Path) -> bool:
     return onnx_path.stat().st_size == m.get("onnx_bytes") and sha256_file(onnx_path) == m.get("onnx_sha256")
 
 
+def check_prepared(path: Path | None = None) -> Path:
+    """The prepared encoder's .onnx file (`path`: its folder or the file; default `encoder_dir()`), or a
+    ModelError saying what is missing, without loading anything: `Session.open` asks it before the base model
+    is assembled, `p2p models list` shows it."""
+    path = Path(path) if path else encoder_dir()
+    onnx_path = path if path.suffix == ".onnx" else path / ONNX_NAME
+    folder = onnx_path.parent
+    if not onnx_path.is_file() or not (folder / TOKENIZER_NAME).is_file():
+        raise ModelError(f"the profile encoder is not prepared ({onnx_path} missing)", hint=PREP_HINT)
+    m = _read_manifest(folder) or {}
+    if m.get("source_sha256") != SOURCE_SHA256 or m.get("builder_version") != BUILDER_VERSION:
+        raise ModelError(f"{onnx_path} is not from this version's encoder build ({folder / MANIFEST_NAME})",
+                         hint=PREP_HINT)
+    return onnx_path
+
+
 def prepare_encoder(progress: Progress | None = None, *, source: Path | None = None, force: bool = False) -> Path:
     """Build the encoder ONNX from the packaged weights (once); returns the ONNX path.
 
@@ -356,16 +372,9 @@ class Encoder:
     @classmethod
     def load(cls, path: Path | None = None, threads: int | None = None) -> Encoder:
         """Load the prepared encoder: `path` is its folder or its .onnx file (default: encoder_dir())."""
-        path = Path(path) if path else encoder_dir()
-        onnx_path = path if path.suffix == ".onnx" else path / ONNX_NAME
-        folder = onnx_path.parent
-        if not onnx_path.is_file() or not (folder / TOKENIZER_NAME).is_file():
-            raise ModelError(f"the profile encoder is not prepared ({onnx_path} missing)", hint=PREP_HINT)
-        m = _read_manifest(folder) or {}
-        if m.get("source_sha256") != SOURCE_SHA256 or m.get("builder_version") != BUILDER_VERSION:
-            raise ModelError(f"{onnx_path} is not from this version's encoder build ({folder / MANIFEST_NAME})",
-                             hint=PREP_HINT)
-        return cls(onnx_path, folder / TOKENIZER_NAME, SOURCE_SHA256, m.get("onnx_sha256"), threads)
+        onnx_path = check_prepared(path)
+        m = _read_manifest(onnx_path.parent) or {}
+        return cls(onnx_path, onnx_path.parent / TOKENIZER_NAME, SOURCE_SHA256, m.get("onnx_sha256"), threads)
 
     def count_tokens(self, text: str) -> int:
         """Word pieces in `text` (without [CLS]/[SEP]); one chunk holds CHUNK_TOKENS."""

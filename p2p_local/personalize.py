@@ -122,7 +122,7 @@ class Session:
 
     threadsafe = True
 
-    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder, store: Store,
+    def __init__(self, engine: Engine, bundle: Bundle, encoder: Encoder | None, store: Store,
                  chat_engine: Engine | None = None) -> None:
         self.engine, self.bundle, self.encoder = engine, bundle, encoder
         # Free chat on an instruct model of the user's choice (`--model`); None: the base, as before.
@@ -131,15 +131,23 @@ class Session:
         self._local = threading.local()
         self._local.store = store
         self._stores = [store]
-        self.personalizer = Personalizer(bundle, encoder, engine.base)
+        # None without an encoder (`ask --base`): such a session answers from the base model only.
+        self.personalizer = Personalizer(bundle, encoder, engine.base) if encoder is not None else None
         self.route = _CachedRoute(self)
         self.lock = self.route.lock
         self._model_names: dict[int, str] = {}  # engine id -> its registry name (the registry is read once)
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
-             store_path: Path | None = None, chat_model: str | None = None) -> Session:
-        """`model`: the bundle's base (task answers); `chat_model`: an instruct model for free chat."""
+             store_path: Path | None = None, chat_model: str | None = None, encoder: bool = True) -> Session:
+        """`model`: the bundle's base (task answers); `chat_model`: an instruct model for free chat; `encoder`:
+        False for a session that never personalizes (`ask --base`), which then needs no profile encoder.
+        What is cheap to check (the encoder, the bundle) is checked before the base model is assembled."""
+        from p2p_local.encoder import check_prepared
+
+        if encoder:
+            check_prepared()  # missing: said now, not after half a minute of assembling the base
+        loaded = Bundle.load(bundle)
         chat = None
         if chat_model is not None:
             chat_spec, chat_path = prepare_chat_model(chat_model)
@@ -152,7 +160,7 @@ class Session:
                 chat.close()
             raise
         try:
-            return cls(engine, Bundle.load(bundle), Encoder.load(), Store(store_path), chat)
+            return cls(engine, loaded, Encoder.load() if encoder else None, Store(store_path), chat)
         except BaseException:
             engine.close()
             if chat is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -56,3 +57,40 @@ def test_models_cli_list_add_and_prepare(base_model_path: Path, p2p_home: Path, 
     out = capsys.readouterr().out
     assert "my-gemma" in out and "ready" in out
     assert main(["models", "prepare", "nonexistent"]) == models.ModelError.exit_code
+
+
+def test_models_list_shows_the_encoder_and_each_models_template(capsys) -> None:
+    from p2p_local.cli import main
+
+    assert main(["models", "list", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["encoder"]["status"] == "ready" and "MiniLM" in got["encoder"]["id"]
+    by_name = {m["name"]: m for m in got["models"]}
+    assert by_name["gemma3-270m"]["template"] == "none"  # a pretrained base
+    assert by_name["smollm2-135m"]["template"] == "chat"
+
+
+def test_a_missing_encoder_is_said_before_the_base_is_assembled_and_base_needs_none(p2p_home, tmp_path, monkeypatch,
+                                                                                     capsys) -> None:
+    """Issue 26: with an empty models dir, a personalized ask says the encoder is missing at once (the base is
+    not assembled first: half a minute); `ask --base` needs no encoder."""
+    import time
+
+    from p2p_local.cli import main
+    from p2p_local.models import DEFAULT_BASE, model_path, prepare_base
+
+    real = prepare_base(DEFAULT_BASE)
+    empty = tmp_path / "models"
+    empty.mkdir()
+    monkeypatch.setenv("P2P_MODELS", str(empty))
+    assert main(["profile", "create", "me", "--task", "movielens-rating"]) == 0
+    assert main(["profile", "add", "me", "--input", "Heat (1995) | Genres: Action", "--output", "4"]) == 0
+    t0 = time.perf_counter()
+    assert main(["ask", "Heat (1995) | Genres: Action", "--profile", "me"]) == 3
+    assert time.perf_counter() - t0 < 10 and "encoder is not prepared" in capsys.readouterr().err
+    assert not model_path(DEFAULT_BASE).exists()  # nothing assembled
+    # The base model in place (linked, with its verified record), still no encoder: --base answers.
+    model_path(DEFAULT_BASE).symlink_to(real)
+    stamp = real.with_name(real.name + ".verified.json")
+    (empty / stamp.name).write_text(stamp.read_text())
+    assert main(["ask", "Heat (1995) | Genres: Action", "--profile", "me", "--base", "--max-tokens", "4"]) == 0

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model is for free chat; {args.task} answers come from the bundle's base",
                          hint="drop --model, or ask with --task chat")
     task = args.task or (FREE_CHAT if args.model is not None else None)
-    with Session.open(chat_model=args.model) as s:
+    with Session.open(chat_model=args.model, encoder=not args.base) as s:  # --base: no encoder needed
         if args.base and args.profile is None:  # the base model: no profile to choose
             profile, task = None, task or FREE_CHAT
         else:

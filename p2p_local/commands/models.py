@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from p2p_local import models
+from p2p_local.errors import ModelError
 
 EPILOG = """examples:
   p2p models prepare                 # the default base (Gemma 3 270M) and the profile encoder, offline
@@ -51,16 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     rows = [
         {"name": s.name, "arch": s.arch, "file": str(models.model_path(s)), "sha256": s.sha256,
-         "status": models.status(s), "description": s.description}
+         "status": models.status(s), "template": template_of(s), "description": s.description}
         for s in models.known_models().values()
     ]
+    encoder = encoder_row()
     bundles = bundle_rows()
     if args.json:
-        print(json.dumps({"models": rows, "bundles": bundles}, indent=2))
+        print(json.dumps({"models": rows, "encoder": encoder, "bundles": bundles}, indent=2))
     else:
         for r in rows:
             print(f"{r['name']:<16} {r['arch']:<8} {r['status']:<14} {r['description']}")
             print(f"{'':<16} {r['file']}")  # the path llama.cpp's own tools take with -m
+            print(f"{'':<16} {TEMPLATE_WORDS[r['template']]}")
+        print(f"\nprofile encoder  {encoder['status']:<14} {encoder['id']} (ONNX), what turns a profile into its embedding")
+        print(f"{'':<16} {encoder['folder']}")
         for b in bundles:
             print(f"\nbundle {b['name']}{' (in use)' if b['in_use'] else ''}: {b['path']}")
             if b.get("error"):
@@ -68,6 +73,32 @@ def cmd_list(args: argparse.Namespace) -> int:
             for t in b["tasks"]:
                 print(f"  {t['task']:<24} {CARD_WORDS[t['card']].format(**t)}")
     return 0
+
+
+TEMPLATE_WORDS = {  # how `list` says a model's chat template (`template_of`)
+    "chat": "chat template: yes (free chat with --model uses it)",
+    "none": "chat template: none (a pretrained base: task answers, not free chat with --model)",
+    "unknown": "chat template: not known until the file is prepared",
+}
+
+
+def template_of(spec: models.ModelSpec) -> str:
+    """"chat" (the GGUF holds a chat template), "none", or "unknown" (not verified yet), as `models.verify`
+    recorded it (`status` verifies first; parsing the file again would take seconds)."""
+    record = models.verified_record(models.model_path(spec)) or {}
+    return {True: "chat", False: "none"}.get(record.get("chat_template"), "unknown")
+
+
+def encoder_row() -> dict[str, str]:
+    """The profile encoder: ready, or what is missing (`encoder.check_prepared`, the check `Session.open` makes)."""
+    from p2p_local.encoder import ENCODER_ID, check_prepared, encoder_dir
+
+    try:
+        check_prepared()
+        status = "ready"
+    except ModelError:
+        status = "not prepared"
+    return {"id": ENCODER_ID, "status": status, "folder": str(encoder_dir())}
 
 
 CARD_WORDS = {  # how `list` says a bundle task's `card_status`
