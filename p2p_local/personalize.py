@@ -277,7 +277,7 @@ class Session:
     # --- the route ---------------------------------------------------------------------------------
     def answer(self, text: str, *, profile: str | None = None, task: str | None = None, personalized: bool = True,
                scale: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None,
-               transcript: list[tuple[str, str]] | None = None, system: str = "") -> Answer:
+               transcript: list[tuple[str, str]] | None = None, system: str = "", seed: int | None = None) -> Answer:
         """The answer (`pipeline.Route.answer`): with a profile and `personalized`, its adapter attached at
         `scale`. Free chat never attaches a task adapter: the base model answers with the profile's summary
         in the prompt, unless the bundle was trained for free chat. Iterate it to stream; the session lock is
@@ -285,7 +285,7 @@ class Session:
         Stronger than x1, a profile without items of the task gets no adapter: the base answers (`Route._steps`)."""
         request = self.request(text, profile, task, personalized=personalized, transcript=transcript, system=system)
         return self.route.answer(request, personalized=personalized and profile is not None, scale=scale,
-                                 temperature=temperature, max_tokens=max_tokens)
+                                 temperature=temperature, max_tokens=max_tokens, seed=seed)
 
     def personalize(self, profile: str, task: str | None = None, query: str | None = None,
                     force: bool = False, scale: float = 1.0) -> Personalization:

@@ -479,17 +479,14 @@ class EngineQueue:
 
     def _answer(self, job: Job) -> None:
         """`p2p ask`'s steps for one call, on this thread (the route's lock is taken and let go here)."""
-        from p2p_local.commands.ask import MAX_QUERY_CHARS, complete_title
-        from p2p_local.pipeline import Request
+        from p2p_local.commands.ask import QueryTooLong, asked_text
 
         s, c = self.session, job.call
         try:
-            card = resolve_task(c.target.task, s.card)
-            query = Request(card, c.text).query  # as the task will read it (a diff: files + compact diff)
-            if len(query) > MAX_QUERY_CHARS:
-                raise ApiError(400, f"the query is {len(query):,} characters; the model reads at most "
-                                    f"{MAX_QUERY_CHARS:,}", code="context_length_exceeded")
-            text = complete_title(s, c.text, c.target.task, c.target.profile, quiet=True) if card else c.text
+            try:
+                text = asked_text(s, c.text, c.target.task, c.target.profile, quiet=True)
+            except QueryTooLong as e:
+                raise ApiError(400, p2p_message(e), code="context_length_exceeded") from None
             answer = self._open(text, c)
             trim = _Trim()
             with answer:  # leaving it early closes the stream: the generation stops
@@ -515,15 +512,9 @@ class EngineQueue:
 
     def _open(self, text: str, c: Call) -> Any:
         t = c.target
-        if c.seed is None:
-            return self.session.answer(text, profile=t.profile, task=t.task, personalized=t.personalized,
-                                       scale=c.strength, temperature=c.temperature, max_tokens=c.max_tokens,
-                                       transcript=c.transcript)
-        # Session.answer takes no seed: its two steps, with the route's seed.
-        s = self.session
-        request = s.request(text, t.profile, t.task, personalized=t.personalized, transcript=c.transcript)
-        return s.route.answer(request, personalized=t.personalized and t.profile is not None, scale=c.strength,
-                              temperature=c.temperature, max_tokens=c.max_tokens, seed=c.seed)
+        return self.session.answer(text, profile=t.profile, task=t.task, personalized=t.personalized,
+                                   scale=c.strength, temperature=c.temperature, max_tokens=c.max_tokens,
+                                   transcript=c.transcript, seed=c.seed)
 
     def _result(self, answer: Any, target: Target) -> dict[str, Any]:
         engine = self.session.engine

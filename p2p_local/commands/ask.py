@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from p2p_local.commands.args import candidates_arg, max_tokens_arg, scale_arg, task_arg, temperature_arg
 from p2p_local.errors import UsageError
@@ -43,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from p2p_local.bundle import untrained_note
-    from p2p_local.data.format import FREE_CHAT, resolve_task
+    from p2p_local.data.format import FREE_CHAT
     from p2p_local.personalize import Session
-    from p2p_local.pipeline import CUT_NOTES, Request, cut_mark, lora_scale
+    from p2p_local.pipeline import CUT_NOTES, cut_mark, lora_scale
     from p2p_local.terminal import Printer, json_text, shown
 
     text = query_text(args.text)
@@ -58,13 +59,7 @@ def run(args: argparse.Namespace) -> int:
             profile, task = None, task or FREE_CHAT
         else:
             profile, task = s.choose(args.profile, task)
-        card = resolve_task(task, s.card)
-        query = Request(card, text).query  # as the task will read it (a diff: files + compact diff)
-        if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
-            raise UsageError(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
-                             hint="ask with a shorter text (a diff for commit-subject is read in its compact form)")
-        if card is not None:
-            text = complete_title(s, text, task, profile, quiet=args.json)
+        text = asked_text(s, text, task, profile, quiet=args.json)
         answer = s.answer(text, profile=profile, task=task, personalized=not args.base, scale=args.scale,
                           temperature=args.temperature, max_tokens=args.max_tokens)
         printer = Printer()  # the model may repeat an escape sequence of the profile's items
@@ -114,6 +109,25 @@ def run(args: argparse.Namespace) -> int:
         elif cut_mark(answer.finish_reason):
             print(f"({CUT_NOTES[answer.finish_reason]})", file=sys.stderr)
     return 0
+
+
+class QueryTooLong(UsageError):
+    """A query longer than the model reads (`MAX_QUERY_CHARS`), as the task reads it."""
+
+
+def asked_text(session: Any, text: str, task: str | None, profile: str | None, quiet: bool = False) -> str:
+    """The text to answer, as `p2p ask` (and `p2p serve`) take it: refused when the task would read more than
+    the model can (checked on the task's reading of it: a diff becomes its compact form), and a bare movie title
+    completed (`complete_title`)."""
+    from p2p_local.data.format import resolve_task
+    from p2p_local.pipeline import Request
+
+    card = resolve_task(task, session.card)
+    query = Request(card, text).query  # as the task will read it (a diff: files + compact diff)
+    if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
+        raise QueryTooLong(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
+                           hint="ask with a shorter text (a diff for commit-subject is read in its compact form)")
+    return complete_title(session, text, task, profile, quiet=quiet) if card is not None else text
 
 
 MAX_STDIN_CHARS = 64 << 20  # a big diff is fine (its compact form is read); the prompt keeps what fits
