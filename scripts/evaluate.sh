@@ -11,7 +11,7 @@
 # ONLY="commit-subject:test commit-subject:ood" runs only those task:split rows.
 # COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
 # METHODS=a,b,... runs only those methods (those that do not apply to a task's kind are skipped);
-# SUMMARY=0 skips the summary page, the bundle card and the README splice (e.g. OUT=reports/unified).
+# SUMMARY=0 skips the summary page, the bundle card and the README splice (e.g. a partial re-run into another OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P2P=.venv/bin/p2p

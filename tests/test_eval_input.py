@@ -248,4 +248,5 @@ def test_a_run_writes_nothing_under_home(tmp_path, files):
     proc = _cli(tmp_path, card, data, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "home").iterdir()) == []  # no ~/.config/matplotlib, no ~/.cache/matplotlib
-    assert (tmp_path / "out" / "mine-test.png").is_file() and (tmp_path / "out" / ".matplotlib").is_dir()
+    assert (tmp_path / "out" / "mine-test.png").is_file()
+    assert not list((tmp_path / "out").glob(".matplotlib*"))  # its cache was temporary, inside --out

@@ -1,6 +1,6 @@
 """Which figures moved: a re-run's reports (e.g. on the unified route) beside the reports they replace.
 
-    python -m p2p_lab.eval.moved reports reports/unified     # writes reports/unified/MOVED.md
+    python -m p2p_lab.eval.moved reports OLD_REPORTS     # writes OLD_REPORTS/MOVED.md
 
 For every task/split report present in both folders and every method in both, the primary metric (and
 the NLL / cross-entropy where both have it) before and after, the change, and whether the change lies

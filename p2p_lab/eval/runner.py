@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -273,23 +274,24 @@ def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
 
 @contextlib.contextmanager
 def matplotlib_home(out: Path) -> Iterator[Path]:
-    """MPLCONFIGDIR inside `out` (`out/.matplotlib`) while charts are drawn: matplotlib otherwise writes its
-    config and font cache under $HOME, outside the data dir and --out. Set before matplotlib is first imported
-    (it reads the variable once); the previous value is restored afterwards."""
-    d = out / ".matplotlib"
+    """MPLCONFIGDIR in a temporary folder inside `out`, removed afterwards, while charts are drawn: matplotlib
+    otherwise writes its config and font cache under $HOME, outside the data dir and --out. Set before matplotlib
+    is first imported (it reads the variable once); the previous value is restored afterwards."""
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix=".matplotlib-", dir=out)
     except OSError as e:  # --out is a file, or read-only
-        raise disk_error(e, d) from None
+        raise disk_error(e, out) from None
     before = os.environ.get("MPLCONFIGDIR")
-    os.environ["MPLCONFIGDIR"] = str(d)
+    os.environ["MPLCONFIGDIR"] = tmp.name
     try:
-        yield d
+        yield Path(tmp.name)
     finally:
         if before is None:
             os.environ.pop("MPLCONFIGDIR", None)
         else:
             os.environ["MPLCONFIGDIR"] = before
+        tmp.cleanup()
 
 
 def _engine_info(ctx: EvalContext) -> dict[str, Any] | None:
