@@ -47,7 +47,7 @@ COMMAND = "python -m p2p_lab.robustness"
 CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
            "odd diffs", "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
            "export names", "stdin", "privacy", "bad values", "terminal output", "damaged store", "generated files",
-           "forget race")
+           "forget race", "serve")
 PROFILE = "demo"
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
@@ -1314,9 +1314,62 @@ def _issue28_cases() -> list[Case]:
     return cases
 
 
+# --- p2p serve: bad requests to a running server, which must answer each cleanly and stay up ---------------
+SERVE_SCRIPT = """$P2P serve --port 0 2>{W}/serve.log &
+pid=$!
+i=0
+until port=$(sed -n 's|.*listening on http://[^:]*:\\([0-9]*\\)/v1.*|\\1|p' {W}/serve.log | head -1) && [ -n "$port" ]; do
+  sleep 0.3; i=$((i+1)); [ $i -gt 300 ] && { kill $pid; echo "no server"; exit 9; }
+done
+%s
+curl -s -o /dev/null -w 'after %%{http_code}\\n' "localhost:$port/v1/models"
+kill -TERM $pid; wait $pid; echo "server exit $?"
+"""
+
+
+def _serve_ok(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    """Every bad request got a 4xx with an OpenAI error body, the server still answered after, and it shut
+    down cleanly on SIGTERM, its log free of tracebacks."""
+    log = (ctx.work / "serve.log").read_text(errors="replace") if (ctx.work / "serve.log").is_file() else ""
+    codes = [ln.split()[1] for ln in out.splitlines() if ln.startswith("code ")]
+    if not codes or not all(c.startswith("4") for c in codes):
+        return f"wrong result: a bad request was answered {codes}"
+    if '"error"' not in out:
+        return "wrong result: no OpenAI error body"
+    if "after 200" not in out:
+        return "wrong result: the server did not answer after the bad request"
+    # uvicorn shuts down, then ends by the signal it caught (143 = 128 + SIGTERM): both are a clean stop.
+    if not ("server exit 0" in out or "server exit 143" in out) or "closed" not in log or "Traceback" in log:
+        return f"wrong result: the server did not stop cleanly ({out.splitlines()[-1:]}; {log[-200:]!r})"
+    return None
+
+
+def _serve_cases() -> list[Case]:
+    code = "curl -s -w '\\ncode %%{http_code}\\n' "
+    post = code + "localhost:$port/v1/chat/completions -H 'Content-Type: application/json' %s; echo"
+    get = code + "%s localhost:$port/v1/models; echo"  # a valid request: only the header makes it bad
+    bad = {
+        "bad JSON": post % "-d '{\"model\": '",
+        "a 2 MB body": post % "--data-binary @{W}/big.json",
+        "wrong types": post % "-d '{\"model\": 5, \"messages\": \"hi\", \"max_tokens\": -3}'",
+        "an unknown profile": post % ("-d '{\"model\": \"p2p/ghost/movielens-rating\", \"messages\": "
+                                      "[{\"role\": \"user\", \"content\": \"x\"}]}'"),
+        "max_tokens past the bound": post % ("-d '{\"model\": \"p2p/base\", \"max_tokens\": 1000000, \"messages\": "
+                                             "[{\"role\": \"user\", \"content\": \"x\"}]}'"),
+        "a rebinding Host header": get % "-H 'Host: evil.example'",
+        "a cross-site Origin": get % "-H 'Origin: http://evil.example'",
+    }
+
+    def big(ctx: Ctx) -> None:
+        (ctx.work / "big.json").write_text('{"model": "p2p/base", "prompt": "' + "x" * (2 << 20) + '"}')
+
+    return [Case("serve", f"serve: {name}", [], big if "2 MB" in name else None,
+                 shell=SERVE_SCRIPT % request, timeout=120, check=_serve_ok) for name, request in bad.items()]
+
+
 def catalogue() -> list[Case]:
     return (_adapter_cases() + _base_cases() + _bundle_cases() + _import_cases() + _name_cases() + _export_cases()
-            + _query_cases() + _arg_cases() + _issue19_cases() + _issue28_cases())
+            + _query_cases() + _arg_cases() + _issue19_cases() + _issue28_cases() + _serve_cases())
 
 
 def sample(cases: list[Case], per_class: int) -> list[Case]:
