@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or (FREE_CHAT if args.model is not None else None)
     with Session.open(chat_model=args.model) as session:
         profile = pick_profile(session.store, args.profile, args.demo, task)
+        # A profile named on the command line is the user's choice: no first-run screen asking for one.
         ChatApp(session, profile=profile, task=task, personalized=not args.base, compare=args.compare,
-                resume=not args.new).run()
+                resume=not args.new, first_run=False if args.profile else None).run()
     return 0
 
 
