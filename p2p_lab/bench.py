@@ -143,9 +143,9 @@ def _session_with(n_items: int, home: Path):
 
     demo = _demo_items()
     store = Store(home / "p2p.sqlite3")
-    store.create_profile("u", task="movielens-rating")
+    store.profiles.create_profile("u", task="movielens-rating")
     t0 = demo[0].time or 0.0
-    store.add_items("u", (NewItem(d.input, d.output, t0 + i, d.meta)
+    store.profiles.add_items("u", (NewItem(d.input, d.output, t0 + i, d.meta)
                           for i, d in ((i, demo[i % len(demo)]) for i in range(n_items))))
     engine = Engine(prepare_base(DEFAULT_BASE), n_ctx=512, sha256=DEFAULT_BASE.sha256)
     return Session(engine, Bundle.load(), Encoder.load(), store)

@@ -1224,7 +1224,7 @@ def _hostile_item(ctx: Ctx) -> None:
     from p2p_local.store import Store
 
     with Store(ctx.home / "p2p.sqlite3") as st:
-        st.add_item(PROFILE, None, f"{HOSTILE} (1999) | Genres: Drama", "4", time=2.0e9)
+        st.profiles.add_item(PROFILE, None, f"{HOSTILE} (1999) | Genres: Drama", "4", time=2.0e9)
 
 
 def _no_unsafe_output(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:

@@ -19,25 +19,25 @@ def bench_store(n: int = 100_000) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2p-bench-") as tmp:
         db = Path(tmp) / "bench.sqlite3"
         with Store(db) as s:
-            s.create_profile("bench", task="movielens-rating")
+            s.profiles.create_profile("bench", task="movielens-rating")
             items = [_item(i) for i in range(n)]
-            out["insert_s"] = _timed(lambda: s.add_items("bench", items))
+            out["insert_s"] = _timed(lambda: s.profiles.add_items("bench", items))
             s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # size of the data, not of a full WAL
             out["db_mb"] = round(sum(f.stat().st_size for f in Path(tmp).glob("bench.sqlite3*")) / 2**20, 1)
-            out["count_s"] = _timed(lambda: s.count_items("bench"))
+            out["count_s"] = _timed(lambda: s.profiles.count_items("bench"))
             out["list_profiles_s"] = _timed(s.list_profiles)
-            out["recent_50_s"] = _timed(lambda: s.items("bench", limit=50))
-            out["recent_50_by_task_s"] = _timed(lambda: s.items("bench", task="movielens-rating", limit=50))
-            out["all_items_s"] = _timed(lambda: s.items("bench"))
-            out["edit_s"] = _timed(lambda: s.edit_item(n // 2, output="5"))
-            out["export_s"] = _timed(lambda: s.export_profile("bench"))
+            out["recent_50_s"] = _timed(lambda: s.profiles.items("bench", limit=50))
+            out["recent_50_by_task_s"] = _timed(lambda: s.profiles.items("bench", task="movielens-rating", limit=50))
+            out["all_items_s"] = _timed(lambda: s.profiles.items("bench"))
+            out["edit_s"] = _timed(lambda: s.profiles.edit_item(n // 2, output="5"))
+            out["export_s"] = _timed(lambda: s.profiles.export_profile("bench"))
 
             # The import path end to end: a JSONL file of n items -> parse -> one transaction.
             from p2p_local.importers import import_file
 
             path = Path(tmp) / "user.jsonl"
             path.write_text(json.dumps({"user_id": "u", "items": [_record(i) for i in range(n)]}) + "\n")
-            s.create_profile("imported", task="movielens-rating")
+            s.profiles.create_profile("imported", task="movielens-rating")
             res = import_file(s, "imported", path)
             out["import_jsonl_parse_s"], out["import_jsonl_write_s"] = res.parse_seconds, res.write_seconds
             out["forget_s"] = _timed(lambda: s.forget_profile("bench"))

@@ -160,7 +160,7 @@ def propose(query: str, profile: str, task: str) -> Proposal:
     if not model_path(get_spec()).is_file():  # a commit is no time to assemble a 250 MB model
         raise ModelError("the base model is not prepared", hint="p2p models prepare")
     with Session.open() as s:
-        if not s.store.profile_exists(profile):
+        if not s.store.profiles.profile_exists(profile):
             raise StoreError(f"no profile {profile!r}")
         a = s.answer(query, profile=profile, task=task).finish()
         return Proposal([c.text for c in a.candidates[:PROPOSALS]] or [a.text], a.request.read)

@@ -128,9 +128,9 @@ SAMPLES = 3  # items a dry run shows
 
 def _import_target(store: Store, profile: str, may_be_new: bool) -> Any:
     """The profile to import into; a dry run or `create` may name one that does not exist yet (None)."""
-    if may_be_new and not store.profile_exists(profile):
+    if may_be_new and not store.profiles.profile_exists(profile):
         return None
-    return store.get_profile(profile)
+    return store.profiles.get_profile(profile)
 
 
 def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | None = None, dry_run: bool = False,
@@ -151,12 +151,12 @@ def add_parsed(store: Store, prof: Any, parsed: ParsedImport, *, task: str | Non
             raise ValueError("add_parsed: no profile to import into")
         with store.profile_lock(name), store.transaction():
             # As it is now, under the lock (another import may have made it since we looked).
-            prof = store.get_profile(name) if store.profile_exists(name) else store.create_profile(name, task=task)
+            prof = store.profiles.get_profile(name) if store.profiles.profile_exists(name) else store.profiles.create_profile(name, task=task)
             fallback = default_task or prof.task
             new, dups = _new_items(store, prof, parsed.items, fallback)
-            n = store.add_items(prof.name, new, task=default_task)
+            n = store.profiles.add_items(prof.name, new, task=default_task)
             if prof.task is None and default_task and n:
-                store.set_profile_task(prof.name, default_task)
+                store.profiles.set_profile_task(prof.name, default_task)
     samples = tuple({"input": it.input, "output": it.output, "time": it.time, "task": it.task or fallback}
                     for it in new[:SAMPLES])
     return ImportResult(prof.name if prof is not None else "", str(parsed.path), parsed.format, parsed.user_id,
@@ -169,7 +169,7 @@ def _new_items(store: Store, prof: Any, items: list[NewItem], default_task: str 
     A multiset: a file that holds an item twice adds it twice the first time, and never again."""
     if prof is None or not items:
         return list(items), 0
-    held = Counter((i.task, i.input, i.output, i.time) for i in store.items(prof.name))
+    held = Counter((i.task, i.input, i.output, i.time) for i in store.profiles.items(prof.name))
     new: list[NewItem] = []
     for it in items:
         key = (it.task or default_task, it.input, it.output, it.time)
@@ -224,16 +224,16 @@ def check_label(task: str | None, output: str, store: Any = None) -> None:
 
 def answer_labels(task: str | None, store: Any = None) -> list[str] | None:
     """The answers a rating/label task card allows (e.g. "1".."5"); None for free text or an unknown task.
-    The card: the store's resolver (`Store.task_card`: built-in, else the user's own); without a store
+    The card: the store's resolver (`store.task_cards.task_card`: built-in, else the user's own); without a store
     (a dry run before there is one) the built-in cards only.
     Why: the profile builder skips any other output, and a value out of range poisons features."""
     from p2p_local.data.format import builtin_card, builtin_cards  # late: cards are read on use
 
     if task is None:
         return None
-    if hasattr(store, "task_card"):
+    if hasattr(store, "task_cards"):
         try:
-            card = store.task_card(task)
+            card = store.task_cards.task_card(task)
         except UsageError:  # a task no card describes: its answers are free text
             return None
     elif task in builtin_cards():

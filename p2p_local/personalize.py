@@ -40,12 +40,12 @@ def choose(store: Store, profile: str | None, task: str | None) -> tuple[str | N
     a task as `resolve_task` reads it (a card's name, or FREE_CHAT). Returns (profile, task); task None: the
     profile's own task."""
     if profile is not None:
-        return store.get_profile(profile).name, task  # raises StoreError with a "did you mean" hint
-    profiles = store.list_profiles()
+        return store.profiles.get_profile(profile).name, task  # raises StoreError with a "did you mean" hint
+    profiles = store.profiles.list_profiles()
     if task is None or task == FREE_CHAT:
         candidates = [p.name for p in profiles]
     else:
-        candidates = [p.name for p in profiles if p.task == task or task in store.task_counts(p.name)]
+        candidates = [p.name for p in profiles if p.task == task or task in store.profiles.task_counts(p.name)]
     if len(candidates) == 1:
         return candidates[0], task
     if not candidates:
@@ -89,16 +89,16 @@ class _CachedRoute(pipeline.Route):
 
     def adapter_file(self, p: Personalization, request: Request, force: bool = False) -> Path:
         store, sha, name = self.session.store, self.session.bundle.sha256, request.profile_name
-        cached = None if force or name is None else store.cached_adapter(name, p.fingerprint, sha)
+        cached = None if force or name is None else store.adapters.cached_adapter(name, p.fingerprint, sha)
         if cached is not None:
             p.cached = True
             return cached
         assert name is not None, "the app personalizes stored profiles"
-        path = store.adapter_dir(name) / f"{p.task}-{p.fingerprint[:16]}-{sha[:8]}.gguf"
+        path = store.adapters.adapter_dir(name) / f"{p.task}-{p.fingerprint[:16]}-{sha[:8]}.gguf"
         self.write(p, path, request.card)
-        store.record_adapter(name, p.fingerprint, sha, path)  # also clears "stale"
+        store.adapters.record_adapter(name, p.fingerprint, sha, path)  # also clears "stale"
         # Query-aware adapters differ per question: keep the newest few files, not one per question ever asked.
-        store.prune_adapters(name, keep=KEEP_ADAPTER_FILES)
+        store.adapters.prune_adapters(name, keep=KEEP_ADAPTER_FILES)
         return path
 
     def attach(self, path: Path, scale: float) -> None:
@@ -219,19 +219,19 @@ class Session:
     # --- what there is -----------------------------------------------------------------------------
     def task_cards(self) -> dict[str, TaskCard]:
         """Every task's card: the built-in ones and the user's own stored in this data dir."""
-        return self.store.task_cards()
+        return self.store.task_cards.all()
 
     def card(self, task: str) -> TaskCard:
         """The task's card by the store's one resolver (`Store.task_card`: built-in, else the user's own)."""
-        return self.store.task_card(task)
+        return self.store.task_cards.task_card(task)
 
     def default_task(self, profile: str) -> str:
         """The profile's own task, else the task most of its items belong to."""
-        p = self.store.get_profile(profile)
-        known = self.store.task_names()
+        p = self.store.profiles.get_profile(profile)
+        known = self.store.task_cards.task_names()
         if p.task in known:
             return p.task
-        counts = {t: n for t, n in self.store.task_counts(profile).items() if t in known}
+        counts = {t: n for t, n in self.store.profiles.task_counts(profile).items() if t in known}
         if not counts:
             raise StoreError(f"profile {profile!r} has no items of a known task",
                              hint=f"add items with --task one of: {', '.join(known)}")
@@ -249,9 +249,9 @@ class Session:
     def history(self, profile: str, task: str) -> tuple[list[Item], int]:
         """The newest items a profile reads (time order) and how many the profile has in all."""
         card = self.card(task)
-        rows = self.store.items(profile, task=task, limit=pipeline.HISTORY_READ)
+        rows = self.store.profiles.items(profile, task=task, limit=pipeline.HISTORY_READ)
         items = [pipeline.history_item(card, r.input, r.output, r.time, r.meta) for r in rows]
-        return items, self.store.count_items(profile, task=task)
+        return items, self.store.profiles.count_items(profile, task=task)
 
     def request(self, text: str, profile: str | None, task: str | None, *, personalized: bool = True,
                 transcript: list[tuple[str, str]] | None = None, system: str = "") -> Request:

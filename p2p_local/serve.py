@@ -163,8 +163,8 @@ def resolve_target(session: Any, model: str | None, profile: str | None, task: s
             raise ApiError(404, p2p_message(e), code="task_not_found",
                            param="model" if named_task else "task") from None
         task = FREE_CHAT if card is None else card.name
-    if profile is not None and not session.store.profile_exists(profile):
-        known = [p.name for p in session.store.list_profiles()]
+    if profile is not None and not session.store.profiles.profile_exists(profile):
+        known = [p.name for p in session.store.profiles.list_profiles()]
         raise ApiError(404, f"no profile named {profile[:70]!r} (known: {', '.join(known[:10]) or 'none'})",
                        code="profile_not_found", param="model" if named_profile else "profile")
     if base:
@@ -182,11 +182,11 @@ def resolve_target(session: Any, model: str | None, profile: str | None, task: s
 def list_models(session: Any) -> list[dict[str, Any]]:
     """`p2p/base`, then each stored profile's model for each known task it holds items of."""
     store = session.store
-    known = set(store.task_names())
+    known = set(store.task_cards.task_names())
     out = [{"id": "p2p/base", "object": "model", "created": 0, "owned_by": "p2p-local",
             "p2p": {"profile": None, "task": FREE_CHAT, "items": 0}}]
-    for p in store.list_profiles():
-        for task, n in store.task_counts(p.name).items():
+    for p in store.profiles.list_profiles():
+        for task, n in store.profiles.task_counts(p.name).items():
             if task in known:
                 out.append({"id": f"p2p/{p.name}/{task}", "object": "model", "created": int(p.created),
                             "owned_by": "p2p-local", "p2p": {"profile": p.name, "task": task, "items": n}})

@@ -207,10 +207,10 @@ def test_the_readme_prompt_is_the_one_ask_builds(session, tmp_path: Path) -> Non
 
     for task in builtin_cards():  # the demo holds ratings only: a few items of every other task, from its card
         card = builtin_card(task)
-        if not session.store.count_items("demo", task=task):
+        if not session.store.profiles.count_items("demo", task=task):
             for i in range(4):
                 out = card.labels[i % len(card.labels)] if card.labelled else f"Reword the note, take {i}"
-                session.store.add_item("demo", task, card.samples[i % len(card.samples)] + f" {i}", out,
+                session.store.profiles.add_item("demo", task, card.samples[i % len(card.samples)] + f" {i}", out,
                                        time=1.0e9 + i)
     for task in builtin_cards():
         card = builtin_card(task)

@@ -120,8 +120,8 @@ async def test_chat_with_model_runs_free_chat_on_it(engine, p2p_home, instruct_g
                 assert time.monotonic() < end, "no reply"
                 await pilot.pause(0.05)
             await pilot.pause()
-            conv = s.store.conversations()[0]
-            reply = [m for m in s.store.messages(conv.id) if m.role == "assistant"][-1]
+            conv = s.store.conversations.all()[0]
+            reply = [m for m in s.store.conversations.messages(conv.id) if m.role == "assistant"][-1]
         answer = s.answer(QUESTION, profile=DEMO_PROFILE, task="chat")
         expected = answer.text  # runs the answer: the text forces the stream
         assert reply.content.strip() == expected and expected

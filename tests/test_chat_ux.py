@@ -73,7 +73,7 @@ async def test_the_model_is_named_in_the_header_on_each_reply_and_a_switch_leave
         await send(pilot, "hi")
         first = replies(app)[-1]
         assert "gemma3-270m" in title_of(first) and title_of(first).startswith("base model + your profile summary")
-        assert store.messages(screen.conversation_id)[-1].meta["model"] == "gemma3-270m"
+        assert store.conversations.messages(screen.conversation_id)[-1].meta["model"] == "gemma3-270m"
 
         await pilot.press("f2")  # the model picker lists the registered models, the current one marked
         picker = app.screen
@@ -86,7 +86,7 @@ async def test_the_model_is_named_in_the_header_on_each_reply_and_a_switch_leave
         await until(pilot, lambda: fake.model_switches == ["smollm2-135m"], "the model switch")
         await until(pilot, lambda: app.sub_title.endswith("· smollm2-135m"), "the header to name the new model")
         # The switch is marked in the conversation, and stored with its messages.
-        note = store.messages(screen.conversation_id)[-1]
+        note = store.conversations.messages(screen.conversation_id)[-1]
         assert note.role == "system" and note.meta == {"note": "model", "model": "smollm2-135m",
                                                        "previous": "gemma3-270m"}
         assert "smollm2-135m" in [v for v in screen.query(MessageView) if v.role == "system"][-1].text
@@ -94,7 +94,7 @@ async def test_the_model_is_named_in_the_header_on_each_reply_and_a_switch_leave
         await send(pilot, "and now?")
         reply = replies(app)[-1]
         assert title_of(reply).startswith("chat model + your profile summary · smollm2-135m")
-        meta = store.messages(screen.conversation_id)[-1].meta
+        meta = store.conversations.messages(screen.conversation_id)[-1].meta
         assert meta["model"] == "smollm2-135m" and meta["chat_model"] is True
         assert "gemma3-270m" in title_of(first)  # the earlier reply still says who answered it
         # Task answers stay on the bundle's base, and say so.
@@ -125,7 +125,7 @@ async def test_a_resumed_conversation_notes_the_other_model_before_its_next_repl
     app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE, task=FREE_CHAT)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "hello again")
-        roles = [(m.role, m.meta.get("model")) for m in store.messages(chat(app).conversation_id)]
+        roles = [(m.role, m.meta.get("model")) for m in store.conversations.messages(chat(app).conversation_id)]
         assert roles == [("user", None), ("assistant", "gemma3-270m"), ("system", "smollm2-135m"), ("user", None),
                          ("assistant", "smollm2-135m")]
 
@@ -176,7 +176,7 @@ async def test_ctrl_c_stops_the_answer_and_keeps_the_partial_text_marked(fake, s
         view = replies(app)[-1]
         assert view.text.startswith("more") and view.body.source.endswith(CUT_MARKS["stopped"])
         assert view.has_class("stopped") and "stopped" in title_of(view)
-        stored = store.messages(screen.conversation_id)[-1]
+        stored = store.conversations.messages(screen.conversation_id)[-1]
         assert stored.meta["stopped"] is True and stored.meta["cut"] == "stopped"
         assert stored.content == view.text  # the mark is shown, never part of the text (copied: the answer alone)
         # Nothing streaming: Ctrl-C is Textual's own again (it tells how to quit), the app goes on.
@@ -269,7 +269,7 @@ async def test_a_repeat_cut_is_marked_in_the_chat_and_the_export(fake, store):
         await send(pilot, "hey, send me the file")
         view = replies(app)[-1]
         assert view.body.source.endswith(CUT_MARKS["repeat"]) and "cut: repeat" in title_of(view)
-        stored = store.messages(screen.conversation_id)[-1]
+        stored = store.conversations.messages(screen.conversation_id)[-1]
         assert stored.meta["cut"] == "repeat" and not stored.content.endswith(CUT_MARKS["repeat"])
         md = conversation_markdown(store, screen.conversation_id)
         assert stored.content + CUT_MARKS["repeat"] in md and "cut: repeat)" in md
@@ -375,7 +375,7 @@ def test_ask_scale_2_on_an_empty_profile_is_the_base_answer_and_says_why(p2p_hom
     from p2p_local.cli import main
 
     with Store() as s:
-        s.create_profile("newbie", task=EMAIL)
+        s.profiles.create_profile("newbie", task=EMAIL)
     query = "hey, cant make it to the meeting tmrw"
     assert main(["ask", query, "--profile", "newbie", "--scale", "2", "--json"]) == 0
     strong = json.loads(capsys.readouterr().out)
@@ -401,7 +401,7 @@ async def test_strength_on_a_task_without_items_shows_the_base_answered_and_why(
         assert "personalized" not in title_of(view)
         assert "base model answers" in screen.adapter_note
         assert "base model answers" in str(screen.query_one("#status").render())
-        assert store.messages(screen.conversation_id)[-1].meta["empty"] is True
+        assert store.conversations.messages(screen.conversation_id)[-1].meta["empty"] is True
         md = conversation_markdown(store, screen.conversation_id)
         assert "base model: no items of this task in the profile, no adapter" in md
 
@@ -418,17 +418,17 @@ async def test_rename_and_delete_a_conversation_from_the_palette_and_the_list(fa
         assert conversation_export_path(first).is_file()
         screen.action_rename()
         await answer_question(pilot, "rename", "Fruit talk")
-        assert store.get_conversation(first).title == "Fruit talk"
+        assert store.conversations.get_conversation(first).title == "Fruit talk"
 
         screen.action_delete_conversation()
         await answer_question(pilot, "delete", "no")  # not confirmed: nothing happens
-        assert store.get_conversation(first).n_messages == 2
+        assert store.conversations.get_conversation(first).n_messages == 2
         screen.action_delete_conversation()
         await answer_question(pilot, "delete", "yes")
         assert screen.conversation_id is None and not replies(app)
-        assert all(c.id != first for c in store.conversations())
+        assert all(c.id != first for c in store.conversations.all())
         n = store.conn.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (first,)).fetchone()[0]
-        assert n == 0 and store.search_messages("kiwi") == [] and not conversation_export_path(first).exists()
+        assert n == 0 and store.conversations.search_messages("kiwi") == [] and not conversation_export_path(first).exists()
 
         # From the conversation list: F2 renames the highlighted one, Del deletes it (the open one too).
         await send(pilot, "second one")
@@ -439,12 +439,12 @@ async def test_rename_and_delete_a_conversation_from_the_palette_and_the_list(fa
         await pilot.press("down")  # into the results
         await pilot.press("f2")
         await answer_question(pilot, "rename", "Renamed in the list")
-        assert store.get_conversation(second).title == "Renamed in the list"
+        assert store.conversations.get_conversation(second).title == "Renamed in the list"
         assert app.screen is history and "Renamed in the list" in str(
             history.query_one("#results", OptionList).get_option_at_index(0).prompt)
         await pilot.press("delete")
         await answer_question(pilot, "delete", "yes")
-        assert app.screen is history and store.conversations() == []
+        assert app.screen is history and store.conversations.all() == []
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
         assert screen.conversation_id is None  # the open conversation was the one deleted
@@ -464,7 +464,7 @@ async def test_deleting_the_conversation_while_it_streams_keeps_nothing_of_it(fa
         await answer_question(pilot, "delete", "yes")
         await until(pilot, lambda: not screen.busy, "the reply to stop")
         assert fake.closed == 1 and screen.conversation_id is None and app.is_running
-        assert all(c.id != conv for c in store.conversations())
+        assert all(c.id != conv for c in store.conversations.all())
         assert store.conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
 
 
@@ -479,20 +479,20 @@ async def test_system_prompt_and_strength_are_the_conversations_own(fake, store)
         await send(pilot, "hi")
         assert fake.calls[-1]["system"] == "Answer in French."
         conv = screen.conversation_id
-        assert store.get_conversation(conv).system_prompt == "Answer in French."
+        assert store.conversations.get_conversation(conv).system_prompt == "Answer in French."
         screen.task_name = "movielens-rating"  # task answers keep their task's prompt
         await send(pilot, "Heat (1995) | Genres: Action|Crime|Thriller")
         assert fake.calls[-1]["system"] == ""
         await pilot.press("ctrl+up")
-        assert store.get_conversation(conv).scale == 1.25
+        assert store.conversations.get_conversation(conv).scale == 1.25
         screen.action_system_prompt()  # changed within the conversation
         await answer_question(pilot, "system prompt", "Answer like a pirate.")
-        assert store.get_conversation(conv).system_prompt == "Answer like a pirate."
+        assert store.conversations.get_conversation(conv).system_prompt == "Answer like a pirate."
         await pilot.press("ctrl+n")  # a new conversation starts without
         assert screen.system_prompt == ""
         screen.task_name = None
         await send(pilot, "hello")
-        assert fake.calls[-1]["system"] == "" and store.get_conversation(screen.conversation_id).system_prompt == ""
+        assert fake.calls[-1]["system"] == "" and store.conversations.get_conversation(screen.conversation_id).system_prompt == ""
         assert "(system prompt" not in conversation_markdown(store, screen.conversation_id)
         assert "_system prompt (free chat): Answer like a pirate._" in conversation_markdown(store, conv)
         await screen.load_conversation(conv)  # reopened: its own settings come back
@@ -520,29 +520,29 @@ def test_store_rename_settings_delete_and_the_upgrade(p2p_home):
 
     assert available_upgrades()[-1].name == "conversation_settings"
     with Store() as s:
-        s.create_profile("alice", task="movielens-rating")
-        keep = s.new_conversation("alice", "keep")
-        s.add_message(keep, "user", "keep this apple")
-        conv = s.new_conversation("alice", "  two\nlines  ", system_prompt=" Be brief. ", scale=1.5)
-        s.add_message(conv, "user", "an apple a day")
-        s.add_message(conv, "assistant", "keeps the doctor away", {"model": "gemma3-270m"})
-        got = s.get_conversation(conv)
+        s.profiles.create_profile("alice", task="movielens-rating")
+        keep = s.conversations.new_conversation("alice", "keep")
+        s.conversations.add_message(keep, "user", "keep this apple")
+        conv = s.conversations.new_conversation("alice", "  two\nlines  ", system_prompt=" Be brief. ", scale=1.5)
+        s.conversations.add_message(conv, "user", "an apple a day")
+        s.conversations.add_message(conv, "assistant", "keeps the doctor away", {"model": "gemma3-270m"})
+        got = s.conversations.get_conversation(conv)
         assert (got.title, got.system_prompt, got.scale) == ("two lines", "Be brief.", 1.5)
-        s.rename_conversation(conv, "Apples")
-        s.set_conversation_settings(conv, system_prompt="")
-        s.set_conversation_settings(conv, scale=0.5)
-        got = s.get_conversation(conv)
+        s.conversations.rename_conversation(conv, "Apples")
+        s.conversations.set_conversation_settings(conv, system_prompt="")
+        s.conversations.set_conversation_settings(conv, scale=0.5)
+        got = s.conversations.get_conversation(conv)
         assert (got.title, got.system_prompt, got.scale) == ("Apples", "", 0.5)
         with pytest.raises(Exception, match="strength"):
-            s.set_conversation_settings(conv, scale=-1)
+            s.conversations.set_conversation_settings(conv, scale=-1)
         path = conversation_export_path(conv)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("exported")
-        assert s.delete_conversation(conv) == 2
-        assert [c.id for c in s.conversations()] == [keep] and not path.exists()
-        assert [m.content for m in s.search_messages("apple")] == ["keep this apple"]
+        assert s.conversations.delete_conversation(conv) == 2
+        assert [c.id for c in s.conversations.all()] == [keep] and not path.exists()
+        assert [m.content for m in s.conversations.search_messages("apple")] == ["keep this apple"]
         with pytest.raises(Exception, match="no conversation"):
-            s.messages(conv)
+            s.conversations.messages(conv)
     # A store of the version before: its conversations get the defaults.
     older = p2p_home / "older.db"
     con = sqlite3.connect(older, isolation_level=None)

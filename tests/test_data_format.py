@@ -167,10 +167,10 @@ def test_the_commit_task_keeps_its_former_name_as_an_alias(tmp_path) -> None:
     conn.commit()
     conn.close()
     with Store(db) as s:
-        assert s.get_profile("me").task == "commit-subject"
-        assert [i.task for i in s.items("me")] == ["commit-subject"]
-        s.add_item("me", "pytest-commit-subject", "files: b.py", "Fix b")
-        assert s.task_counts("me") == {"commit-subject": 2}
+        assert s.profiles.get_profile("me").task == "commit-subject"
+        assert [i.task for i in s.profiles.items("me")] == ["commit-subject"]
+        s.profiles.add_item("me", "pytest-commit-subject", "files: b.py", "Fix b")
+        assert s.profiles.task_counts("me") == {"commit-subject": 2}
 
 
 def test_samples_and_split_key_no_cached_result():

@@ -46,7 +46,7 @@ def test_forget_while_the_adapter_is_written_leaves_nothing(session, monkeypatch
     forget["thread"].join(30)
     assert forget["waited"], "the forget did not wait for the adapter being written"
     assert forget["report"].adapters == 1 and forget["report"].files_removed >= 1
-    assert not Store().profile_exists("demo")
+    assert not Store().profiles.profile_exists("demo")
     assert leftovers() == []
 
 
@@ -72,7 +72,7 @@ def test_forget_in_another_process_waits_for_the_profiles_lock(p2p_home):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(2.0)
             assert proc.poll() is None, proc.communicate()
-            assert s.profile_exists("demo")
+            assert s.profiles.profile_exists("demo")
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "forgot 'demo'" in out and not s.profile_exists("demo")
+        assert "forgot 'demo'" in out and not s.profiles.profile_exists("demo")

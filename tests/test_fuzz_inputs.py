@@ -252,9 +252,9 @@ def test_fuzz_cli_arguments(p2p_home, tmp_path_factory, capsys, action: str, wor
     from p2p_local.store import Store
 
     with Store() as s:  # something for the commands to act on
-        if not s.profile_exists("alice"):
-            s.create_profile("alice", task="movielens-rating")
-            s.add_item("alice", None, "Heat (1995)", "5", time=1_700_000_000)
+        if not s.profiles.profile_exists("alice"):
+            s.profiles.create_profile("alice", task="movielens-rating")
+            s.profiles.add_item("alice", None, "Heat (1995)", "5", time=1_700_000_000)
     os.chdir(tmp_path_factory.mktemp("cwd"))  # a relative -o writes here, never into the repo
     try:
         code = main(["profile", action, *words])

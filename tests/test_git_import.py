@@ -101,14 +101,14 @@ def test_git_import_idempotent_and_dry_run(repo: Path, p2p_home: Path, capsys):
     assert "1 merges skipped" in out and "1 other authors skipped" in out
     assert out.count("  ->  ") == 3  # three sample items
     with Store() as s:
-        assert not s.profile_exists("me")  # a dry run creates nothing
+        assert not s.profiles.profile_exists("me")  # a dry run creates nothing
     assert main(["profile", "import", "me", "--git", str(repo), "--create"]) == 0
     assert "imported 4 items" in capsys.readouterr().out
     assert main(["profile", "import", "me", "--git", str(repo)]) == 0
     assert "imported 0 items" in capsys.readouterr().out
     with Store() as s:
-        assert s.count_items("me") == 4
-        assert s.get_profile("me").task == COMMIT_TASK
+        assert s.profiles.count_items("me") == 4
+        assert s.profiles.get_profile("me").task == COMMIT_TASK
         res = import_git(s, "me", repo, authors=[OTHER[1]])  # Bob's one commit is new
         assert (res.imported, res.duplicates) == (1, 0)
         res = import_git(s, "me", repo, authors=[ME[1], OTHER[1]], dry_run=True)
@@ -145,12 +145,12 @@ def test_letterboxd_with_movielens_genres(tmp_path: Path, p2p_home: Path, shared
     f = tmp_path / "ratings.csv"
     f.write_text(LETTERBOXD)
     with Store() as s:
-        s.create_profile("lb")
+        s.profiles.create_profile("lb")
         res = import_file(s, "lb", f, movies=movies)
         assert (res.format, res.task, res.imported) == ("letterboxd", "movielens-rating", 4)
         assert any("3 titles matched" in n and "1 without a match" in n for n in res.notes)
         assert any("1 watched but unrated" in n for n in res.notes)
-        items = s.items("lb")
+        items = s.profiles.items("lb")
     by_out = {i.input: i.output for i in items}
     assert by_out["American President, The (1995) | Genres: Comedy|Drama|Romance"] == "5"  # 4.5 rounds up
     assert by_out["Heat (1995) | Genres: Action|Crime|Thriller"] == "5"
@@ -171,7 +171,7 @@ def test_letterboxd_bad_rows(tmp_path: Path, p2p_home: Path):
     f = tmp_path / "lb.csv"
     f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,nine\n")
     with Store() as s:
-        s.create_profile("x")
+        s.profiles.create_profile("x")
         with pytest.raises(DataError, match=r"lb.csv:2: rating 'nine' is not a Letterboxd rating"):
             import_file(s, "x", f)
         # Absurd ratings, malformed years (int() of "²" or of 5000 digits raised: exit 70), NUL in a name.
@@ -190,7 +190,7 @@ def test_letterboxd_bad_rows(tmp_path: Path, p2p_home: Path):
                 import_file(s, "x", f)
         f.write_text("Date,Name,Year,Rating\n2023-01-01,Heat,1995,4.5\n2023-01-02,Up,,5\n")
         assert import_file(s, "x", f).imported == 2
-        assert s.count_items("x") == 2
+        assert s.profiles.count_items("x") == 2
 
 
 def test_title_matching(shared_data: Path):

@@ -38,12 +38,12 @@ def test_movielens_real_user_import(store: Store, shared_data: Path):
     rows = _real_user_rows(ratings, user)
     assert any(float(r["rating"]) % 1 for r in rows)
 
-    store.create_profile("ml3")
+    store.profiles.create_profile("ml3")
     res = import_file(store, "ml3", ratings, user=user)  # movies.csv found beside it
     assert (res.format, res.user_id, res.task, res.imported) == ("movielens", user, "movielens-rating", len(rows))
-    items = store.items("ml3")
+    items = store.profiles.items("ml3")
     assert len(items) == len(rows)
-    assert store.get_profile("ml3").task == "movielens-rating"
+    assert store.profiles.get_profile("ml3").task == "movielens-rating"
     assert [i.time for i in items] == sorted(i.time for i in items)
 
     expected = {int(r["movieId"]): str(math.ceil(float(r["rating"]))) for r in rows}
@@ -209,33 +209,33 @@ def test_parse_time():
 
 # --- into the store ------------------------------------------------------------------------------
 def test_failed_import_leaves_profile_untouched(store: Store, tmp_path: Path):
-    store.create_profile("alice", task="t")
-    store.add_item("alice", None, "kept", "1")
+    store.profiles.create_profile("alice", task="t")
+    store.profiles.add_item("alice", None, "kept", "1")
     lines = [json.dumps({"input": f"i{k}", "output": "o"}) for k in range(500)] + ['{"input": "x"}']
     f = _write(tmp_path / "big.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"big\.jsonl:501"):
         import_file(store, "alice", f)
-    assert [i.input for i in store.items("alice")] == ["kept"]
+    assert [i.input for i in store.profiles.items("alice")] == ["kept"]
 
 
 def test_import_task_resolution(store: Store, tmp_path: Path):
     f = _write(tmp_path / "h.csv", "input,output,task\na,1,\nb,2,own\n")
-    store.create_profile("p")
+    store.profiles.create_profile("p")
     from p2p_local.errors import StoreError
 
     with pytest.raises(StoreError, match="no default task"):
         import_file(store, "p", f)  # neither the file, --task nor the profile names a task for "a"
-    assert store.count_items("p") == 0
+    assert store.profiles.count_items("p") == 0
     import_file(store, "p", f, task="cli")
-    assert store.task_counts("p") == {"cli": 1, "own": 1}
-    assert store.get_profile("p").task == "cli"
+    assert store.profiles.task_counts("p") == {"cli": 1, "own": 1}
+    assert store.profiles.get_profile("p").task == "cli"
 
 
 def test_a_file_import_reports_its_stages(store: Store, tmp_path: Path):
     """A long import is never silent: the CLI shows these stages for large files on a terminal."""
     path = _write(tmp_path / "items.jsonl", "".join(
         json.dumps({"input": f"q{i}", "output": "4", "time": 1.6e9 + i}) + "\n" for i in range(50)))
-    store.create_profile("p", task="movielens-rating")
+    store.profiles.create_profile("p", task="movielens-rating")
     stages: list[str] = []
     import_file(store, "p", path, progress=stages.append)
     assert stages == ["reading items.jsonl", "50 items read; checking and writing them"]

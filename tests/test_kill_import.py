@@ -32,7 +32,7 @@ def rows():
         yield item
 
 with Store() as s:
-    s.add_items("alice", rows())
+    s.profiles.add_items("alice", rows())
 print("DONE", flush=True)
 """
 
@@ -94,14 +94,15 @@ def test_sigkill_mid_import_loses_nothing_committed_and_adds_nothing(p2p_home: P
 CHUNKED = """
 import contextlib
 import p2p_local.store.db as db
+import p2p_local.store.profiles as profiles
 db.Store.transaction = lambda self: contextlib.nullcontext(self.conn)  # the import's one transaction, gone
-real = db.Store.add_items
+real = profiles.ProfileStore.add_items
 def add_items(self, profile, items, task=None):
     items, n, batch = list(items), 0, 5000
     for i in range(0, len(items), batch):
         n += real(self, profile, items[i:i + batch], task)
     return n
-db.Store.add_items = add_items
+profiles.ProfileStore.add_items = add_items
 """
 
 

@@ -56,12 +56,12 @@ def test_a_fifth_task_from_the_users_own_card_end_to_end(files, tmp_path: Path, 
     assert main(["profile", "create", "reader", "--task-card", str(card)]) == 0
     assert "stored in this data dir" in capsys.readouterr().out
     with Store() as s:
-        assert s.get_profile("reader").task == TASK and s.task_card(TASK) == TaskCard.load(card)
-        assert TASK in s.task_names()
+        assert s.profiles.get_profile("reader").task == TASK and s.task_cards.task_card(TASK) == TaskCard.load(card)
+        assert TASK in s.task_cards.task_names()
     assert main(["profile", "import", "reader", str(users), "--user", "sf-fan"]) == 0
     assert f"task {TASK}" in capsys.readouterr().out
     with Store() as s:
-        assert s.count_items("reader", task=TASK) == len(BOOKS)
+        assert s.profiles.count_items("reader", task=TASK) == len(BOOKS)
 
     assert main(["personalize", "reader", "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
@@ -104,7 +104,7 @@ def test_a_users_card_is_checked_and_cannot_take_a_builtin_name(files, tmp_path:
     assert main(["profile", "create", "x", "--task-card", str(bad)]) == DataError.exit_code  # TaskCard's rules
     assert "{input}" in capsys.readouterr().err
     with Store() as s:
-        assert not s.profile_exists("x") and s.stored_cards() == {}  # neither card nor profile was kept
+        assert not s.profiles.profile_exists("x") and s.task_cards.stored_cards() == {}  # neither card nor profile was kept
 
     assert main(["profile", "create", "a", "--task-card", str(card)]) == 0
     assert main(["profile", "create", "b", "--task-card", str(card)]) == 0  # the same card again: shared
@@ -113,7 +113,7 @@ def test_a_users_card_is_checked_and_cannot_take_a_builtin_name(files, tmp_path:
     assert main(["profile", "create", "c", "--task-card", str(other)]) == StoreError.exit_code
     capsys.readouterr()
     with Store() as s:
-        assert not s.profile_exists("c")
+        assert not s.profiles.profile_exists("c")
     # The card's labels hold at import as for a built-in rating task.
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"user_id": "u", "items": [{"input": "Emma", "output": "7"}]}) + "\n")
@@ -126,13 +126,13 @@ def test_a_users_card_is_checked_and_cannot_take_a_builtin_name(files, tmp_path:
     # The card goes with the last profile that uses it.
     assert main(["profile", "forget", "a", "--yes"]) == 0
     with Store() as s:
-        assert s.task_card(TASK).name == TASK
+        assert s.task_cards.task_card(TASK).name == TASK
     assert main(["profile", "forget", "b", "--yes"]) == 0
     with Store() as s:
-        assert s.stored_cards() == {}
+        assert s.task_cards.stored_cards() == {}
         with pytest.raises(UsageError, match="unknown task"):
-            s.task_card(TASK)
-        assert s.task_card("movielens-rating") == builtin_card("movielens-rating")
+            s.task_cards.task_card(TASK)
+        assert s.task_cards.task_card("movielens-rating") == builtin_card("movielens-rating")
 
 
 @pytest.mark.asyncio

@@ -27,11 +27,11 @@ def test_personalize_writes_caches_and_regenerates_when_stale(session: Session) 
     assert session.engine.active[0].path == r1.adapter_path
     r2 = session.personalize("demo", query=Q)
     assert r2.cached and r2.adapter_path == r1.adapter_path
-    session.store.add_item("demo", "movielens-rating", "Alien (1979) | Genres: Horror|Sci-Fi", "5", time=2e9)
-    assert session.store.get_profile("demo").adapter_stale
+    session.store.profiles.add_item("demo", "movielens-rating", "Alien (1979) | Genres: Horror|Sci-Fi", "5", time=2e9)
+    assert session.store.profiles.get_profile("demo").adapter_stale
     r3 = session.personalize("demo", query=Q)
     assert not r3.cached and r3.fingerprint != r1.fingerprint
-    assert not session.store.get_profile("demo").adapter_stale
+    assert not session.store.profiles.get_profile("demo").adapter_stale
 
 
 def test_adapter_matches_what_the_bundle_generates(session: Session) -> None:
@@ -47,7 +47,7 @@ def test_adapter_matches_what_the_bundle_generates(session: Session) -> None:
 
 
 def test_empty_profile_gets_the_neutral_adapter_and_says_so(session: Session) -> None:
-    session.store.create_profile("newbie", task="movielens-rating")
+    session.store.profiles.create_profile("newbie", task="movielens-rating")
     r = session.personalize("newbie", query=Q)
     assert r.empty and r.n_items == 0 and r.adapter_path.is_file()
 
@@ -133,7 +133,7 @@ def test_a_cached_adapter_llama_cpp_would_refuse_is_made_again(session: Session)
     session.engine.use(None)
     bad = first.adapter_path
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    session.store.record_adapter("demo", first.fingerprint, session.bundle.sha256, bad)  # checksum of the bad bytes
+    session.store.adapters.record_adapter("demo", first.fingerprint, session.bundle.sha256, bad)  # checksum of the bad bytes
     with pytest.warns(UserWarning, match="regenerated"):
         again = session.personalize("demo", "movielens-rating", query=Q)
     assert not again.cached and again.adapter_path.stat().st_size > 1000

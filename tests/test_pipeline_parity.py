@@ -89,7 +89,7 @@ def _as_replayed(store, name: str, user: User, i: int, repo: Path) -> tuple[User
     from p2p_local.data.format import Item
     from p2p_local.gitlog import staged_diff
 
-    stored = store.items(name, "commit-subject")
+    stored = store.profiles.items(name, "commit-subject")
     assert [s.output for s in stored] == [it.output for it in user.items[:i]]
     items = [Item(it.input, it.output, it.time, {**{k: v for k, v in it.meta.items() if k != "diff"},
                                                   **({"diff": s.meta["diff"]} if s.meta.get("diff") else {})})
@@ -105,7 +105,7 @@ def _as_replayed(store, name: str, user: User, i: int, repo: Path) -> tuple[User
 def _import(store, name: str, task: str, user: User, history_n: int, shared: Path, tmp: Path) -> Path | None:
     """Import the user's first `history_n` items as a user would: their own file, `p2p profile import`
     (a commit author: their replayed repository, returned)."""
-    store.create_profile(name, task=task)
+    store.profiles.create_profile(name, task=task)
     if task == "movielens-rating":
         # MovieLens' own files: this user's rows, in file order, up to the held-out one.
         src = shared / "movielens-latest-small"

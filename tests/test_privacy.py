@@ -102,7 +102,7 @@ FLOW = textwrap.dedent(
                         break
                 await pilot.pause()
                 views = [v for v in screen.query(MessageView) if v.role == "assistant"]
-                stored = session.store.messages(screen.conversation_id)
+                stored = session.store.conversations.messages(screen.conversation_id)
                 await pilot.press("ctrl+s")  # export the chat (forget must remove it too)
                 await pilot.pause()
                 return {"reply": views[-1].text if views else None, "stored": [m.role for m in stored]}

@@ -161,9 +161,9 @@ def test_forget_yes_removes_adapter_files(p2p_home: Path, capsys):
 
     main(["profile", "create", "alice", "--task", "t"])
     with Store() as s:
-        f = s.adapter_dir("alice") / "abc.gguf"
+        f = s.adapters.adapter_dir("alice") / "abc.gguf"
         f.write_bytes(b"GGUF")
-        s.record_adapter("alice", "abc", "bundle", f)
+        s.adapters.record_adapter("alice", "abc", "bundle", f)
     assert f.resolve().is_relative_to(p2p_home.resolve())  # profile data stays under the data dir
     report = _json(capsys, ["profile", "forget", "alice", "--yes"])
     assert report["adapters"] == 1 and report["files_removed"] == 1

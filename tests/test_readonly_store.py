@@ -38,16 +38,16 @@ def test_a_readonly_store_reads_and_refuses_writes(filled: Path) -> None:
     before = _digest(filled)
     with Store(readonly=True) as s:
         assert s.readonly
-        assert [p.name for p in s.list_profiles()] == ["alice"]
-        assert s.export_profile("alice")["items"][0]["output"] == "5"
-        for write in (lambda: s.add_item("alice", None, "Up (2009)", "4"), lambda: s.create_profile("bob"),
-                      lambda: s.forget_profile("alice"), lambda: s.new_conversation("alice")):
+        assert [p.name for p in s.profiles.list_profiles()] == ["alice"]
+        assert s.profiles.export_profile("alice")["items"][0]["output"] == "5"
+        for write in (lambda: s.profiles.add_item("alice", None, "Up (2009)", "4"), lambda: s.profiles.create_profile("bob"),
+                      lambda: s.forget_profile("alice"), lambda: s.conversations.new_conversation("alice")):
             with pytest.raises(StoreError, match="read-only") as e:
                 write()
             assert "P2P_HOME" in e.value.hint
     assert _digest(filled) == before
     with Store() as s:  # writable again: the default detects it
-        assert not s.readonly and s.count_items("alice") == 1
+        assert not s.readonly and s.profiles.count_items("alice") == 1
 
 
 def test_writability_is_detected(tmp_path: Path, monkeypatch) -> None:

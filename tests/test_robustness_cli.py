@@ -133,11 +133,11 @@ def test_forget_removes_exported_chats(p2p_home: Path) -> None:
     from p2p_local.tui.chat_export import export_conversation
 
     with Store() as s:
-        s.create_profile("alice", task="t")
-        s.create_profile("bob", task="t")
-        mine = s.new_conversation("alice", "secret chat")
-        s.add_message(mine, "user", "my secret")
-        theirs = s.new_conversation("bob", "bob's chat")
+        s.profiles.create_profile("alice", task="t")
+        s.profiles.create_profile("bob", task="t")
+        mine = s.conversations.new_conversation("alice", "secret chat")
+        s.conversations.add_message(mine, "user", "my secret")
+        theirs = s.conversations.new_conversation("bob", "bob's chat")
         mine_md, theirs_md = export_conversation(s, mine), export_conversation(s, theirs)
         s.forget_profile("alice")
     assert not mine_md.exists()

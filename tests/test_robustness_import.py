@@ -18,8 +18,8 @@ from p2p_local.store import Store
 @pytest.fixture
 def store(p2p_home: Path):
     s = Store()
-    s.create_profile("alice", task="movielens-rating")
-    s.create_profile("gen", task="commit-subject")
+    s.profiles.create_profile("alice", task="movielens-rating")
+    s.profiles.create_profile("gen", task="commit-subject")
     yield s
     s.close()
 
@@ -30,10 +30,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def refused(store: Store, path: Path, match: str, profile: str = "alice", **kw) -> DataError:
-    before = store.count_items(profile)
+    before = store.profiles.count_items(profile)
     with pytest.raises(DataError, match=match) as e:
         import_file(store, profile, path, **kw)
-    assert store.count_items(profile) == before  # all or nothing
+    assert store.profiles.count_items(profile) == before  # all or nothing
     return e.value
 
 
@@ -116,13 +116,13 @@ def test_profile_add_and_import_agree_on_times() -> None:
 def test_the_store_refuses_poison_times_too(store: Store) -> None:
     for bad in (float("inf"), float("nan"), 1e300, -1e300):
         with pytest.raises(StoreError, match="time"):
-            store.add_item("alice", None, "a", "5", time=bad)
+            store.profiles.add_item("alice", None, "a", "5", time=bad)
 
 
 @pytest.mark.parametrize("name", ["alice\n", "alice\r\n", " alice", "a/b", "", "x" * 65, "a\x00"])
 def test_profile_names_match_whole_strings(store: Store, name: str) -> None:
     with pytest.raises(P2PError):
-        store.create_profile(name)
+        store.profiles.create_profile(name)
 
 
 def test_imported_profile_shows_and_round_trips(store: Store, tmp_path: Path, capsys) -> None:
@@ -134,7 +134,7 @@ def test_imported_profile_shows_and_round_trips(store: Store, tmp_path: Path, ca
     assert main(["profile", "show", "alice"]) == 0
     out = tmp_path / "alice.json"
     assert main(["profile", "export", "alice", "-o", str(out)]) == 0
-    store.create_profile("copy", task="movielens-rating")
+    store.profiles.create_profile("copy", task="movielens-rating")
     assert import_file(store, "copy", out).imported == 2
 
 

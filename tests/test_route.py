@@ -69,7 +69,7 @@ def test_ask_free_chat_and_the_profile_rule(session, routed, capsys) -> None:
     assert routed[-1][1].free_chat and routed[-1][1].about  # the demo's summary in the prompt
     with pytest.raises(UsageError, match="no profile holds commit-subject items"):
         session.choose(None, "commit-subject")  # the demo rates movies: never answers a commit from them
-    session.store.create_profile("me", task="commit-subject")
+    session.store.profiles.create_profile("me", task="commit-subject")
     assert session.choose(None, "commit-subject") == ("me", "commit-subject")
     with pytest.raises(UsageError, match="several profiles exist: .*demo.*me"):
         session.choose(None, None)
@@ -80,8 +80,8 @@ def test_ask_free_chat_and_the_profile_rule(session, routed, capsys) -> None:
 def test_the_hook_proposes_the_routes_answer(session, routed) -> None:
     from p2p_local import hook
 
-    session.store.create_profile("me", task="commit-subject")
-    session.store.add_item("me", "commit-subject", "files: src/app.py", "Fix the app", time=1.0)
+    session.store.profiles.create_profile("me", task="commit-subject")
+    session.store.profiles.add_item("me", "commit-subject", "files: src/app.py", "Fix the app", time=1.0)
     proposal = hook.propose("files: src/app.py, src/cli.py", "me", "commit-subject")
     [(_, request, answer)] = routed
     assert proposal.lines[0] == answer.text and request.card.name == "commit-subject" and answer.personalization
@@ -92,10 +92,10 @@ def test_a_commit_answer_shows_the_authors_own_commits_first(session, routed, ca
     """The commit card's default is P2P + retrieval: personalized, the prompt holds the author's two
     nearest commits (BM25) in the card's own format before the query, and `--json` says how many; the base
     model (`--base`) gets the query alone."""
-    session.store.create_profile("me", task="commit-subject")
+    session.store.profiles.create_profile("me", task="commit-subject")
     for i, (inp, out) in enumerate([("files: src/app.py", "fix the app"), ("files: docs/index.md", "docs: typo"),
                                     ("files: src/cli.py", "cli: add --json"), ("files: setup.cfg", "bump")]):
-        session.store.add_item("me", "commit-subject", inp, out, time=float(i))
+        session.store.profiles.add_item("me", "commit-subject", inp, out, time=float(i))
     card = builtin_card("commit-subject")
     assert main(["ask", "files: src/app.py, src/cli.py", "--profile", "me", "--task", "commit-subject",
                  "--max-tokens", "8", "--json"]) == 0
@@ -134,7 +134,7 @@ def test_the_evaluations_methods_answer_through_the_route(session, routed, evalu
     from p2p_local.data.format import Item, User
 
     card, engine = builtin_card(TASK), session.engine
-    user = User("demo", [Item(r.input, r.output, r.time, r.meta) for r in session.store.items("demo", task=TASK)][-12:])
+    user = User("demo", [Item(r.input, r.output, r.time, r.meta) for r in session.store.profiles.items("demo", task=TASK)][-12:])
     q = Query(user.user_id, 0, user.items[:-1], user.items[-1])
     ctx = EvalContext(card=card, train=[], users=[user], queries={user.user_id: [q]}, options=MethodOptions(),
                       run_dir=tmp_path, task=TASK, _engine=engine)

@@ -28,7 +28,7 @@ def _raw(path: Path) -> sqlite3.Connection:
 def test_store_file_is_private_wal_and_under_data_dir(store: Store, p2p_home: Path):
     assert store.path == paths.store_path()
     assert store.path.resolve().parent == p2p_home.resolve()
-    store.create_profile("alice", task="t")
+    store.profiles.create_profile("alice", task="t")
     for f in p2p_home.glob("p2p.sqlite3*"):  # the db and its -wal/-shm companions
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -66,9 +66,9 @@ def test_old_version_database_is_upgraded_keeping_its_data(p2p_home: Path):
     with Store(path) as s:  # opening upgrades it
         versions = [r[0] for r in s.conn.execute("SELECT version FROM schema_upgrades ORDER BY version")]
         assert versions == [u.version for u in available_upgrades()]
-        assert s.count_items("old") == 1
-        assert s.has_fts
-        hits = s.search_messages("zebra")  # written before the FTS upgrade, indexed by it
+        assert s.profiles.count_items("old") == 1
+        assert s.db.has_fts
+        hits = s.conversations.search_messages("zebra")  # written before the FTS upgrade, indexed by it
         assert [m.content for m in hits] == ["zebra crossing"]
 
 
@@ -110,84 +110,84 @@ def test_corrupt_store_file_gives_store_error(p2p_home: Path):
 
 # --- profiles and items --------------------------------------------------------------------------
 def test_profile_create_get_list_and_errors(store: Store):
-    p = store.create_profile("alice", task="movielens-rating")
+    p = store.profiles.create_profile("alice", task="movielens-rating")
     assert (p.name, p.task, p.n_items, p.adapter_stale) == ("alice", "movielens-rating", 0, True)
-    store.create_profile("bob")
-    assert [x.name for x in store.list_profiles()] == ["alice", "bob"]
+    store.profiles.create_profile("bob")
+    assert [x.name for x in store.profiles.list_profiles()] == ["alice", "bob"]
     with pytest.raises(StoreError, match="already exists"):
-        store.create_profile("alice")
+        store.profiles.create_profile("alice")
     with pytest.raises(StoreError, match="no profile named 'alicia'") as e:
-        store.get_profile("alicia")
+        store.profiles.get_profile("alicia")
     assert "alice" in e.value.hint
     for bad in ("", "a b", "../x", "x" * 65, "-x"):
         with pytest.raises(StoreError, match="invalid profile name"):
-            store.create_profile(bad)
+            store.profiles.create_profile(bad)
 
 
 def test_items_add_edit_delete_history_and_stale_flag(store: Store):
-    store.create_profile("alice", task="t")
-    store.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")
-    assert not store.get_profile("alice").adapter_stale
+    store.profiles.create_profile("alice", task="t")
+    store.adapters.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")
+    assert not store.profiles.get_profile("alice").adapter_stale
 
-    it = store.add_item("alice", None, "Heat (1995)", "5", time=100.0, meta={"movie_id": 6})
+    it = store.profiles.add_item("alice", None, "Heat (1995)", "5", time=100.0, meta={"movie_id": 6})
     assert (it.task, it.time, it.meta) == ("t", 100.0, {"movie_id": 6})
-    assert store.get_profile("alice").adapter_stale  # any item change marks the adapter stale
+    assert store.profiles.get_profile("alice").adapter_stale  # any item change marks the adapter stale
 
-    store.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")  # clears the flag
-    edited = store.edit_item(it.id, output="4", task="other")
+    store.adapters.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")  # clears the flag
+    edited = store.profiles.edit_item(it.id, output="4", task="other")
     assert (edited.output, edited.task, edited.input) == ("4", "other", "Heat (1995)")
-    assert store.get_profile("alice").adapter_stale
+    assert store.profiles.get_profile("alice").adapter_stale
 
-    store.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")  # clears the flag
-    store.delete_item(it.id)
-    assert store.get_profile("alice").adapter_stale
-    assert store.count_items("alice") == 0
+    store.adapters.record_adapter("alice", "fp", "bundle", paths.adapters_dir() / "a.gguf")  # clears the flag
+    store.profiles.delete_item(it.id)
+    assert store.profiles.get_profile("alice").adapter_stale
+    assert store.profiles.count_items("alice") == 0
 
-    h = store.item_history(it.id)  # survives the item
+    h = store.profiles.item_history(it.id)  # survives the item
     assert [e.action for e in h] == ["add", "edit", "delete"]
     assert h[0].old is None and h[0].new["output"] == "5" and h[0].new["meta"] == {"movie_id": 6}
     assert h[1].old["output"] == "5" and h[1].new["output"] == "4" and h[1].new["task"] == "other"
     assert h[2].old["output"] == "4" and h[2].new is None
 
     with pytest.raises(StoreError, match="no item"):
-        store.edit_item(it.id, output="3")
+        store.profiles.edit_item(it.id, output="3")
     with pytest.raises(StoreError, match="cannot edit"):
-        store.edit_item(1, profile_id=2)
+        store.profiles.edit_item(1, profile_id=2)
 
 
 def test_item_without_any_task_is_refused(store: Store):
-    store.create_profile("notask")
+    store.profiles.create_profile("notask")
     with pytest.raises(StoreError, match="no default task"):
-        store.add_item("notask", None, "a", "b")
-    assert store.count_items("notask") == 0
-    store.add_item("notask", "notes", "a", "b")
-    assert store.task_counts("notask") == {"notes": 1}
+        store.profiles.add_item("notask", None, "a", "b")
+    assert store.profiles.count_items("notask") == 0
+    store.profiles.add_item("notask", "notes", "a", "b")
+    assert store.profiles.task_counts("notask") == {"notes": 1}
 
 
 def test_add_items_is_all_or_nothing(store: Store):
-    store.create_profile("alice", task="t")
-    store.add_items("alice", [NewItem("a", "1", 1.0)])
+    store.profiles.create_profile("alice", task="t")
+    store.profiles.add_items("alice", [NewItem("a", "1", 1.0)])
 
     def items():
         yield NewItem("b", "2", 2.0)
         yield NewItem("c", "", 3.0)  # invalid: empty output
 
     with pytest.raises(StoreError, match="output"):
-        store.add_items("alice", items())
-    assert [i.input for i in store.items("alice")] == ["a"]
+        store.profiles.add_items("alice", items())
+    assert [i.input for i in store.profiles.items("alice")] == ["a"]
     assert store.conn.execute("SELECT COUNT(*) FROM item_history").fetchone()[0] == 1
 
 
 def test_items_order_limit_task_filter_and_counts(store: Store):
-    store.create_profile("alice", task="a")
-    store.add_items("alice", [NewItem(f"i{t}", "x", float(t), task="b" if t % 3 == 0 else None) for t in (5, 1, 4, 3, 2)])
-    store.add_items("alice", [NewItem("untimed", "x", None)])
-    assert [i.input for i in store.items("alice")] == ["untimed", "i1", "i2", "i3", "i4", "i5"]
-    assert [i.input for i in store.items("alice", limit=2)] == ["i4", "i5"]  # newest two, time order
-    assert [i.input for i in store.items("alice", task="b")] == ["i3"]
-    assert store.count_items("alice") == 6 and store.count_items("alice", task="a") == 5
-    assert store.task_counts("alice") == {"a": 5, "b": 1}
-    assert store.list_profiles()[0].n_items == 6
+    store.profiles.create_profile("alice", task="a")
+    store.profiles.add_items("alice", [NewItem(f"i{t}", "x", float(t), task="b" if t % 3 == 0 else None) for t in (5, 1, 4, 3, 2)])
+    store.profiles.add_items("alice", [NewItem("untimed", "x", None)])
+    assert [i.input for i in store.profiles.items("alice")] == ["untimed", "i1", "i2", "i3", "i4", "i5"]
+    assert [i.input for i in store.profiles.items("alice", limit=2)] == ["i4", "i5"]  # newest two, time order
+    assert [i.input for i in store.profiles.items("alice", task="b")] == ["i3"]
+    assert store.profiles.count_items("alice") == 6 and store.profiles.count_items("alice", task="a") == 5
+    assert store.profiles.task_counts("alice") == {"a": 5, "b": 1}
+    assert store.profiles.list_profiles()[0].n_items == 6
 
 
 def test_listing_uses_indexes(store: Store):
@@ -208,10 +208,10 @@ def test_listing_uses_indexes(store: Store):
 def test_export_round_trips_through_the_importer(store: Store, tmp_path: Path):
     from p2p_local.importers import import_file
 
-    store.create_profile("alice", task="main")
-    store.add_item("alice", None, "first", "1", time=10.0, meta={"k": "v"})
-    store.add_item("alice", "side", "second", "2", time=20.0)
-    data = store.export_profile("alice")
+    store.profiles.create_profile("alice", task="main")
+    store.profiles.add_item("alice", None, "first", "1", time=10.0, meta={"k": "v"})
+    store.profiles.add_item("alice", "side", "second", "2", time=20.0)
+    data = store.profiles.export_profile("alice")
     assert data["user_id"] == "alice" and data["task"] == "main"
     assert data["items"][0] == {"input": "first", "output": "1", "time": 10.0, "meta": {"k": "v"}}
     assert data["items"][1]["meta"] == {"task": "side"}  # the non-default task travels in meta
@@ -220,56 +220,56 @@ def test_export_round_trips_through_the_importer(store: Store, tmp_path: Path):
 
     f = tmp_path / "alice.json"
     f.write_text(json.dumps(data))
-    store.create_profile("copy")
+    store.profiles.create_profile("copy")
     import_file(store, "copy", f)
-    got = [(i.input, i.output, i.time, i.task, i.meta) for i in store.items("copy")]
+    got = [(i.input, i.output, i.time, i.task, i.meta) for i in store.profiles.items("copy")]
     assert got == [("first", "1", 10.0, "main", {"k": "v"}), ("second", "2", 20.0, "side", {})]
-    assert store.get_profile("copy").task == "main"  # took the import's task as its default
+    assert store.profiles.get_profile("copy").task == "main"  # took the import's task as its default
 
 
 # --- adapter cache and forget --------------------------------------------------------------------
 def test_adapter_cache_checks_the_file(store: Store):
-    store.create_profile("alice", task="t")
-    assert store.cached_adapter("alice", "fp1", "b1") is None
-    f = store.adapter_dir("alice") / "fp1.gguf"
+    store.profiles.create_profile("alice", task="t")
+    assert store.adapters.cached_adapter("alice", "fp1", "b1") is None
+    f = store.adapters.adapter_dir("alice") / "fp1.gguf"
     f.write_bytes(b"GGUF")
-    store.record_adapter("alice", "fp1", "b1", f)
-    assert store.cached_adapter("alice", "fp1", "b1") == f.resolve()
-    assert store.cached_adapter("alice", "fp1", "other-bundle") is None
+    store.adapters.record_adapter("alice", "fp1", "b1", f)
+    assert store.adapters.cached_adapter("alice", "fp1", "b1") == f.resolve()
+    assert store.adapters.cached_adapter("alice", "fp1", "other-bundle") is None
     f.unlink()
-    assert store.cached_adapter("alice", "fp1", "b1") is None  # and the dead row is gone
-    assert store.adapters("alice") == []
+    assert store.adapters.cached_adapter("alice", "fp1", "b1") is None  # and the dead row is gone
+    assert store.adapters.all("alice") == []
 
 
 def test_prune_adapters_keeps_newest(store: Store):
-    store.create_profile("alice", task="t")
+    store.profiles.create_profile("alice", task="t")
     files = []
     for k in range(4):
-        f = store.adapter_dir("alice") / f"{k}.gguf"
+        f = store.adapters.adapter_dir("alice") / f"{k}.gguf"
         f.write_bytes(b"x")
-        store.record_adapter("alice", f"fp{k}", "b", f)
+        store.adapters.record_adapter("alice", f"fp{k}", "b", f)
         files.append(f)
-    assert store.prune_adapters("alice", keep=1) == 3
-    assert [a.fingerprint for a in store.adapters("alice")] == ["fp3"]
+    assert store.adapters.prune_adapters("alice", keep=1) == 3
+    assert [a.fingerprint for a in store.adapters.all("alice")] == ["fp3"]
     assert [f.exists() for f in files] == [False, False, False, True]
 
 
 def test_forget_removes_rows_files_and_the_text_itself(store: Store, p2p_home: Path, tmp_path: Path):
     secret = "Zanzibar-Secret-Movie-4711"
-    store.create_profile("alice", task="t")
-    store.create_profile("bob", task="t")
-    store.add_items("alice", [NewItem(f"{secret} {i}", "5", float(i)) for i in range(300)])
-    store.add_item("bob", None, "bob's item", "3")
-    adapter = store.adapter_dir("alice") / "fp.gguf"
+    store.profiles.create_profile("alice", task="t")
+    store.profiles.create_profile("bob", task="t")
+    store.profiles.add_items("alice", [NewItem(f"{secret} {i}", "5", float(i)) for i in range(300)])
+    store.profiles.add_item("bob", None, "bob's item", "3")
+    adapter = store.adapters.adapter_dir("alice") / "fp.gguf"
     adapter.write_bytes(b"GGUF adapter")
-    store.record_adapter("alice", "fp", "b", adapter)
+    store.adapters.record_adapter("alice", "fp", "b", adapter)
     outside = tmp_path / "users-own-file.gguf"  # a recorded path outside the data dir is never deleted
     outside.write_bytes(b"x")
-    store.record_adapter("alice", "fp2", "b", outside)
-    conv = store.new_conversation("alice", "about movies")
-    store.add_message(conv, "user", f"tell me about {secret}")
-    base_conv = store.new_conversation(None, "no profile")
-    store.add_message(base_conv, "user", "hello")
+    store.adapters.record_adapter("alice", "fp2", "b", outside)
+    conv = store.conversations.new_conversation("alice", "about movies")
+    store.conversations.add_message(conv, "user", f"tell me about {secret}")
+    base_conv = store.conversations.new_conversation(None, "no profile")
+    store.conversations.add_message(base_conv, "user", "hello")
 
     report = store.forget_profile("alice")
     assert (report.items, report.adapters, report.conversations, report.messages) == (300, 2, 1, 1)
@@ -282,8 +282,8 @@ def test_forget_removes_rows_files_and_the_text_itself(store: Store, p2p_home: P
     for table in ("items", "item_history", "adapters"):
         assert c.execute(f"SELECT COUNT(*) FROM {table} WHERE profile_id = 1").fetchone()[0] == 0, table
     assert c.execute("SELECT COUNT(*) FROM messages WHERE content LIKE '%Zanzibar%'").fetchone()[0] == 0
-    assert store.count_items("bob") == 1 and len(store.conversations()) == 1
-    assert store.search_messages("Zanzibar") == []
+    assert store.profiles.count_items("bob") == 1 and len(store.conversations.all()) == 1
+    assert store.conversations.search_messages("Zanzibar") == []
     store.close()
     # secure_delete + checkpoint: the text is gone from the files, not just unlinked.
     for f in p2p_home.glob("p2p.sqlite3*"):
@@ -294,52 +294,52 @@ def test_forget_removes_rows_files_and_the_text_itself(store: Store, p2p_home: P
 
 # --- conversations -------------------------------------------------------------------------------
 def test_conversations_messages_and_search(store: Store):
-    store.create_profile("alice", task="t")
-    c1 = store.new_conversation("alice", "Weekend films")
-    store.add_message(c1, "user", "Which thriller should I watch tonight?")
-    store.add_message(c1, "assistant", "Try Heat (1995).", {"mode": "personalized", "scale": 1.0, "adapter": "x.gguf"})
-    c2 = store.new_conversation(None)
-    store.add_message(c2, "user", "A thriller without a profile?")
+    store.profiles.create_profile("alice", task="t")
+    c1 = store.conversations.new_conversation("alice", "Weekend films")
+    store.conversations.add_message(c1, "user", "Which thriller should I watch tonight?")
+    store.conversations.add_message(c1, "assistant", "Try Heat (1995).", {"mode": "personalized", "scale": 1.0, "adapter": "x.gguf"})
+    c2 = store.conversations.new_conversation(None)
+    store.conversations.add_message(c2, "user", "A thriller without a profile?")
 
-    convs = store.conversations()
+    convs = store.conversations.all()
     assert [(c.id, c.profile, c.n_messages) for c in convs] == [(c2, None, 1), (c1, "alice", 2)]
-    assert [c.id for c in store.conversations("alice")] == [c1]
-    msgs = store.messages(c1)
+    assert [c.id for c in store.conversations.all("alice")] == [c1]
+    msgs = store.conversations.messages(c1)
     assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].meta["scale"] == 1.0
 
-    assert {m.conversation_id for m in store.search_messages("thriller")} == {c1, c2}
-    assert [m.conversation_id for m in store.search_messages("thriller", profile="alice")] == [c1]
-    assert len(store.search_messages('heat" *(:')) == 1  # user text is never FTS syntax
-    assert store.search_messages("   ") == []
+    assert {m.conversation_id for m in store.conversations.search_messages("thriller")} == {c1, c2}
+    assert [m.conversation_id for m in store.conversations.search_messages("thriller", profile="alice")] == [c1]
+    assert len(store.conversations.search_messages('heat" *(:')) == 1  # user text is never FTS syntax
+    assert store.conversations.search_messages("   ") == []
 
-    assert store.get_conversation(c1).n_messages == 2
+    assert store.conversations.get_conversation(c1).n_messages == 2
     with pytest.raises(StoreError, match="no conversation"):
-        store.add_message(c2 + 1, "user", "x")
+        store.conversations.add_message(c2 + 1, "user", "x")
     with pytest.raises(StoreError, match="role"):
-        store.add_message(c1, "robot", "x")
+        store.conversations.add_message(c1, "robot", "x")
 
 
 def test_search_falls_back_to_like_without_fts(store: Store):
-    c = store.new_conversation()
-    store.add_message(c, "user", "100% sure_thing")
-    store.has_fts = False
-    assert len(store.search_messages("sure_thing")) == 1
-    assert store.search_messages("sure_x") == []  # '_' is literal, not a wildcard
+    c = store.conversations.new_conversation()
+    store.conversations.add_message(c, "user", "100% sure_thing")
+    store.db.has_fts = False
+    assert len(store.conversations.search_messages("sure_thing")) == 1
+    assert store.conversations.search_messages("sure_x") == []  # '_' is literal, not a wildcard
 
 
 def test_item_ids_are_never_reused_so_history_stays_separate(store: Store):
-    store.create_profile("alice", task="t")
-    a = store.add_item("alice", None, "a", "1")
-    store.delete_item(a.id)  # the highest id goes away...
-    b = store.add_item("alice", None, "b", "2")
+    store.profiles.create_profile("alice", task="t")
+    a = store.profiles.add_item("alice", None, "a", "1")
+    store.profiles.delete_item(a.id)  # the highest id goes away...
+    b = store.profiles.add_item("alice", None, "b", "2")
     assert b.id != a.id  # ...and is not handed out again
-    assert [e.action for e in store.item_history(a.id)] == ["add", "delete"]
-    assert [e.action for e in store.item_history(b.id)] == ["add"]
+    assert [e.action for e in store.profiles.item_history(a.id)] == ["add", "delete"]
+    assert [e.action for e in store.profiles.item_history(b.id)] == ["add"]
 
 
 def test_recreated_profile_gets_a_fresh_adapter_dir(store: Store):
-    store.create_profile("alice", task="t")
-    old_dir = store.adapter_dir("alice")
+    store.profiles.create_profile("alice", task="t")
+    old_dir = store.adapters.adapter_dir("alice")
     store.forget_profile("alice")
-    store.create_profile("alice", task="t")
-    assert store.adapter_dir("alice") != old_dir
+    store.profiles.create_profile("alice", task="t")
+    assert store.adapters.adapter_dir("alice") != old_dir

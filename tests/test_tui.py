@@ -80,8 +80,8 @@ class FakeSession:
                           {"encode_ms": 12.0, "hypernet_ms": 3.0, "write_ms": 2.0, "total_ms": 17.0})
 
     def profile_text(self, profile, task=None):
-        card = builtin_card(task or self.store.get_profile(profile).task)
-        hist = [FormatItem(it.input, it.output, it.time, it.meta) for it in self.store.items(profile, task=card.name)]
+        card = builtin_card(task or self.store.profiles.get_profile(profile).task)
+        hist = [FormatItem(it.input, it.output, it.time, it.meta) for it in self.store.profiles.items(profile, task=card.name)]
         return build_profile(card, hist)
 
     def about(self, profile):
@@ -212,11 +212,11 @@ def test_pick_profile_imports_the_demo_into_an_empty_store(p2p_home):
 
     with Store() as s:
         assert pick_profile(s, None, demo=False) == DEMO_PROFILE
-        assert s.get_profile(DEMO_PROFILE).n_items == 119
-        assert s.get_profile(DEMO_PROFILE).task == "movielens-rating"
-        s.create_profile("alice", task="popquorn-offensiveness")
-        conv = s.new_conversation("alice", "hi")
-        s.add_message(conv, "user", "hi")
+        assert s.profiles.get_profile(DEMO_PROFILE).n_items == 119
+        assert s.profiles.get_profile(DEMO_PROFILE).task == "movielens-rating"
+        s.profiles.create_profile("alice", task="popquorn-offensiveness")
+        conv = s.conversations.new_conversation("alice", "hi")
+        s.conversations.add_message(conv, "user", "hi")
         assert pick_profile(s, None, demo=False) == "alice"  # the one used last
         assert pick_profile(s, None, demo=True) == DEMO_PROFILE
         with pytest.raises(Exception, match="no profile named"):
@@ -260,7 +260,7 @@ async def test_send_streams_a_reply_and_stores_it(fake, store):
         call = fake.calls[-1]
         assert call["text"] == "Zodiac (2007) | Genres: Crime|Drama|Thriller"
         assert call["task"] == "movielens-rating" and call["personalized"] and call["scale"] == 1.0
-        msgs = store.messages(screen.conversation_id)
+        msgs = store.conversations.messages(screen.conversation_id)
         assert [m.role for m in msgs] == ["user", "assistant"]
         assert msgs[1].content == view.text
         assert msgs[1].meta["mode"] == "personalized" and msgs[1].meta["scale"] == 1.0
@@ -296,7 +296,7 @@ async def test_escape_cancels_the_reply(fake, store):
         assert fake.closed == 1  # the generator was closed: llama.cpp stops there
         view = replies(app)[-1]
         assert view.has_class("stopped") and "stopped" in str(view.query_one(".title").render())
-        msgs = store.messages(screen.conversation_id)
+        msgs = store.conversations.messages(screen.conversation_id)
         assert msgs[-1].role == "assistant" and msgs[-1].meta["stopped"] is True
         assert msgs[-1].content.startswith("more")
         # The chat goes on after a cancel.
@@ -340,7 +340,7 @@ async def test_personalization_toggle_and_scale_keys(fake, store):
         await send(pilot, "Frozen (2013) | Genres: Animation")
         assert fake.calls[-1]["personalized"] is False
         assert replies(app)[-1].text.startswith("3")
-        assert store.messages(screen.conversation_id)[-1].meta["mode"] == "base"
+        assert store.conversations.messages(screen.conversation_id)[-1].meta["mode"] == "base"
         await pilot.press("ctrl+g", "ctrl+up", "ctrl+up")
         assert screen.personalized and screen.scale == 1.5
         await pilot.press(*["ctrl+up"] * 5)
@@ -364,7 +364,7 @@ async def test_side_by_side_view(fake, store):
         pair = screen.query_one(ComparePair)
         assert pair.personal.text.startswith("4") and pair.base.text.startswith("3")
         assert [c["personalized"] for c in fake.calls] == [True, False]
-        msgs = store.messages(screen.conversation_id)
+        msgs = store.conversations.messages(screen.conversation_id)
         assert [(m.role, m.meta.get("mode")) for m in msgs] == [
             ("user", None), ("assistant", "personalized"), ("assistant", "base")]
         assert all(m.meta.get("compare") for m in msgs[1:])
@@ -386,7 +386,7 @@ async def test_loaded_conversation_continues_with_its_task(fake, store):
         await screen.load_conversation(conv)  # ... then reopened the rating conversation (ctrl+f)
         await pilot.pause()
         assert screen.task_name == "movielens-rating"
-        assert store.messages(conv)[0].meta["task"] == "movielens-rating"
+        assert store.conversations.messages(conv)[0].meta["task"] == "movielens-rating"
 
 
 @pytest.mark.asyncio
@@ -411,8 +411,8 @@ async def test_task_picker(fake):
 
 @pytest.mark.asyncio
 async def test_switch_profile(fake, store):
-    store.create_profile("alice", task="popquorn-offensiveness")
-    store.add_item("alice", None, "you are all idiots", "4")
+    store.profiles.create_profile("alice", task="popquorn-offensiveness")
+    store.profiles.add_item("alice", None, "you are all idiots", "4")
     app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
@@ -432,7 +432,7 @@ async def test_switch_profile(fake, store):
         await until(pilot, lambda: ("alice", "popquorn-offensiveness") in fake.personalized_profiles, "adapter")
         await send(pilot, "what a lovely day")
         assert fake.calls[-1]["profile"] == "alice"
-        assert store.conversations("alice")[0].id == screen.conversation_id
+        assert store.conversations.all("alice")[0].id == screen.conversation_id
         # Back to demo: its last conversation comes back.
         await screen.switch_profile(DEMO_PROFILE)
         await pilot.pause()
@@ -466,12 +466,12 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
         assert panel.focused is panel.query_one("#new-input", Input)
         await pilot.press(*"Heat (1995) | Genres: Action|Crime|Thriller", "enter")
         await pilot.press("9", "enter")  # not a 1-5 rating: refused
-        assert store.get_profile(DEMO_PROFILE).n_items == 119
+        assert store.profiles.get_profile(DEMO_PROFILE).n_items == 119
         panel.query_one("#new-output", Input).value = ""
         await pilot.press("5", "enter")
         await pilot.pause()
-        assert store.get_profile(DEMO_PROFILE).n_items == 120
-        newest = store.items(DEMO_PROFILE, limit=1)[0]
+        assert store.profiles.get_profile(DEMO_PROFILE).n_items == 120
+        newest = store.profiles.items(DEMO_PROFILE, limit=1)[0]
         assert (newest.input, newest.output) == ("Heat (1995) | Genres: Action|Crime|Thriller", "5")
         assert table.row_count == 120
         assert panel.query_one("#encoder-text", TextArea).text == fake.profile_text(DEMO_PROFILE, "movielens-rating").text
@@ -480,8 +480,8 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
         table.move_cursor(row=0)  # newest first: the item just added
         await pilot.press("delete")
         await pilot.pause()
-        assert store.get_profile(DEMO_PROFILE).n_items == 119
-        assert newest.id not in {it.id for it in store.items(DEMO_PROFILE)}
+        assert store.profiles.get_profile(DEMO_PROFILE).n_items == 119
+        assert newest.id not in {it.id for it in store.profiles.items(DEMO_PROFILE)}
         assert table.row_count == 119
 
         await pilot.press("escape")
@@ -492,17 +492,17 @@ async def test_profile_panel_add_and_forget_an_item(fake, store):
 
 def test_export_markdown_says_how_each_reply_was_made(p2p_home):
     with Store() as s:
-        s.create_profile("alice", task="t")
-        conv = s.new_conversation("alice", "Weekend films")
-        s.add_message(conv, "user", "Which thriller should I watch tonight?")
-        s.add_message(conv, "assistant", "Try Heat (1995).", {"mode": "personalized", "scale": 1.0, "adapter": "x"})
+        s.profiles.create_profile("alice", task="t")
+        conv = s.conversations.new_conversation("alice", "Weekend films")
+        s.conversations.add_message(conv, "user", "Which thriller should I watch tonight?")
+        s.conversations.add_message(conv, "assistant", "Try Heat (1995).", {"mode": "personalized", "scale": 1.0, "adapter": "x"})
         md = conversation_markdown(s, conv)
         assert md.startswith("# Weekend films")
         assert "**Assistant** (free chat, personalized x1):" in md and "Try Heat (1995)." in md
-        s.add_message(conv, "user", "Heat (1995)", {"task": "movielens-rating"})
-        s.add_message(conv, "assistant", "4", {"mode": "personalized", "scale": 0.5, "task": "movielens-rating",
+        s.conversations.add_message(conv, "user", "Heat (1995)", {"task": "movielens-rating"})
+        s.conversations.add_message(conv, "assistant", "4", {"mode": "personalized", "scale": 0.5, "task": "movielens-rating",
                                                "dist": {"1": 0.1, "2": 0.1, "3": 0.2, "4": 0.4, "5": 0.2}})
-        s.add_message(conv, "assistant", "I like horror.", {"mode": "personalized", "free_chat": "summary",
+        s.conversations.add_message(conv, "assistant", "I like horror.", {"mode": "personalized", "free_chat": "summary",
                                                             "task": None, "scale": None})
         md = conversation_markdown(s, conv)
         assert "**You** (movielens-rating):" in md and "**Assistant** (movielens-rating, personalized x0.5):" in md
@@ -594,18 +594,18 @@ async def test_new_conversation_while_streaming_keeps_the_reply_in_its_own_conve
         await pilot.press("ctrl+n")
         await until(pilot, lambda: not screen.busy, "the reply to stop")
         assert screen.conversation_id is None and not replies(app)
-        msgs = store.messages(old)
+        msgs = store.conversations.messages(old)
         assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].meta["stopped"] is True
 
 
 @pytest.mark.asyncio
 async def test_resumed_side_by_side_survives_a_missing_half(fake, store):
-    conv = store.new_conversation(DEMO_PROFILE, "pairs")
-    store.add_message(conv, "user", "q1", {"task": "movielens-rating"})
-    store.add_message(conv, "assistant", "4", {"mode": "personalized", "compare": True, "scale": 1.0})
-    store.add_message(conv, "user", "q2", {"task": "movielens-rating"})
-    store.add_message(conv, "assistant", "5", {"mode": "personalized", "compare": True, "scale": 1.0})
-    store.add_message(conv, "assistant", "2", {"mode": "base", "compare": True})
+    conv = store.conversations.new_conversation(DEMO_PROFILE, "pairs")
+    store.conversations.add_message(conv, "user", "q1", {"task": "movielens-rating"})
+    store.conversations.add_message(conv, "assistant", "4", {"mode": "personalized", "compare": True, "scale": 1.0})
+    store.conversations.add_message(conv, "user", "q2", {"task": "movielens-rating"})
+    store.conversations.add_message(conv, "assistant", "5", {"mode": "personalized", "compare": True, "scale": 1.0})
+    store.conversations.add_message(conv, "assistant", "2", {"mode": "base", "compare": True})
     app = ChatApp(fake, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE):
         screen = chat(app)
@@ -663,8 +663,8 @@ def test_bar_chart_and_title_catalogue(store):
         "Star Wars: Episode V - The Empire Strikes Back (1980)"]
     assert cat.lookup("Frozen") == []
     # Another profile's movies count too, the profile's own first; a new item is seen at once.
-    store.create_profile("alice", task="movielens-rating")
-    store.add_item("alice", None, "Frozen (2013) | Genres: Adventure|Animation|Comedy", "2")
+    store.profiles.create_profile("alice", task="movielens-rating")
+    store.profiles.add_item("alice", None, "Frozen (2013) | Genres: Adventure|Animation|Comedy", "2")
     assert [m.title for m in cat.lookup("frozen", "demo")] == ["Frozen (2013)"]
 
 
@@ -681,7 +681,7 @@ async def test_free_chat_says_it_is_the_base_model_with_the_profile_summary(fake
         await send(pilot, "hi")
         title = str(replies(app)[-1].query_one(".title").render())
         assert title.startswith("base model + your profile summary") and "personalized" not in title
-        msg = store.messages(screen.conversation_id)[-1]
+        msg = store.conversations.messages(screen.conversation_id)[-1]
         assert msg.meta["free_chat"] == "summary" and msg.meta["scale"] is None
         assert "dist" not in msg.meta and fake.dist_reads == []
         await pilot.press("ctrl+up")
@@ -719,7 +719,7 @@ async def test_rating_answers_show_their_label_distribution(fake, store):
         assert fake.dist_reads == [("Zodiac (2007) | Genres: Crime|Drama|Thriller", "movielens-rating")] * 2
         chart = pair.personal.query_one(DistChart)
         assert chart.has_class("-shown") and "40%" in str(chart.render())
-        msgs = store.messages(screen.conversation_id)
+        msgs = store.conversations.messages(screen.conversation_id)
         assert [m.meta.get("dist") for m in msgs[1:]] == [DISTS[True], DISTS[False]]
         # A resumed conversation shows the charts again.
         await screen.load_conversation(screen.conversation_id)
@@ -741,7 +741,7 @@ async def test_a_bare_movie_title_is_completed_from_the_profiles_movies(fake, st
         await send(pilot, "toy story")  # one match: completed at once, and said so
         toy = "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"
         assert fake.calls[-1]["text"] == toy and fake.dist_reads[-1][0] == toy
-        assert store.messages(screen.conversation_id)[-2].content == toy
+        assert store.conversations.messages(screen.conversation_id)[-2].content == toy
         assert notes[-1] == ("completed from your movies", toy)
 
         screen.query_one(ChatInput).load_text("Star Wars")  # several: a picker
@@ -788,7 +788,7 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
         await pilot.press("d")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
-        assert chat(app).profile == DEMO_PROFILE and not [p for p in store.list_profiles() if p.name != "demo"]
+        assert chat(app).profile == DEMO_PROFILE and not [p for p in store.profiles.list_profiles() if p.name != "demo"]
 
     # A git repository: `g`, the path, Enter.
     repo = tmp_path / "proj"
@@ -815,13 +815,13 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         screen.focused.value = str(tmp_path / "nope")
         await pilot.press("enter")
         await until(pilot, lambda: "nope" in str(screen.query_one("#first-run-status").render()), "the error")
-        assert not store.profile_exists("me") and app.screen is screen  # nothing left behind
+        assert not store.profiles.profile_exists("me") and app.screen is screen  # nothing left behind
         screen.query_one("#git-path", Input).value = str(repo)
         screen.query_one("#git-path", Input).focus()
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
         assert chat(app).profile == "me" and chat(app).task_name == "commit-subject"
-        assert store.get_profile("me").n_items == 3
+        assert store.profiles.get_profile("me").n_items == 3
 
     # Now there is a profile of one's own: no first-run screen, but the palette's "Import history" opens it.
     # A file: `f`, the path, Enter (into another profile name).
@@ -841,7 +841,7 @@ async def test_first_run_offers_the_demo_git_and_a_file(fake, store, tmp_path):
         await pilot.press(*str(data), "enter")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen), "the chat")
         assert chat(app).profile == "films" and chat(app).task_name == "movielens-rating"
-        assert [it.input for it in store.items("films")] == ["Heat (1995) | Genres: Action|Crime|Thriller"]
+        assert [it.input for it in store.profiles.items("films")] == ["Heat (1995) | Genres: Action|Crime|Thriller"]
 
 
 @pytest.mark.asyncio
@@ -876,10 +876,10 @@ async def test_profile_panel_shows_what_the_adapter_is_built_from_exports_and_fo
         assert isinstance(app.screen, AskScreen)
         await pilot.press(*"demx", "enter")
         await pilot.pause()
-        assert app.screen is panel and store.profile_exists(DEMO_PROFILE)
+        assert app.screen is panel and store.profiles.profile_exists(DEMO_PROFILE)
         await pilot.press("ctrl+x", *DEMO_PROFILE, "enter")
         # Gone; no profile of one's own is left: the chat goes on without one and offers an import.
         await until(pilot, lambda: isinstance(app.screen, FirstRunScreen), "the first-run screen")
-        assert not store.profile_exists(DEMO_PROFILE) and chat(app).profile is None
+        assert not store.profiles.profile_exists(DEMO_PROFILE) and chat(app).profile is None
         await pilot.press("escape")
         assert isinstance(app.screen, ChatScreen)

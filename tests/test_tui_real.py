@@ -87,7 +87,7 @@ async def test_real_rating_personalized_base_scale_and_side_by_side(session):
         view = replies(app)[-1]
         assert view.text and no_error(view), view.text
         assert engine.active[0] is not None and engine.active[1] == 1.0  # the demo adapter, at scale 1
-        assert engine.active[0].path.parent == session.store.adapter_dir(DEMO_PROFILE)
+        assert engine.active[0].path.parent == session.store.adapters.adapter_dir(DEMO_PROFILE)
 
         await pilot.press("ctrl+down", "ctrl+down")  # 0.5
         await send(pilot, DEMO_QUESTIONS[1])
@@ -103,13 +103,13 @@ async def test_real_rating_personalized_base_scale_and_side_by_side(session):
         assert pair.personal.text and pair.base.text and no_error(pair.personal) and no_error(pair.base)
         assert engine.active == (None, 0.0)  # the base reply ran last
 
-        msgs = session.store.messages(screen.conversation_id)
+        msgs = session.store.conversations.messages(screen.conversation_id)
         assert [m.meta.get("mode") for m in msgs if m.role == "assistant"] == [
             "personalized", "personalized", "base", "personalized", "base"]
         assert [m.meta.get("scale") for m in msgs if m.role == "assistant"][:2] == [1.0, 0.5]
 
         # Search and export work on what the real flow stored.
-        hits = session.store.search_messages("Zodiac")
+        hits = session.store.conversations.search_messages("Zodiac")
         assert {m.conversation_id for m in hits} == {screen.conversation_id}
         await pilot.press("ctrl+s")
         assert "Zodiac (2007)" in (paths.data_dir() / "exports" / f"conversation-{screen.conversation_id}.md").read_text()
@@ -153,7 +153,7 @@ async def test_real_escape_stops_llama_cpp_and_the_chat_goes_on(session):
         await pilot.pause()
         view = replies(app)[-1]
         assert view.has_class("stopped") and closed == [True]
-        stored = session.store.messages(screen.conversation_id)[-1]
+        stored = session.store.conversations.messages(screen.conversation_id)[-1]
         assert stored.meta.get("stopped") is True and stored.content == view.text
         # llama.cpp was released: the engine lock is free and the next request runs.
         assert session.engine._lock.acquire(blocking=False)
@@ -161,15 +161,15 @@ async def test_real_escape_stops_llama_cpp_and_the_chat_goes_on(session):
         del session.answer  # back to the real method
         await send(pilot, "What is the capital of France?")
         assert replies(app)[-1].text and no_error(replies(app)[-1])
-        assert session.store.messages(screen.conversation_id)[-2].content == "What is the capital of France?"
+        assert session.store.conversations.messages(screen.conversation_id)[-2].content == "What is the capital of France?"
 
 
 @pytest.mark.asyncio
 async def test_real_profile_panel_and_profile_switch(session):
     store = session.store
-    store.create_profile("alice", task="popquorn-offensiveness")
-    store.add_item("alice", None, "What a stupid idea, typical of people like you.", "4")
-    store.add_item("alice", None, "Thanks for sharing, this helped me a lot.", "1")
+    store.profiles.create_profile("alice", task="popquorn-offensiveness")
+    store.profiles.add_item("alice", None, "What a stupid idea, typical of people like you.", "4")
+    store.profiles.add_item("alice", None, "Thanks for sharing, this helped me a lot.", "1")
     app = ChatApp(session, first_run=False, profile=DEMO_PROFILE)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat
@@ -182,7 +182,7 @@ async def test_real_profile_panel_and_profile_switch(session):
 
         await pilot.press("a", *"Heat (1995) | Genres: Action|Crime|Thriller", "enter", "5", "enter")
         await pilot.pause()
-        assert store.get_profile(DEMO_PROFILE).n_items == 120
+        assert store.profiles.get_profile(DEMO_PROFILE).n_items == 120
         assert panel.query_one("#encoder-text", TextArea).text == session.profile_text(
             DEMO_PROFILE, "movielens-rating").text
         assert panel.query_one("#new-input", Input).value == ""
@@ -191,7 +191,7 @@ async def test_real_profile_panel_and_profile_switch(session):
         table.move_cursor(row=0)
         await pilot.press("delete")
         await pilot.pause()
-        assert store.get_profile(DEMO_PROFILE).n_items == 119
+        assert store.profiles.get_profile(DEMO_PROFILE).n_items == 119
         await pilot.press("escape")
 
         await screen.switch_profile("alice")
@@ -199,7 +199,7 @@ async def test_real_profile_panel_and_profile_switch(session):
         await send(pilot, "You clearly have no idea what you are talking about.")
         assert no_error(replies(app)[-1])
         active = session.engine.active[0]
-        assert active is not None and active.path.parent == store.adapter_dir("alice")
+        assert active is not None and active.path.parent == store.adapters.adapter_dir("alice")
 
 
 @pytest.mark.asyncio
@@ -217,7 +217,7 @@ async def test_real_bare_title_rating_chart_and_honest_free_chat(session):
         screen = app.chat
         await send(pilot, "toy story")  # completed from the demo's own movies
         toy = "Toy Story (1995) | Genres: Adventure|Animation|Children|Comedy|Fantasy"
-        assert session.store.messages(screen.conversation_id)[0].content == toy
+        assert session.store.conversations.messages(screen.conversation_id)[0].content == toy
         view = replies(app)[-1]
         assert no_error(view) and list(view.dist) == card.labels
         assert abs(sum(view.dist.values()) - 1.0) < 1e-3
@@ -230,7 +230,7 @@ async def test_real_bare_title_rating_chart_and_honest_free_chat(session):
         assert view.text == pipeline.decode_label(card, np.log(np.array(list(exact.values()))))
 
         await send(pilot, "Frozen")  # not among the demo's movies: sent as typed
-        assert session.store.messages(screen.conversation_id)[-2].content == "Frozen"
+        assert session.store.conversations.messages(screen.conversation_id)[-2].content == "Frozen"
         assert no_error(replies(app)[-1]) and replies(app)[-1].dist
 
         await pilot.press("ctrl+t")
@@ -287,7 +287,7 @@ async def test_real_model_picker_runs_free_chat_on_the_instruct_model_and_names_
         async with app.run_test(size=SIZE) as pilot:
             screen = app.chat
             await send(pilot, "Hello!")
-            assert session.store.messages(screen.conversation_id)[-1].meta["model"] == "gemma3-270m"
+            assert session.store.conversations.messages(screen.conversation_id)[-1].meta["model"] == "gemma3-270m"
             await pilot.press("f2")
             picker = app.screen
             assert isinstance(picker, PickerScreen)
@@ -300,7 +300,7 @@ async def test_real_model_picker_runs_free_chat_on_the_instruct_model_and_names_
             await send(pilot, "What movie should I watch tonight?")
             view = replies(app)[-1]
             assert no_error(view) and "smollm2-135m" in str(view.query_one(".title").render()), view.text
-            msgs = session.store.messages(screen.conversation_id)
+            msgs = session.store.conversations.messages(screen.conversation_id)
             assert [m.meta.get("model") for m in msgs if m.role != "user"] == [
                 "gemma3-270m", "smollm2-135m", "smollm2-135m"]  # reply, the switch note, reply
             assert session.chat_engine.last_finish is not None  # the instruct model's engine answered

@@ -100,8 +100,8 @@ def test_query_aware_adapters_do_not_pile_up(session: Session, monkeypatch) -> N
     monkeypatch.setattr("p2p_local.personalize.KEEP_ADAPTER_FILES", 2)
     for title in ("Heat (1995)", "Alien (1979)", "Fargo (1996)", "Se7en (1995)"):
         session.personalize("demo", query=f"{title} | Genres: Crime|Thriller")
-    files = list(session.store.adapter_dir("demo").glob("*.gguf"))
-    assert len(files) == 2 == len(session.store.adapters("demo"))
+    files = list(session.store.adapters.adapter_dir("demo").glob("*.gguf"))
+    assert len(files) == 2 == len(session.store.adapters.all("demo"))
     assert session.engine.active[0].path in files
     assert KEEP_ADAPTER_FILES >= 8
 
@@ -114,7 +114,7 @@ def test_cli_refuses_items_that_personalization_would_ignore(p2p_home: Path, cap
     assert main(["profile", "add", "alice", "--input", "Heat (1995) | Genres: Action", "--output", "4",
                  "--json"]) == 0
     capsys.readouterr()
-    item = Store().items("alice")[0]
+    item = Store().profiles.items("alice")[0]
     assert main(["profile", "edit", "alice", str(item.id), "--output", "3.5"]) == DataError.exit_code
     assert main(["profile", "edit", "alice", str(item.id), "--output", "5"]) == 0
     assert main(["profile", "create", "dev", "--task", "commit-subject"]) == 0
@@ -126,9 +126,9 @@ def test_cli_import_create_is_all_or_nothing(p2p_home: Path, tmp_path: Path, cap
     f = tmp_path / "items.csv"
     f.write_text("input,output\nHeat (1995) | Genres: Action,5\n")
     assert main(["profile", "import", "erin", str(f), "--create"]) == StoreError.exit_code  # no task anywhere
-    assert not Store().profile_exists("erin")
+    assert not Store().profiles.profile_exists("erin")
     assert main(["profile", "import", "erin", str(f), "--create", "--task", "movielens-rating"]) == 0
-    assert Store().count_items("erin") == 1
+    assert Store().profiles.count_items("erin") == 1
 
 
 def test_cli_ask_json_names_the_task_it_used(engine, p2p_home: Path, capsys) -> None:

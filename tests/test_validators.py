@@ -214,21 +214,21 @@ def test_llama_cpp_aborts_where_the_validator_refuses(tmp_path: Path, base_model
 @pytest.fixture
 def store(p2p_home: Path):
     s = Store()
-    s.create_profile("alice", task="t")
+    s.profiles.create_profile("alice", task="t")
     yield s
     s.close()
 
 
 def cached_file(store: Store, name: str = "fp.gguf") -> Path:
-    f = store.adapter_dir("alice") / name
+    f = store.adapters.adapter_dir("alice") / name
     f.write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    store.record_adapter("alice", "fp", "b", f)
+    store.adapters.record_adapter("alice", "fp", "b", f)
     return f.resolve()
 
 
 def test_cache_serves_an_intact_file(store: Store) -> None:
     f = cached_file(store)
-    assert store.cached_adapter("alice", "fp", "b") == f
+    assert store.adapters.cached_adapter("alice", "fp", "b") == f
 
 
 def test_cache_drops_a_file_with_flipped_bits_with_a_warning(store: Store, caplog) -> None:
@@ -237,17 +237,17 @@ def test_cache_drops_a_file_with_flipped_bits_with_a_warning(store: Store, caplo
     data[100] ^= 0x10
     f.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        assert store.cached_adapter("alice", "fp", "b") is None  # the caller regenerates it
+        assert store.adapters.cached_adapter("alice", "fp", "b") is None  # the caller regenerates it
     assert "checksum" in caplog.text and "regenerating" in caplog.text
-    assert not f.exists() and store.adapters("alice") == []
+    assert not f.exists() and store.adapters.all("alice") == []
     f2 = cached_file(store)  # regenerated once: served again
-    assert store.cached_adapter("alice", "fp", "b") == f2
+    assert store.adapters.cached_adapter("alice", "fp", "b") == f2
 
 
 def test_cache_distrusts_rows_without_a_checksum(store: Store) -> None:
     f = cached_file(store)
     store.conn.execute("UPDATE adapters SET sha256 = NULL")  # a row from before upgrade 0003
-    assert store.cached_adapter("alice", "fp", "b") is None
+    assert store.adapters.cached_adapter("alice", "fp", "b") is None
     assert not f.exists()
 
 
@@ -255,13 +255,13 @@ def test_cache_with_a_directory_in_place_of_the_file(store: Store) -> None:
     f = cached_file(store)
     f.unlink()
     f.mkdir()
-    assert store.cached_adapter("alice", "fp", "b") is None
+    assert store.adapters.cached_adapter("alice", "fp", "b") is None
     assert not f.exists()  # the empty directory is cleared, so the regenerated file can take its place
 
 
 def test_cache_with_a_missing_file(store: Store) -> None:
     cached_file(store).unlink()
-    assert store.cached_adapter("alice", "fp", "b") is None
+    assert store.adapters.cached_adapter("alice", "fp", "b") is None
 
 
 def test_checksum_upgrade_applies_to_an_old_store(p2p_home: Path) -> None:

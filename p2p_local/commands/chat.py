@@ -48,14 +48,14 @@ def pick_profile(store, requested: str | None, demo: bool, task: str | None = No
     from p2p_local.demo import import_demo
     from p2p_local.personalize import choose
 
-    if requested is not None or (task not in (None, FREE_CHAT) and store.list_profiles() and not demo):
+    if requested is not None or (task not in (None, FREE_CHAT) and store.profiles.list_profiles() and not demo):
         return choose(store, requested, task)[0]
-    if demo or not store.list_profiles():
+    if demo or not store.profiles.list_profiles():
         return import_demo(store)
-    recent = store.conversations()
+    recent = store.conversations.all()
     if recent and recent[0].profile is not None:
         return recent[0].profile
-    return max(store.list_profiles(), key=lambda p: p.updated).name
+    return max(store.profiles.list_profiles(), key=lambda p: p.updated).name
 
 
 def run(args: argparse.Namespace) -> int:

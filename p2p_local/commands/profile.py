@@ -129,8 +129,8 @@ def cmd_create(args: argparse.Namespace) -> int:
                          hint="drop --task: the card's name is the profile's task")
     with Store() as s, s.transaction():  # the card and the profile together, or neither
         if card is not None:
-            s.save_task_card(card)
-        prof = s.create_profile(args.name, task=card.name if card is not None else args.task)
+            s.task_cards.save_task_card(card)
+        prof = s.profiles.create_profile(args.name, task=card.name if card is not None else args.task)
     if args.json:
         return _print_json(asdict(prof))
     print(f"created profile {prof.name!r}" + (f" (task {prof.task})" if prof.task else ""))
@@ -142,8 +142,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with Store() as s:
-        profiles = s.list_profiles()
-        made = {p.name: bool(s.adapters(p.name)) for p in profiles}
+        profiles = s.profiles.list_profiles()
+        made = {p.name: bool(s.adapters.all(p.name)) for p in profiles}
     if args.json:
         return _print_json([asdict(p) for p in profiles])
     if not profiles:
@@ -159,11 +159,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with Store() as s:
-        prof = s.get_profile(args.name)
-        tasks = s.task_counts(args.name)
-        adapters = s.adapters(args.name)
-        n_conv = len(s.conversations(args.name))
-        items = s.items(args.name, task=args.task, limit=max(args.items, 0))
+        prof = s.profiles.get_profile(args.name)
+        tasks = s.profiles.task_counts(args.name)
+        adapters = s.adapters.all(args.name)
+        n_conv = len(s.conversations.all(args.name))
+        items = s.profiles.items(args.name, task=args.task, limit=max(args.items, 0))
     if args.json:
         return _print_json({"profile": asdict(prof), "tasks": tasks, "adapters": [asdict(a) for a in adapters],
                             "conversations": n_conv, "items": [asdict(i) for i in items]})
@@ -183,8 +183,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     meta = _json_object(args.meta, "--meta") if args.meta else None
     with Store() as s:
-        check_label(args.task or s.get_profile(args.name).task, args.output, s)
-        item = s.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
+        check_label(args.task or s.profiles.get_profile(args.name).task, args.output, s)
+        item = s.profiles.add_item(args.name, args.task, args.input, args.output, time=_time_arg(args.time), meta=meta)
     if args.json:
         return _print_json(asdict(item))
     print(f"added item {item.id} to {args.name!r} (task {item.task})")
@@ -198,9 +198,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.git is None and (args.author or args.since):
         raise UsageError("--author and --since go with --git", hint="p2p profile import NAME --git PATH --author EMAIL")
     with _import_store(args.dry_run) as s:
-        if not s.profile_exists(args.name) and not args.create:
+        if not s.profiles.profile_exists(args.name) and not args.create:
             try:
-                s.get_profile(args.name)
+                s.profiles.get_profile(args.name)
             except StoreError as e:  # keep its did-you-mean, offer --create
                 raise StoreError(e.args[0], hint=f"{e.hint}; or import with --create") from None
         # --create: the profile is made in the import's own transaction (a failed or killed import
@@ -231,7 +231,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-class _NoStore:
+class _NoProfiles:
     """What a dry run reads on a machine with no store yet: no profiles (nothing is created to find out)."""
 
     def profile_exists(self, name: str) -> bool:
@@ -239,6 +239,10 @@ class _NoStore:
 
     def get_profile(self, name: str) -> Any:
         raise StoreError(f"no profile named {name!r}", hint=f"create it: p2p profile create {name}")
+
+
+class _NoStore:
+    profiles = _NoProfiles()
 
 
 def _import_store(dry_run: bool) -> Any:
@@ -289,7 +293,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         old = _item_of(s, args.name, args.item_id)
         if "output" in fields or "task" in fields:
             check_label(fields.get("task", old.task), fields.get("output", old.output), s)
-        item = s.edit_item(args.item_id, **fields)
+        item = s.profiles.edit_item(args.item_id, **fields)
     if args.json:
         return _print_json(asdict(item))
     if item == old:  # the store records nothing for a no-op edit: say so rather than "edited"
@@ -302,7 +306,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     with Store() as s:
         _item_of(s, args.name, args.item_id)
-        s.delete_item(args.item_id)
+        s.profiles.delete_item(args.item_id)
     if args.json:
         return _print_json({"deleted": args.item_id})
     print(f"deleted item {args.item_id} of {args.name!r}")
@@ -311,7 +315,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     with Store() as s:
-        history = s.item_history(args.item_id, profile=args.name)
+        history = s.profiles.item_history(args.item_id, profile=args.name)
         if not history:
             raise StoreError(f"profile {args.name!r} has no item {args.item_id}",
                              hint=f"see ids with: p2p profile show {args.name}")
@@ -325,7 +329,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     with Store() as s:
-        prof = s.get_profile(args.name)
+        prof = s.profiles.get_profile(args.name)
         if not args.yes and not confirm_forget(prof.name, prof.n_items):
             print("not forgotten", file=sys.stderr)
             return 1
@@ -349,7 +353,7 @@ def confirm_forget(name: str, n_items: int) -> bool:
 
 def cmd_export(args: argparse.Namespace) -> int:
     with Store() as s:
-        data = s.export_profile(args.name)
+        data = s.profiles.export_profile(args.name)
     text = json.dumps(data, ensure_ascii=False) + "\n"  # one line: a valid .json and .jsonl file
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(json_text(data) + "\n")  # the same values; nothing a terminal acts on
@@ -438,9 +442,9 @@ _POSITIONAL = {"name": _name_arg, "item_id": _id_arg}
 
 # --- helpers -------------------------------------------------------------------------------------
 def _item_of(s: Store, name: str, item_id: int) -> StoredItem:
-    prof = s.get_profile(name)
+    prof = s.profiles.get_profile(name)
     try:
-        item = s.get_item(item_id)
+        item = s.profiles.get_item(item_id)
     except StoreError:
         item = None
     if item is None or item.profile_id != prof.id:

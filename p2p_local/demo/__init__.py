@@ -32,7 +32,7 @@ def import_demo(store: Store, name: str = DEMO_PROFILE) -> str:
     """Create profile `name` from the demo file unless it exists; returns the profile name."""
     from p2p_local.importers import import_file
 
-    if not store.profile_exists(name):
-        store.create_profile(name, task=DEMO_TASK)
+    if not store.profiles.profile_exists(name):
+        store.profiles.create_profile(name, task=DEMO_TASK)
         import_file(store, name, demo_path(), "jsonl", task=DEMO_TASK)
     return name

@@ -16,15 +16,18 @@ from p2p_local.store.records import AdapterRecord
 log = logging.getLogger(__name__)
 
 
-class AdapterCache(StoreBase):
+class AdapterCache:
     """The adapter-cache aggregate (a part of `Store`)."""
+
+    def __init__(self, db: StoreBase) -> None:
+        self.db = db
 
     def adapter_dir(self, profile: str, create: bool = True) -> Path:
         """Where this profile's adapter files belong (by id: a re-created name starts clean).
         `forget_profile` removes this whole directory."""
         # Beside this store, not the data dir's: a store elsewhere (a benchmark's, a test's) numbers its
         # profiles from 1 too, and its adapters once landed in the user's profile-1 folder.
-        d = self.path.parent / paths.ADAPTERS / f"profile-{self._pid(profile)}"
+        d = self.db.path.parent / paths.ADAPTERS / f"profile-{self.db._pid(profile)}"
         if create:
             try:
                 paths.private_dir(d)
@@ -36,9 +39,9 @@ class AdapterCache(StoreBase):
         """The adapter made from this exact profile state and bundle, if its file is still the one written
         (its sha256 is checked on every use): a missing, replaced or corrupted file, or one from before
         checksums, is dropped with a warning, and None makes the caller regenerate it, once."""
-        row = self.conn.execute(
+        row = self.db.conn.execute(
             "SELECT id, path, sha256 FROM adapters WHERE profile_id = ? AND fingerprint = ? AND bundle_hash = ?",
-            (self._pid(profile), fingerprint, bundle_hash),
+            (self.db._pid(profile), fingerprint, bundle_hash),
         ).fetchone()
         if row is None:
             return None
@@ -47,21 +50,21 @@ class AdapterCache(StoreBase):
         if problem is None:
             return path
         log.warning("warning: cached adapter %s %s; regenerating it", path.name, problem)
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
         _remove_cached(path)
         return None
 
     def record_adapter(self, profile: str, fingerprint: str, bundle_hash: str, path: Path | str) -> None:
         """Remember an adapter made for the profile's current state (clears the stale flag), with its sha256."""
-        pid = self._pid(profile)
+        pid = self.db._pid(profile)
         path = Path(path).resolve()
         try:
             digest = sha256_file(path)
         except OSError:
             digest = None  # unreadable now: recorded untrusted, so its first use regenerates it
         now = _time.time()
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute(
                 "INSERT INTO adapters (profile_id, fingerprint, bundle_hash, path, created, sha256)"
                 " VALUES (?, ?, ?, ?, ?, ?)"
@@ -71,17 +74,17 @@ class AdapterCache(StoreBase):
             )
             c.execute("UPDATE profiles SET adapter_stale = 0 WHERE id = ?", (pid,))
 
-    def adapters(self, profile: str) -> list[AdapterRecord]:
+    def all(self, profile: str) -> list[AdapterRecord]:
         """Cached adapters of a profile, newest first."""
-        pid = self._pid(profile)
-        rows = self.conn.execute("SELECT * FROM adapters WHERE profile_id = ? ORDER BY created DESC, id DESC", (pid,))
+        pid = self.db._pid(profile)
+        rows = self.db.conn.execute("SELECT * FROM adapters WHERE profile_id = ? ORDER BY created DESC, id DESC", (pid,))
         return [AdapterRecord(r["fingerprint"], r["bundle_hash"], Path(r["path"]), r["created"]) for r in rows]
 
     def prune_adapters(self, profile: str, keep: int = 3) -> int:
         """Delete all but the `keep` newest cached adapters (rows and files); returns how many went."""
-        old = self.adapters(profile)[keep:]
-        pid = self._pid(profile)
-        with self._write() as c:
+        old = self.all(profile)[keep:]
+        pid = self.db._pid(profile)
+        with self.db._write() as c:
             for a in old:
                 c.execute("DELETE FROM adapters WHERE profile_id = ? AND path = ?", (pid, str(a.path)))
         for a in old:

@@ -25,7 +25,7 @@ except ImportError:  # Windows
 
 
 class StoreBase:
-    """The connection and its transactions; the aggregates subclass it and `Store` composes them."""
+    """The connection and its transactions, shared by the aggregates `Store` composes (each holds it as `db`)."""
 
     def __init__(self, path: Path | str | None = None, readonly: bool | None = None, snapshot: bool = False) -> None:
         """Open (creating and upgrading) the store. `readonly=None`: read-only exactly when the database

@@ -27,14 +27,17 @@ _CONVERSATIONS = (
 )
 
 
-class ConversationStore(StoreBase):
+class ConversationStore:
     """The conversations aggregate (a part of `Store`)."""
+
+    def __init__(self, db: StoreBase) -> None:
+        self.db = db
 
     def new_conversation(self, profile: str | None = None, title: str = "", *, system_prompt: str = "",
                          scale: float | None = None) -> int:
-        pid = self._pid(profile) if profile is not None else None
+        pid = self.db._pid(profile) if profile is not None else None
         title, system_prompt, scale = _title(title), _system_prompt(system_prompt), _scale(scale)
-        with self._write() as c:
+        with self.db._write() as c:
             cur = c.execute(
                 "INSERT INTO conversations (profile_id, title, created, system_prompt, scale) VALUES (?, ?, ?, ?, ?)",
                 (pid, title, _time.time(), system_prompt, scale),
@@ -43,14 +46,14 @@ class ConversationStore(StoreBase):
 
     def rename_conversation(self, conversation_id: int, title: str) -> None:
         self._conversation_row(conversation_id)
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute("UPDATE conversations SET title = ? WHERE id = ?", (_title(title), conversation_id))
 
     def set_conversation_settings(self, conversation_id: int, *, system_prompt: str | None = None,
                                   scale: float | None = None) -> None:
         """Change the conversation's system prompt and/or strength (None: left as it is)."""
         self._conversation_row(conversation_id)
-        with self._write() as c:
+        with self.db._write() as c:
             if system_prompt is not None:
                 c.execute("UPDATE conversations SET system_prompt = ? WHERE id = ?",
                           (_system_prompt(system_prompt), conversation_id))
@@ -62,13 +65,13 @@ class ConversationStore(StoreBase):
         secure_delete), their words in the search index, the Markdown the chat exported of it, and the WAL
         checkpointed so the text does not linger in the database files. Returns the messages removed."""
         self._conversation_row(conversation_id)
-        with self._write() as c:
+        with self.db._write() as c:
             n = c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
             c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         remove_private(conversation_export_path(conversation_id))
-        if self.has_fts and n:
-            self.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self.db.has_fts and n:
+            self.db.conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")  # drop old tokens
+        self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 
     def add_message(self, conversation_id: int, role: str, content: str, meta: dict[str, Any] | None = None) -> int:
@@ -76,20 +79,20 @@ class ConversationStore(StoreBase):
         if role not in ROLES:
             raise StoreError(f"unknown message role {role!r}", hint=f"one of {', '.join(ROLES)}")
         self._conversation_row(conversation_id)
-        with self._write() as c:
+        with self.db._write() as c:
             cur = c.execute(
                 "INSERT INTO messages (conversation_id, role, content, meta, created) VALUES (?, ?, ?, ?, ?)",
                 (conversation_id, role, content, dump_meta(meta or {}), _time.time()),
             )
         return int(cur.lastrowid)
 
-    def conversations(self, profile: str | None = None) -> list[Conversation]:
+    def all(self, profile: str | None = None) -> list[Conversation]:
         """Conversations, newest first: all of them, or only those of `profile`."""
         if profile is None:
-            rows = self.conn.execute(_CONVERSATIONS + " ORDER BY c.id DESC")
+            rows = self.db.conn.execute(_CONVERSATIONS + " ORDER BY c.id DESC")
         else:
-            rows = self.conn.execute(_CONVERSATIONS + " WHERE c.profile_id = ? ORDER BY c.id DESC",
-                                     (self._pid(profile),))
+            rows = self.db.conn.execute(_CONVERSATIONS + " WHERE c.profile_id = ? ORDER BY c.id DESC",
+                                     (self.db._pid(profile),))
         return [_conversation(r) for r in rows]
 
     def get_conversation(self, conversation_id: int) -> Conversation:
@@ -97,7 +100,7 @@ class ConversationStore(StoreBase):
 
     def messages(self, conversation_id: int) -> list[Message]:
         self._conversation_row(conversation_id)
-        rows = self.conn.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        rows = self.db.conn.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
     def search_messages(self, query: str, profile: str | None = None, limit: int = 50) -> list[Message]:
@@ -106,7 +109,7 @@ class ConversationStore(StoreBase):
         if not words:
             return []
         args: list[Any] = []
-        if self.has_fts:
+        if self.db.has_fts:
             sql = ("SELECT m.* FROM messages_fts f JOIN messages m ON m.id = f.rowid"
                    " JOIN conversations c ON c.id = m.conversation_id WHERE messages_fts MATCH ?")
             args.append(" ".join('"' + w + '"' for w in words))  # quoted: user text is never FTS syntax
@@ -117,13 +120,13 @@ class ConversationStore(StoreBase):
                 args.append("%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         if profile is not None:
             sql += " AND c.profile_id = ?"
-            args.append(self._pid(profile))
-        sql += (" ORDER BY f.rank" if self.has_fts else " ORDER BY m.id DESC") + " LIMIT ?"
+            args.append(self.db._pid(profile))
+        sql += (" ORDER BY f.rank" if self.db.has_fts else " ORDER BY m.id DESC") + " LIMIT ?"
         args.append(limit)
-        return [_message(r) for r in self.conn.execute(sql, args)]
+        return [_message(r) for r in self.db.conn.execute(sql, args)]
 
     def _conversation_row(self, conversation_id: int) -> sqlite3.Row:
-        row = self.conn.execute(_CONVERSATIONS + " WHERE c.id = ?", (conversation_id,)).fetchone()
+        row = self.db.conn.execute(_CONVERSATIONS + " WHERE c.id = ?", (conversation_id,)).fetchone()
         if row is None:
             raise StoreError(f"no conversation with id {conversation_id}")
         return row

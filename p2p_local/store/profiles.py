@@ -31,15 +31,18 @@ _SNAPSHOT_SQL = "json_object('task', task, 'time', time, 'input', input, 'output
 _PROFILES = "SELECT p.*, (SELECT COUNT(*) FROM items WHERE profile_id = p.id) AS n_items FROM profiles p"
 
 
-class ProfileStore(StoreBase):
+class ProfileStore:
     """The profiles and items aggregate (a part of `Store`)."""
+
+    def __init__(self, db: StoreBase) -> None:
+        self.db = db
 
     def create_profile(self, name: str, task: str | None = None) -> ProfileRecord:
         name = check_name(name)
         task = check_task(task) if task is not None else None
         now = _time.time()
         try:
-            with self._write() as c:
+            with self.db._write() as c:
                 c.execute(
                     "INSERT INTO profiles (name, task, created, updated) VALUES (?, ?, ?, ?)", (name, task, now, now)
                 )
@@ -48,37 +51,37 @@ class ProfileStore(StoreBase):
         return self.get_profile(name)
 
     def list_profiles(self) -> list[ProfileRecord]:
-        return [_profile(r) for r in self.conn.execute(_PROFILES + " ORDER BY name")]
+        return [_profile(r) for r in self.db.conn.execute(_PROFILES + " ORDER BY name")]
 
     def get_profile(self, name: str) -> ProfileRecord:
         """The profile with its item count; StoreError (with a did-you-mean hint) if unknown."""
-        pid = self._pid(name)
-        row = self.conn.execute(_PROFILES + " WHERE id = ?", (pid,)).fetchone()
+        pid = self.db._pid(name)
+        row = self.db.conn.execute(_PROFILES + " WHERE id = ?", (pid,)).fetchone()
         return _profile(row)
 
     def profile_exists(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
+        return self.db.conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
 
     def set_profile_task(self, name: str, task: str | None) -> ProfileRecord:
         """Set (or clear, with None) the default task of new items."""
-        pid = self._pid(name)
+        pid = self.db._pid(name)
         task = check_task(task) if task is not None else None
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute("UPDATE profiles SET task = ?, updated = ? WHERE id = ?", (task, _time.time(), pid))
         return self.get_profile(name)
 
     def count_items(self, profile: str, task: str | None = None) -> int:
         """One index range (every answer counts its task's items: no scan of the profile's other tasks)."""
-        sql, args = "SELECT COUNT(*) FROM items WHERE profile_id = ?", [self._pid(profile)]
+        sql, args = "SELECT COUNT(*) FROM items WHERE profile_id = ?", [self.db._pid(profile)]
         if task is not None:
             sql, args = sql + " AND task = ?", [*args, task]
-        return self.conn.execute(sql, args).fetchone()[0]
+        return self.db.conn.execute(sql, args).fetchone()[0]
 
     def task_counts(self, profile: str) -> dict[str, int]:
         """{task: number of items}, most items first."""
-        rows = self.conn.execute(
+        rows = self.db.conn.execute(
             "SELECT task, COUNT(*) FROM items WHERE profile_id = ? GROUP BY task ORDER BY COUNT(*) DESC, task",
-            (self._pid(profile),),
+            (self.db._pid(profile),),
         )
         return {r[0]: r[1] for r in rows}
 
@@ -107,8 +110,8 @@ class ProfileStore(StoreBase):
 
     def _insert(self, profile: str, items: Iterable[NewItem], task: str | None = None) -> tuple[int, int]:
         """Insert items in one transaction; returns (id of the first new item, how many)."""
-        pid = self._pid(profile)
-        profile_task = self.conn.execute("SELECT task FROM profiles WHERE id = ?", (pid,)).fetchone()[0]
+        pid = self.db._pid(profile)
+        profile_task = self.db.conn.execute("SELECT task FROM profiles WHERE id = ?", (pid,)).fetchone()[0]
         default_task = check_task(task) if task is not None else profile_task
         now = _time.time()
 
@@ -123,7 +126,7 @@ class ProfileStore(StoreBase):
                 yield (pid, check_task(t), check_time(it.time), check_text("input", it.input),
                        check_text("output", it.output), dump_meta(it.meta), now, now)
 
-        with self._write() as c:
+        with self.db._write() as c:
             # Item ids are AUTOINCREMENT (never reused, so a deleted item's history stays its own):
             # everything above the last id handed out is ours, as we hold the write lock.
             last_id = c.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'items'").fetchone()[0]
@@ -145,7 +148,7 @@ class ProfileStore(StoreBase):
         return last_id + 1, n
 
     def get_item(self, item_id: int) -> StoredItem:
-        row = self.conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        row = self.db.conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise StoreError(f"no item with id {item_id}", hint="see ids with: p2p profile show NAME --items 20")
         return _item(row)
@@ -164,7 +167,7 @@ class ProfileStore(StoreBase):
         if after == before:
             return old
         now = _time.time()
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute(
                 "UPDATE items SET task = ?, time = ?, input = ?, output = ?, meta = ?, updated = ? WHERE id = ?",
                 (after["task"], after["time"], after["input"], after["output"], dump_meta(after["meta"]), now, item_id),
@@ -175,20 +178,20 @@ class ProfileStore(StoreBase):
     def delete_item(self, item_id: int) -> None:
         old = self.get_item(item_id)
         now = _time.time()
-        with self._write() as c:
+        with self.db._write() as c:
             c.execute("DELETE FROM items WHERE id = ?", (item_id,))
             self._history(c, old, "delete", _snapshot(old), None, now)
 
     def items(self, profile: str, task: str | None = None, limit: int | None = None) -> list[StoredItem]:
         """The profile's items in time order (unknown times first); `limit`: only the most recent ones."""
-        where, args = "profile_id = ?", [self._pid(profile)]
+        where, args = "profile_id = ?", [self.db._pid(profile)]
         if task is not None:
             where, args = where + " AND task = ?", args + [task]
         if limit is None:
-            rows = self.conn.execute(f"SELECT * FROM items WHERE {where} ORDER BY time, id", args).fetchall()
+            rows = self.db.conn.execute(f"SELECT * FROM items WHERE {where} ORDER BY time, id", args).fetchall()
         else:
             # Newest `limit` through the index, then back to time order.
-            rows = self.conn.execute(
+            rows = self.db.conn.execute(
                 f"SELECT * FROM items WHERE {where} ORDER BY time DESC, id DESC LIMIT ?", args + [max(limit, 0)]
             ).fetchall()[::-1]
         return [_item(r) for r in rows]
@@ -197,8 +200,8 @@ class ProfileStore(StoreBase):
         """Every add/edit/delete of an item, oldest first (also after it was deleted)."""
         sql, args = "SELECT * FROM item_history WHERE item_id = ?", [item_id]
         if profile is not None:
-            sql, args = sql + " AND profile_id = ?", args + [self._pid(profile)]
-        rows = self.conn.execute(sql + " ORDER BY id", args)
+            sql, args = sql + " AND profile_id = ?", args + [self.db._pid(profile)]
+        rows = self.db.conn.execute(sql + " ORDER BY id", args)
         return [
             HistoryEntry(r["id"], r["item_id"], r["action"], _load(r["old"]), _load(r["new"]), r["at"]) for r in rows
         ]

@@ -25,8 +25,11 @@ from p2p_local.store.connection import StoreBase
 from p2p_local.store.records import check_name
 
 
-class TaskCardStore(StoreBase):
+class TaskCardStore:
     """The task-card aggregate (a part of `Store`)."""
+
+    def __init__(self, db: StoreBase) -> None:
+        self.db = db
 
     def save_task_card(self, card: TaskCard) -> bool:
         """Store a user's card under its name; True if stored, False if this very card is already there.
@@ -42,7 +45,7 @@ class TaskCardStore(StoreBase):
             raise UsageError(f"invalid task name {name!r} in the task card",
                              hint="use 1-64 letters, digits or . _ @ + - (starting with a letter or digit)") from None
         text = json.dumps(TaskCard.from_dict(card.to_dict()).to_dict(), sort_keys=True, ensure_ascii=False)
-        with self._write() as c:
+        with self.db._write() as c:
             row = c.execute("SELECT card FROM task_cards WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 if json.loads(row[0]) == json.loads(text):
@@ -55,12 +58,12 @@ class TaskCardStore(StoreBase):
 
     def stored_card(self, name: str) -> TaskCard | None:
         """A user's card stored under `name`, or None."""
-        row = self.conn.execute("SELECT card FROM task_cards WHERE name = ?", (name,)).fetchone()
+        row = self.db.conn.execute("SELECT card FROM task_cards WHERE name = ?", (name,)).fetchone()
         return None if row is None else TaskCard.from_dict(json.loads(row[0]))
 
     def stored_cards(self) -> dict[str, TaskCard]:
         """Every user's card stored here, by name."""
-        rows = self.conn.execute("SELECT name, card FROM task_cards ORDER BY name")
+        rows = self.db.conn.execute("SELECT name, card FROM task_cards ORDER BY name")
         return {r[0]: TaskCard.from_dict(json.loads(r[1])) for r in rows}
 
     def task_card(self, name: str) -> TaskCard:
@@ -75,13 +78,13 @@ class TaskCardStore(StoreBase):
                                                            "your own: p2p profile create NAME --task-card FILE")
         return card
 
-    def task_cards(self) -> dict[str, TaskCard]:
+    def all(self) -> dict[str, TaskCard]:
         """Every task's card: the built-in ones, then the user's."""
         return {**{n: builtin_card(n) for n in builtin_cards()}, **self.stored_cards()}
 
     def task_names(self) -> list[str]:
         """Names of every task: the built-in ones, then the user's."""
-        return builtin_cards() + [r[0] for r in self.conn.execute("SELECT name FROM task_cards ORDER BY name")]
+        return builtin_cards() + [r[0] for r in self.db.conn.execute("SELECT name FROM task_cards ORDER BY name")]
 
 
 def stored_task_names(path: Path | None = None) -> list[str]:

@@ -51,7 +51,7 @@ class ChatApp(App[None]):
         self.cards = dict(session.task_cards())
         self.session_lock = threading.Lock()  # one engine: personalize and answer never run at once
         if task is None and profile is not None:  # the profile's default task
-            default = self.store.get_profile(profile).task
+            default = self.store.profiles.get_profile(profile).task
             task = default if default in self.cards else None
         elif task is not None:
             card = resolve_task(task, self.cards.__getitem__)

@@ -39,14 +39,14 @@ def cut_reason(meta: dict[str, Any]) -> str | None:
 def conversation_markdown(store: Store, conversation_id: int) -> str:
     """The conversation as a Markdown document: title, who it was with, then each message with how it
     was answered (and a rating reply's label distribution)."""
-    conv = store.get_conversation(conversation_id)
+    conv = store.conversations.get_conversation(conversation_id)
     title = conv.title or f"Conversation {conv.id}"
     who = f"profile **{conv.profile}**" if conv.profile else "base model (no profile)"
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.created))
     lines = [f"# {title}", "", f"_{who} · started {started}_", ""]
     if conv.system_prompt:
         lines += [f"_system prompt (free chat): {' '.join(conv.system_prompt.split())}_", ""]
-    for m in store.messages(conversation_id):
+    for m in store.conversations.messages(conversation_id):
         head = {"user": "You", "assistant": "Assistant", "system": "Note"}[m.role]
         details = _message_details(m.role, m.meta)
         content = m.content + (cut_mark(cut_reason(m.meta)) if m.role == "assistant" else "")

@@ -180,7 +180,7 @@ class ChatScreen(Screen):
     async def on_mount(self) -> None:
         self._app = self.app
         self.messages.anchor()  # follow new text until the user scrolls up
-        last = self.store.conversations(self.profile) if self.profile else []
+        last = self.store.conversations.all(self.profile) if self.profile else []
         if self.resume and last:
             # The task asked for at start (`--task`, else the profile's own) stays: `p2p chat --profile
             # demo` opens on the demo's task even if its last conversation ended in free chat.
@@ -252,7 +252,7 @@ class ChatScreen(Screen):
         lines = []
         session = self.app.session
         if self.profile:
-            n = self.store.get_profile(self.profile).n_items
+            n = self.store.profiles.get_profile(self.profile).n_items
             lines.append(f"Profile **{self.profile}**: {n} items of history, turned into a LoRA adapter on this device.")
         else:
             lines.append("No profile: answers come from the base model.")
@@ -285,10 +285,10 @@ class ChatScreen(Screen):
     async def load_conversation(self, conversation_id: int, keep_task: bool = False) -> None:
         """Show a stored conversation (its profile becomes the current one; its last task too, unless
         `keep_task`)."""
-        conv = next((c for c in self.store.conversations() if c.id == conversation_id), None)
+        conv = next((c for c in self.store.conversations.all() if c.id == conversation_id), None)
         if conv is None:
             return
-        messages = self.store.messages(conversation_id)
+        messages = self.store.conversations.messages(conversation_id)
         tasks = [m.meta.get("task") for m in messages if m.role == "user"]
         self.system_prompt = conv.system_prompt
         if conv.scale is not None:  # the strength it was left at
@@ -345,7 +345,7 @@ class ChatScreen(Screen):
             return []
         turns: list[tuple[str, str]] = []
         question = None
-        for m in self.store.messages(self.conversation_id):
+        for m in self.store.conversations.messages(self.conversation_id):
             if m.role == "user":
                 question = None if m.meta.get("task") else m.content
             elif m.role == "assistant" and question is not None and m.content:
@@ -410,14 +410,14 @@ class ChatScreen(Screen):
         transcript = None if card else self.free_chat_turns()
         labelled = card is not None and card.labelled
         if self.conversation_id is None:  # titled by its first question, with the settings made before it
-            self.conversation_id = self.store.new_conversation(self.profile, " ".join(text.split())[:60],
+            self.conversation_id = self.store.conversations.new_conversation(self.profile, " ".join(text.split())[:60],
                                                                system_prompt=self.system_prompt, scale=self.scale)
         conv = self.conversation_id
         if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
             await self.messages.remove_children()  # the welcome note goes once the chat starts
         if card is None:
             await self.note_model_change()
-        self.store.add_message(conv, "user", text, {"task": self.task_name})
+        self.store.conversations.add_message(conv, "user", text, {"task": self.task_name})
         title = "you" + (f" · {self.task_name}" if self.task_name else "")
         await self.messages.mount(MessageView("user", text, title=title))
 
@@ -530,7 +530,7 @@ class ChatScreen(Screen):
             self.notify(error, title="answer failed", severity="error", timeout=8)
         if not self.conversation_exists(j.conversation_id):
             return  # the user deleted its conversation while it streamed: nothing of it is kept
-        self.store.add_message(j.conversation_id, "assistant", text, meta)
+        self.store.conversations.add_message(j.conversation_id, "assistant", text, meta)
         if j.view.is_attached:  # not when the user moved to another conversation meanwhile
             body = text if not error else (text + "\n\n" if text else "") + f"**error**: {error}"
             # The partial text stays, marked as everywhere (after the text: copying it copies the answer alone).
@@ -588,7 +588,7 @@ class ChatScreen(Screen):
         # Floor at one step: x0 would be the base model labelled "personalized" (ctrl+g is the base model).
         self.scale = min(SCALE_MAX, max(SCALE_STEP, round(self.scale + direction * SCALE_STEP, 2)))
         if self.conversation_id is not None:  # the conversation keeps its strength (reopened, it is set again)
-            self.store.set_conversation_settings(self.conversation_id, scale=self.scale)
+            self.store.conversations.set_conversation_settings(self.conversation_id, scale=self.scale)
         self.refresh_status()
 
     def action_toggle_compare(self) -> None:
@@ -612,7 +612,7 @@ class ChatScreen(Screen):
         self.app.push_screen(PickerScreen("Task", options, current=self.task_name or FREE_CHAT_LABEL), picked)
 
     def action_pick_profile(self) -> None:
-        options = [(p.name, f"{p.n_items} items · {p.task or 'no default task'}") for p in self.store.list_profiles()]
+        options = [(p.name, f"{p.n_items} items · {p.task or 'no default task'}") for p in self.store.profiles.list_profiles()]
         options.append(("(none)", "base model only, no profile"))
 
         async def picked(choice: str | None) -> None:
@@ -624,11 +624,11 @@ class ChatScreen(Screen):
 
     async def switch_profile(self, name: str | None) -> None:
         self.profile = name
-        default_task = self.store.get_profile(name).task if name is not None else None
+        default_task = self.store.profiles.get_profile(name).task if name is not None else None
         if default_task in self.app.cards:
             self.task_name = default_task
         self.start_conversation()
-        last = self.store.conversations(name) if name else []
+        last = self.store.conversations.all(name) if name else []
         if last:
             await self.load_conversation(last[0].id)
         else:
@@ -693,7 +693,7 @@ class ChatScreen(Screen):
 
     def conversation_exists(self, conversation_id: int) -> bool:
         try:
-            self.store.get_conversation(conversation_id)
+            self.store.conversations.get_conversation(conversation_id)
         except StoreError:
             return False
         return True
@@ -729,7 +729,7 @@ class ChatScreen(Screen):
                 return
             self.system_prompt = text
             if self.conversation_id is not None:
-                self.store.set_conversation_settings(self.conversation_id, system_prompt=text)
+                self.store.conversations.set_conversation_settings(self.conversation_id, system_prompt=text)
             self.notify(f"system prompt: {shown(text)}" if text else "no system prompt", timeout=3)
             self.refresh_status()
 
@@ -780,7 +780,7 @@ class ChatScreen(Screen):
 
     def last_free_chat_model(self) -> str | None:
         """The model that answered this conversation's free chat last (a reply, or a model note), if known."""
-        for m in reversed(self.store.messages(self.conversation_id) if self.conversation_id is not None else []):
+        for m in reversed(self.store.conversations.messages(self.conversation_id) if self.conversation_id is not None else []):
             if m.role == "system" and m.meta.get("note") == "model":
                 return m.meta.get("model")
             if m.role == "assistant" and m.meta.get("task") is None and m.meta.get("model"):
@@ -795,7 +795,7 @@ class ChatScreen(Screen):
         if self.conversation_id is None or before is None or before == now:
             return
         text = f"Free chat now answered by **{shown(now)}** (before: {shown(before)})."
-        self.store.add_message(self.conversation_id, "system", text, {"note": "model", "model": now, "previous": before})
+        self.store.conversations.add_message(self.conversation_id, "system", text, {"note": "model", "model": now, "previous": before})
         if len(self.messages.children) == 1 and "system" in self.messages.children[0].classes:
             await self.messages.remove_children()  # the welcome note
         await self.messages.mount(MessageView("system", text, title="note · model"))

@@ -27,7 +27,7 @@ def own_profiles(store) -> list[str]:
     """The user's profiles: every profile but the demo."""
     from p2p_local.demo import DEMO_PROFILE
 
-    return [p.name for p in store.list_profiles() if p.name != DEMO_PROFILE]
+    return [p.name for p in store.profiles.list_profiles() if p.name != DEMO_PROFILE]
 
 
 def _first_run_marker(store) -> Path:
@@ -156,9 +156,9 @@ class FirstRunScreen(ModalScreen[str | None]):
         app, path = self.app, Path(where).expanduser()
         try:
             with Store(app.store.path) as store:
-                created = not store.profile_exists(name)
+                created = not store.profiles.profile_exists(name)
                 if created:
-                    store.create_profile(name)
+                    store.profiles.create_profile(name)
                 try:
                     if how == "git":
                         result = import_git(store, name, path, authors=[author] if author else ())

@@ -27,13 +27,13 @@ CONFIRM = ("yes", "y")
 
 def ask_rename(app: App, conversation_id: int, done: Callable[[], object] | None = None) -> None:
     """Ask for the conversation's new title (prefilled with the old one) and store it."""
-    conv = app.store.get_conversation(conversation_id)
+    conv = app.store.conversations.get_conversation(conversation_id)
 
     def answered(title: str | None) -> None:
         if title is None or title == conv.title:
             return
         try:
-            app.store.rename_conversation(conversation_id, title)
+            app.store.conversations.rename_conversation(conversation_id, title)
         except StoreError as e:
             app.notify(str(e), title="not renamed", severity="error")
             return
@@ -47,7 +47,7 @@ def ask_rename(app: App, conversation_id: int, done: Callable[[], object] | None
 def ask_delete(app: App, conversation_id: int, done: Callable[[int | None], Awaitable[None] | None]) -> None:
     """Confirm, then delete the conversation for good (`Store.delete_conversation`); `done(id)` after, or
     `done(None)` when the user thought better of it."""
-    conv = app.store.get_conversation(conversation_id)
+    conv = app.store.conversations.get_conversation(conversation_id)
     about = (f"“{shown(conv.title) or f'conversation {conv.id}'}”: its {conv.n_messages} messages, their search "
              "index and its exported Markdown are removed for good. Type yes to delete it.")
 
@@ -55,7 +55,7 @@ def ask_delete(app: App, conversation_id: int, done: Callable[[int | None], Awai
         if (text or "").lower() not in CONFIRM:
             result = done(None)
         else:
-            n = app.store.delete_conversation(conversation_id)
+            n = app.store.conversations.delete_conversation(conversation_id)
             app.notify(f"{n} messages removed", title="conversation deleted", timeout=3)
             result = done(conversation_id)
         if result is not None:
@@ -112,14 +112,14 @@ class HistoryScreen(ModalScreen[int | None]):
         results = self.query_one("#results", OptionList)
         results.clear_options()
         if not query.strip():
-            for c in store.conversations()[:MAX_CONVERSATIONS]:
+            for c in store.conversations.all()[:MAX_CONVERSATIONS]:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
                 line = Content.assemble((shown(c.title) or f"conversation {c.id}", "bold"), "\n    ",
                                         (f"{c.profile or 'no profile'} · {c.n_messages} messages · {when}", "dim"))
                 results.add_option(Option(line, id=f"c{c.id}"))
             return
-        hits = store.search_messages(query)
-        titles = {c.id: c for c in store.conversations()}
+        hits = store.conversations.search_messages(query)
+        titles = {c.id: c for c in store.conversations.all()}
         for m in hits:
             conv = titles.get(m.conversation_id)
             head = (shown(conv.title) if conv and conv.title else f"conversation {m.conversation_id}")

@@ -86,7 +86,7 @@ class ProfileScreen(Screen[bool | str]):
     @property
     def item_task(self) -> str | None:
         """New items get the chat's task, else the profile's default task."""
-        return self.task_name if self.task_name in self.app.cards else self.store.get_profile(self.profile).task
+        return self.task_name if self.task_name in self.app.cards else self.store.profiles.get_profile(self.profile).task
 
     def on_mount(self) -> None:
         table = self.query_one("#item-table", DataTable)
@@ -114,22 +114,22 @@ class ProfileScreen(Screen[bool | str]):
         table = self.query_one("#item-table", DataTable)
         row = table.cursor_row
         table.clear()
-        for it in reversed(self.store.items(self.profile, limit=MAX_ROWS)):  # newest first
+        for it in reversed(self.store.profiles.items(self.profile, limit=MAX_ROWS)):  # newest first
             table.add_row(str(it.id), when(it.time, with_time=False), it.task, _cell(it.input, 60), _cell(it.output, 30), key=str(it.id))
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
 
     def head(self) -> Content:
         """Two lines: the profile (items per task, last change) and what its adapter is built from."""
-        p = self.store.get_profile(self.profile)
-        counts = self.store.task_counts(self.profile)
+        p = self.store.profiles.get_profile(self.profile)
+        counts = self.store.profiles.task_counts(self.profile)
         tasks = ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda tn: -tn[1])) or "no items"
         shown = min(p.n_items, MAX_ROWS)
         line1 = Content.assemble((p.name, "bold"), f" · {p.n_items} items ({tasks})",
                                  f" · newest {shown} shown" if shown < p.n_items else "",
                                  f" · last change {when(p.updated)}")
         task = self.item_task
-        adapters = self.store.adapters(self.profile)
+        adapters = self.store.adapters.all(self.profile)
         if task is None:
             built = "adapter: no task yet (pick one with ctrl+t in the chat)"
         else:
@@ -185,7 +185,7 @@ class ProfileScreen(Screen[bool | str]):
             self.notify(f"{task} answers are one of {', '.join(card.labels)}", severity="warning")
             return
         try:
-            item = self.store.add_item(self.profile, task, text, answer)
+            item = self.store.profiles.add_item(self.profile, task, text, answer)
         except P2PError as e:
             self.notify(str(e), severity="error")
             return
@@ -201,13 +201,13 @@ class ProfileScreen(Screen[bool | str]):
         if not table.row_count:
             return
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        self.store.delete_item(int(key))
+        self.store.profiles.delete_item(int(key))
         self.changed = True
         self.refresh_all()
         self.notify(f"forgot item #{key}", timeout=2)
 
     def action_forget_profile(self) -> None:
-        p = self.store.get_profile(self.profile)
+        p = self.store.profiles.get_profile(self.profile)
 
         def answered(name: str | None) -> None:
             if name is None:

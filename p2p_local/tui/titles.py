@@ -44,13 +44,13 @@ class Catalogue:
         self._index: dict[str, list[tuple[str, int, str, list[str]]]] = {}
 
     def index(self, first: str | None) -> dict[str, list[tuple[str, int, str, list[str]]]]:
-        profiles = self.store.list_profiles()
+        profiles = self.store.profiles.list_profiles()
         key = (first, tuple((p.name, p.n_items, p.updated) for p in profiles))
         if key != self._key:
             order = sorted(profiles, key=lambda p: p.name != first)  # the profile's own items first
             genres_of: dict[str, str] = {}  # the first item read of each title
             for p in order:
-                for it in self.store.items(p.name, task=self.task):
+                for it in self.store.profiles.items(p.name, task=self.task):
                     title, _, genres = it.input.partition(self.after)
                     if title:
                         genres_of.setdefault(title, genres)
