@@ -222,7 +222,7 @@ class Session:
         return self.store.task_cards.all()
 
     def card(self, task: str) -> TaskCard:
-        """The task's card by the store's one resolver (`Store.task_card`: built-in, else the user's own)."""
+        """The task's card by the store's one resolver (`store.task_cards.task_card`: built-in, else the user's own)."""
         return self.store.task_cards.task_card(task)
 
     def default_task(self, profile: str) -> str:
