@@ -1311,6 +1311,10 @@ def _issue28_cases() -> list[Case]:
             'done\n')
     cases.append(Case("forget race", "ask and forget at once, three times", [], shell=race, timeout=240,
                       store_checked=False, check=_no_orphan_adapters))
+    export = race.replace(f'$P2P ask "{QUERY}" --profile {PROFILE} --task {TASK}',
+                          f'$P2P adapter export {PROFILE} --to {{W}}/exp$i --query "{QUERY}"')
+    cases.append(Case("forget race", "adapter export and forget at once, three times", [], shell=export, timeout=240,
+                      store_checked=False, check=_no_orphan_adapters))
     return cases
 
 

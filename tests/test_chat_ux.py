@@ -231,6 +231,8 @@ async def test_the_footer_fits_and_says_how_to_add_a_line(fake, store, size):
     async with app.run_test(size=size) as pilot:
         await pilot.pause(0.2)
         screen = chat(app)
+        await until(pilot, lambda: all(k.region.width > 0 for k in app.screen.query_one(Footer).query("FooterKey")),
+                    "the footer laid out")
 
         def fits() -> list[str]:
             footer = app.screen.query_one(Footer)
@@ -248,6 +250,8 @@ async def test_the_footer_fits_and_says_how_to_add_a_line(fake, store, size):
         screen.query_one(ChatInput).load_text("a long one")
         await pilot.press("enter")
         await until(pilot, lambda: screen.busy and "escape" in footer_keys(app), "the stop key")
+        await until(pilot, lambda: all(k.region.width > 0 for k in app.screen.query_one(Footer).query("FooterKey")),
+                    "the footer laid out again")  # a loaded machine lays the new key out a frame later
         assert "escape" in fits()
         await pilot.press("escape")
         await until(pilot, lambda: not screen.busy, "the reply to stop")

@@ -293,7 +293,9 @@ def write_summary(out: Path, card_dir: Path | None = None, log=print, readme: Pa
     table into `readme`'s summary block)."""
     from p2p_local.bundle import Bundle
 
-    reps, stale = split_stale(load_reports(out), Bundle.load(card_dir).sha256)
+    # The bundle the reports must have measured: the one --card names when it is a bundle, else the shipped one.
+    bundle_dir = card_dir if card_dir is not None and (Path(card_dir) / "manifest.json").is_file() else None
+    reps, stale = split_stale(load_reports(out), Bundle.load(bundle_dir).sha256)
     if not reps:
         from p2p_local.errors import DataError
 
