@@ -47,7 +47,7 @@ COMMAND = "python -m p2p_lab.robustness"
 CLASSES = ("adapters", "base models", "bundles", "imports", "profile names", "exports", "odd queries",
            "odd diffs", "CLI arguments", "hangs", "files destroyed", "injected data", "caught crashes", "concurrency",
            "export names", "stdin", "privacy", "bad values", "terminal output", "damaged store", "generated files",
-           "forget race", "serve")
+           "forget race", "serve", "eval input", "chat templates")
 PROFILE = "demo"
 TASK = "movielens-rating"
 QUERY = "Heat (1995) | Genres: Action|Crime|Thriller"
@@ -1371,9 +1371,95 @@ def _serve_cases() -> list[Case]:
                  shell=SERVE_SCRIPT % request, timeout=120, check=_serve_ok) for name, request in bad.items()]
 
 
+# --- p2p eval --data / --task-card, and a registered model's chat template: untrusted files ---------------
+CARD = {"name": "mine", "kind": "rating", "template": "Item: {input}\nRating: ", "description": "how a user rates items",
+        "labels": ["1", "2", "3", "4", "5"]}
+
+
+def _users(n: int = 6, **item: object) -> list[dict]:
+    return [{"user_id": f"u{u}", "items": [{"input": f"item {i}", "output": str(1 + (u + i) % 5), "time": 1.0e9 + i, **item}
+                                           for i in range(6)]} for u in range(n)]
+
+
+def _eval_files(card: dict | str | None = None, users: list | str | None = None, special: str = "") -> Setup:
+    def setup(ctx: Ctx) -> None:
+        c = json.dumps(CARD) if card is None else card if isinstance(card, str) else json.dumps(card)
+        (ctx.work / "card.json").write_text(c)
+        data = ctx.work / "users.jsonl"
+        if special == "fifo":
+            os.mkfifo(data)
+        elif special == "dev-zero":
+            data.symlink_to("/dev/zero")
+        elif special == "folder":
+            data.mkdir()
+        else:
+            rows = _users() if users is None else users
+            data.write_text(rows if isinstance(rows, str) else "".join(json.dumps(u) + "\n" for u in rows))
+    return setup
+
+
+def _refused(ctx: Ctx, rc: int | None, out: str, err: str) -> str | None:
+    return "bad data accepted: the command succeeded" if rc == 0 else None
+
+
+def _eval_input_cases() -> list[Case]:
+    argv = ["eval", "--data", "{W}/users.jsonl", "--task-card", "{W}/card.json", "--task", "mine", "--split", "all",
+            "--methods", "user-mean", "--out", "{W}/out", "--bootstrap", "20"]
+    deep: dict = {}
+    node = deep
+    for _ in range(100):
+        node["x"] = {}
+        node = node["x"]
+    dup = _users()
+    dup[1]["user_id"] = dup[0]["user_id"]
+    bad = {
+        "card labels a number": _eval_files({**CARD, "labels": 5}),
+        "card value_range text": _eval_files({**CARD, "value_range": "ab"}),
+        "card template with a format spec": _eval_files({**CARD, "template": "{input:>999999999}"}),
+        "card nested 100k deep": _eval_files("[" * 100_000 + "]" * 100_000),
+        "users file a FIFO": _eval_files(special="fifo"),
+        "users file /dev/zero": _eval_files(special="dev-zero"),
+        "users file a folder": _eval_files(special="folder"),
+        "a 400-digit time": _eval_files(users='{"user_id": "u", "items": [{"input": "a", "output": "3", "time": '
+                                              + "9" * 400 + "}]}\n"),
+        "a NaN time": _eval_files(users='{"user_id": "u", "items": [{"input": "a", "output": "3", "time": NaN}]}\n'),
+        "meta nested 100 deep": _eval_files(users=_users(meta=deep)),
+        "duplicate user ids": _eval_files(users=dup),
+        "an output outside the labels": _eval_files(users=_users(output="7")),
+    }
+    return [Case("eval input", f"eval: {name}", argv, setup, timeout=60, check=_refused) for name, setup in bad.items()]
+
+
+def _hostile_model(template: str) -> Setup:
+    def setup(ctx: Ctx) -> None:
+        import gguf
+        from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+        _models_copy(ctx)  # an add that wrongly succeeds writes into the case's own models dir, not the shared one
+        src = ctx.models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        reader = gguf.GGUFReader(str(src), "r")
+        writer = gguf.GGUFWriter(str(ctx.work / "hostile.gguf"), arch=reader.fields["general.architecture"].contents())
+        copy_with_new_metadata(reader, writer, {"tokenizer.chat_template": MetadataDetails(gguf.GGUFValueType.STRING,
+                                                                                           template)}, [])
+    return setup
+
+
+def _chat_template_cases() -> list[Case]:
+    argv = ["models", "add", "{W}/hostile.gguf", "--name", "evil"]
+    templates = {
+        "nested endless loops": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x",
+        "a 10 GB string": "{{ 'x' * 10000000000 }}",
+        "a syntax error": "{% for m in messages %}{{ m.content }",
+        "no text": "{% if false %}x{% endif %}",
+    }
+    return [Case("chat templates", f"models add: {name}", argv, _hostile_model(t), timeout=120, check=_refused)
+            for name, t in templates.items()]
+
+
 def catalogue() -> list[Case]:
     return (_adapter_cases() + _base_cases() + _bundle_cases() + _import_cases() + _name_cases() + _export_cases()
-            + _query_cases() + _arg_cases() + _issue19_cases() + _issue28_cases() + _serve_cases())
+            + _query_cases() + _arg_cases() + _issue19_cases() + _issue28_cases() + _serve_cases()
+            + _eval_input_cases() + _chat_template_cases())
 
 
 def sample(cases: list[Case], per_class: int) -> list[Case]:
