@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from p2p_lab.plots import pyplot, save
 from p2p_local import __version__
 from p2p_local.data.format import TaskCard, builtin_cards
 
@@ -43,7 +44,9 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def random_qv_lora(base, rank: int = 8, std: float = 0.02, seed: int = 0) -> dict:
+def random_qv_lora(base, rank: int = 8, std: float | None = 0.02, seed: int = 0) -> dict:
+    """Random (A, B) for q and v of every layer: N(0, std²), or with std None A ~ N(0, 1/n_in) and B ~ N(0, 1/rank),
+    so that B @ A has entries of about W's size (what a parity check needs to see the adapter at all)."""
     from p2p_local.adapter import tensor_name
 
     rng = np.random.default_rng(seed)
@@ -52,8 +55,9 @@ def random_qv_lora(base, rank: int = 8, std: float = 0.02, seed: int = 0) -> dic
         for module in ("attn_q", "attn_v"):
             name = tensor_name(layer, module)
             n_out, n_in = base.shapes[name]
-            out[name] = (rng.normal(0, std, (rank, n_in)).astype(np.float32),
-                         rng.normal(0, std, (n_out, rank)).astype(np.float32))
+            sa, sb = (std, std) if std is not None else (1 / np.sqrt(n_in), 1 / np.sqrt(rank))
+            out[name] = (rng.normal(0, sa, (rank, n_in)).astype(np.float32),
+                         rng.normal(0, sb, (n_out, rank)).astype(np.float32))
     return out
 
 
@@ -253,26 +257,20 @@ def bench_history(sizes: tuple[int, ...] = HISTORY_SIZES, repeat: int = 9) -> di
 
 
 def plot_history(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = result["sizes"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key, label in (("profile", "profile (store read + build)"), ("personalize", "profile -> attached adapter"),
-                       ("answer", "rating answer in the chat")):
-        ax.plot(sizes, [result[f"{key}_median_ms_{n}"] for n in sizes], marker="o", label=label)
-    ax.axhline(150, color="grey", ls=":", lw=1)
-    ax.axhline(300, color="grey", ls="--", lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("items in the profile")
-    ax.set_ylabel("median ms (2-core CPU)")
-    ax.set_title("Cost against history size (p2p bench history)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot(path.parent) as plt:
+        sizes = result["sizes"]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for key, label in (("profile", "profile (store read + build)"), ("personalize", "profile -> attached adapter"),
+                           ("answer", "rating answer in the chat")):
+            ax.plot(sizes, [result[f"{key}_median_ms_{n}"] for n in sizes], marker="o", label=label)
+        ax.axhline(150, color="grey", ls=":", lw=1)
+        ax.axhline(300, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("items in the profile")
+        ax.set_ylabel("median ms (2-core CPU)")
+        ax.set_title("Cost against history size (p2p bench history)")
+        ax.legend(fontsize=8)
+        save(fig, path)
 
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -346,25 +344,19 @@ def strength_rows(result: dict) -> list[str]:
 
 
 def plot_strength(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = result["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True)
-    for ax, (task, r) in zip(np.atleast_1d(axes), tasks.items(), strict=True):
-        ax.plot(result["strengths"], r["effect"], marker="o", label="effect (vs base)")
-        ax.plot(result["strengths"], r["differs_from_x1"], marker="s", ls="--", label="answers unlike x1")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("strength (xS)")
-        ax.set_ylim(-0.02, 1.02)
-    np.atleast_1d(axes)[0].set_ylabel("share / TV distance")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.suptitle("Strength control (p2p bench strength, demo profile)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot(path.parent) as plt:
+        tasks = result["tasks"]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True)
+        for ax, (task, r) in zip(np.atleast_1d(axes), tasks.items(), strict=True):
+            ax.plot(result["strengths"], r["effect"], marker="o", label="effect (vs base)")
+            ax.plot(result["strengths"], r["differs_from_x1"], marker="s", ls="--", label="answers unlike x1")
+            ax.set_title(task, fontsize=9)
+            ax.set_xlabel("strength (xS)")
+            ax.set_ylim(-0.02, 1.02)
+        np.atleast_1d(axes)[0].set_ylabel("share / TV distance")
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.suptitle("Strength control (p2p bench strength, demo profile)", fontsize=10)
+        save(fig, path)
 
 
 FIRST_TOKEN = r"""

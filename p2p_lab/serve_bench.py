@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
-from p2p_local.files import atomic_write, atomic_write_with
+from p2p_lab.plots import pyplot, save
+from p2p_local.files import atomic_write
 
 LEVELS = (1, 4, 16)
 RATING_QUERIES = [f"{t} | Genres: {g}" for t, g in (
@@ -118,16 +120,8 @@ def _home(tmp: Path) -> Iterator[None]:
     from p2p_local.paths import models_dir
 
     models = str(models_dir())  # resolved before the home moves
-    before = {k: os.environ.get(k) for k in ("P2P_HOME", "P2P_MODELS")}
-    os.environ.update(P2P_HOME=str(tmp), P2P_MODELS=models)
-    try:
+    with mock.patch.dict(os.environ, P2P_HOME=str(tmp), P2P_MODELS=models):
         yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bench_serve(levels: tuple[int, ...] = LEVELS, requests: int = 32, max_tokens: int = 16,
@@ -232,12 +226,7 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def plot(rep: dict[str, Any], path: Path) -> None:
     """Requests/s and p50/p99 latency against clients, per workload, the two paths side by side."""
-    with matplotlib_home(path.parent):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    with pyplot(path.parent) as plt:
         names = list(rep["workloads"])
         fig, axes = plt.subplots(len(names), 2, figsize=(9, 3.2 * len(names)), squeeze=False)
         for row, name in zip(axes, names, strict=True):
@@ -262,25 +251,7 @@ def plot(rep: dict[str, Any], path: Path) -> None:
             row[0].legend(fontsize=7)
             row[1].legend(fontsize=7)
         fig.suptitle(f"p2p serve vs Session.answer ({rep['machine']['cpus']}-core CPU)", fontsize=11)
-        fig.tight_layout()
-        atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=0o644)
-        plt.close(fig)
-
-
-@contextlib.contextmanager
-def matplotlib_home(out: Path) -> Iterator[None]:
-    """matplotlib's config and font cache in `out/.matplotlib`, not under $HOME (read at its first import)."""
-    d = out / ".matplotlib"
-    d.mkdir(parents=True, exist_ok=True)
-    before = os.environ.get("MPLCONFIGDIR")
-    os.environ["MPLCONFIGDIR"] = str(d)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MPLCONFIGDIR", None)
-        else:
-            os.environ["MPLCONFIGDIR"] = before
+        save(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from p2p_local import __version__
+from p2p_local.commands.args import Parser, examples
 from p2p_local.errors import InternalError, P2PError, UsageError
 
 # Order = order in `p2p --help`.
@@ -32,18 +33,14 @@ EPILOG = """examples:
   p2p profile create alice
   p2p profile import alice ratings.csv    # MovieLens-style ratings, CSV / JSON / JSONL
   p2p personalize alice                   # profile -> LoRA adapter, with timings
-  p2p ask "Heat (1995) | Genres: Action|Crime" --task movielens-rating   # the task frames it
+  p2p ask {query} --task {task}   # the task frames it
   p2p chat                                # the terminal chat
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="p2p",
-        description="On-device LLM personalization: your history -> a LoRA adapter -> a local model.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser(prog="p2p", epilog=EPILOG.format(**examples()),
+                    description="On-device LLM personalization: your history -> a LoRA adapter -> a local model.")
     parser.add_argument("--version", action="version", version=f"p2p-local {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:

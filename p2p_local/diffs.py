@@ -1,4 +1,4 @@
-"""The compact diff: what the commit-subject task reads of a change, by one rule for every entry point.
+"""The compact diff: what a change-reading task (commit subjects) reads of a change, by one rule for every entry point.
 
 The importer (`p2p profile import --git`), a diff piped to `p2p ask -`, the hook's staged change, the
 dataset converter (whose stored diffs were made by the same rule, ../shared/data/README.md) and so the

@@ -14,7 +14,7 @@ _QUERY_TAG = r"-q[0-9a-f]{8}"  # what `export_name` adds for a query
 
 
 def export_name(profile: str, task: str, query: str | None) -> str:
-    """`me-commit-subject`, plus a short hash of the query for a query-aware adapter: the same profile,
+    """`<profile>-<task>`, plus a short hash of the query for a query-aware adapter: the same profile,
     task and query always give the same name (re-exporting replaces the file), and two profiles never
     share one. Profile names may be any letters (`\\w`), file names here are ASCII, so a name that is not
     plain lower-case ASCII gets a hash of the exact name: two that differ only outside ASCII (or only in

@@ -9,7 +9,7 @@ first, and comes back on `p2p hook uninstall`. The script calls `p2p hook run`, 
   shell, without starting Python: a message source other than none/template, or a rebase, cherry-pick,
   revert or merge in progress. It exports the data dir it was installed with (unless the commit's
   environment sets one), so a shell without P2P_HOME still finds the profile;
-- reads the staged change as the commit-subject task reads a commit (its files line and compact diff,
+- reads the staged change as the task reads an imported commit (its files line and compact diff,
   `pipeline.query_item`: the imported commits' rule), personalizes with the profile's adapter and writes
   the best proposal as the first line, the others and what was read as `#` lines below it;
 - never blocks a commit: a missing model, profile or store, an error or a run past the timeout

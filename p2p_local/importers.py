@@ -601,7 +601,7 @@ def normal_title(title: str) -> str:
     return " ".join(words).replace("'", "")
 
 
-def split_movielens_title(title: str) -> tuple[list[str], str]:
+def split_title_year(title: str) -> tuple[list[str], str]:
     """"City of Lost Children, The (Cité des enfants perdus, La) (1995)" -> (its names, "1995")."""
     t = title.strip()
     year = ""
@@ -618,7 +618,7 @@ def title_index(movies: dict[int, tuple[str, list[str]]]) -> dict[str, list[tupl
     """normal_title -> [(year, movieId, MovieLens title, genres)] for `match_title`."""
     index: dict[str, list[tuple[str, int, str, list[str]]]] = {}
     for movie_id, (title, genres) in movies.items():
-        names, year = split_movielens_title(title)
+        names, year = split_title_year(title)
         for n in names:
             index.setdefault(normal_title(n), []).append((year, movie_id, title, genres))
     return index

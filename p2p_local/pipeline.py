@@ -203,7 +203,7 @@ def render_items(card: TaskCard, items: Sequence[Item]) -> list[str]:
     """History items as examples in the task's own template, one string per item.
 
     Why not profile.render_history ("Input: .. Output: .." lines): a pretrained base model continues
-    the pattern it sees, and with a second format in the prompt it answered commit-subject queries
+    the pattern it sees, and with a second format in the prompt it answered commit queries
     with "Input: files: ..." (measured); examples in the query's own format are the strong baseline.
     """
     return [card.prompt(prompt_input(card, it, example=True)) + it.output for it in items]

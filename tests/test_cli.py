@@ -41,3 +41,19 @@ def test_chat_without_a_terminal_exits_2_at_once(p2p_home) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "needs a terminal" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_wraps_prose_and_keeps_example_lines(monkeypatch, capsys) -> None:
+    """One formatter for every command: a description wraps to the terminal, an example line stays whole (a
+    wrapped command line could not be pasted), and the examples name the shipped cards' tasks."""
+    from p2p_local.commands.args import examples
+
+    monkeypatch.setenv("COLUMNS", "60")
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    out = capsys.readouterr().out
+    prose = out.split("\n\n")[1]  # the description
+    assert len(prose.splitlines()) > 1 and all(len(line) <= 60 for line in prose.splitlines())
+    ex = examples()
+    assert f"  p2p chat --profile me --task {ex['commits']}\n" in out
+    assert "p2p chat --model smollm2-135m              # free chat on an instruct model" in out  # > 60 columns, whole

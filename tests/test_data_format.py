@@ -6,16 +6,8 @@ import json
 
 import pytest
 
-from p2p_local.data.format import (
-    Item,
-    TaskCard,
-    User,
-    builtin_card,
-    builtin_cards,
-    read_users_jsonl,
-    time_ordered,
-    write_users_jsonl,
-)
+from p2p_local.data import Item, TaskCard, User, builtin_card, builtin_cards
+from p2p_local.data.format import read_users_jsonl, time_ordered, write_users_jsonl
 from p2p_local.errors import DataError
 
 
@@ -173,10 +165,10 @@ def test_the_commit_task_keeps_its_former_name_as_an_alias(tmp_path) -> None:
         assert s.profiles.task_counts("me") == {"commit-subject": 2}
 
 
-def test_samples_and_split_key_no_cached_result():
+def test_samples_split_and_aliases_key_no_cached_result():
     """The evaluation's run dirs are keyed by the card: fields no result depends on stay out of the key, so run
     dirs made before the cards had them are still found."""
     card = builtin_card("commit-subject")
-    assert card.samples and card.split == "repository"
-    assert card.keyed_dict() == {k: v for k, v in card.to_dict().items() if k not in ("samples", "split")}
+    assert card.samples and card.split == "repository" and card.aliases == ["pytest-commit-subject"]
+    assert card.keyed_dict() == {k: v for k, v in card.to_dict().items() if k not in ("samples", "split", "aliases")}
     assert TaskCard.from_dict(card.to_dict()) == card  # saved and loaded with them

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_local.adapter import BaseInfo, tensor_name, write_adapter
+from p2p_lab.bench import random_qv_lora
+from p2p_local.adapter import write_adapter
 from p2p_local.peft_export import gguf_to_hf_name
 from trainer.base import hf_gguf_module_map, linear, merged_lora
 
@@ -35,20 +36,6 @@ PROMPTS = [
 def token_ids(engine) -> list[list[int]]:
     """Tokenized once, by llama.cpp (BOS included); torch gets exactly these ids."""
     return [engine.tokenize(p) for p in PROMPTS]
-
-
-def random_lora(base: BaseInfo, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """q and v of every layer, A ~ N(0, 1/n_in), B ~ N(0, 1/r): B @ A has entries of about W's size."""
-    rng = np.random.default_rng(seed)
-    pairs = {}
-    for layer in range(base.n_layers):
-        for module in ("attn_q", "attn_v"):
-            name = tensor_name(layer, module)
-            n_out, n_in = base.shapes[name]
-            a = (rng.standard_normal((RANK, n_in)) / np.sqrt(n_in)).astype(np.float32)
-            b = (rng.standard_normal((n_out, RANK)) / np.sqrt(RANK)).astype(np.float32)
-            pairs[name] = (a, b)
-    return pairs
 
 
 @torch.no_grad()
@@ -122,7 +109,7 @@ def test_base_logits_agree(torch_base, engine, token_ids):
 @pytest.fixture(scope="module")
 def deltas(torch_base, engine, token_ids):
     """Torch's logit delta under the LoRA, and llama.cpp's base logits (computed once)."""
-    pairs = random_lora(engine.base)
+    pairs = random_qv_lora(engine.base, RANK, std=None)
     model = torch_base[0]
     torch_delta = torch_last_logits(model, token_ids, pairs, SCALE) - torch_last_logits(model, token_ids)
     assert np.std(torch_delta, axis=1).min() > 1.5  # well above llama.cpp's quantization noise (~0.2)

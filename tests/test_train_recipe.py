@@ -28,24 +28,16 @@ SLOPE_TOL = 0.25
 def tiny_run(torch_base, tmp_path_factory):
     """The tiny recipe in a private data dir (module-scoped: trained once for the checks below)."""
     import os
+    from unittest import mock
 
     from p2p_local import paths
 
     root = tmp_path_factory.mktemp("tiny")
-    saved = {k: os.environ.get(k) for k in ("P2P_HOME", "P2P_MODELS", "P2P_CACHE")}
-    os.environ["P2P_MODELS"] = str(paths.models_dir())
-    os.environ["P2P_HOME"] = str(root / "home")
-    os.environ["P2P_CACHE"] = str(root / "cache")
-    try:
+    with mock.patch.dict(os.environ, P2P_MODELS=str(paths.models_dir()), P2P_HOME=str(root / "home"),
+                         P2P_CACHE=str(root / "cache")):
         cfg = recipe("tiny", out_dir=str(root / "run"), eval_every=5)  # a mid-run validation: selection runs
         summary = train(cfg, base=torch_base)
         yield cfg, summary, root
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.slow

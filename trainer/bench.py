@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from p2p_lab.plots import pyplot, save
 from p2p_local.files import atomic_write
 from p2p_local.paths import repo_root
 from trainer.config import TrainConfig, recipe
@@ -338,25 +339,18 @@ def write_markdown(rep: dict, path: Path) -> None:
 
 
 def write_png(rep: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [c["name"] for c in rep["candidates"]]
-    ratios = [c["result"]["ratio"] for c in rep["candidates"]]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(names[::-1], ratios[::-1], color="#4a7fb5")
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.axvline(5.0, color="#b54a4a", lw=0.8, ls="--", label="5x target")
-    for y, r in enumerate(ratios[::-1]):
-        ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
-    ax.set_xlabel("training samples/s, new / old (interleaved, same batches)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot(path.parent) as plt:
+        names = [c["name"] for c in rep["candidates"]]
+        ratios = [c["result"]["ratio"] for c in rep["candidates"]]
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+        ax.barh(names[::-1], ratios[::-1], color="#4a7fb5")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(5.0, color="#b54a4a", lw=0.8, ls="--", label="5x target")
+        for y, r in enumerate(ratios[::-1]):
+            ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
+        ax.set_xlabel("training samples/s, new / old (interleaved, same batches)")
+        ax.legend(loc="lower right", fontsize=8)
+        save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from p2p_lab.eval.summary import vs_user_mean
+from p2p_lab.plots import pyplot, save
 from trainer.config import recipe
 from trainer.train import Dist, load_data, train
 
@@ -140,25 +141,20 @@ def to_markdown(rep: dict) -> str:
 
 
 def chart(rep: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rep["variants"])
-    gaps = [rep["variants"][n]["gap_loss"] for n in names]
-    lo = [g - rep["variants"][n]["gap_loss_ci95"][0] for n, g in zip(names, gaps, strict=True)]
-    hi = [rep["variants"][n]["gap_loss_ci95"][1] - g for n, g in zip(names, gaps, strict=True)]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    y = list(range(len(names)))[::-1]
-    ax.barh(y, gaps, xerr=[lo, hi], color="#2c7fb8", capsize=3)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, names)
-    ax.set_xlabel("shuffled - true profile loss (nats; > 0: the profile is used)")
-    ax.set_title(f"{rep['task']}: {TITLES[rep['set']].lower()} (what the profile gives the hypernetwork)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot(path.parent) as plt:
+        names = list(rep["variants"])
+        gaps = [rep["variants"][n]["gap_loss"] for n in names]
+        lo = [g - rep["variants"][n]["gap_loss_ci95"][0] for n, g in zip(names, gaps, strict=True)]
+        hi = [rep["variants"][n]["gap_loss_ci95"][1] - g for n, g in zip(names, gaps, strict=True)]
+        fig, ax = plt.subplots(figsize=(7, 3))
+        y = list(range(len(names)))[::-1]
+        ax.barh(y, gaps, xerr=[lo, hi], color="#2c7fb8", capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, names)
+        ax.set_xlabel("shuffled - true profile loss (nats; > 0: the profile is used)")
+        ax.set_title(f"{rep['task']}: {TITLES[rep['set']].lower()} (what the profile gives the hypernetwork)",
+                     fontsize=10)
+        save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

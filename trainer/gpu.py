@@ -380,26 +380,22 @@ def write_report(run_dir: Path, command: str) -> Path:
     for name, o in (summary.get("oppu") or {}).items():
         lines += [f"OPPU ({name}): {o['users']} users trained in {o['seconds']:.0f} s."]
     (run_dir / "README.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not _importable("matplotlib"):
         return run_dir / "README.md"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
-    x = [e["step"] * batch / 1000 for e in evals]
-    for ax, t in zip(axes[0], tasks, strict=True):
-        ax.plot(x, [e["eval"][t]["loss_true"] for e in evals], "o-", label="true profile")
-        ax.plot(x, [e["eval"][t]["loss_shuffled"] for e in evals], "s--", label="shuffled profile")
-        ax.axvline(sel * batch / 1000, color="grey", lw=1, ls=":")
-        ax.set_title(t, fontsize=9)
-        ax.set_xlabel("thousand samples seen")
-    axes[0][0].set_ylabel("validation loss")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "val-loss.png", dpi=110)
-    plt.close(fig)
+    from p2p_lab.plots import pyplot, save
+
+    with pyplot(run_dir) as plt:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+        x = [e["step"] * batch / 1000 for e in evals]
+        for ax, t in zip(axes[0], tasks, strict=True):
+            ax.plot(x, [e["eval"][t]["loss_true"] for e in evals], "o-", label="true profile")
+            ax.plot(x, [e["eval"][t]["loss_shuffled"] for e in evals], "s--", label="shuffled profile")
+            ax.axvline(sel * batch / 1000, color="grey", lw=1, ls=":")
+            ax.set_title(t, fontsize=9)
+            ax.set_xlabel("thousand samples seen")
+        axes[0][0].set_ylabel("validation loss")
+        axes[0][0].legend(fontsize=8)
+        save(fig, run_dir / "val-loss.png")
     return run_dir / "README.md"
 
 

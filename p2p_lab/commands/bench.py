@@ -17,8 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="measure speed and memory (JSON + table)",
                        epilog="examples:\n  p2p bench runtime --json\n  p2p bench personalize --json\n"
-                              "  p2p bench all --json-out reports/bench.json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  p2p bench all --json-out reports/bench.json")
     p.add_argument("suite", choices=[*SUITES, "serve", "all"])
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--json-out", type=Path, help="also write the JSON (and a .md table beside it)")

@@ -88,11 +88,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         args.out = data_dir() / "eval"
     if args.summary:
-        from p2p_lab.eval.runner import matplotlib_home
         from p2p_lab.eval.summary import write_summary
 
-        with matplotlib_home(args.out):  # its chart: nothing written under $HOME
-            write_summary(args.out, args.card, readme=args.readme)
+        write_summary(args.out, args.card, readme=args.readme)
         return 0
     if args.queries < 1 or (args.users is not None and args.users < 1):
         raise P2PError("--queries and --users must be at least 1")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from p2p_lab.plots import pyplot, save
 from p2p_local.data.format import builtin_card
 from p2p_local.pipeline import Candidate, rank_candidates
 
@@ -96,25 +97,20 @@ def markdown(res: dict[str, Any], runs: list[str]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in res["rules"]:
-        ax.errorbar(r["copy"]["value"], r["rougeL"]["value"], fmt="o",
-                    xerr=[[r["copy"]["value"] - r["copy"]["ci"][0]], [r["copy"]["ci"][1] - r["copy"]["value"]]],
-                    yerr=[[r["rougeL"]["value"] - r["rougeL"]["ci"][0]], [r["rougeL"]["ci"][1] - r["rougeL"]["value"]]])
-        ax.annotate(r["rule"], (r["copy"]["value"], r["rougeL"]["value"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.axvline(res["real_copy"]["value"], ls="--", c="grey", lw=1, label="authors' own copy rate")
-    ax.set_xlabel("copy rate (answer = an earlier subject)")
-    ax.set_ylabel("ROUGE-L vs the real subject")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with pyplot(path.parent) as plt:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in res["rules"]:
+            ax.errorbar(r["copy"]["value"], r["rougeL"]["value"], fmt="o",
+                        xerr=[[r["copy"]["value"] - r["copy"]["ci"][0]], [r["copy"]["ci"][1] - r["copy"]["value"]]],
+                        yerr=[[r["rougeL"]["value"] - r["rougeL"]["ci"][0]],
+                              [r["rougeL"]["ci"][1] - r["rougeL"]["value"]]])
+            ax.annotate(r["rule"], (r["copy"]["value"], r["rougeL"]["value"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.axvline(res["real_copy"]["value"], ls="--", c="grey", lw=1, label="authors' own copy rate")
+        ax.set_xlabel("copy rate (answer = an earlier subject)")
+        ax.set_ylabel("ROUGE-L vs the real subject")
+        ax.legend(fontsize=8)
+        save(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

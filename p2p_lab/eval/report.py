@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from p2p_lab.eval.stats import (
     paired_difference,
     summarize,
 )
+from p2p_lab.plots import pyplot, save
 from p2p_local.data.format import LABELLED_KINDS, TaskCard, User
 
 REFERENCE = "p2p"  # paired differences are taken against this method
@@ -280,12 +282,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
 
 def write_chart(rep: dict[str, Any], path: Path, log=print) -> Path | None:
     """A bar chart of the primary metric with 95% CIs. matplotlib is optional (not an app dependency)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if find_spec("matplotlib") is None:
         log("matplotlib is not installed: skipping the chart (pip install matplotlib to get it)")
         return None
     primary = rep["primary_metric"]
@@ -297,17 +294,17 @@ def write_chart(rep: dict[str, Any], path: Path, log=print) -> Path | None:
     vals = np.array([e["value"] for _, e in rows])
     lo = np.array([e["ci"][0] if e["ci"][0] is not None else e["value"] for _, e in rows])
     hi = np.array([e["ci"][1] if e["ci"][1] is not None else e["value"] for _, e in rows])
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
-    colors = ["#c0392b" if n == REFERENCE else "#7f8c8d" if n.startswith(REFERENCE + "-") else "#2c7fb8" for n in names]
-    y = np.arange(len(rows))[::-1]
-    ax.barh(y, vals, xerr=[vals - lo, hi - vals], color=colors, capsize=3)
-    ax.set_yticks(y, names)
-    better = "higher" if rep["higher_is_better"][primary] else "lower"
-    ax.set_xlabel(f"{primary} ({better} is better), 95% CI over users")
-    ax.set_title(f"{rep['task']} ({rep['split']}): {rep['data']['n_users']} users, {rep['data']['n_queries']} queries")
-    if not math.isnan(float(vals.min())) and primary in ("mae", "rmse", "ce"):
-        ax.set_xlim(left=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    with pyplot(path.parent) as plt:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+        colors = ["#c0392b" if n == REFERENCE else "#7f8c8d" if n.startswith(REFERENCE + "-") else "#2c7fb8"
+                  for n in names]
+        y = np.arange(len(rows))[::-1]
+        ax.barh(y, vals, xerr=[vals - lo, hi - vals], color=colors, capsize=3)
+        ax.set_yticks(y, names)
+        better = "higher" if rep["higher_is_better"][primary] else "lower"
+        ax.set_xlabel(f"{primary} ({better} is better), 95% CI over users")
+        ax.set_title(f"{rep['task']} ({rep['split']}): {rep['data']['n_users']} users, "
+                     f"{rep['data']['n_queries']} queries")
+        if not math.isnan(float(vals.min())) and primary in ("mae", "rmse", "ce"):
+            ax.set_xlim(left=0)
+        return save(fig, path, dpi=120)

@@ -12,14 +12,11 @@ user's data) are unchanged, so an interrupted evaluation continues where it stop
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,6 @@ from p2p_lab.eval.methods import (
 from p2p_local import pipeline
 from p2p_local.data.format import TASK_NAME, Item, TaskCard, User, check_outputs
 from p2p_local.errors import DataError, P2PError, UsageError
-from p2p_local.files import disk_error
 
 SPLITS = ("test", "ood", "val", "all")
 RECORDS_VERSION = 3  # bump when prompts or stored records change: earlier results are then not reused (2: one route, NLL; 3: the history's case style)
@@ -267,31 +263,8 @@ def run_eval(cfg: EvalConfig, log: Log = _log_stderr) -> RunOutput:
         card=card, task=task, cfg=cfg, users=users, n_split_users=loaded.n_split_users, n_queries=n_q, results=results,
         meta=meta, source=loaded.source, engine=engine_info, seconds=time.time() - started, run_dir=run_dir,
     )
-    with matplotlib_home(Path(cfg.out)):
-        paths = report_mod.write_report(rep, Path(cfg.out), log=log)
+    paths = report_mod.write_report(rep, Path(cfg.out), log=log)
     return RunOutput(rep, paths, run_dir)
-
-
-@contextlib.contextmanager
-def matplotlib_home(out: Path) -> Iterator[Path]:
-    """MPLCONFIGDIR in a temporary folder inside `out`, removed afterwards, while charts are drawn: matplotlib
-    otherwise writes its config and font cache under $HOME, outside the data dir and --out. Set before matplotlib
-    is first imported (it reads the variable once); the previous value is restored afterwards."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(prefix=".matplotlib-", dir=out)
-    except OSError as e:  # --out is a file, or read-only
-        raise disk_error(e, out) from None
-    before = os.environ.get("MPLCONFIGDIR")
-    os.environ["MPLCONFIGDIR"] = tmp.name
-    try:
-        yield Path(tmp.name)
-    finally:
-        if before is None:
-            os.environ.pop("MPLCONFIGDIR", None)
-        else:
-            os.environ["MPLCONFIGDIR"] = before
-        tmp.cleanup()
 
 
 def _engine_info(ctx: EvalContext) -> dict[str, Any] | None:

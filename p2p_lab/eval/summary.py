@@ -13,10 +13,12 @@ that holds 0 is a tie. Nothing here re-scores anything: it only gathers what the
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from p2p_lab.eval.report import REFERENCE, fmt
+from p2p_lab.plots import pyplot, save
 
 SPLIT_ORDER = ("test", "ood", "val", "all")
 # The comparisons the goal names, in the order it names them; classic references only for ratings.
@@ -232,12 +234,7 @@ def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> s
 
 def write_chart(summary: dict[str, Any], path: Path) -> Path | None:
     """One panel per task (test split, else the first split): primary metric per method with 95% CIs."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if find_spec("matplotlib") is None:
         return None
     seen, panels = set(), []
     for t in sorted(summary["tasks"], key=lambda t: SPLIT_ORDER.index(t["split"]) if t["split"] in SPLIT_ORDER else 9):
@@ -246,26 +243,24 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path | None:
             panels.append(t)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
-    for ax, t in zip(axes[0], panels, strict=True):
-        pm = t["primary_metric"]
-        rows = [(n, m[pm]) for n, m in t["methods"].items() if m[pm].get("value") is not None]
-        names = [n for n, _ in rows]
-        vals = [e["value"] for _, e in rows]
-        lo = [e["value"] - (e["ci"][0] if e["ci"][0] is not None else e["value"]) for _, e in rows]
-        hi = [(e["ci"][1] if e["ci"][1] is not None else e["value"]) - e["value"] for _, e in rows]
-        colors = ["#c0392b" if n == REFERENCE else "#7f8c8d" if n.startswith(REFERENCE + "-") else "#2c7fb8"
-                  for n in names]
-        y = list(range(len(rows)))[::-1]
-        ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
-        ax.set_yticks(y, names)
-        ax.set_title(f"{t['task']} ({t['split']})", fontsize=10)
-        ax.set_xlabel(f"{pm} ({'higher' if t['higher_is_better'] else 'lower'} is better)")
-    fig.suptitle("P2P (red), its controls (grey) and every other method; 95% CI over users", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    with pyplot(path.parent) as plt:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+        for ax, t in zip(axes[0], panels, strict=True):
+            pm = t["primary_metric"]
+            rows = [(n, m[pm]) for n, m in t["methods"].items() if m[pm].get("value") is not None]
+            names = [n for n, _ in rows]
+            vals = [e["value"] for _, e in rows]
+            lo = [e["value"] - (e["ci"][0] if e["ci"][0] is not None else e["value"]) for _, e in rows]
+            hi = [(e["ci"][1] if e["ci"][1] is not None else e["value"]) - e["value"] for _, e in rows]
+            colors = ["#c0392b" if n == REFERENCE else "#7f8c8d" if n.startswith(REFERENCE + "-") else "#2c7fb8"
+                      for n in names]
+            y = list(range(len(rows)))[::-1]
+            ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
+            ax.set_yticks(y, names)
+            ax.set_title(f"{t['task']} ({t['split']})", fontsize=10)
+            ax.set_xlabel(f"{pm} ({'higher' if t['higher_is_better'] else 'lower'} is better)")
+        fig.suptitle("P2P (red), its controls (grey) and every other method; 95% CI over users", fontsize=10)
+        return save(fig, path)
 
 
 README_BEGIN, README_END = "<!-- summary:begin -->", "<!-- summary:end -->"

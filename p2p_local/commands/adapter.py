@@ -13,20 +13,22 @@ import argparse
 import json
 from pathlib import Path
 
+from p2p_local.commands.args import examples
+
 EPILOG = """examples:
   p2p adapter export me --to ~/adapters                       # ~/adapters/me-<task>.gguf + README
-  p2p adapter export alice --to out/ --task movielens-rating --query 'Heat (1995) | Genres: Action|Crime'
+  p2p adapter export alice --to out/ --task {task} --query {query}
   p2p adapter export me --to out/ --format peft               # a PEFT folder (transformers, vLLM) + model card
   p2p adapter export me --to /srv/llama --mode 644            # world-readable, for a server run by another user
 """
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapter", help="export a profile's adapter for llama.cpp, llama-server, Ollama or PEFT",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG.format(**examples()))
     asub = p.add_subparsers(dest="adapter_command", metavar="ACTION")
     p.set_defaults(func=lambda _args: p.print_help() or 2)
     ex = asub.add_parser("export", help="write the profile's adapter under a stable name, with usage notes",
-                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=EPILOG.format(**examples()))
     ex.add_argument("profile")
     ex.add_argument("--to", type=Path, required=True, metavar="DIR", help="folder to write into (created)")
     ex.add_argument("--task", help="task card (default: the profile's task)")

@@ -4,12 +4,46 @@ model loads, never a store or model error."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shlex
 
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_TOKENS = 2048  # the engine's context: more can never be generated
 MAX_CANDIDATES = 8  # proposals of a one-line answer (each costs a short greedy branch)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrap to the terminal; indented lines (the examples of an epilog) stay as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line[:1].isspace() or not line.strip()
+                         else super(HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `p2p` parser: the help formatter above. Sub-parsers inherit the class (argparse builds them with
+    `type(parent)`), so no command re-spells it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse's own signature
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def examples() -> dict[str, str]:
+    """Names for the help examples, read from the shipped cards (the one home of a task's facts, so no command
+    spells one): `task` and `query`, the first labelled card and its first sample; `commits`, the first card that
+    reads a change; `json_query`, the sample as a JSON string. A help text says `EPILOG.format(**examples())`."""
+    from p2p_local.data.format import builtin_card, builtin_cards
+
+    cards = [builtin_card(name) for name in builtin_cards()]
+    rated = next((c for c in cards if c.labelled and c.samples), None)
+    change = next((c for c in cards if c.diff_chars), None)
+    sample = rated.samples[0] if rated else "QUERY"
+    return {"task": rated.name if rated else "TASK", "query": shlex.quote(sample), "json_query": json.dumps(sample),
+            "commits": change.name if change else "TASK"}
 
 
 def scale_arg(value: str) -> float:

@@ -1,7 +1,7 @@
 """`p2p ask "..."`: one answer, streamed to stdout, personalized by a profile's adapter.
 
 The query may come from standard input (`-`, or nothing given while stdin is a pipe):
-`git diff --cached | p2p ask - --task commit-subject --profile me`. For the commit-subject task a
+`git diff --cached | p2p ask - --profile me`. For a task that reads a change (the card's `diff_chars`) a
 diff is read as the task reads a commit (`pipeline.query_item`, for every entry point): its changed files in
 the training items' format and its compact diff (`p2p_local.diffs`); `--json` says what was read.
 """
@@ -12,20 +12,27 @@ import argparse
 import sys
 from typing import Any
 
-from p2p_local.commands.args import candidates_arg, max_tokens_arg, scale_arg, task_arg, temperature_arg
+from p2p_local.commands.args import (
+    candidates_arg,
+    examples,
+    max_tokens_arg,
+    scale_arg,
+    task_arg,
+    temperature_arg,
+)
 from p2p_local.errors import UsageError
+
+EPILOG = """examples:
+  p2p ask {query} --profile demo --task {task}
+  p2p ask {query} --profile demo --base     # no adapter
+  git diff --cached | p2p ask - --task {commits} --profile me   # the query from stdin
+  git diff --cached | p2p ask - --profile me --candidates 3 --json  # three proposals, best first
+  p2p ask 'what should I watch tonight?' --profile demo --model smollm2-135m  # free chat, instruct model"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ask", help="answer one prompt (streams), personalized with a profile",
-        epilog="examples:\n  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --task movielens-rating\n"
-               "  p2p ask 'Heat (1995) | Genres: Action|Crime' --profile demo --base     # no adapter\n"
-               "  p2p ask 'fix tmpdir cleanup on windows' --profile me --task commit-subject --json\n"
-               "  git diff --cached | p2p ask - --task commit-subject --profile me   # the query from stdin\n"
-               "  git diff --cached | p2p ask - --profile me --candidates 3           # three proposals, best first\n"
-               "  p2p ask 'what should I watch tonight?' --profile demo --model smollm2-135m  # free chat, instruct model",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("ask", help="answer one prompt (streams), personalized with a profile",
+                       epilog=EPILOG.format(**examples()))
     p.add_argument("text", nargs="?", help="the query; '-' (or none, with a pipe) reads it from standard input")
     p.add_argument("--profile", help="profile to personalize with (default: the only profile holding the task's items)")
     p.add_argument("--task", type=task_arg, help="task card whose template frames the prompt (default: the profile's task; "
@@ -126,7 +133,7 @@ def asked_text(session: Any, text: str, task: str | None, profile: str | None, q
     query = Request(card, text).query  # as the task will read it (a diff: files + compact diff)
     if len(query) > MAX_QUERY_CHARS:  # tokenizing 50 MB took minutes, only to be refused by the context
         raise QueryTooLong(f"the query is {len(query):,} characters; the model reads at most {MAX_QUERY_CHARS:,}",
-                           hint="ask with a shorter text (a diff for commit-subject is read in its compact form)")
+                           hint="ask with a shorter text (a diff is read in its compact form by a task that reads changes)")
     return complete_title(session, text, task, profile, quiet=quiet) if card is not None else text
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from p2p_local.commands.args import task_arg
+from p2p_local.commands.args import examples, task_arg
 from p2p_local.errors import UsageError
 
 EPILOG = """examples:
   p2p chat                                   # the profile used last (the demo on a first run)
-  p2p chat --profile me --task commit-subject
+  p2p chat --profile me --task {commits}
   p2p chat --profile demo --compare          # base and personalized answers side by side
   p2p chat --model smollm2-135m              # free chat on an instruct model (p2p models list; F2 in the chat)
   p2p chat --new                             # a new conversation instead of resuming the last
@@ -22,15 +22,14 @@ EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "chat",
-        help="the terminal chat: personalized answers, side by side with the base model",
-        description="Chat with the local model, personalized by an adapter made from a profile. "
-        "Keys are shown at the bottom of the screen; ctrl+p lists every command.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ex = examples()
+    p = subparsers.add_parser("chat", help="the terminal chat: personalized answers, side by side with the base model",
+                              description="Chat with the local model, personalized by an adapter made from a profile. "
+                              "Keys are shown at the bottom of the screen; ctrl+p lists every command.",
+                              epilog=EPILOG.format(**ex))
     p.add_argument("--profile", help="profile to chat as (default: the one used last)")
-    p.add_argument("--task", type=task_arg, help="task card to start with, e.g. movielens-rating, or 'free' for free chat (default: the profile's task)")
+    p.add_argument("--task", type=task_arg, help=f"task card to start with, e.g. {ex['task']}, or 'free' for free chat "
+                   "(default: the profile's task)")
     p.add_argument("--model", metavar="NAME", help="free chat on this instruct model (`p2p models list`; your own: "
                    "`p2p models add FILE --name N`), and the chat opens on free chat unless --task is given; "
                    "task answers stay on the bundle's base")

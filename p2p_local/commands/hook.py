@@ -18,20 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hook", help="install a git hook that proposes your personalized commit subject",
                        description="A prepare-commit-msg hook: `git commit` opens the editor with the subject line "
                                    "your profile's adapter proposes for the staged files. It never blocks a commit.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG)
     hsub = p.add_subparsers(dest="hook_command", metavar="ACTION")
     p.set_defaults(func=lambda _args: p.print_help() or 2)
 
-    ins = hsub.add_parser("install", help="install (or update) the hook in a repository", epilog=EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins = hsub.add_parser("install", help="install (or update) the hook in a repository", epilog=EPILOG)
     ins.add_argument("--repo", type=Path, default=Path("."), help="the repository (default: the current folder)")
     ins.add_argument("--profile", help="profile to personalize with (default: the one holding commit subjects)")
-    ins.add_argument("--task", help="task card (default: the commit-subject task)")
+    ins.add_argument("--task", help="task card (default: the task of imported commits)")
     ins.add_argument("--timeout", type=float, default=None, help="seconds before the hook gives up (default 10)")
     ins.set_defaults(func=cmd_install)
 
-    un = hsub.add_parser("uninstall", help="remove the hook and restore the one that was there", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    un = hsub.add_parser("uninstall", help="remove the hook and restore the one that was there", epilog=EPILOG)
     un.add_argument("--repo", type=Path, default=Path("."))
     un.set_defaults(func=cmd_uninstall)
 

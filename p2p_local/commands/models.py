@@ -22,12 +22,11 @@ EPILOG = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list, prepare and add base models",
                        description="Base models live in the data dir; each is checked by sha256 and architecture.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG)
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
 
     ls = msub.add_parser("list", help="show known base models and bundles, and whether they are ready",
-                         epilog="examples:\n  p2p models list\n  p2p models list --json",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog="examples:\n  p2p models list\n  p2p models list --json")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
@@ -40,8 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = msub.add_parser("add", help="register another llama.cpp GGUF model (an instruct one: for free chat)",
                           epilog="examples:\n  p2p models add ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --name qwen\n"
                                  "  p2p chat --model qwen          # free chat with its chat template\n"
-                                 "  p2p models add ~/models/new.gguf --name qwen --replace",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 "  p2p models add ~/models/new.gguf --name qwen --replace")
     add.add_argument("file", type=Path)
     add.add_argument("--name", required=True, help="a plain name (never a path), e.g. qwen-0.5b")
     add.add_argument("--replace", action="store_true", help="replace a model you added before under this name")

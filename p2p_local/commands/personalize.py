@@ -6,16 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from p2p_local.commands.args import task_arg
+from p2p_local.commands.args import examples, task_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    ex = examples()
     p = sub.add_parser(
         "personalize", help="generate a profile's adapter now and print the timings",
         description="profile -> encoder -> hypernetwork -> GGUF LoRA adapter, attached to the base model.",
-        epilog="examples:\n  p2p personalize alice\n  p2p personalize alice --task movielens-rating "
-               "--query 'Heat (1995) | Genres: Action|Crime' --json\n  p2p personalize alice --peft-out alice-peft/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=f"examples:\n  p2p personalize alice\n  p2p personalize alice --task {ex['task']} --query {ex['query']} --json\n"
+               "  p2p personalize alice --peft-out alice-peft/")
     p.add_argument("profile")
     p.add_argument("--task", type=task_arg, help="task card (default: the profile's task)")
     p.add_argument("--query", help="make the adapter query-aware (retrieval over the history)")

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from p2p_local.commands.args import examples
 from p2p_local.data.records import parse_time
 from p2p_local.errors import DataError, StoreError, UsageError
 from p2p_local.files import PRIVATE_FILE, atomic_write, refuse_special
@@ -24,11 +25,11 @@ from p2p_local.store.records import check_name
 from p2p_local.terminal import json_text, shown
 
 EPILOG = """examples:
-  p2p profile create alice --task movielens-rating
+  p2p profile create alice --task {task}
   p2p profile create me --task-card my-task.json          # a task of your own (docs/DATA.md: "Your own task")
   p2p profile import alice ratings.csv --user 42          # MovieLens (movies.csv beside it)
-  p2p profile import bob history.jsonl                    # {"user_id", "items": [{"input", "output", "time"}]}
-  p2p profile add alice --input "Heat (1995) | Genres: Action|Crime" --output 5
+  p2p profile import bob history.jsonl                    # {{"user_id", "items": [{{"input", "output", "time"}}]}}
+  p2p profile add alice --input {query} --output 5
   p2p profile show alice --items 20
   p2p profile edit alice 17 --output 4
   p2p profile export alice -o alice.json
@@ -37,12 +38,12 @@ EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    ex = examples()
     parser = subparsers.add_parser(
         "profile",
         help="create, import, inspect, edit, export and forget profiles",
         description="Your private profiles: the history a personalized adapter is made from.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(**ex),
     )
     sub = parser.add_subparsers(dest="profile_command", metavar="ACTION")
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
@@ -52,14 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def add(name: str, func, help: str, epilog: str, *positional: str) -> argparse.ArgumentParser:
         """An action, with its positional arguments (`name`, `item_id`: validated by _POSITIONAL)."""
         p = sub.add_parser(name, help=help, description=help, parents=[as_json],
-                           epilog="example:\n  " + epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog="example:\n  " + epilog)
         p.set_defaults(func=func)
         for dest in positional:
             p.add_argument(dest, type=_POSITIONAL[dest])
         return p
 
-    p = add("create", cmd_create, "create an empty profile", "p2p profile create alice --task movielens-rating", "name")
-    p.add_argument("--task", type=_task_arg, help="default task of its items (e.g. movielens-rating)")
+    p = add("create", cmd_create, "create an empty profile", f"p2p profile create alice --task {ex['task']}", "name")
+    p.add_argument("--task", type=_task_arg, help=f"default task of its items (e.g. {ex['task']})")
     p.add_argument("--task-card", type=Path, metavar="FILE",
                    help="a task card JSON of your own (docs/DATA.md): stored in this data dir under its name, "
                         "which becomes the profile's task and names it in every command")
@@ -80,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("import", cmd_import, "import items from a file or a git repository (one transaction: all or nothing; "
             "items already there are not added again)",
-            "p2p profile import alice ../shared/data/movielens-latest-small/ratings.csv --user 1\n"
+            "p2p profile import alice ~/Downloads/ml-latest-small/ratings.csv --user 1\n"
             "  p2p profile import me --git ~/src/project --author me@example.org --since 2023-01-01 --create\n"
             "  p2p profile import me letterboxd/ratings.csv --movies movies.csv --dry-run", "name")
     p.add_argument("file", type=Path, nargs="?", help="the file to import (or --git PATH)")
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--movies", type=Path, help="MovieLens movies.csv (default: beside the ratings file; "
                                                  "for a Letterboxd export: where genres come from)")
     p.add_argument("--git", type=Path, metavar="PATH",
-                   help="import your own commits of a local git repository (commit-subject task)")
+                   help="import your own commits of a local git repository (as commit subjects)")
     p.add_argument("--author", action="append", metavar="EMAIL|NAME",
                    help="with --git: whose commits (repeatable; default: the repository's user.email)")
     p.add_argument("--since", metavar="DATE", help="with --git: only commits since DATE (2024-01-01, '6 months ago')")
@@ -392,7 +393,7 @@ def _name_arg(value: str) -> str:
 
 def _task_arg(value: str) -> str:
     if not value.strip() or len(value) > 64 or any(c.isspace() for c in value.strip()):
-        raise argparse.ArgumentTypeError(f"invalid task {value[:70]!r}: a task is a name like movielens-rating")
+        raise argparse.ArgumentTypeError(f"invalid task {value[:70]!r}: a task is a name like my-ratings")
     return value.strip()
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 import urllib.parse
 
-from p2p_local.commands.args import bounded_int, missing_modules
+from p2p_local.commands.args import bounded_int, examples, missing_modules
 from p2p_local.errors import UsageError
 
 SERVE_MODULES = ("starlette", "uvicorn")  # the serve extra's import names (setup.cfg)
@@ -20,7 +20,7 @@ EPILOG = """examples:
   p2p serve                                 # http://127.0.0.1:8765/v1, this machine only
   curl -s localhost:8765/v1/models          # p2p/base and each profile's tasks
   curl -s localhost:8765/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"model": "p2p/demo/movielens-rating", "messages": [{"role": "user", "content": "Heat (1995)"}]}'
+    -d '{{"model": "p2p/demo/{task}", "messages": [{{"role": "user", "content": {json_query}}}]}}'
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8765/v1', api_key='-'); \\
 print(c.completions.create(model='p2p/base', prompt='Hello', max_tokens=16).choices[0].text)"
   p2p serve --cors-origin http://localhost:3000   # let one web page call it
@@ -32,7 +32,7 @@ profile), p2p/base/<task>; extra body fields: profile, task, strength (0-2, as a
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the personalized answers over an OpenAI-compatible local HTTP API",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG.format(**examples()))
     p.add_argument("--port", type=port_arg, default=8765, help="TCP port (default 8765; 0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--allow-remote", action="store_true",

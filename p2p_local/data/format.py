@@ -10,6 +10,7 @@ used in the profile wrapper. See docs/DATA.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ MAX_SAMPLES, MAX_SAMPLE_CHARS = 8, 2000  # a card's `samples`: a few short input
 SPLITS_BY = ("users", "repository")  # a card's `split`: how the lab's prepared data holds users out
 # Card fields no cached result depends on (example inputs; the split rule, whose effect the data's own hash
 # carries): `keyed_dict` leaves them out, so results keyed before these fields existed stay valid.
-UNKEYED_FIELDS = ("samples", "split")
+UNKEYED_FIELDS = ("samples", "split", "aliases")
 
 # Bounds on what a card or a users file may hold: past them a hostile or broken file gets a DataError naming
 # the field or line, not a crash, a hang or a MemoryError deep inside the lab (issue: untrusted input).
@@ -156,7 +157,7 @@ class TaskCard:
     one_line: bool | None = None
     # History items retrieved for the query (BM25) and shown before it in the card's own format when the
     # answer is personalized: P2P + retrieval, the default where it measured better than the adapter alone
-    # (commit subjects: reports/commit-subject-*.md). 0: the query alone.
+    # (the commit reports under reports/). 0: the query alone.
     examples: int = 0
     # A task that reads a change (commit subjects): the query may be a diff, read by `p2p_local.diffs`, and
     # this many characters of an item's compact diff (`meta["diff"]`) follow its input in the prompt and in
@@ -170,6 +171,8 @@ class TaskCard:
     # How the lab splits the task's users (p2p_lab/data/prepare.py): "users" holds out clusters of users,
     # "repository" whole repositories (commits: an author's style must not reach training from another repo).
     split: str = "users"
+    # Former names of the task, still accepted wherever a task is named (stored profiles, bundles, files).
+    aliases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Every field's type and range, in the order a reader meets them: a card comes from a user's file
@@ -198,6 +201,9 @@ class TaskCard:
                 isinstance(x, str) and x.strip() and len(x) <= MAX_SAMPLE_CHARS for x in self.samples):
             raise DataError(f"{where}: samples must be a list of at most {MAX_SAMPLES} non-empty "
                             f"texts of at most {MAX_SAMPLE_CHARS} characters")
+        if not isinstance(self.aliases, list) or len(self.aliases) > MAX_SAMPLES or not all(
+                isinstance(a, str) and TASK_NAME.match(a) for a in self.aliases):
+            raise DataError(f"{where}: aliases must be a list of at most {MAX_SAMPLES} task names")
         if not isinstance(self.split, str) or self.split not in SPLITS_BY:
             raise DataError(f"{where}: split must be one of {SPLITS_BY}, got {brief(self.split)}")
         if self.one_line is None and self.kind == "generation":
@@ -410,10 +416,6 @@ def card_hash(card: TaskCard) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-# Former names of built-in tasks, still accepted wherever a task is named (stored profiles, bundles, files).
-TASK_ALIASES = {"pytest-commit-subject": "commit-subject"}  # a developer's commit subject, not pytest's
-
-
 FREE_CHAT = "chat"  # the pseudo-task: plain transcript, no task template, no task adapter
 FREE_CHAT_NAMES = (FREE_CHAT, "free", "free chat")  # how a user may name it (`--task free`, the chat's picker)
 
@@ -433,8 +435,15 @@ def resolve_task(name: str, card: Callable[[str], TaskCard] | None = None) -> Ta
 
 
 def canonical_task(name: str) -> str:
-    """A task's current name (a former name maps to it; any other name is returned as it is)."""
-    return TASK_ALIASES.get(name, name)
+    """A task's current name (a former name, a built-in card's `aliases`, maps to it; any other name is returned
+    as it is)."""
+    return task_aliases().get(name, name)
+
+
+@functools.cache
+def task_aliases() -> dict[str, str]:
+    """Former name -> current name, from the built-in cards."""
+    return {alias: name for name in builtin_cards() for alias in _read_builtin(name).aliases}
 
 
 def builtin_cards() -> list[str]:
@@ -444,8 +453,11 @@ def builtin_cards() -> list[str]:
 
 
 def builtin_card(name: str) -> TaskCard:
-    """A shipped task card by name (`movielens-rating`, ...; a former name gives today's card)."""
-    name = canonical_task(name)
+    """A shipped task card by name (a former name gives today's card)."""
+    return _read_builtin(canonical_task(name))
+
+
+def _read_builtin(name: str) -> TaskCard:
     res = resources.files("p2p_local.data") / "cards" / f"{name}.json"
     if not res.is_file():
         raise DataError(f"unknown task {name!r}", hint=f"known tasks: {', '.join(builtin_cards())}")

@@ -4,7 +4,7 @@ task cards.
 
     from p2p_local.store import Store
     with Store() as s:                       # p2p_local.paths.store_path(), created 0600 on first use
-        s.profiles.create_profile("alice", task="movielens-rating")
+        s.profiles.create_profile("alice", task="my-ratings")
         s.profiles.add_item("alice", None, "Heat (1995) | Genres: Action|Crime", "5")
 
 Every write is one transaction (a process killed mid-import leaves all of the import or none), and

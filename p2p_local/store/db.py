@@ -18,7 +18,7 @@ from p2p_local.store.task_cards import TaskCardStore
 
 class Store:
     """The aggregates on one connection; a caller names the one it uses:
-    `with Store() as s: s.profiles.create_profile("alice", task="movielens-rating")`."""
+    `with Store() as s: s.profiles.create_profile("alice", task="my-ratings")`."""
 
     def __init__(self, path: Path | str | None = None, readonly: bool | None = None, snapshot: bool = False) -> None:
         self.db = StoreBase(path, readonly, snapshot)  # the connection, its transactions and locks

@@ -118,7 +118,7 @@ def check_name(name: str) -> str:
 
 def check_task(task: Any) -> str:
     if not isinstance(task, str) or not task.strip():
-        raise StoreError(f"invalid task {task!r}", hint="a task is a non-empty name, e.g. movielens-rating")
+        raise StoreError(f"invalid task {task!r}", hint="a task is a non-empty name, e.g. my-ratings")
     return canonical_task(task.strip())
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from p2p_local import paths
 from p2p_local.data.format import (
     FREE_CHAT_NAMES,
-    TASK_ALIASES,
     TaskCard,
     builtin_card,
     builtin_cards,
@@ -36,7 +35,7 @@ class TaskCardStore:
         Refuses a built-in (or free chat's) name, and a different card under a stored name (a task name means
         one card in a data dir: items, adapters and conversations refer to the task by it)."""
         name = card.name
-        if canonical_task(name) in builtin_cards() or name in TASK_ALIASES or name in FREE_CHAT_NAMES:
+        if canonical_task(name) in builtin_cards() or name in FREE_CHAT_NAMES:
             raise UsageError(f"task {name!r} is a built-in task: a card of your own cannot replace it",
                              hint="give your card another \"name\", e.g. my-" + name)
         try:

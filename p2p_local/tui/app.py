@@ -1,7 +1,7 @@
 """The terminal chat app. Heavy objects come in from outside (a `Session`, see session.py), so tests can
 pass a fake:
 
-    ChatApp(Session.open(), profile="demo", task="movielens-rating").run()
+    ChatApp(Session.open(), profile="demo").run()   # the profile's own task
 
 With no profile of the user's own (only the demo, or none) the chat opens on the first-run screen.
 """

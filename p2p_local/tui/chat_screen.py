@@ -44,8 +44,6 @@ from p2p_local.tui.widgets import ChatInput, ComparePair, MessageView, StatusBar
 FLUSH_S = 0.05  # hand streamed text to the UI at most this often
 SCALE_STEP, SCALE_MAX = 0.25, 2.0
 FREE_CHAT_LABEL = "free chat"  # the task picker's name for FREE_CHAT (one of FREE_CHAT_NAMES: `resolve_task` reads it)
-FREE_CHAT_MODES = {"summary": "base model + your profile summary", "adapter": "free-chat adapter",
-                   "base": "base model"}
 # A base model continuing "User: ... Assistant:" may write the next turns itself: free chat ends there too.
 FREE_CHAT_STOPS = ("\nAssistant:",)
 AS_TYPED = "(send as typed)"

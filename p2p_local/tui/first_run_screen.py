@@ -67,8 +67,8 @@ class FirstRunScreen(ModalScreen[str | None]):
             yield Static("Answers are personalized by a LoRA adapter made on this device from your own history; "
                          "nothing leaves it. Where should your profile come from?", classes="about")
             yield OptionList(
-                Option(self._line("g", "your commits in a git repository", "git log, no network; the "
-                                  "commit-subject task"), id="git"),
+                Option(self._line("g", "your commits in a git repository", "git log, no network; "
+                                  "your commit subjects"), id="git"),
                 Option(self._line("f", "a file", "JSONL, JSON, CSV, MovieLens ratings or a Letterboxd export"),
                        id="file"),
                 Option(self._line("d", "the demo", "a real MovieLens user's 119 ratings"), id="demo"),

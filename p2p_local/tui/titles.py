@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from p2p_local.data.format import TaskCard
 from p2p_local.data.records import movie_item
-from p2p_local.importers import normal_title, split_movielens_title, title_index
+from p2p_local.importers import normal_title, split_title_year, title_index
 from p2p_local.store import Store
 
 MAX_MATCHES = 12  # offered in the picker
@@ -62,7 +62,7 @@ class Catalogue:
     def lookup(self, text: str, profile: str | None = None) -> list[Movie]:
         """The movies `text` may mean: exact title matches (one year off allowed when a year is typed),
         else titles that begin with the typed words. Empty: nothing known by that name."""
-        names, year = split_movielens_title(text.strip())
+        names, year = split_title_year(text.strip())
         if not names:
             return []
         index = self.index(profile)
