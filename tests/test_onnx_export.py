@@ -89,3 +89,41 @@ def test_export_refuses_a_base_with_other_shapes(tmp_path, base_model_path, trai
     with pytest.raises(ValueError, match="attn_v"):
         export_bundle(trained_like, tmp_path / "b", base=dataclasses.replace(base, shapes=shapes))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("shipped", [True, False])
+def test_a_bundle_reads_back_into_torch(tmp_path, base_model_path, real_profiles, trained_like, shipped):
+    """hypernet_from_bundle (the warm start) inverts the export: the shipped bundle, and a fresh export of a
+    net with a layer left out (so a folded embedding table is read back by layer, not by row), give in torch
+    what onnxruntime gives, and the fresh one's weights are the exported ones (up to float16)."""
+    import dataclasses
+
+    from p2p_local.bundle import find_bundle
+    from trainer.export import hypernet_from_bundle
+
+    if shipped:
+        folder, original = find_bundle(), None
+    else:
+        original = HyperNet(dataclasses.replace(trained_like.cfg, layers=[0, 2, 5]))
+        original.load_state_dict({k: v for k, v in trained_like.state_dict().items() if not k.startswith("base.")},
+                                 strict=False)
+        with torch.no_grad():
+            original.layer_emb.weight.normal_()
+        original.eval()
+        base = BaseInfo.from_gguf(base_model_path, DEFAULT_BASE.sha256)
+        folder = export_bundle(original, tmp_path / "b", base=base, tasks=[{"name": "movielens-rating"}],
+                               training={"steps": 0})
+    net = hypernet_from_bundle(folder)
+    emb, feats = real_profiles
+    got = Bundle.load(folder).run(emb, feats)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(emb), torch.from_numpy(feats))
+    worst = max(float(np.abs(got[f"{m}.lora_{ab}"] - t.numpy()).max())
+                for m, pair in ref.items() for ab, t in zip("ab", pair, strict=True))
+    assert worst <= 1e-5, worst
+    if original is not None:
+        for name, value in original.state_dict().items():
+            if name != "layer_emb.weight":
+                torch.testing.assert_close(net.state_dict()[name], value, atol=2e-3, rtol=1e-2, msg=name)
+        adapted = torch.tensor(original.cfg.layers)
+        torch.testing.assert_close(net.layer_emb.weight[adapted], original.layer_emb.weight[adapted])

@@ -103,6 +103,9 @@ class TrainConfig:
     time_schedule: bool = False  # with max_wall_s: warmup + cosine over the wall-clock budget, not the steps
     max_wall_s: float = 0.0  # stop training after this many seconds of this invocation, then evaluate (0 = off)
     samples_file: str = ""  # prebuilt (train_sets, val_sets, cards) pickle (trainer.gpu); "" = build/cache here
+    # Warm start: the hypernetwork (weights, feature statistics, shape) of this bundle folder instead of a fresh
+    # init (trainer.export.hypernet_from_bundle); "" = fresh. A resumed run takes its checkpoint's weights.
+    init_bundle: str = ""
     hyper: HyperConfig = field(default_factory=HyperConfig)
 
     def to_dict(self) -> dict:
@@ -142,6 +145,11 @@ RECIPES["full-examples"] = {**RECIPES["full"], "prompt_examples": True, "max_pro
 # no body: asked at commit time) after the author's two nearest earlier commits (files + subject, no diff);
 # 512 tokens hold that prompt whole nearly always (fit_prompt drops the farthest example first).
 RECIPES["full-diff"] = {**RECIPES["full-examples"], "max_prompt_tokens": 512}
+# Issue 23 without a GPU: the shipped bundle, trained further on the commit task's served prompt (the diff and
+# two examples) within an hour or so of a 2-core CPU: a few hundred queries, at a tenth of the full recipe's lr.
+RECIPES["warm-diff"] = {**RECIPES["full-diff"], "tasks": ["commit-subject"], "init_bundle": "models/gemma3-270m-p2p",
+                        "lr": 1e-4, "steps": 120, "batch_size": 8, "micro_batch": 8, "max_items_per_user": 2,
+                        "eval_users": 60, "eval_items_per_user": 2, "eval_every": 30, "ckpt_every": 10}
 
 
 def recipe(name: str, **overrides) -> TrainConfig:

@@ -215,6 +215,68 @@ def export_bundle(
     return out_dir
 
 
+def hypernet_from_bundle(bundle_dir: str | Path) -> HyperNet:
+    """The hypernetwork a bundle holds, back in torch (to_onnx's inverse): a warm start for training when the
+    checkpoint it came from is elsewhere (the shipped bundle was trained on a GPU machine). Its config is the
+    manifest's; weights come from the ONNX initializers: float16 ones cast back, a MatMul's constant input is
+    the Linear's weight transposed (named by the node's module scope), and the two embedding tables were
+    folded into the rows their lookups give (all layers of module 0, then of module 1 ...). Checked by
+    `tests/test_export.py` against onnxruntime on the same inputs."""
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    net = HyperNet(HyperConfig.from_dict(manifest["hypernet"]["config"]))
+    cfg = net.cfg
+    model = onnx.load(str(bundle_dir / manifest["onnx"]["file"]))
+    consts = {init.name.removesuffix("__fp16"): torch.from_numpy(numpy_helper.to_array(init).astype(np.float32))
+              for init in model.graph.initializer}
+    # Named initializers first; the graph's nodes then name what the exporter renamed or merged (identical
+    # constants, e.g. two LayerNorms' untrained weights, are stored once under one name).
+    state = {name.removeprefix("net."): value for name, value in consts.items() if name.startswith("net.")}
+    linear = set()
+    for node in model.graph.node:
+        scope = _module_name(node.name)
+        key = f"heads.{scope}" if scope in cfg.targets else scope
+        const = [consts.get(i) for i in node.input]
+        if node.op_type in ("Identity", "Cast") and const[0] is not None:  # a merged constant, a float16 one
+            consts[node.output[0]] = const[0]
+        elif node.op_type == "MatMul" and const[1] is not None:  # x @ W.T, W.T folded into a constant
+            state[f"{key}.weight"] = const[1].T.contiguous()
+            linear.add(scope)
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            state[f"{key}.weight"] = const[1] if trans_b else const[1].T.contiguous()
+            state[f"{key}.bias"] = const[2]
+        elif node.op_type == "Add" and scope in linear and any(c is not None for c in const):
+            state[f"{key}.bias"] = next(c for c in const if c is not None)
+        elif node.op_type == "LayerNormalization":
+            state[f"{key}.weight"], state[f"{key}.bias"] = const[1], const[2]
+            if scope == "layer_norm":  # its input: the layer table's rows, all layers of module 0, then module 1 ..
+                state["layer_emb.weight"] = _embedding_rows(const[0][:len(cfg.layers)], cfg.layers, cfg.n_layers)
+            elif scope == "module_norm":
+                state["module_emb.weight"] = const[0][::len(cfg.layers)]
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def _module_name(node_name: str) -> str:
+    """`/net/blocks.0/fc1/MatMul` -> `blocks.0.fc1`; a Sequential's child is scoped by its full name
+    (`/net/profile/profile.0/Gemm` -> `profile.0`)."""
+    out: list[str] = []
+    for part in node_name.removeprefix("/net/").split("/")[:-1]:
+        if out and part.startswith(out[-1] + "."):
+            out[-1] = part
+        else:
+            out.append(part)
+    return ".".join(out)
+
+
+def _embedding_rows(rows: torch.Tensor, layers: list[int], n_layers: int) -> torch.Tensor:
+    """The layer-embedding table from the rows of the adapted layers (a layer not adapted keeps zeros: unused)."""
+    table = torch.zeros(n_layers, rows.shape[1])
+    table[torch.tensor(layers)] = rows
+    return table
+
+
 def neutral_hypernet(feature_dim: int | None = None) -> HyperNet:
     """The untrained hypernetwork (zero heads, B = 0): generates the zero adapter for every profile."""
     torch.manual_seed(0)

@@ -472,6 +472,14 @@ def build_hypernet(cfg: TrainConfig, model: nn.Module, train_sets: list[SampleSe
         return SharedLoRA(h)
     if cfg.method != "p2p":
         raise ValueError(f"unknown method {cfg.method!r} (p2p | mtlora)")
+    if cfg.init_bundle:  # its own feature statistics: the weights were trained on them
+        from trainer.export import hypernet_from_bundle
+
+        net = hypernet_from_bundle(cfg.init_bundle).train()
+        if (net.cfg.embedding_dim, net.cfg.layers, net.cfg.targets) != (h.embedding_dim, h.layers, h.targets):
+            raise ValueError(f"{cfg.init_bundle} was trained for another encoder width, layers or targets")
+        cfg.hyper = net.cfg
+        return net
     net = HyperNet(h)
     feats = torch.from_numpy(np.concatenate([s.features for s in train_sets]))
     net.set_feature_stats(feats.mean(0), feats.std(0))
