@@ -321,14 +321,17 @@ def _trust(ctx: Ctx, path: Path) -> None:
         con.close()
 
 
-def _write_gguf_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha=16.0,
-                        arch="gemma3", base_sha="", rank=None, alpha_as_int=False, extra=None) -> None:
+def write_raw_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha=16.0,
+                      arch="gemma3", base_sha="", rank=None, alpha_as_int=False, extra=None,
+                      general_type="adapter") -> Path:
+    """An adapter written with gguf directly, bypassing our writer's checks: files it never would write
+    (`extra`: tensors as they are, by name)."""
     import gguf
 
     from p2p_local import adapter as A
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_string(A.KEY_GENERAL_TYPE, "adapter")
+    w.add_string(A.KEY_GENERAL_TYPE, general_type)
     w.add_string(A.KEY_ADAPTER_TYPE, "lora")
     if alpha is not None:
         (w.add_uint32 if alpha_as_int else w.add_float32)(A.KEY_LORA_ALPHA, alpha)
@@ -348,6 +351,7 @@ def _write_gguf_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndar
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
 
 
 def _good_tensors(ctx: Ctx) -> tuple[dict, float, str]:
@@ -456,7 +460,7 @@ def _adapter_mutation(kind: str) -> Setup:
                 tensors = {k: (a * np.float16(1e4), b * np.float16(10)) for k, (a, b) in tensors.items()}
             else:
                 raise ValueError(kind)
-            _write_gguf_adapter(path, tensors, **kw)
+            write_raw_adapter(path, tensors, **kw)
         _trust(ctx, path)
     return setup
 

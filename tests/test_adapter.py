@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
+from p2p_lab.robustness import write_raw_adapter
 from p2p_local.adapter import BaseInfo, read_adapter, validate_adapter, write_adapter
 from p2p_local.errors import AdapterError
 
@@ -71,20 +71,8 @@ def test_bad_tensors_are_refused_at_write(tmp_path: Path, mutate, message: str) 
 
 def raw_adapter(path: Path, *, alpha=None, arch="gemma3", tensors=None, general_type="adapter") -> Path:
     """Write an adapter with gguf directly, to make files our writer never would."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_string("general.type", general_type)
-    w.add_string("adapter.type", "lora")
-    if isinstance(alpha, float):
-        w.add_float32("adapter.lora.alpha", alpha)
-    elif isinstance(alpha, int):
-        w.add_uint32("adapter.lora.alpha", alpha)
-    for name, arr in (tensors or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_raw_adapter(path, {}, alpha=alpha, arch=arch, alpha_as_int=isinstance(alpha, int), extra=tensors,
+                             general_type=general_type)
 
 
 def pair(name: str = "blk.0.attn_q.weight") -> dict[str, np.ndarray]:

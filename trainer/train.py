@@ -648,6 +648,8 @@ def run_steps(run: Run) -> None:
     micro = min(cfg.micro_batch, cfg.batch_size // d.world)
     run.t_start = last_eval = time.time()
     stop_at = min(cfg.steps, run.step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    if cfg.init_bundle and run.step == 0 and cfg.eval_every:  # the starting point validated: kept if never beaten
+        _validate_mid_run(run)
     run.net.train()
     while run.step < stop_at:
         t0 = time.time()
