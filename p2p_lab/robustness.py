@@ -323,9 +323,9 @@ def _trust(ctx: Ctx, path: Path) -> None:
 
 def write_raw_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], *, alpha=16.0,
                       arch="gemma3", base_sha="", rank=None, alpha_as_int=False, extra=None,
-                      general_type="adapter") -> Path:
+                      general_type="adapter", kv=None) -> Path:
     """An adapter written with gguf directly, bypassing our writer's checks: files it never would write
-    (`extra`: tensors as they are, by name)."""
+    (`extra`: tensors as they are, by name; `kv`: {key: (gguf type, value)}, e.g. {KEY_LORA_ALPHA: ("int32", 4)})."""
     import gguf
 
     from p2p_local import adapter as A
@@ -339,6 +339,8 @@ def write_raw_adapter(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarra
         w.add_string(A.KEY_BASE_SHA256, base_sha)
     if rank is not None:
         w.add_uint32(A.KEY_RANK, rank)
+    for key, (kind, value) in (kv or {}).items():
+        getattr(w, f"add_{kind}")(key, value)
     for name in sorted(tensors):
         a, b = tensors[name]
         if a is not None:

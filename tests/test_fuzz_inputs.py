@@ -15,13 +15,13 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from p2p_local.adapter import BaseInfo, validate_adapter
+from p2p_lab.robustness import write_raw_adapter
+from p2p_local.adapter import KEY_LORA_ALPHA, BaseInfo, validate_adapter
 from p2p_local.errors import AdapterError, P2PError
 from p2p_local.importers import read_import
 
@@ -122,19 +122,8 @@ def adapter_tensors(draw) -> dict[str, np.ndarray]:
 
 
 def _write_raw(path: Path, tensors: dict[str, np.ndarray], alpha: object) -> None:
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    if isinstance(alpha, float):
-        w.add_float32("adapter.lora.alpha", alpha)
-    elif isinstance(alpha, int):
-        w.add_int32("adapter.lora.alpha", alpha)
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    kv = {KEY_LORA_ALPHA: ("int32", alpha)} if isinstance(alpha, int) else None
+    write_raw_adapter(path, {}, alpha=alpha if isinstance(alpha, float) else None, extra=tensors, kv=kv)
 
 
 def _llama_cpp_safe(adapter) -> None:

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import pytest
 
+from p2p_lab.robustness import write_raw_adapter
 from p2p_local import paths
 from p2p_local.adapter import BaseInfo, validate_adapter, write_adapter
 from p2p_local.errors import AdapterError
@@ -36,20 +37,7 @@ def ab(rank: int, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
 
 def raw(path: Path, tensors: dict[str, np.ndarray], *, kv: dict | None = None, alpha: bool = True) -> Path:
     """An adapter written with gguf directly: files our writer never makes."""
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    if alpha:
-        w.add_float32("adapter.lora.alpha", 4.0)
-    for key, (kind, value) in (kv or {}).items():
-        getattr(w, f"add_{kind}")(key, value)
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_raw_adapter(path, {}, alpha=4.0 if alpha else None, extra=tensors, kv=kv)
 
 
 def pairs(rank: int = 2, names=("blk.0.attn_q.weight", "blk.0.attn_v.weight")) -> dict[str, np.ndarray]:
