@@ -51,3 +51,6 @@ def test_the_headline_numbers_are_the_reports(tmp_path: Path) -> None:
         assert shipped[:8] in cells[-1]
     assert seen == current  # every current report has its row; the stale one none
     assert "stale-task" in (tmp_path / "SUMMARY.md").read_text().split("Left out")[1]
+    # How long it took: the methods' own seconds in the current reports, summed (stated beside the headline).
+    hours = sum(e.get("seconds", 0.0) for k in current for e in reports[k]["methods"].values()) / 3600
+    assert f"took {hours:.1f} core-hours" in block

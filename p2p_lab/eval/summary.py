@@ -162,9 +162,19 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
                         for n, e in rep["methods"].items() if e["status"] == "ok"},
             "goal": goal_rows(rep), "copy": copy_rates(rep),
             "machine": rep["machine"], "measured": measured(rep), "bundle": report_bundle(rep),
+            "compute_s": round(sum(e.get("seconds", 0.0) for e in rep["methods"].values()), 1),
         })
     wins = [g for t in tasks for g in t["goal"] if g["verdict"] in ("win", "tie", "loss")]
-    return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")}}
+    return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")},
+            "compute_s": round(sum(t["compute_s"] for t in tasks), 1)}
+
+
+def cost_line(summary: dict[str, Any]) -> str:
+    """How long the evaluation took: the methods' own seconds (each row ran on one core, P2P_THREADS=1)."""
+    hours = summary["compute_s"] / 3600
+    return (f"The rows above took {hours:.1f} core-hours to compute (the sum of each method's time in the reports, "
+            f"one core per row): about {hours / 2:.1f} h on a 2-core machine running two rows at a time "
+            "(`scripts/evaluate.sh` with `ONLY=`), OPPU's per-user training not included.")
 
 
 HEADLINE = ("p2p", "base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-shuffled", "user-mean")
@@ -227,7 +237,8 @@ def to_markdown(summary: dict[str, Any], title: str = "Evaluation summary") -> s
     c = summary["counts"]
     lines += ["## Scoreboard", "",
               f"Across every task, split and comparison above: P2P **wins {c['win']}**, ties {c['tie']}, "
-              f"loses {c['loss']} (win = the CI of the paired difference excludes 0 in P2P's favour).", ""]
+              f"loses {c['loss']} (win = the CI of the paired difference excludes 0 in P2P's favour).", "",
+              cost_line(summary), ""]
     lines += experiment_lines(summary.get("experiments", []))
     return "\n".join(lines) + "\n"
 
@@ -279,7 +290,8 @@ def splice_readme(path: Path, summary: dict[str, Any]) -> None:
     c = summary["counts"]
     block = "\n".join(["", *headline_table(summary), "",
                        f"P2P against every comparison, all tasks and splits: wins {c['win']}, ties {c['tie']}, "
-                       f"loses {c['loss']} (paired 95% CIs over users; details in `reports/SUMMARY.md`).", ""])
+                       f"loses {c['loss']} (paired 95% CIs over users; details in `reports/SUMMARY.md`). "
+                       + cost_line(summary), ""])
     path.write_text(head + README_BEGIN + block + README_END + tail, encoding="utf-8")
 
 
