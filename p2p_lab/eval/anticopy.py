@@ -26,8 +26,9 @@ from p2p_local.pipeline import Candidate, rank_candidates
 MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 
 
-def load(run_dir: Path, method: str = "p2p") -> list[dict[str, Any]]:
-    """The method's records that carry candidates: one per query, with the user's id."""
+def load(run_dir: Path, method: str = "p2p", with_candidates: bool = True) -> list[dict[str, Any]]:
+    """The method's records (only those that carry candidates, unless told otherwise): one per query, with the
+    user's id."""
     rows: dict[str, dict] = {}
     for line in (run_dir / "results.jsonl").read_text(encoding="utf-8").splitlines():
         try:
@@ -36,7 +37,8 @@ def load(run_dir: Path, method: str = "p2p") -> list[dict[str, Any]]:
             continue
         if row.get("method") == method:
             rows[row["user_id"]] = row  # the last line per user wins, as in the result store
-    return [{**rec, "user": uid} for uid, row in rows.items() for rec in row["records"] if rec.get("candidates")]
+    return [{**rec, "user": uid} for uid, row in rows.items() for rec in row["records"]
+            if rec.get("candidates") or not with_candidates]
 
 
 def choose(rec: dict[str, Any], margin: float | None) -> str:
