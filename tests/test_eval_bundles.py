@@ -14,7 +14,7 @@ from p2p_lab.eval.bundles import compare, main
 def run_dir(root: Path, name: str, nll: float, shuffled: float, texts: dict[str, str]) -> Path:
     d = root / name
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"task": "commit-subject", "split": "test"}))
+    (d / "config.json").write_text(json.dumps({"task": "commit-subject", "split": "test", "options": {"bundle": None}}))
     rows = []
     for method, per_token in (("p2p", nll), ("p2p-shuffled", shuffled)):
         for user, text in texts.items():

@@ -19,6 +19,7 @@ import numpy as np
 
 from p2p_lab.eval.anticopy import load
 from p2p_lab.metrics import example_scores
+from p2p_local.bundle import DEFAULT_BUNDLE, MANIFEST, find_bundle
 from p2p_local.data.format import builtin_card
 
 
@@ -47,7 +48,13 @@ def compare(shipped: Path, candidate: Path, boot: int = 1000, seed: int = 0) -> 
         b = n[draws].sum(1) / d[draws].sum(1)
         return {"value": float(num.sum() / den.sum()), "ci": [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]}
 
-    out: dict[str, Any] = {"queries": len(keys), "users": len(users), "metrics": {}}
+    out: dict[str, Any] = {"queries": len(keys), "users": len(users), "bundles": {}, "metrics": {}}
+    for side, run in (("shipped", shipped), ("candidate", candidate)):
+        folder = json.loads((run / "config.json").read_text())["options"].get("bundle")
+        where = Path(folder) if folder and (Path(folder) / MANIFEST).is_file() else find_bundle(folder or DEFAULT_BUNDLE)
+        training = json.loads((where / MANIFEST).read_text()).get("training", {})
+        out["bundles"][side] = {"bundle": folder or "the shipped one", "machine": training.get("machine"),
+                                **{k: training.get(k) for k in ("recipe", "steps", "batch_size", "lr", "wall_time_s")}}
     for m in ("nll", "gap", "rougeL", "copy"):
         (na, da), (nb, db) = (np.array([side[k][m] for k in keys]).T for side in (a, b))
         # Paired per query: the candidate's rate minus the shipped one's, over the shipped one's weights.
@@ -66,7 +73,9 @@ def markdown(res: dict[str, Any], runs: list[str]) -> str:
 
     lines = [f"# Candidate bundle against the shipped one ({res['users']} users, {res['queries']} queries)", "",
              f"- command: `python -m p2p_lab.eval.bundles {' '.join(runs)}`",
-             "- each run: `p2p eval` with `p2p` and `p2p-shuffled` on the same queries; 95% CIs over users", "",
+             "- each run: `p2p eval` with `p2p` and `p2p-shuffled` on the same queries; 95% CIs over users",
+             *[f"- {side}: {b['bundle']}, trained with recipe `{b['recipe']}`, {b['steps']} steps of {b['batch_size']} "
+               f"at lr {b['lr']} on {b['machine']} ({b['wall_time_s']} s)" for side, b in res["bundles"].items()], "",
              "| measure | shipped | candidate | candidate − shipped |", "| --- | --- | --- | --- |"]
     lines += [f"| {LABELS[m]} | {f(e['shipped'])} | {f(e['candidate'])} | {f(e['candidate - shipped'])} |"
               for m, e in res["metrics"].items()]
