@@ -50,6 +50,15 @@ def choose(rec: dict[str, Any], margin: float | None) -> str:
     return ranked[0].text if ranked else ""
 
 
+def user_mean(owner: np.ndarray, num: np.ndarray, den: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """sum(num) / sum(den) over queries, with a 95% CI from resampling users (`owner[q]`: query q's user index;
+    `draws`: [boot, users] resampled user indices)."""
+    n_users = draws.shape[1]
+    n, d = (np.bincount(owner, weights=x, minlength=n_users) for x in (num, den))
+    b = n[draws].sum(1) / d[draws].sum(1)
+    return {"value": float(num.sum() / den.sum()), "ci": [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]}
+
+
 def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     from p2p_lab.metrics import example_scores
 
@@ -60,17 +69,10 @@ def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(users), size=(boot, len(users)))
 
-    def per_user(values: np.ndarray) -> np.ndarray:  # [queries] -> user sums, user counts
-        s, n = np.zeros(len(users)), np.zeros(len(users))
-        for r, v in zip(records, values, strict=True):
-            s[uix[r["user"]]] += v
-            n[uix[r["user"]]] += 1
-        return np.stack([s, n])
+    owner = np.array([uix[r["user"]] for r in records])
 
     def ci(values: np.ndarray) -> dict[str, Any]:
-        sn = per_user(values)
-        b = sn[0][draws].sum(1) / sn[1][draws].sum(1)
-        return {"value": float(sn[0].sum() / sn[1].sum()), "ci": [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]}
+        return user_mean(owner, values, np.ones(len(values)), draws)
 
     rules: list[tuple[str, float | None]] = [("greedy line (no rule)", None)] + [(f"margin {m:g}", m) for m in MARGINS]
     greedy_rl = np.array(example_scores(card, [choose(r, None) for r in records], targets)["rougeL"])
@@ -86,8 +88,7 @@ def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0) -> 
 
 
 def markdown(res: dict[str, Any], runs: list[str]) -> str:
-    def f(e: dict) -> str:
-        return f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+    from p2p_lab.eval.report import fmt as f
 
     lines = [f"# The copy rule, measured ({res['users']} authors, {res['queries']} queries)", "",
              f"- command: `python -m p2p_lab.eval.anticopy {' '.join(runs)}`",

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from p2p_lab.eval.anticopy import load
+from p2p_lab.eval.anticopy import load, user_mean
+from p2p_lab.eval.report import fmt
 from p2p_lab.metrics import example_scores
 from p2p_local.bundle import DEFAULT_BUNDLE, MANIFEST, find_bundle
 from p2p_local.data.format import builtin_card
@@ -43,10 +44,8 @@ def compare(shipped: Path, candidate: Path, boot: int = 1000, seed: int = 0) -> 
     uix = np.array([users.index(u) for u, _ in keys])
     draws = np.random.default_rng(seed).integers(0, len(users), size=(boot, len(users)))
 
-    def estimate(num: np.ndarray, den: np.ndarray) -> dict[str, Any]:  # a weighted mean, resampling users
-        n, d = (np.bincount(uix, weights=x, minlength=len(users)) for x in (num, den))
-        b = n[draws].sum(1) / d[draws].sum(1)
-        return {"value": float(num.sum() / den.sum()), "ci": [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]}
+    def estimate(num: np.ndarray, den: np.ndarray) -> dict[str, Any]:
+        return user_mean(uix, num, den, draws)
 
     out: dict[str, Any] = {"queries": len(keys), "users": len(users), "bundles": {}, "metrics": {}}
     for side, run in (("shipped", shipped), ("candidate", candidate)):
@@ -68,8 +67,7 @@ LABELS = {"nll": "NLL of the real output ↓", "gap": "shuffled − true NLL ↑
 
 
 def markdown(res: dict[str, Any], runs: list[str]) -> str:
-    def f(e: dict) -> str:
-        return f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+    f = fmt
 
     lines = [f"# Candidate bundle against the shipped one ({res['users']} users, {res['queries']} queries)", "",
              f"- command: `python -m p2p_lab.eval.bundles {' '.join(runs)}`",

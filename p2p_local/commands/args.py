@@ -4,6 +4,7 @@ model loads, never a store or model error."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -32,6 +33,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+@functools.cache
 def examples() -> dict[str, str]:
     """Names for the help examples, read from the shipped cards (the one home of a task's facts, so no command
     spells one): `task` and `query`, the first labelled card and its first sample; `commits`, the first card that
