@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from p2p_local import pipeline
@@ -148,24 +149,29 @@ class Session:
         if encoder:
             check_prepared()  # missing: said now, not after half a minute of assembling the base
         loaded = Bundle.load(bundle)
-        chat = None
-        if chat_model is not None:
-            chat_spec, chat_path = prepare_chat_model(chat_model)
-            chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
-        spec = get_spec(model)
-        try:
-            engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
-        except BaseException:
-            if chat is not None:
-                chat.close()
-            raise
-        try:
-            return cls(engine, loaded, Encoder.load() if encoder else None, Store(store_path), chat)
-        except BaseException:
-            engine.close()
-            if chat is not None:
-                chat.close()
-            raise
+        # The encoder's ONNX session is built while llama.cpp loads the base: both are native work, and the
+        # commit hook waits for the sum of them at every `git commit` (about a third of a second saved).
+        with ThreadPoolExecutor(1) as pool:
+            encoder_loading = pool.submit(Encoder.load) if encoder else None
+            chat = None
+            if chat_model is not None:
+                chat_spec, chat_path = prepare_chat_model(chat_model)
+                chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
+            spec = get_spec(model)
+            try:
+                engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
+            except BaseException:
+                if chat is not None:
+                    chat.close()
+                raise
+            try:
+                return cls(engine, loaded, encoder_loading.result() if encoder_loading else None, Store(store_path),
+                           chat)
+            except BaseException:
+                engine.close()
+                if chat is not None:
+                    chat.close()
+                raise
 
     @property
     def store(self) -> Store:

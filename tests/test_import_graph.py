@@ -114,3 +114,14 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     (tmp_path / "p2p_lab" / "x.py").write_text("")
     assert cycles(graph(tmp_path)) == [["p2p_local.a", "p2p_local.b"]]
     assert "p2p_lab.x" in graph(tmp_path, top_level=False)["p2p_local.b"]
+
+
+def test_the_ask_and_hook_path_imports_no_ui() -> None:
+    """`p2p ask` and the commit hook run at every `git commit`: Textual (a third of a second to import) stays out."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import p2p_local.cli, p2p_local.hook, p2p_local.commands.ask, p2p_local.personalize, "
+            "p2p_local.tui.titles; print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -29,6 +29,7 @@ import numpy as np
 
 from p2p_local import pipeline
 from p2p_local.data.format import KINDS, LABELLED_KINDS, Item, TaskCard, User
+from p2p_local.engine import default_threads
 from p2p_local.errors import BundleError, P2PError
 
 
@@ -393,7 +394,7 @@ def train_oppu(ctx: EvalContext, user: User, n_items: int, out: Path, max_items:
     write_users_jsonl(data, [User(user.user_id, user.items[:n_items])])
     cmd = oppu_command(ctx.task, data, out) + (["--max-items", str(max_items)] if max_items else [])
     ctx.log(f"  training OPPU for user {user.user_id} ({n_items} items): {' '.join(cmd)}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(default_threads())})  # P2P_THREADS too
     data.unlink(missing_ok=True)
     if proc.returncode != 0 or not out.is_file():
         raise Skip(f"OPPU training failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")

@@ -1,5 +1,16 @@
-"""The terminal chat (Textual). `ChatApp(session, profile=..., task=...).run()`; see app.py."""
+"""The terminal chat (Textual). `ChatApp(session, profile=..., task=...).run()`; see app.py.
 
-from p2p_local.tui.app import ChatApp
+`ChatApp` is imported on first use: `p2p ask` and the commit hook read `tui.titles` and must not pay for
+importing Textual (a third of a second of the hook's start)."""
+
+from typing import Any
 
 __all__ = ["ChatApp"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ChatApp":
+        from p2p_local.tui.app import ChatApp
+
+        return ChatApp
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
