@@ -421,12 +421,50 @@ def bench_cost(users: int = 3, oppu_max_items: int = 0) -> dict:
     return measure_cost("movielens-rating", users=users, oppu_extra=extra)
 
 
-def bench_hook_rebase(commits: int = 30, repeat: int = 15) -> dict:
-    """`git rebase` of `commits` commits onto another base (every commit rewritten) in one temporary repository:
-    without a prepare-commit-msg hook, with an empty one (`exit 0`: what git's start of any hook costs), and with
-    ours (`hook.install`), the three alternating round by round. A rebase hands the hook git's message (source
-    `message`): ours must step aside in the shell. `python_hook_run_median_ms`: the Python start each rewritten
-    commit paid before it did (`p2p hook run` with that source)."""
+HOOK_REBASE_FILES = (2, 1_000, 10_000)  # files in the rebased repository's tree: a toy, a small project, a large one
+
+
+def bench_hook_rebase(commits: int = 30, repeat: int = 9, sizes: tuple[int, ...] = HOOK_REBASE_FILES) -> dict:
+    """`git rebase` of `commits` commits onto another base (every commit rewritten), in temporary repositories whose
+    tree holds `sizes` files: without a prepare-commit-msg hook, with an empty one (`exit 0`: what git's start of any
+    hook costs), and with ours (`hook.install`), the three alternating round by round. A rebase hands the hook git's
+    message (source `message`): ours must step aside in the shell, so its cost is git's start of a hook, a constant
+    per commit that weighs less as git's own work per commit grows with the tree. `python_hook_run_median_ms`: the
+    Python start each rewritten commit paid before the script stepped aside in the shell."""
+    from p2p_local import hook
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "P2P_HOME"))}
+        env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
+                    "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
+                    "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(Path(tmp) / "p2p-home")})
+        for n in sizes:
+            times, cpu, repo = _rebase_times(Path(tmp) / f"repo-{n}", env, n, commits, repeat)
+            for key, per in (("rebase_median_ms", times), ("rebase_cpu_median_ms", cpu)):
+                out.update({f"{key}_{v}_{n}": round(statistics.median(t), 1) for v, t in per.items()})
+            med = {v: out[f"rebase_median_ms_{v}_{n}"] for v in times}
+            out[f"with_vs_without_{n}"] = round(med["with_hook"] / med["without_hook"], 3)
+            out[f"cpu_with_vs_without_{n}"] = round(out[f"rebase_cpu_median_ms_with_hook_{n}"]
+                                                    / out[f"rebase_cpu_median_ms_without_hook_{n}"], 3)
+            out[f"with_vs_empty_hook_{n}"] = round(med["with_hook"] / med["empty_hook"], 3)
+            out[f"empty_hook_vs_without_{n}"] = round(med["empty_hook"] / med["without_hook"], 3)
+            out[f"hook_ms_per_commit_{n}"] = round((med["with_hook"] - med["without_hook"]) / commits, 2)
+        msg = repo / ".git" / "MSG"
+        msg.write_text("Change\n")
+        python_ms = _ms(lambda: subprocess.run(
+            [sys.executable, "-c", hook._ENTRY, "hook", "run", "--profile", "bench", str(msg), "message"],
+            env=env, cwd=repo, check=True, capture_output=True), 5)
+    out["python_hook_run_median_ms"] = round(statistics.median(python_ms), 1)
+    out.update({"commits": commits, "repeat": repeat, "tree_files": list(sizes),
+                "targets": {f"with_vs_without_{n}": "<= 1.2" for n in sizes}})
+    return out
+
+
+def _rebase_times(repo: Path, env: dict[str, str], n_files: int, commits: int, repeat: int
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]], Path]:
+    """Wall and CPU milliseconds of each variant's rebases in a new repository of `n_files` files (round 0, the
+    warm-up of the page cache and git's first start, left out)."""
     import resource
 
     from p2p_local import hook
@@ -434,74 +472,54 @@ def bench_hook_rebase(commits: int = 30, repeat: int = 15) -> dict:
     variants = ("without_hook", "empty_hook", "with_hook")
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}  # git's and its hooks' CPU: less swayed by a busy machine
-    with tempfile.TemporaryDirectory() as tmp:
-        repo, home = Path(tmp) / "repo", Path(tmp) / "p2p-home"
-        repo.mkdir()
-        home.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "P2P_HOME"))}
-        env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
-                    "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
-                    "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(home)})
+    repo.mkdir()
 
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                                  text=True).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
 
-        def commit(name: str, message: str) -> None:
-            with open(repo / name, "a") as f:
-                f.write(message + "\n")
-            git("add", name)
-            git("commit", "-q", "-m", message)
+    def commit(name: str, message: str) -> None:
+        with open(repo / name, "a") as f:
+            f.write(message + "\n")
+        git("add", name)
+        git("commit", "-q", "-m", message)
 
-        git("init", "-q", "-b", "main")
-        commit("README.md", "Start")
-        git("checkout", "-q", "-b", "other")
-        commit("other.txt", "Another base")
-        git("checkout", "-q", "-b", "topic", "main")
-        (repo / "src").mkdir()
-        for i in range(commits):
-            commit(f"src/f{i % 5}.txt", f"Change {i}")
-        tip = git("rev-parse", "HEAD")
-        hook_file = hook.hooks_dir(repo) / hook.HOOK
+    git("init", "-q", "-b", "main")
+    for i in range(n_files - 1):  # the project's tree: small files, 100 to a folder
+        (repo / f"d{i // 100}").mkdir(exist_ok=True)
+        (repo / f"d{i // 100}" / f"f{i}.txt").write_text(f"line {i}\n")
+    commit("README.md", "Start")
+    git("add", "-A")
+    git("commit", "-q", "-m", "The tree")
+    git("checkout", "-q", "-b", "other")
+    commit("other.txt", "Another base")
+    git("checkout", "-q", "-b", "topic", "main")
+    (repo / "src").mkdir()
+    for i in range(commits):
+        commit(f"src/f{i % 5}.txt", f"Change {i}")
+    tip = git("rev-parse", "HEAD")
+    hook_file = hook.hooks_dir(repo) / hook.HOOK
 
-        def rebase(variant: str) -> tuple[float, float]:
-            if variant == "with_hook":
-                hook.install(repo, "bench", python=sys.executable, env={"P2P_HOME": str(home)})
-            elif variant == "empty_hook":
-                hook_file.write_text("#!/bin/sh\nexit 0\n")
-                hook_file.chmod(0o755)
-            git("checkout", "-q", "-B", "topic", tip)
-            r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-            git("rebase", "-q", "--onto", "other", "main", "topic")
-            ms, r1 = (time.perf_counter() - t) * 1e3, resource.getrusage(resource.RUSAGE_CHILDREN)
-            hook_file.unlink(missing_ok=True)
-            return ms, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e3
+    def rebase(variant: str) -> tuple[float, float]:
+        if variant == "with_hook":
+            hook.install(repo, "bench", python=sys.executable, env={"P2P_HOME": env["P2P_HOME"]})
+        elif variant == "empty_hook":
+            hook_file.write_text("#!/bin/sh\nexit 0\n")
+            hook_file.chmod(0o755)
+        git("checkout", "-q", "-B", "topic", tip)
+        r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        git("rebase", "-q", "--onto", "other", "main", "topic")
+        ms, r1 = (time.perf_counter() - t) * 1e3, resource.getrusage(resource.RUSAGE_CHILDREN)
+        hook_file.unlink(missing_ok=True)
+        return ms, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e3
 
-        for i in range(repeat + 1):
-            for variant in (variants if i % 2 else variants[::-1]):
-                ms, cpu_ms = rebase(variant)
-                if i:  # round 0: warm-up (page cache, git's first start)
-                    times[variant].append(ms)
-                    cpu[variant].append(cpu_ms)
-        msg = repo / ".git" / "MSG"
-        msg.write_text("Change\n")
-        python_ms = _ms(lambda: subprocess.run(
-            [sys.executable, "-c", hook._ENTRY, "hook", "run", "--profile", "bench", str(msg), "message"],
-            env=env, cwd=repo, check=True, capture_output=True), 5)
-    out: dict = {f"rebase_median_ms_{k}": round(statistics.median(v), 1) for k, v in times.items()}
-    out.update({f"rebase_cpu_median_ms_{k}": round(statistics.median(v), 1) for k, v in cpu.items()})
-    out["with_vs_without"] = round(out["rebase_median_ms_with_hook"] / out["rebase_median_ms_without_hook"], 3)
-    out["cpu_with_vs_without"] = round(out["rebase_cpu_median_ms_with_hook"]
-                                       / out["rebase_cpu_median_ms_without_hook"], 3)
-    out["with_vs_empty_hook"] = round(out["rebase_median_ms_with_hook"] / out["rebase_median_ms_empty_hook"], 3)
-    out["cpu_with_vs_empty_hook"] = round(out["rebase_cpu_median_ms_with_hook"]
-                                          / out["rebase_cpu_median_ms_empty_hook"], 3)
-    out["empty_hook_vs_without"] = round(out["rebase_median_ms_empty_hook"] / out["rebase_median_ms_without_hook"], 3)
-    out["hook_ms_per_commit"] = round((out["rebase_median_ms_with_hook"] - out["rebase_median_ms_without_hook"])
-                                      / commits, 2)
-    out["python_hook_run_median_ms"] = round(statistics.median(python_ms), 1)
-    out.update({"commits": commits, "repeat": repeat, "targets": {"with_vs_without": "<= 1.2"}})
-    return out
+    for i in range(repeat + 1):
+        for variant in (variants if i % 2 else variants[::-1]):
+            ms, cpu_ms = rebase(variant)
+            if i:
+                times[variant].append(ms)
+                cpu[variant].append(cpu_ms)
+    return times, cpu, repo
 
 
 HOOK_DIFF_CHARS = (500, 2_000, 8_000)  # staged changes of growing size (characters of `git diff --cached`)
