@@ -196,3 +196,16 @@ def test_a_linked_worktree(repo: Path, tmp_path: Path):
     busy.mkdir()
     _commit_file(wt, "b.txt", "b\n")
     assert len(_python_calls(repo)) == 1
+
+
+def test_the_rebase_bench_runs_each_tree_size() -> None:
+    """`p2p bench hook-rebase` in small: every variant timed in a repository of each tree size, the hook's own
+    Python start measured beside them (what a rebase would pay if the script did not step aside)."""
+    from p2p_lab.bench import bench_hook_rebase
+
+    r = bench_hook_rebase(commits=3, repeat=1, sizes=(2, 40))
+    for n in (2, 40):
+        for variant in ("without_hook", "empty_hook", "with_hook"):
+            assert r[f"rebase_median_ms_{variant}_{n}"] > 0
+        assert r["targets"][f"with_vs_without_{n}"] == "<= 1.2"
+    assert r["python_hook_run_median_ms"] > 0 and r["tree_files"] == [2, 40]
