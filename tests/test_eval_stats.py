@@ -68,6 +68,17 @@ def test_generation_rouge_agrees_with_data_metrics():
     assert empty[s.index["unparseable"]] == 1 and s.metrics(empty)["rougeL"][0] == 0
 
 
+def test_rouge_on_new_outputs_gives_no_credit_for_a_repeated_real_output():
+    s = Scorer(builtin_card("commit-subject"))
+    copied = s.query_stats({"text": "add changelog entry", "target": "Add changelog entry", "copy": True,
+                            "real_copy": True})
+    fresh = s.query_stats({"text": "fix parser", "target": "fix the parser", "real_copy": False})
+    m = s.metrics(copied + fresh)
+    assert m["rougeL"][0] == pytest.approx((1.0 + s.metrics(fresh)["rougeL"][0]) / 2)
+    assert m["rougeL_new"][0] == pytest.approx(s.metrics(fresh)["rougeL"][0])
+    assert math.isnan(s.metrics(copied)["rougeL_new"][0])  # no new output: undefined, not 0
+
+
 def test_bootstrap_resamples_users_and_pairs():
     s = Scorer(builtin_card("movielens-rating"))
     sure = {lab: [0.96 if x == lab else 0.01 for x in s.labels] for lab in s.labels}

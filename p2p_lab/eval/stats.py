@@ -26,7 +26,7 @@ from p2p_local.profile import first_word, starts_lowercase
 # Metric name -> True when higher is better.
 HIGHER_IS_BETTER = {
     "mae": False, "rmse": False, "mae_argmax": False, "mae_ev": False, "rmse_ev": False, "ce": False,
-    "acc": True, "f1": True, "rouge1": True, "rougeL": True, "nll": False,
+    "acc": True, "f1": True, "rouge1": True, "rougeL": True, "rougeL_new": True, "nll": False,
     "first_word": True, "case": True, "case_hist": True, "copy": False, "copy_real": False,
 }
 PRIMARY = {"rating": "mae", "label": "acc", "generation": "rougeL"}
@@ -41,6 +41,8 @@ METRIC_DOC = {
     "f1": "macro F1 of the most likely label",
     "rouge1": "ROUGE-1 F-measure",
     "rougeL": "ROUGE-L F-measure",
+    "rougeL_new": "ROUGE-L on the queries whose real output is new (not one of the user's earlier outputs): no "
+                  "credit for repeating the past",
     "nll": "per-token negative log-likelihood of the user's real output, teacher-forced (nats/token)",
     "first_word": "share of answers whose first word is the real output's (case-insensitive)",
     "case": "share of answers that open in the real output's case (lower-case or not)",
@@ -56,7 +58,7 @@ def metric_names(kind: str) -> list[str]:
         return ["mae", "rmse", "mae_argmax", "mae_ev", "rmse_ev", "ce", "acc"]
     if kind == "label":
         return ["acc", "f1", "ce"]
-    return ["rouge1", "rougeL", "nll", "first_word", "case", "case_hist", "copy", "copy_real"]
+    return ["rouge1", "rougeL", "rougeL_new", "nll", "first_word", "case", "case_hist", "copy", "copy_real"]
 
 
 # --- per-query statistics ------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class Scorer:
             per_label = [f"{s}_{i}" for i in range(len(self.labels)) for s in ("tp", "fp", "fn")]
             return ["n", "n_ce", "nll", "correct", "unparseable", *per_label]
         return ["n", "rouge1", "rougeL", "unparseable", "tok_nll", "n_tok", "first_match", "case_match",
-                "n_case_hist", "case_hist_ok", "copy", "real_copy"]
+                "n_case_hist", "case_hist_ok", "copy", "real_copy", "rougeL_new", "n_new"]
 
     def query_stats(self, rec: Mapping) -> np.ndarray:
         v = np.zeros(len(self.keys))
@@ -97,6 +99,8 @@ class Scorer:
             v[ix["first_match"]] = float(first_word(text) is not None and first_word(text) == first_word(target))
             v[ix["case_match"]] = float(starts_lowercase(text) == starts_lowercase(target))
             v[ix["copy"]], v[ix["real_copy"]] = float(bool(rec.get("copy"))), float(bool(rec.get("real_copy")))
+            if not rec.get("real_copy"):  # a real output that repeats the past would reward copying it
+                v[ix["rougeL_new"]], v[ix["n_new"]] = rl, 1.0
             lower = rec.get("hist_lower")  # the history's share of lower-case openings (runner)
             if lower is not None and (lower >= CASE_CONSISTENT or lower <= 1 - CASE_CONSISTENT):
                 v[ix["n_case_hist"]] = 1.0
@@ -141,6 +145,7 @@ class Scorer:
         out: dict[str, np.ndarray] = {}
         if self.kind == "generation":
             out["rouge1"], out["rougeL"] = col["rouge1"] / n, col["rougeL"] / n
+            out["rougeL_new"] = col["rougeL_new"] / np.where(col["n_new"] > 0, col["n_new"], np.nan)
             out["nll"] = col["tok_nll"] / np.where(col["n_tok"] > 0, col["n_tok"], np.nan)
             out["first_word"], out["case"] = col["first_match"] / n, col["case_match"] / n
             out["case_hist"] = col["case_hist_ok"] / np.where(col["n_case_hist"] > 0, col["n_case_hist"], np.nan)
