@@ -54,3 +54,8 @@ def test_the_headline_numbers_are_the_reports(tmp_path: Path) -> None:
     # How long it took: the methods' own seconds in the current reports, summed (stated beside the headline).
     hours = sum(e.get("seconds", 0.0) for k in current for e in reports[k]["methods"].values()) / 3600
     assert f"took {hours:.1f} core-hours" in block
+    oppu = [reports[k]["methods"]["oppu"] for k in current if reports[k]["methods"].get("oppu", {}).get("status") == "ok"]
+    if oppu:  # OPPU's per-user training is timed inside its rows: the line says how much of the total it is
+        assert f"{sum(e['seconds'] for e in oppu) / 3600:.1f} core-hours for {sum(e['n_users'] for e in oppu)} users" in block
+    else:
+        assert "no OPPU" in block

@@ -163,18 +163,23 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
             "goal": goal_rows(rep), "copy": copy_rates(rep),
             "machine": rep["machine"], "measured": measured(rep), "bundle": report_bundle(rep),
             "compute_s": round(sum(e.get("seconds", 0.0) for e in rep["methods"].values()), 1),
+            "oppu_s": round(rep["methods"].get("oppu", {}).get("seconds", 0.0), 1),
         })
     wins = [g for t in tasks for g in t["goal"] if g["verdict"] in ("win", "tie", "loss")]
     return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")},
-            "compute_s": round(sum(t["compute_s"] for t in tasks), 1)}
+            "compute_s": round(sum(t["compute_s"] for t in tasks), 1), "oppu_s": round(sum(t["oppu_s"] for t in tasks), 1),
+            "oppu_users": sum(t["methods"].get("oppu", {}).get("n_users", 0) for t in tasks)}
 
 
 def cost_line(summary: dict[str, Any]) -> str:
     """How long the evaluation took: the methods' own seconds (each row ran on one core, P2P_THREADS=1)."""
-    hours = summary["compute_s"] / 3600
+    hours, oppu_hours = summary["compute_s"] / 3600, summary.get("oppu_s", 0.0) / 3600
+    # OPPU trains in the per-user step the runner times, so its training is inside its methods' seconds.
+    oppu = (f"OPPU's training of one LoRA per user included ({oppu_hours:.1f} core-hours for {summary['oppu_users']} "
+            "users)" if summary.get("oppu_users") else "no OPPU")
     return (f"The rows above took {hours:.1f} core-hours to compute (the sum of each method's time in the reports, "
             f"one core per row): about {hours / 2:.1f} h on a 2-core machine running two rows at a time "
-            "(`scripts/evaluate.sh` with `ONLY=`), OPPU's per-user training not included.")
+            f"(`scripts/evaluate.sh` with `ONLY=`), {oppu}.")
 
 
 HEADLINE = ("p2p", "base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-shuffled", "user-mean")
