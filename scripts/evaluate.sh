@@ -2,12 +2,13 @@
 # The shipped evaluation: every method on held-out users of every task, test and OOD splits, then the
 # summary page, the bundle's evaluation card and the P2P-vs-OPPU deployment cost. `make report` runs it.
 #
-# Sized for a 2-core CPU in about an hour and a half: a seeded subset of users per task (prefix-stable,
-# so a larger count extends a run instead of redoing it), each user's last Q items as queries, OPPU on
-# the first few test users only (it trains one LoRA per user, minutes each on a CPU). Results are stored
-# per (method, user) under reports/runs/: an interrupted run continues where it stopped.
+# Sized as the shipped reports: every held-out user of each task and split (commit OOD: a seeded 200 of 499),
+# each user's last Q items as queries, OPPU on the first 12 users of each row (it trains one LoRA per user,
+# minutes each on one core). `p2p eval --summary` states how long the rows took beside the README's headline;
+# on 2 cores run two processes, one row each (ONLY=, P2P_THREADS=1). Results are stored per (method, user) under reports/runs/: an interrupted run continues
+# where it stopped, and a run of the same sizes after it only rebuilds the reports.
 # Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
-#   ML_TEST=122:10:10 scripts/evaluate.sh
+#   ML_TEST=40:5:4 scripts/evaluate.sh  (a quicker, smaller row)
 # ONLY="commit-subject:test commit-subject:ood" runs only those task:split rows.
 # COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
 # METHODS=a,b,... runs only those methods (those that do not apply to a task's kind are skipped);
@@ -20,10 +21,10 @@ N_CTX=${N_CTX:-1024}
 OPPU_MAX_ITEMS=${OPPU_MAX_ITEMS:-64}  # the latest 64 items per user (minutes saved per user on a CPU)
 # The MT-LoRA baseline ships beside the bundle (trained with it: trainer.gpu run --mtlora-budget).
 MTLORA=${MTLORA:-models/gemma3-270m-p2p/mt-lora.gguf}
-ML_TEST=${ML_TEST:-40:5:4};   ML_OOD=${ML_OOD:-16:5:0}
-OFF_TEST=${OFF_TEST:-24:5:3}; OFF_OOD=${OFF_OOD:-16:5:0}
-GIT_TEST=${GIT_TEST:-210:2:12};  GIT_OOD=${GIT_OOD:-150:2:12}  # every test author; OOD: 150 of 499
-MAIL_TEST=${MAIL_TEST:-16:3:3}; MAIL_OOD=${MAIL_OOD:-12:3:0}
+ML_TEST=${ML_TEST:-122:5:12};   ML_OOD=${ML_OOD:-64:5:12}
+OFF_TEST=${OFF_TEST:-52:5:12};  OFF_OOD=${OFF_OOD:-32:5:12}
+GIT_TEST=${GIT_TEST:-210:1:12}; GIT_OOD=${GIT_OOD:-200:1:12}  # every test author; OOD: 200 of 499; the last commit each
+MAIL_TEST=${MAIL_TEST:-45:3:12}; MAIL_OOD=${MAIL_OOD:-29:3:12}
 
 run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
   local task=$1 split=$2 users queries oppu

@@ -457,6 +457,11 @@ class P2PRAG(P2P):
     description = "the P2P adapter plus the top-k BM25-retrieved history items in the prompt"
     uses_examples = False  # its own top-k (rag_k), whatever the card says
 
+    def prepare(self, ctx: EvalContext) -> None:
+        if ctx.card.examples == ctx.options.rag_k:
+            raise Skip(f"the same as p2p: this task's card already shows the top {ctx.card.examples} BM25 items")
+        super().prepare(ctx)
+
     def prompt(self, request: pipeline.Request, p: pipeline.Personalization | None = None) -> str:
         return RAG.prompt(self, request, p)
 
