@@ -439,6 +439,7 @@ def bench_hook_rebase(commits: int = 30, repeat: int = 9, sizes: tuple[int, ...]
         env.update({"HOME": tmp, "XDG_CONFIG_HOME": tmp, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Bench",
                     "GIT_AUTHOR_EMAIL": "bench@example.org", "GIT_COMMITTER_NAME": "Bench",
                     "GIT_COMMITTER_EMAIL": "bench@example.org", "P2P_HOME": str(Path(tmp) / "p2p-home")})
+        Path(env["P2P_HOME"]).mkdir()
         for n in sizes:
             times, cpu, repo = _rebase_times(Path(tmp) / f"repo-{n}", env, n, commits, repeat)
             for key, per in (("rebase_median_ms", times), ("rebase_cpu_median_ms", cpu)):

@@ -8,6 +8,7 @@ the rule that picks the profile and the task when the user names fewer than both
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -150,28 +151,20 @@ class Session:
             check_prepared()  # missing: said now, not after half a minute of assembling the base
         loaded = Bundle.load(bundle)
         # The encoder's ONNX session is built while llama.cpp loads the base: both are native work, and the
-        # commit hook waits for the sum of them at every `git commit` (about a third of a second saved).
-        with ThreadPoolExecutor(1) as pool:
+        # commit hook waits for both at every `git commit`.
+        with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as undo:  # undo: close what opened on failure
             encoder_loading = pool.submit(Encoder.load) if encoder else None
             chat = None
             if chat_model is not None:
                 chat_spec, chat_path = prepare_chat_model(chat_model)
                 chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
+                undo.callback(chat.close)
             spec = get_spec(model)
-            try:
-                engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
-            except BaseException:
-                if chat is not None:
-                    chat.close()
-                raise
-            try:
-                return cls(engine, loaded, encoder_loading.result() if encoder_loading else None, Store(store_path),
-                           chat)
-            except BaseException:
-                engine.close()
-                if chat is not None:
-                    chat.close()
-                raise
+            engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
+            undo.callback(engine.close)
+            session = cls(engine, loaded, encoder_loading.result() if encoder_loading else None, Store(store_path), chat)
+            undo.pop_all()  # the session owns the engines now
+            return session
 
     @property
     def store(self) -> Store:

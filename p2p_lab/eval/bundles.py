@@ -67,15 +67,13 @@ LABELS = {"nll": "NLL of the real output ↓", "gap": "shuffled − true NLL ↑
 
 
 def markdown(res: dict[str, Any], runs: list[str]) -> str:
-    f = fmt
-
     lines = [f"# Candidate bundle against the shipped one ({res['users']} users, {res['queries']} queries)", "",
              f"- command: `python -m p2p_lab.eval.bundles {' '.join(runs)}`",
              "- each run: `p2p eval` with `p2p` and `p2p-shuffled` on the same queries; 95% CIs over users",
              *[f"- {side}: {b['bundle']}, trained with recipe `{b['recipe']}`, {b['steps']} steps of {b['batch_size']} "
                f"at lr {b['lr']} on {b['machine']} ({b['wall_time_s']} s)" for side, b in res["bundles"].items()], "",
              "| measure | shipped | candidate | candidate − shipped |", "| --- | --- | --- | --- |"]
-    lines += [f"| {LABELS[m]} | {f(e['shipped'])} | {f(e['candidate'])} | {f(e['candidate - shipped'])} |"
+    lines += [f"| {LABELS[m]} | {fmt(e['shipped'])} | {fmt(e['candidate'])} | {fmt(e['candidate - shipped'])} |"
               for m, e in res["metrics"].items()]
     return "\n".join(lines) + "\n"
 

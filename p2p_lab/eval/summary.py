@@ -173,10 +173,10 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cost_line(summary: dict[str, Any]) -> str:
     """How long the evaluation took: the methods' own seconds (each row ran on one core, P2P_THREADS=1)."""
-    hours, oppu_hours = summary["compute_s"] / 3600, summary.get("oppu_s", 0.0) / 3600
+    hours, oppu_hours = summary["compute_s"] / 3600, summary["oppu_s"] / 3600
     # OPPU trains in the per-user step the runner times, so its training is inside its methods' seconds.
     oppu = (f"OPPU's training of one LoRA per user included ({oppu_hours:.1f} core-hours for {summary['oppu_users']} "
-            "users)" if summary.get("oppu_users") else "no OPPU")
+            "users)" if summary["oppu_users"] else "no OPPU")
     return (f"The rows above took {hours:.1f} core-hours to compute (the sum of each method's time in the reports, "
             f"one core per row): about {hours / 2:.1f} h on a 2-core machine running two rows at a time "
             f"(`scripts/evaluate.sh` with `ONLY=`), {oppu}.")

@@ -1,7 +1,7 @@
 """The terminal chat (Textual). `ChatApp(session, profile=..., task=...).run()`; see app.py.
 
 `ChatApp` is imported on first use: `p2p ask` and the commit hook read `tui.titles` and must not pay for
-importing Textual (a third of a second of the hook's start)."""
+importing Textual at every start (tests/test_import_graph.py keeps it off that path)."""
 
 from typing import Any
 
