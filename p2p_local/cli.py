@@ -38,14 +38,16 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `only`: just that built-in group (what running one of its commands needs: the
+    commit hook starts `p2p hook run` at every `git commit`, and every group imports its own modules)."""
     parser = Parser(prog="p2p", epilog=EPILOG.format(**examples()),
                     description="On-device LLM personalization: your history -> a LoRA adapter -> a local model.")
     parser.add_argument("--version", action="version", version=f"p2p-local {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in GROUPS:
+    for group in GROUPS if only is None else (only,):
         importlib.import_module(f"p2p_local.commands.{group}").register(sub)
-    for ep in entry_points(group=PLUGIN_GROUP):
+    for ep in entry_points(group=PLUGIN_GROUP) if only is None else ():
         try:
             register = ep.load()
         except ImportError:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _safe_stdout()
         argv = check_argv(sys.argv[1:] if argv is None else list(argv))
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in GROUPS else None)
         args = parser.parse_args(argv)  # a usage error exits 2 here (SystemExit), after printing it
         if not getattr(args, "func", None):
             parser.print_help()

@@ -25,7 +25,7 @@ from p2p_local.data.format import (
 from p2p_local.encoder import Encoder
 from p2p_local.engine import Adapter, Engine
 from p2p_local.errors import P2PError, StoreError, UsageError
-from p2p_local.models import get_spec, known_models, prepare_base, prepare_chat_model
+from p2p_local.models import get_spec, known_models, model_path, prepare_base, prepare_chat_model
 from p2p_local.pipeline import Answer, Personalization, Personalizer, Request
 from p2p_local.profile import Profile
 from p2p_local.store import Store
@@ -115,6 +115,13 @@ class _CachedRoute(pipeline.Route):
         self.engine.use(adapter, pipeline.lora_scale(scale))
 
 
+def _load_side(bundle: str | Path | None, encoder: bool) -> tuple[Bundle, Encoder | None]:
+    """What `Session.open` loads beside the base: the bundle, the encoder, and BM25 (the first answer retrieves)."""
+    import bm25s  # noqa: F401  (imported here, off the critical path, rather than at the first retrieval)
+
+    return Bundle.load(bundle), Encoder.load() if encoder else None
+
+
 class Session:
     """The app's working set: engine + bundle + encoder + store.
 
@@ -149,20 +156,22 @@ class Session:
 
         if encoder:
             check_prepared()  # missing: said now, not after half a minute of assembling the base
-        loaded = Bundle.load(bundle)
-        # The encoder's ONNX session is built while llama.cpp loads the base: both are native work, and the
-        # commit hook waits for both at every `git commit`.
+        spec = get_spec(model)
+        # The bundle's and the encoder's ONNX sessions are built (and BM25 imported) while llama.cpp loads the
+        # base: native work on two cores, and the commit hook waits for all of it at every `git commit`.
         with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as undo:  # undo: close what opened on failure
-            encoder_loading = pool.submit(Encoder.load) if encoder else None
+            side = pool.submit(_load_side, bundle, encoder)
+            if not model_path(spec).is_file():
+                side.result()  # a broken bundle or encoder is said before the base is assembled (half a minute)
             chat = None
             if chat_model is not None:
                 chat_spec, chat_path = prepare_chat_model(chat_model)
                 chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
                 undo.callback(chat.close)
-            spec = get_spec(model)
             engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
             undo.callback(engine.close)
-            session = cls(engine, loaded, encoder_loading.result() if encoder_loading else None, Store(store_path), chat)
+            loaded, enc = side.result()
+            session = cls(engine, loaded, enc, Store(store_path), chat)
             undo.pop_all()  # the session owns the engines now
             return session
 

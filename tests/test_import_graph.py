@@ -125,3 +125,19 @@ def test_the_ask_and_hook_path_imports_no_ui() -> None:
             "p2p_local.tui.titles; print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_command_builds_only_its_group() -> None:
+    """`p2p hook run` (every `git commit`) and `p2p ask` parse with their own group only: no other group's modules
+    and no plugin (p2p_lab's eval, bench, data) is imported for them; `p2p --help` still lists every command."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from p2p_local.cli import build_parser; p = build_parser('hook'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('p2p_lab', 'p2p_local.commands.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "['p2p_local.commands.args', 'p2p_local.commands.hook']"
+    from p2p_local.cli import build_parser
+
+    whole = build_parser().format_help()
+    assert all(name in whole for name in ("ask", "hook", "eval", "bench"))
