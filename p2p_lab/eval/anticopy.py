@@ -7,6 +7,10 @@ chosen among (`candidates`: text, mean token log-probability, copy, branch), so 
 For each margin: the copy rate (answers equal to one of the author's earlier subjects), the authors' own
 rate, ROUGE-L against the real subject, and the paired ROUGE-L difference to the plain greedy line (branch 0),
 with bootstrap CIs over users. Writes OUT.md, OUT.json and OUT.png.
+
+`--query-overlap` adds a re-ranking studied for issue 23: after the app's copy rule, the lines it keeps first
+ordered by mean log-probability plus WEIGHT x the share of their words found in the query (files + diff, as
+the prompt shows it), and the ceiling: the best of the lines for each query, chosen knowing the real subject.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from p2p_local.data.format import builtin_card
 from p2p_local.pipeline import Candidate, rank_candidates
 
 MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
+OVERLAP_WEIGHTS = (0.25, 0.5, 1.0, 2.0)  # nats/token per unit of the query-overlap share (--query-overlap)
 
 
 def load(run_dir: Path, method: str = "p2p", with_candidates: bool = True) -> list[dict[str, Any]]:
@@ -41,12 +47,42 @@ def load(run_dir: Path, method: str = "p2p", with_candidates: bool = True) -> li
             if rec.get("candidates") or not with_candidates]
 
 
-def choose(rec: dict[str, Any], margin: float | None) -> str:
-    """The answer under `margin` (None: the plain greedy line, branch 0)."""
+def queries(run_dir: Path) -> dict[tuple[str, int], str]:
+    """(user, query index) -> the query as the prompt showed it, rebuilt from the run's config (built-in tasks)."""
+    from p2p_lab.eval.runner import EvalConfig, build_queries
+    from p2p_lab.eval.runner import load as load_split
+    from p2p_local.pipeline import prompt_input
+
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    loaded = load_split(EvalConfig(task=cfg["task"], split=cfg["split"]))
+    built = build_queries(loaded.users, cfg["queries"], loaded.card)
+    return {(uid, q.index): prompt_input(loaded.card, q.item) for uid, qs in built.items() for q in qs}
+
+
+def words(text: str) -> set[str]:
+    """The words that can name what a change touched: identifiers split at '_' and camelCase, lower-cased, 3+ characters."""
+    parts = (p for w in re.findall(r"[A-Za-z0-9_]+", text) for p in re.split(r"_|(?<=[a-z])(?=[A-Z])", w))
+    return {p.lower() for p in parts if len(p) >= 3}
+
+
+def overlap(line: str, query_words: set[str]) -> float:
+    """The share of the line's words found in the query."""
+    w = words(line)
+    return len(w & query_words) / len(w) if w else 0.0
+
+
+def choose(rec: dict[str, Any], margin: float | None, weight: float = 0.0) -> str:
+    """The answer under `margin` (None: the plain greedy line, branch 0); `weight` > 0: the lines the copy rule
+    keeps first, re-ordered by mean log-probability + weight x `overlap` with the record's `query`."""
     cands = sorted((Candidate(t, lp, cp, b) for t, lp, cp, b in rec["candidates"]), key=lambda c: c.branch)
     if margin is None:
         return cands[0].text if cands and cands[0].branch == 0 else rec["text"]
     ranked = rank_candidates(cands, margin)
+    if weight and ranked:
+        demoted = [c for c in ranked if c.copy and any(not d.copy and d.logprob >= c.logprob - margin for d in cands)]
+        kept = [c for c in ranked if c not in demoted] or ranked
+        qw = words(rec["query"])
+        return max(kept, key=lambda c: c.logprob + weight * overlap(c.text, qw)).text
     return ranked[0].text if ranked else ""
 
 
@@ -59,7 +95,7 @@ def user_mean(owner: np.ndarray, num: np.ndarray, den: np.ndarray, draws: np.nda
     return {"value": float(num.sum() / den.sum()), "ci": [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]}
 
 
-def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0, query_overlap: bool = False) -> dict[str, Any]:
     from p2p_lab.metrics import example_scores
 
     card = builtin_card("commit-subject")
@@ -74,24 +110,34 @@ def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0) -> 
     def ci(values: np.ndarray) -> dict[str, Any]:
         return user_mean(owner, values, np.ones(len(values)), draws)
 
-    rules: list[tuple[str, float | None]] = [("greedy line (no rule)", None)] + [(f"margin {m:g}", m) for m in MARGINS]
+    rules: list[tuple[str, float | None, float]] = [("greedy line (no rule)", None, 0.0)]
+    rules += [(f"margin {m:g}", m, 0.0) for m in MARGINS]
+    if query_overlap:
+        rules += [(f"margin 1, then query overlap x{w:g}", 1.0, w) for w in OVERLAP_WEIGHTS]
     greedy_rl = np.array(example_scores(card, [choose(r, None) for r in records], targets)["rougeL"])
     out = {"queries": len(records), "users": len(users), "real_copy": ci(np.array([float(r.get("real_copy", 0)) for r in records])),
            "rules": []}
-    for label, m in rules:
-        texts = [choose(r, m) for r in records]
+
+    def row(label: str, texts: list[str], margin: Any) -> None:
         copies = np.array([float(any(t == c[0] and c[2] for c in r["candidates"])) for t, r in zip(texts, records, strict=True)])
         rl = np.array(example_scores(card, texts, targets)["rougeL"])
-        out["rules"].append({"rule": label, "margin": None if m is None else (m if math.isfinite(m) else "inf"),
-                             "copy": ci(copies), "rougeL": ci(rl), "rougeL_vs_greedy": ci(rl - greedy_rl)})
+        out["rules"].append({"rule": label, "margin": margin, "copy": ci(copies), "rougeL": ci(rl),
+                             "rougeL_vs_greedy": ci(rl - greedy_rl)})
+
+    for label, m, w in rules:
+        row(label, [choose(r, m, w) for r in records], None if m is None else (m if math.isfinite(m) else "inf"))
+    if query_overlap:  # the ceiling of any re-ranking of these lines: the best one, knowing the real subject
+        best = [max((c[0] for c in r["candidates"]), key=lambda t, g=r["target"]: example_scores(card, [t], [g])["rougeL"][0])
+                for r in records]
+        row("best of the lines (knows the real subject)", best, None)
     return out
 
 
-def markdown(res: dict[str, Any], runs: list[str]) -> str:
+def markdown(res: dict[str, Any], runs: list[str], flags: str = "") -> str:
     from p2p_lab.eval.report import fmt as f
 
     lines = [f"# The copy rule, measured ({res['users']} authors, {res['queries']} queries)", "",
-             f"- command: `python -m p2p_lab.eval.anticopy {' '.join(runs)}`",
+             f"- command: `python -m p2p_lab.eval.anticopy {' '.join(runs)}{flags}`",
              "- the answers of `p2p` in those runs, re-ranked offline from the lines each was chosen among",
              f"- the authors' own subjects repeat an earlier one in {f(res['real_copy'])} of queries", "",
              "| rule | copy rate ↓ | ROUGE-L ↑ | ROUGE-L − greedy line |", "| --- | --- | --- | --- |"]
@@ -120,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="p2p eval run folders (OUT/runs/commit-subject-SPLIT-KEY)")
     ap.add_argument("--out", type=Path, required=True, help="write OUT.md, OUT.json and OUT.png")
+    ap.add_argument("--query-overlap", action="store_true",
+                    help="also re-rank by overlap with the query, and show the ceiling (rebuilds the queries from the data)")
     args = ap.parse_args(argv)
-    records = [r for run in args.runs for r in load(run)]
-    res = evaluate(records)
+    records = []
+    for run in args.runs:
+        shown = queries(run) if args.query_overlap else {}
+        records += [{**r, "query": shown.get((r["user"], r["i"]), "")} for r in load(run)]
+    res = evaluate(records, query_overlap=args.query_overlap)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    args.out.with_suffix(".md").write_text(markdown(res, [str(r) for r in args.runs]), encoding="utf-8")
+    md = markdown(res, [str(r) for r in args.runs], " --query-overlap" if args.query_overlap else "")
+    args.out.with_suffix(".md").write_text(md, encoding="utf-8")
     plot(res, args.out.with_suffix(".png"))
-    print(markdown(res, [str(r) for r in args.runs]))
+    print(md)
     return 0
 
 
