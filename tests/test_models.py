@@ -94,3 +94,26 @@ def test_a_missing_encoder_is_said_before_the_base_is_assembled_and_base_needs_n
     stamp = real.with_name(real.name + ".verified.json")
     (empty / stamp.name).write_text(stamp.read_text())
     assert main(["ask", "Heat (1995) | Genres: Action", "--profile", "me", "--base", "--max-tokens", "4"]) == 0
+
+
+def test_a_broken_bundle_is_said_before_the_base_is_assembled(p2p_home, tmp_path, monkeypatch) -> None:
+    """Session.open loads the bundle beside the base model; when the base would first be assembled (half a
+    minute), a broken bundle is still said at once and nothing is assembled."""
+    import pytest
+
+    from p2p_local.encoder import encoder_dir
+    from p2p_local.errors import BundleError
+    from p2p_local.models import DEFAULT_BASE, model_path
+    from p2p_local.personalize import Session
+
+    real_encoder = encoder_dir()
+    empty = tmp_path / "models"
+    empty.mkdir()
+    (empty / "encoder").symlink_to(real_encoder)  # the encoder prepared, the base not
+    monkeypatch.setenv("P2P_MODELS", str(empty))
+    broken = tmp_path / "bundle"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError):
+        Session.open(bundle=broken)
+    assert not model_path(DEFAULT_BASE).exists()
