@@ -18,7 +18,8 @@ fi
   echo "Command: \`scripts/commit_rerank.sh\`; machine: $(uname -sm), $(nproc) CPUs; $(date -u +%F)."
   echo "The app's answer is the first of up to 4 greedy lines (one per most likely first token), a line that repeats one"
   echo "of the author's earlier subjects moved below any other within 1 nat/token (pipeline.rank_candidates). Below,"
-  echo "the same lines re-ranked offline; the app's rule is the row \"margin 1\"."
+  echo "the same lines re-ranked offline; the app's rule is the row \"margin 1\". \"+ overlap xW\": the lines the rule keeps first,"
+  echo "ordered by mean log-probability + W x the share of their words in the query (files + diff)."
   echo
   .venv/bin/python -m p2p_lab.eval.anticopy "$OUT"/runs/commit-subject-val-* --query-overlap --out "$REPORT" | tail -n +3
 } > "$REPORT.md.tmp"

@@ -28,6 +28,6 @@ def test_evaluate_adds_the_overlap_rules_and_the_ceiling() -> None:
             for u in ("a", "b", "c")]
     res = evaluate(recs, boot=50, query_overlap=True)
     rules = {r["rule"]: r for r in res["rules"]}
-    assert "margin 1, then query overlap x1" in rules
-    assert rules["best of the lines (knows the real subject)"]["rougeL"]["value"] == 1.0
-    assert "margin 1, then query overlap x1" not in {r["rule"] for r in evaluate(recs, boot=50)["rules"]}
+    assert "margin 1 + overlap x1" in rules
+    assert rules["best line (knows the answer)"]["rougeL"]["value"] == 1.0
+    assert "margin 1 + overlap x1" not in {r["rule"] for r in evaluate(recs, boot=50)["rules"]}

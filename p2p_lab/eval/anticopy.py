@@ -113,7 +113,7 @@ def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0, que
     rules: list[tuple[str, float | None, float]] = [("greedy line (no rule)", None, 0.0)]
     rules += [(f"margin {m:g}", m, 0.0) for m in MARGINS]
     if query_overlap:
-        rules += [(f"margin 1, then query overlap x{w:g}", 1.0, w) for w in OVERLAP_WEIGHTS]
+        rules += [(f"margin 1 + overlap x{w:g}", 1.0, w) for w in OVERLAP_WEIGHTS]
     greedy_rl = np.array(example_scores(card, [choose(r, None) for r in records], targets)["rougeL"])
     out = {"queries": len(records), "users": len(users), "real_copy": ci(np.array([float(r.get("real_copy", 0)) for r in records])),
            "rules": []}
@@ -129,7 +129,7 @@ def evaluate(records: list[dict[str, Any]], boot: int = 1000, seed: int = 0, que
     if query_overlap:  # the ceiling of any re-ranking of these lines: the best one, knowing the real subject
         best = [max((c[0] for c in r["candidates"]), key=lambda t, g=r["target"]: example_scores(card, [t], [g])["rougeL"][0])
                 for r in records]
-        row("best of the lines (knows the real subject)", best, None)
+        row("best line (knows the answer)", best, None)
     return out
 
 
