@@ -59,3 +59,8 @@ def test_the_headline_numbers_are_the_reports(tmp_path: Path) -> None:
         assert f"{sum(e['seconds'] for e in oppu) / 3600:.1f} core-hours for {sum(e['n_users'] for e in oppu)} users" in block
     else:
         assert "no OPPU" in block
+    # What a new bundle re-measures: the methods whose fingerprint starts with the bundle's hash (p2p and its controls).
+    ours = [e for k in current for e in reports[k]["methods"].values() if (e.get("fingerprint") or "").startswith(shipped)]
+    assert any(e is reports[k]["methods"]["p2p"] for k in current for e in ours)
+    assert not any(e is reports[k]["methods"].get("base") for k in current for e in ours)
+    assert f"only the methods that read it: {sum(e['seconds'] for e in ours) / 3600:.1f} core-hours" in block

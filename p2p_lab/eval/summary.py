@@ -164,11 +164,21 @@ def build_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
             "machine": rep["machine"], "measured": measured(rep), "bundle": report_bundle(rep),
             "compute_s": round(sum(e.get("seconds", 0.0) for e in rep["methods"].values()), 1),
             "oppu_s": round(rep["methods"].get("oppu", {}).get("seconds", 0.0), 1),
+            "bundle_s": round(bundle_seconds(rep), 1),
         })
     wins = [g for t in tasks for g in t["goal"] if g["verdict"] in ("win", "tie", "loss")]
     return {"tasks": tasks, "counts": {v: sum(g["verdict"] == v for g in wins) for v in ("win", "tie", "loss")},
             "compute_s": round(sum(t["compute_s"] for t in tasks), 1), "oppu_s": round(sum(t["oppu_s"] for t in tasks), 1),
+            "bundle_s": round(sum(t["bundle_s"] for t in tasks), 1),
             "oppu_users": sum(t["methods"].get("oppu", {}).get("n_users", 0) for t in tasks)}
+
+
+def bundle_seconds(rep: dict[str, Any]) -> float:
+    """The seconds of the methods that read the bundle (their fingerprint starts with its hash): what a new bundle
+    re-measures. The other methods' results do not depend on it, and the runner reuses them."""
+    head = report_bundle(rep)
+    return sum(e.get("seconds", 0.0) for e in rep["methods"].values()
+               if head and (e.get("fingerprint") or "").startswith(head))
 
 
 def cost_line(summary: dict[str, Any]) -> str:
@@ -179,7 +189,8 @@ def cost_line(summary: dict[str, Any]) -> str:
             "users)" if summary["oppu_users"] else "no OPPU")
     return (f"The rows above took {hours:.1f} core-hours to compute (the sum of each method's time in the reports, "
             f"one core per row): about {hours / 2:.1f} h on a 2-core machine running two rows at a time "
-            f"(`scripts/evaluate.sh` with `ONLY=`), {oppu}.")
+            f"(`scripts/evaluate.sh` with `ONLY=`), {oppu}. A new bundle re-measures only the methods that read "
+            f"it: {summary['bundle_s'] / 3600:.1f} core-hours of these (the others' results are reused).")
 
 
 HEADLINE = ("p2p", "base", "rag", "pag", "all-history", "mt-lora", "oppu", "p2p-shuffled", "user-mean")
