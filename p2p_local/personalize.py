@@ -161,8 +161,8 @@ class Session:
         # base: native work on two cores, and the commit hook waits for all of it at every `git commit`.
         with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as undo:  # undo: close what opened on failure
             side = pool.submit(_load_side, bundle, encoder)
-            if not model_path(spec).is_file():
-                side.result()  # a broken bundle or encoder is said before the base is assembled (half a minute)
+            if chat_model is not None or not model_path(spec).is_file():
+                side.result()  # a broken bundle or encoder is said before a model is assembled (half a minute)
             chat = None
             if chat_model is not None:
                 chat_spec, chat_path = prepare_chat_model(chat_model)
