@@ -458,12 +458,14 @@ def copy_key(text: str) -> str:
     return _norm(text)
 
 
+def demoted(c: Candidate, cands: list[Candidate], margin: float = COPY_MARGIN) -> bool:
+    """Whether the copy rule moves `c` down: it repeats an earlier output and another line scores within `margin`."""
+    return c.copy and any(not d.copy and d.logprob >= c.logprob - margin for d in cands)
+
+
 def rank_candidates(cands: list[Candidate], margin: float = COPY_MARGIN) -> list[Candidate]:
     """Branch order (greedy line first), a copy moved below the others when one of them scores within `margin`."""
-    def demoted(c: Candidate) -> bool:
-        return c.copy and any(not d.copy and d.logprob >= c.logprob - margin for d in cands)
-
-    return [c for c in cands if not demoted(c)] + [c for c in cands if demoted(c)]
+    return [c for c in cands if not demoted(c, cands, margin)] + [c for c in cands if demoted(c, cands, margin)]
 
 
 def one_line_candidates(engine: Any, card: TaskCard, prompt: str, earlier: set[str], max_tokens: int,

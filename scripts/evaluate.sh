@@ -5,8 +5,9 @@
 # Sized as the shipped reports: every held-out user of each task and split (commit OOD: a seeded 200 of 499),
 # each user's last Q items as queries, OPPU on the first 12 users of each row (it trains one LoRA per user,
 # minutes each on one core). `p2p eval --summary` states how long the rows took beside the README's headline;
-# on 2 cores run two processes, one row each (ONLY=, P2P_THREADS=1). Results are stored per (method, user) under reports/runs/: an interrupted run continues
-# where it stopped, and a run of the same sizes after it only rebuilds the reports.
+# on 2 cores run two processes, one row each (ONLY=, P2P_THREADS=1). Results are stored per (method, user)
+# under reports/runs/: an interrupted run continues where it stopped, and a run of the same sizes after it only
+# rebuilds the reports.
 # Sizes are "users:queries:oppu_users" per task and split, overridable, e.g.
 #   ML_TEST=40:5:4 scripts/evaluate.sh  (a quicker, smaller row)
 # ONLY="commit-subject:test commit-subject:ood" runs only those task:split rows.

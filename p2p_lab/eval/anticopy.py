@@ -26,7 +26,7 @@ import numpy as np
 
 from p2p_lab.plots import pyplot, save
 from p2p_local.data.format import builtin_card
-from p2p_local.pipeline import Candidate, rank_candidates
+from p2p_local.pipeline import Candidate, demoted, rank_candidates
 
 MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 OVERLAP_WEIGHTS = (0.25, 0.5, 1.0, 2.0)  # nats/token per unit of the query-overlap share (--query-overlap)
@@ -79,8 +79,7 @@ def choose(rec: dict[str, Any], margin: float | None, weight: float = 0.0) -> st
         return cands[0].text if cands and cands[0].branch == 0 else rec["text"]
     ranked = rank_candidates(cands, margin)
     if weight and ranked:
-        demoted = [c for c in ranked if c.copy and any(not d.copy and d.logprob >= c.logprob - margin for d in cands)]
-        kept = [c for c in ranked if c not in demoted] or ranked
+        kept = [c for c in ranked if not demoted(c, cands, margin)] or ranked
         qw = words(rec["query"])
         return max(kept, key=lambda c: c.logprob + weight * overlap(c.text, qw)).text
     return ranked[0].text if ranked else ""
