@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from p2p_local import pipeline
@@ -148,9 +148,11 @@ class Session:
 
     @classmethod
     def open(cls, *, model: str | None = None, bundle: str | Path | None = None, n_ctx: int = 2048,
-             store_path: Path | None = None, chat_model: str | None = None, encoder: bool = True) -> Session:
+             store_path: Path | None = None, chat_model: str | None = None, encoder: bool = True,
+             base: Future[Engine] | None = None) -> Session:
         """`model`: the bundle's base (task answers); `chat_model`: an instruct model for free chat; `encoder`:
-        False for a session that never personalizes (`ask --base`), which then needs no profile encoder.
+        False for a session that never personalizes (`ask --base`), which then needs no profile encoder;
+        `base`: that base already loading, started by a caller with more to import meanwhile (the commit hook).
         What is cheap to check (the encoder, the bundle) is checked before the base model is assembled."""
         from p2p_local.encoder import check_prepared
 
@@ -160,15 +162,17 @@ class Session:
         # The bundle's and the encoder's ONNX sessions are built (and BM25 imported) while llama.cpp loads the
         # base: native work on two cores, and the commit hook waits for all of it at every `git commit`.
         with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as undo:  # undo: close what opened on failure
+            if base is not None:
+                undo.callback(lambda: base.exception() or base.result().close())
             side = pool.submit(_load_side, bundle, encoder)
-            if chat_model is not None or not model_path(spec).is_file():
+            if chat_model is not None or (base is None and not model_path(spec).is_file()):
                 side.result()  # a broken bundle or encoder is said before a model is assembled (half a minute)
             chat = None
             if chat_model is not None:
                 chat_spec, chat_path = prepare_chat_model(chat_model)
                 chat = Engine(chat_path, n_ctx=n_ctx, sha256=chat_spec.sha256)
                 undo.callback(chat.close)
-            engine = Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
+            engine = base.result() if base is not None else Engine(prepare_base(spec), n_ctx=n_ctx, sha256=spec.sha256)
             undo.callback(engine.close)
             loaded, enc = side.result()
             session = cls(engine, loaded, enc, Store(store_path), chat)

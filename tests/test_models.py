@@ -117,3 +117,30 @@ def test_a_broken_bundle_is_said_before_the_base_is_assembled(p2p_home, tmp_path
     with pytest.raises(BundleError):
         Session.open(bundle=broken)
     assert not model_path(DEFAULT_BASE).exists()
+
+
+def test_a_base_loading_for_the_session_is_closed_when_the_session_cannot_open(p2p_home, tmp_path) -> None:
+    """The commit hook starts loading the base before it imports the rest (`Session.open(base=...)`): when the
+    session then fails (a broken bundle, said before a chat model is prepared), that engine is closed, not left
+    holding the model."""
+    from concurrent.futures import Future
+
+    import pytest
+
+    from p2p_local.errors import BundleError
+    from p2p_local.personalize import Session
+
+    class LoadedBase:  # stands in for the Engine the hook's thread builds
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    engine, base = LoadedBase(), Future()
+    base.set_result(engine)
+    broken = tmp_path / "bundle"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError):
+        Session.open(bundle=broken, base=base, chat_model="any")
+    assert engine.closed
