@@ -27,7 +27,7 @@ from p2p_local.errors import EngineError
 
 # llama.cpp logs through one global callback: keep its lines (for error messages), print none.
 _LOG: deque[str] = deque(maxlen=200)
-_LOG_ERROR = 3
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR (3 is WARN)
 
 
 @llama_cpp.llama_log_callback
@@ -36,6 +36,9 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     _LOG.append(f"{'E' if level == _LOG_ERROR else ' '} {line.rstrip()}")
     if os.environ.get("P2P_LLAMA_LOG"):
         print(line, end="", flush=True)
+
+
+_NATIVE_LOG = ctypes.cast(None, llama_cpp.llama_log_callback)  # NULL: llama.cpp's own logger (stderr)
 
 
 def _quiet_llama() -> None:
@@ -130,17 +133,14 @@ class Engine:
         self.last_finish: str | None = None  # how the last generation ended: "stop" or "length" (its budget)
         self.active: tuple[Adapter | None, float] = (None, 0.0)
         self._kv_prompt: list[int] | None = None  # a prompt `branches` left in llama.cpp's cache (same adapter)
-        _quiet_llama()
         try:
-            with _silence_stderr():
-                self.llm = llama_cpp.Llama(
-                    str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                    n_gpu_layers=self.n_gpu_layers, seed=seed, verbose=False,
-                )
-        except Exception as e:
-            raise EngineError(f"llama.cpp could not load {self.model_path.name}: {recent_llama_errors()}",
-                              hint="the file may be corrupt or of an architecture this llama.cpp lacks") from e
-        _quiet_llama()  # Llama() installs its own callback
+            self.llm = self._llama(n_ctx, seed, keep_log=False)
+        except Exception:
+            try:  # loaded again with its log kept, which says why
+                self.llm = self._llama(n_ctx, seed, keep_log=True)
+            except Exception as e:
+                raise EngineError(f"llama.cpp could not load {self.model_path.name}: {recent_llama_errors()}",
+                                  hint="the file may be corrupt or of an architecture this llama.cpp lacks") from e
         self.n_ctx = n_ctx
         self.n_vocab = self.llm.n_vocab()
         # An instruct model's own chat template (llama.cpp's chat completion applies it); None for a base.
@@ -149,6 +149,20 @@ class Engine:
             # llama-cpp-python would render it with jinja2, unbounded: the app's sandbox renders it instead
             # (llama.cpp's own formats, picked for templates it recognises, are Python and need no bound).
             self.llm.chat_handler = bounded_chat_handler(self.llm, self.chat_template)
+
+    def _llama(self, n_ctx: int, seed: int, keep_log: bool) -> llama_cpp.Llama:
+        """`keep_log` False: llama.cpp's own logger writes the load's ~1,400 lines to the silenced stderr. Through
+        the Python callback each line takes the GIL, which the commit hook's imports hold while it loads
+        (~40 ms later on 2 cores)."""
+        llama_cpp.llama_log_set(_log_callback if keep_log else _NATIVE_LOG, ctypes.c_void_p(0))
+        try:
+            with _silence_stderr():
+                return llama_cpp.Llama(
+                    str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                    n_gpu_layers=self.n_gpu_layers, seed=seed, verbose=False,
+                )
+        finally:
+            _quiet_llama()
 
     # --- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, *, check_base_hash: bool = True) -> Adapter:

@@ -14,6 +14,8 @@
 # COST=0 skips the deployment-cost run (OPPU trains a LoRA per user: ~20 min on 2 cores).
 # METHODS=a,b,... runs only those methods (those that do not apply to a task's kind are skipped);
 # SUMMARY=0 skips the summary page, the bundle card and the README splice (e.g. a partial re-run into another OUT).
+# BUNDLE=DIR measures a candidate bundle instead of the shipped one, e.g. only the methods that read it, into
+# another OUT: BUNDLE=lab-out/B OUT=lab-out/B-eval METHODS=p2p,p2p-shuffled,... SUMMARY=0 COST=0 scripts/evaluate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P2P=.venv/bin/p2p
@@ -36,6 +38,7 @@ run() {  # run TASK SPLIT USERS:QUERIES:OPPU [extra args]
   local args=(--task "$task" --split "$split" --users "$users" --queries "$queries" --out "$OUT" --n-ctx "$N_CTX")
   [ -f "$MTLORA" ] && args+=(--mtlora "$MTLORA")
   [ -n "${METHODS:-}" ] && args+=(--methods "$METHODS")
+  [ -n "${BUNDLE:-}" ] && args+=(--bundle "$BUNDLE")
   if [ "$oppu" -gt 0 ]; then args+=(--oppu-train --oppu-users "$oppu" --oppu-max-items "$OPPU_MAX_ITEMS"); fi
   $P2P eval "${args[@]}" "$@"
 }

@@ -213,3 +213,27 @@ def test_a_continuation_longer_than_a_batch_is_scored_in_pieces(engine: Engine) 
     assert lp.shape == (len(cont),) and np.isfinite(lp).all()
     head = engine.continuation_logprobs("Count:", cont[:20])
     assert np.abs(lp[:20] - head).max() < 0.2
+
+
+def test_a_model_llama_cpp_cannot_load_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """A GGUF that Python reads but llama.cpp refuses (a hyperparameter missing): the error says llama.cpp's own
+    reason. The load runs with llama.cpp's native logger first (no GIL per line), then again with the log kept."""
+    import gguf
+
+    from p2p_local.engine import Engine
+    from p2p_local.errors import EngineError
+
+    path = tmp_path / "no-norm-eps.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EngineError, match="key not found in model: gemma3.attention.layer_norm_rms_epsilon"):
+        Engine(path, n_ctx=256)
