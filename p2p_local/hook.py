@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,10 @@ def uninstall(repo: str | Path) -> tuple[Path, bool]:
     return path, False
 
 
-def propose(query: str, profile: str, task: str) -> Proposal:
-    """The personalized proposals for a commit query, a staged diff (what `p2p ask - --candidates 3` prints)."""
+def propose(query: str, profile: str, task: str, ready: Callable[[Proposal], None] | None = None) -> Proposal:
+    """The personalized proposals for a commit query, a staged diff (what `p2p ask - --candidates 3` prints).
+    `ready` gets them before the session closes (50 ms): the hook writes them meanwhile, and its process then
+    ends without waiting."""
     from concurrent.futures import ThreadPoolExecutor
 
     from p2p_local.engine import Engine
@@ -174,7 +177,10 @@ def propose(query: str, profile: str, task: str) -> Proposal:
             if not s.store.profiles.profile_exists(profile):
                 raise StoreError(f"no profile {profile!r}")
             a = s.answer(query, profile=profile, task=task).finish()
-            return Proposal([c.text for c in a.candidates[:PROPOSALS]] or [a.text], a.request.read)
+            proposal = Proposal([c.text for c in a.candidates[:PROPOSALS]] or [a.text], a.request.read)
+            if ready is not None:
+                ready(proposal)
+            return proposal
 
 
 @dataclass
@@ -212,17 +218,18 @@ def run(msg_file: str | Path, source: str = "", *, profile: str, task: str = COM
         return None
     found: list[Proposal] = []
     errors: list[BaseException] = []
+    done = threading.Event()  # proposals or an error are there (the session may still be closing)
 
     def work() -> None:
         try:
-            found.append(propose(query, profile, task))
+            propose(query, profile, task, ready=lambda p: (found.append(p), done.set()))
         except BaseException as e:  # reported by the caller, never raised into git
             errors.append(e)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="p2p-hook", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
+    threading.Thread(target=work, name="p2p-hook", daemon=True).start()
+    if not done.wait(timeout):
         raise TimeoutError(f"no subject within {timeout:g} s")
     if errors:
         raise errors[0]
