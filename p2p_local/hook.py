@@ -39,7 +39,8 @@ DEFAULT_TIMEOUT_S = 10.0
 PROPOSALS = 3  # the subject, then two more as `#` lines
 PROPOSE_SOURCES = ("", "template")
 # sys.path[0] is the cwd. The process ends without the interpreter's teardown (freeing the model and the runtimes,
-# ~0.1 s at every commit): by then `main` has written the message and closed the store.
+# ~0.1 s at every commit): by then `main` has written the message, and the store has committed every write (autocommit
+# outside its transactions); the session may still be closing in its thread, and the OS frees what it holds.
 _ENTRY = ("import os, sys; sys.path.pop(0); from p2p_local.cli import main; rc = main(); sys.stdout.flush(); "
           "sys.stderr.flush(); os._exit(rc)")
 
@@ -169,7 +170,8 @@ def propose(query: str, profile: str, task: str, ready: Callable[[Proposal], Non
     if not model_path(spec).is_file():  # a commit is no time to assemble a 250 MB model
         raise ModelError("the base model is not prepared", hint="p2p models prepare")
     with ThreadPoolExecutor(1, thread_name_prefix="p2p-base") as pool:
-        # llama.cpp reads the model (0.4 s, native) while the rest of the app imports (0.1 s of Python)
+        # llama.cpp reads the model (0.4 s, native) while the app imports the rest and Session.open loads the
+        # bundle, the encoder and BM25 (0.4 s): both halves of the start on the two cores at once
         base = pool.submit(lambda: Engine(prepare_base(spec), sha256=spec.sha256))
         from p2p_local.personalize import Session
 
