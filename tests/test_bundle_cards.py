@@ -100,3 +100,22 @@ def test_export_records_the_cards_as_trained() -> None:
     assert trained_cards(tasks, {"recipe": "full-examples"})[COMMIT] == card_hash(builtin_card(COMMIT))
     assert trained_cards(tasks, {"recipe": "full", "data": [{"name": COMMIT, "card": "recorded"}]})[COMMIT] == "recorded"
     assert plain["movielens-rating"] == card_hash(builtin_card("movielens-rating"))
+
+
+def test_a_warm_start_keeps_the_cards_of_the_tasks_it_did_not_retrain(tmp_path) -> None:
+    pytest.importorskip("torch")
+    from trainer.export import inherit_tasks
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    others = sorted(set(builtin_cards()) - {COMMIT})
+    (parent / "manifest.json").write_text(json.dumps({
+        "name": "parent", "onnx": {"sha256": "ab" * 32},
+        "tasks": [{"name": t, "kind": builtin_card(t).kind} for t in [COMMIT, *others]],
+        "cards": {COMMIT: "old-commit", **{t: f"old-{t}" for t in others}}}))
+    training: dict = {}
+    tasks, cards = inherit_tasks(parent, [{"name": COMMIT, "card": "served"}], training)
+    assert [t["name"] for t in tasks] == [COMMIT, *others]
+    # the retrained task: this run's card; the others: the parent's record, not today's cards
+    assert cards == {COMMIT: "served", **{t: f"old-{t}" for t in others}}
+    assert training["init_bundle"] == {"name": "parent", "onnx_sha256": "ab" * 32, "inherited_tasks": others}

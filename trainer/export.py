@@ -153,6 +153,23 @@ def trained_cards(tasks: list[dict] | None, training: dict | None) -> dict[str, 
     return out
 
 
+def inherit_tasks(init_bundle: str | Path, tasks: list[dict], training: dict) -> tuple[list[dict], dict[str, str]]:
+    """A warm start's tasks and cards: its own run's, then those of the bundle it started from that it did not
+    train again. Their weights came from that bundle and their prompts were its (its recorded card hashes,
+    not today's cards); the rows measured with the warm start say how far the shared weights moved for them.
+    `training` gains `init_bundle` (its name, ONNX hash and the inherited tasks)."""
+    path = Path(init_bundle) if Path(init_bundle).is_absolute() else repo_root() / init_bundle
+    parent = json.loads((path / MANIFEST).read_text())
+    own = {t["name"] for t in tasks}
+    cards = trained_cards(tasks, training)
+    kept = [t for t in parent.get("tasks", []) if t.get("name") not in own]
+    parent_cards = parent.get("cards") or {}
+    cards.update({t["name"]: parent_cards[t["name"]] for t in kept if t["name"] in parent_cards})
+    training["init_bundle"] = {"name": parent.get("name", path.name), "onnx_sha256": parent["onnx"]["sha256"],
+                               "inherited_tasks": [t["name"] for t in kept]}
+    return [*tasks, *kept], cards
+
+
 def export_bundle(
     net: HyperNet,
     out_dir: str | Path,
@@ -333,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         extra["feature_names"] = default_feature_names()
     training = extra.get("training", {})
     training.setdefault("machine", f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus")
-    out = export_bundle(net, args.out, neutral=args.neutral, tasks=extra.get("tasks"), training=training,
+    tasks, cards = extra.get("tasks"), None
+    if not args.neutral and ckpt["config"].get("init_bundle"):  # a warm start keeps the tasks it did not retrain
+        tasks, cards = inherit_tasks(ckpt["config"]["init_bundle"], tasks or [], training)
+    out = export_bundle(net, args.out, neutral=args.neutral, tasks=tasks, training=training, cards=cards,
                         evaluation=extra.get("evaluation"), feature_names=extra.get("feature_names"),
                         fp16_weights=not args.fp32)
     size = (out / ONNX_FILE).stat().st_size
