@@ -21,7 +21,7 @@ COMMIT = "commit-subject"
 
 
 def as_trained(card: TaskCard) -> TaskCard:
-    """The commit card the shipped bundle was trained on: no examples (recipe `full`), no diff."""
+    """The commit card of the bundle shipped before the warm start: no examples (recipe `full`), no diff."""
     return TaskCard.from_dict({**card.to_dict(), "examples": 0, "diff_chars": 0})
 
 
@@ -36,13 +36,12 @@ def test_the_hash_follows_the_prompt_not_the_description() -> None:
     assert card_hash(TaskCard.from_dict(card.to_dict())) == h  # stable across a save/load
 
 
-def test_the_shipped_bundle_was_trained_on_the_older_commit_card() -> None:
+def test_the_shipped_bundle_was_trained_on_the_current_cards() -> None:
     _, manifest = read_manifest(SHIPPED)
     assert set(manifest["cards"]) == set(builtin_cards())
-    assert manifest["cards"][COMMIT] == card_hash(as_trained(builtin_card(COMMIT)))
-    assert card_status(manifest, builtin_card(COMMIT)) == "different"  # the card shows examples and diffs since
-    for task in set(builtin_cards()) - {COMMIT}:
+    for task in builtin_cards():  # the commit card with its examples and diff: the warm start on the served prompt
         assert card_status(manifest, builtin_card(task)) == "same", task
+    assert manifest["cards"][COMMIT] != card_hash(as_trained(builtin_card(COMMIT)))
     own = TaskCard("my-task", "generation", "Q: {input}\nA:", "my own task")
     assert card_status(manifest, own) == "untrained"
     assert card_status({k: v for k, v in manifest.items() if k != "cards"}, builtin_card(COMMIT)) == "unknown"
@@ -78,16 +77,17 @@ def test_models_list_flags_a_bundle_trained_on_another_prompt(p2p_home, capsys, 
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert f"bundle {DEFAULT_BUNDLE} (in use)" in out
-    assert f"{COMMIT:<24} trained on another prompt (card {trained} vs {now})" in out
-    assert f"{'movielens-rating':<24} trained on this prompt" in out
+    assert f"{COMMIT:<24} trained on this prompt" in out and "another prompt" not in out
 
-    # the user's copy, re-exported on today's card, overrides the shipped one
-    _copy(p2p_home / "bundles", {t: card_hash(builtin_card(t)) for t in builtin_cards()})
+    # the user's copy, exported before the commit card read the diff, overrides the shipped one and is flagged
+    _copy(p2p_home / "bundles", {**{t: card_hash(builtin_card(t)) for t in builtin_cards()}, COMMIT: trained})
+    assert main(["models", "list"]) == 0
+    assert f"{COMMIT:<24} trained on another prompt (card {trained} vs {now})" in capsys.readouterr().out
     assert main(["models", "list", "--json"]) == 0
     user, shipped = json.loads(capsys.readouterr().out)["bundles"]
     assert user["in_use"] and not shipped["in_use"] and Path(user["path"]).parent == p2p_home / "bundles"
-    assert {t["task"]: t["card"] for t in user["tasks"]} == dict.fromkeys(builtin_cards(), "same")
-    assert {t["task"]: t["card"] for t in shipped["tasks"]}[COMMIT] == "different"
+    assert {t["task"]: t["card"] for t in user["tasks"]}[COMMIT] == "different"
+    assert {t["task"]: t["card"] for t in shipped["tasks"]} == dict.fromkeys(builtin_cards(), "same")
 
 
 def test_export_records_the_cards_as_trained() -> None:
