@@ -119,3 +119,13 @@ def test_a_warm_start_keeps_the_cards_of_the_tasks_it_did_not_retrain(tmp_path) 
     # the retrained task: this run's card; the others: the parent's record, not today's cards
     assert cards == {COMMIT: "served", **{t: f"old-{t}" for t in others}}
     assert training["init_bundle"] == {"name": "parent", "onnx_sha256": "ab" * 32, "inherited_tasks": others}
+
+    # exported again once its own export replaced the folder it started from: the record stays the first parent's
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "manifest.json").write_text(json.dumps({
+        "name": "shipped", "onnx": {"sha256": "cd" * 32}, "tasks": tasks, "cards": cards,
+        "training": {**training, "recipe": "warm-diff", "steps": 90, "wall_time_s": 1.0}}))
+    again: dict = {"recipe": "warm-diff", "steps": 90, "wall_time_s": 1.0}
+    assert inherit_tasks(shipped, [{"name": COMMIT, "card": "served"}], again) == (tasks, cards)
+    assert again["init_bundle"]["onnx_sha256"] == "ab" * 32

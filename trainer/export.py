@@ -163,10 +163,14 @@ def inherit_tasks(init_bundle: str | Path, tasks: list[dict], training: dict) ->
     own = {t["name"] for t in tasks}
     cards = trained_cards(tasks, training)
     kept = [t for t in parent.get("tasks", []) if t.get("name") not in own]
+    record = {"name": parent.get("name", path.name), "onnx_sha256": parent["onnx"]["sha256"],
+              "inherited_tasks": [t["name"] for t in kept]}
+    before = parent.get("training", {})
+    if before.get("init_bundle") and all(before.get(k) == training.get(k) for k in ("recipe", "steps", "wall_time_s")):
+        record = before["init_bundle"]  # that folder now holds this run's own export (shipped): keep its record
     parent_cards = parent.get("cards") or {}
     cards.update({t["name"]: parent_cards[t["name"]] for t in kept if t["name"] in parent_cards})
-    training["init_bundle"] = {"name": parent.get("name", path.name), "onnx_sha256": parent["onnx"]["sha256"],
-                               "inherited_tasks": [t["name"] for t in kept]}
+    training["init_bundle"] = record
     return [*tasks, *kept], cards
 
 
