@@ -51,3 +51,8 @@ def test_results_follow_a_record_only_change_and_nothing_else(tmp_path, capsys) 
     (other / "manifest.json").write_text(json.dumps(manifest))
     assert main([str(old), str(other), str(run)]) == 1
     assert "different hypernetworks" in capsys.readouterr().out
+    chat = _bundle(tmp_path / "chat", tasks=[{"name": "chat", "kind": "generation"}])
+    assert main([str(old), str(chat), str(run)]) == 1  # free chat would get an adapter: answers change
+    assert "free chat adapter" in capsys.readouterr().out
+    assert main([str(old), str(tmp_path / "missing"), str(run)]) == 1
+    assert capsys.readouterr().out.startswith("error: ")

@@ -18,14 +18,19 @@ from pathlib import Path
 
 from p2p_lab.eval.runner import ResultStore
 from p2p_local.bundle import Bundle, read_manifest
+from p2p_local.data.format import FREE_CHAT
+from p2p_local.errors import P2PError
 
 # The manifest's record of a bundle: read by `p2p models list`, `ask --json` and the notes, never by the
-# hypernetwork, the adapter or the prompt.
+# hypernetwork, the adapter or the prompt. One exception, kept below: a bundle that lists free chat among its tasks
+# gets an adapter in free chat (`Session.free_chat_adapter`).
 RECORD = frozenset({"name", "created", "git_commit", "tasks", "cards", "training", "evaluation"})
 
 
 def computing_fields(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k not in RECORD}
+    out = {k: v for k, v in manifest.items() if k not in RECORD}
+    out["free chat adapter"] = any(isinstance(t, dict) and t.get("name") == FREE_CHAT for t in manifest.get("tasks", []))
+    return out
 
 
 def check_same_answers(old: Path, new: Path) -> None:
@@ -64,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         n = relabel(args.old, args.new, args.run_dirs)
-    except ValueError as e:
-        print(f"error: {e}")
+    except (ValueError, P2PError) as e:  # a refused manifest or bundle too: said, not a traceback
+        print(f"error: {str(e).splitlines()[0]}")
         return 1
     print(json.dumps({"added": n, "run_dirs": [str(d) for d in args.run_dirs]}))
     return 0
