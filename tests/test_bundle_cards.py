@@ -129,3 +129,15 @@ def test_a_warm_start_keeps_the_cards_of_the_tasks_it_did_not_retrain(tmp_path) 
     again: dict = {"recipe": "warm-diff", "steps": 90, "wall_time_s": 1.0}
     assert inherit_tasks(shipped, [{"name": COMMIT, "card": "served"}], again) == (tasks, cards)
     assert again["init_bundle"]["onnx_sha256"] == "ab" * 32
+
+
+def test_an_early_stopped_run_exports_the_validation_it_logged(tmp_path) -> None:
+    pytest.importorskip("torch")
+    from trainer.export import logged_evaluation
+
+    ev = {COMMIT: {"loss_true": 3.07, "loss_shuffled": 3.39}}
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 60, "eval": {COMMIT: {"loss_true": 3.08}}}, {"step": 90, "loss": 2.4}, {"step": 90, "eval": ev})) + "\n")
+    assert logged_evaluation(tmp_path / "best.pt", 90) == {"split": "val", "tasks": ev}
+    assert logged_evaluation(tmp_path / "best.pt", 30) is None
+    assert logged_evaluation(tmp_path / "elsewhere" / "best.pt", 90) is None

@@ -316,6 +316,16 @@ def default_feature_names() -> list[str]:
     return list(FEATURE_NAMES)
 
 
+def logged_evaluation(checkpoint: str | Path, step: int) -> dict | None:
+    """The validation the run logged at `step` (metrics.jsonl beside the checkpoint), as the manifest's
+    `evaluation`: a run stopped early (`--stop-after`) never reached the selection that writes it into the
+    checkpoint."""
+    log = Path(checkpoint).parent / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    found = [r["eval"] for r in rows if r.get("step") == step and r.get("eval")]
+    return {"split": "val", "tasks": found[-1]} if found else None
+
+
 def load_checkpoint(path: str | Path) -> tuple[HyperNet, dict]:
     """(hypernetwork in eval mode, the checkpoint dict) from a trainer checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         net, ckpt = load_checkpoint(args.checkpoint)
         extra = ckpt.get("export_meta", {})
         extra.setdefault("training", {}).setdefault("prompt_examples", bool(ckpt["config"].get("prompt_examples")))
+        if not extra.get("evaluation"):
+            extra["evaluation"] = logged_evaluation(args.checkpoint, ckpt.get("step", -1))
     if args.neutral:
         extra["feature_names"] = default_feature_names()
     training = extra.get("training", {})
